@@ -1,0 +1,855 @@
+"""llava_med.py -- the shared vision-language model: CLIP ViT -> projector -> causal LM.
+
+Every method file (dpo.py, mmedpo.py, mmed_rag.py, stllava_med.py, huatuo_vision.py, medrega.py) builds its
+model with this file. It is readable top to bottom:
+
+    1. config + checkpoint layouts      (LLaVA-Med v1.5, HuatuoGPT-Vision, llava-hf in both key eras, "tiny")
+    2. images                           (pad to square with the mean colour, resize, centre crop, normalise)
+    3. data records                     (LLaVA conversation json / jsonl; errors name the file and record)
+    4. chat templates + tokenisation    (segment by segment: prompt segments -100, answer segments copied)
+    5. the model                        (image tokens pre-expanded in input_ids, llava-hf style)
+    6. generation                       (batched, left padding, KV cache, greedy or sampled, stop strings)
+    7. load / save                      (meta-device init; safetensors only; llava-hf export for vLLM)
+    8. command line                     (ask a question about an image)
+
+Ask the tiny random model (no download, CPU) or a real checkpoint a question:
+
+    python llava_med.py --model tiny --image data/toy/images/test_radiology_0000.png --question "Is there a nodule?"
+    python llava_med.py --model /ckpt/llava-med-v1.5-mistral-7b --image chest.png --question "Is there a pneumothorax?"
+
+Image tokens. The original LLaVA code splices 576 image features in at a single sentinel id (-200), so its
+logits are longer than its input_ids (spec 1.1). Here, as in llava-hf and nanoVLM, every `<image>` marker is
+expanded to N copies of the image-token id *before* the model sees it; the model writes the projected image
+features over those positions. Logits, labels and input_ids then have the same length, which is what makes
+the parity tests against `transformers.LlavaForConditionalGeneration` and TRL possible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips (PyTorch / transformers convention)
+IMAGE_MARKER = "<image>"  # the placeholder users write in prompts; one per image
+REPO = Path(__file__).resolve().parent
+TINY_TOKENIZER = REPO / "data" / "tokenizer"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (CLIPImageProcessor defaults)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DataError(ValueError):
+    """A bad sample or file. The message names the file and the record (or line) so it can be fixed."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Config
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LlavaMedConfig:
+    text_config: transformers.PretrainedConfig  # the causal LM (Mistral, Llama, Qwen2, ...)
+    vision_config: CLIPVisionConfig  # the CLIP ViT
+    projector_type: str = "mlp2x_gelu"  # LLaVA's mm_projector_type: "linear" or "mlp{N}x_gelu"
+    vision_feature_layer: int = -2  # mm_vision_select_layer: features from the penultimate ViT layer
+    vision_feature_select_strategy: str = "default"  # "default" drops CLS (mm_vision_select_feature=patch); "full" keeps it
+    image_token_id: int = 32000  # id written at image positions (llava-hf convention: 32000 for Llama/Mistral)
+    image_aspect_ratio: str = "pad"  # "pad": pad to square with the mean colour first (LLaVA-1.5); "crop": no pad
+    image_mean: tuple = CLIP_MEAN
+    image_std: tuple = CLIP_STD
+    template: str = "mistral_instruct"  # chat template, see TEMPLATES
+    max_length: int = 2048  # tokenizer_model_max_length of the checkpoint
+
+    @property
+    def image_size(self) -> int:
+        return self.vision_config.image_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        n = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        return n if self.vision_feature_select_strategy == "default" else n + 1
+
+
+def tiny_config(tokenizer) -> LlavaMedConfig:
+    """A small random LLaVA (Mistral LM + CLIP ViT) that trains on CPU in minutes. 64 px images, 16 px patches:
+    16 image tokens per image."""
+    text = transformers.MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1e6,
+        sliding_window=None, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=64, patch_size=16, projection_dim=64, hidden_act="quick_gelu")
+    return LlavaMedConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_MARKER),
+                          template="mistral_instruct", max_length=512)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Images: LLaVA-1.5 'pad' preprocessing with pillow + numpy (spec 1.1); equals CLIPImageProcessor after the pad
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_image(path) -> Image.Image:
+    """Open an image as RGB, or raise DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except Exception as e:  # PIL raises many types for corrupt files
+        raise DataError(f"{path}: cannot open image ({type(e).__name__}: {e})") from None
+
+
+def expand2square(image: Image.Image, background) -> Image.Image:
+    """Pad to a square, image centred (LLaVA's expand2square; LLaVA-Med v1.5 adds a +-1 px random jitter, not here)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), background)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD, pad: bool = True) -> torch.Tensor:
+    """PIL image -> float tensor [3, size, size]: pad to square (mean colour), resize the short side to `size`
+    (bicubic), centre crop, scale to [0, 1], normalise. Same numbers as CLIPImageProcessor (tested)."""
+    image = image.convert("RGB")
+    if pad:
+        image = expand2square(image, tuple(int(x * 255) for x in mean))
+    w, h = image.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)  # transformers' get_resize_output_image_size truncates the same way
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    image = image.resize((new_w, new_h), resample=Image.BICUBIC)
+    x = np.asarray(image, dtype=np.float32)  # [H, W, 3]
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    x = x[top:top + size, left:left + size]
+    x = (x * (1 / 255) - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Data records: the LLaVA conversation format, shared by every method file
+# ----------------------------------------------------------------------------------------------------------
+#   {"id": "...", "image": "rel/path.png" | ["a.png", "b.png"] | absent,
+#    "conversations": [{"from": "human", "value": "<image>\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}
+
+
+def read_records(path) -> list[tuple[str, dict]]:
+    """Read a .json list or a .jsonl file. Returns [(where, record)] where `where` is "file:line" (jsonl) or
+    "file[index]" (json) so later errors can name the record. Malformed json raises DataError with the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: data file not found") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    out = []
+    if path.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed json line ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{lineno}: expected a json object, got {type(rec).__name__}")
+            out.append((f"{path}:{lineno}", rec))
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: malformed json ({e.msg} at column {e.colno})") from None
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a json list of records, got {type(data).__name__}")
+        for i, rec in enumerate(data):
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}[{i}]: expected a json object, got {type(rec).__name__}")
+            out.append((f"{path}[{i}]" + (f" id={rec['id']}" if "id" in rec else ""), rec))
+    return out
+
+
+def record_images(rec: dict, where: str = "") -> list[str]:
+    """The record's image paths as a list ("image" may be a string, a list, or absent)."""
+    img = rec.get("image")
+    if img is None:
+        return []
+    if isinstance(img, str):
+        return [img]
+    if isinstance(img, list) and all(isinstance(x, str) for x in img):
+        return list(img)
+    raise DataError(f"{where}: 'image' must be a string or a list of strings, got {img!r}")
+
+
+def record_turns(rec: dict, where: str = "", key: str = "conversations") -> list[tuple[str, str]]:
+    """Validate a conversation and return [(role, text)] with role in {"user", "assistant"}. Turns must
+    alternate human/gpt, start with human, and every answer must be a non-empty string."""
+    conv = rec.get(key)
+    if conv is None and key == "conversations":
+        conv = rec.get("conversatons")  # LLaVA-Med's test.json typo, accepted there too (spec 2.4)
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: missing or empty '{key}' list")
+    turns = []
+    for i, t in enumerate(conv):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise DataError(f"{where}: {key}[{i}] needs 'from' and 'value'")
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(t["from"])
+        if role is None:
+            raise DataError(f"{where}: {key}[{i}] has unknown role {t['from']!r} (expected human/gpt)")
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            raise DataError(f"{where}: {key}[{i}] is {t['from']!r}; turns must alternate human, gpt, human, ...")
+        if not isinstance(t["value"], str):
+            raise DataError(f"{where}: {key}[{i}]['value'] must be a string")
+        if role == "assistant" and not t["value"].strip():
+            raise DataError(f"{where}: {key}[{i}] is an empty answer")
+        turns.append((role, t["value"]))
+    return turns
+
+
+def place_image_markers(turns: list[tuple[str, str]], n_images: int, where: str = "") -> list[tuple[str, str]]:
+    """Put one `<image>\\n` per image at the start of the first user turn (LLaVA's preprocess_multimodal). Markers may
+    sit anywhere in the data (LLaVA-Med puts some at the end; PubMedVision has none): they are counted and moved.
+    A count that is neither 0 nor the number of images is an error."""
+    n_markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
+    if n_markers not in (0, n_images):
+        raise DataError(f"{where}: {n_markers} '<image>' markers but {n_images} images")
+    cleaned = [(r, text.replace(IMAGE_MARKER + "\n", "").replace("\n" + IMAGE_MARKER, "").replace(IMAGE_MARKER, "").strip()
+                if r == "user" else text) for r, text in turns]
+    role, text = cleaned[0]
+    cleaned[0] = (role, (IMAGE_MARKER + "\n") * n_images + text)
+    return cleaned
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. Chat templates. Each renders a conversation into (text, is_answer) segments; the text is the exact
+#    string of the original code (spec 2.2, 3.3, 4.1, 5.2; tested), the flags say what is trained.
+# ----------------------------------------------------------------------------------------------------------
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+HERMES_SYSTEM = "Answer the questions."
+
+
+def _segments(template: str, turns: list[tuple[str, str]], eos: str, add_generation_prompt: bool, system=None):
+    """[(text, is_answer)]. `turns` alternate user/assistant; a trailing user turn (or add_generation_prompt)
+    gets the assistant prefix so generation can start. Where the original masks a separator *before* the
+    answer (e.g. the space after "[/INST]"), we put that separator into the answer segment instead, so the
+    trained prompt is byte-for-byte the generation prompt (the rendered string is unchanged)."""
+    segs = []
+    for i in range(0, len(turns), 2):
+        q = turns[i][1]
+        a = turns[i + 1][1] if i + 1 < len(turns) else None
+        if template == "mistral_instruct":  # LLaVA-Med v1.5: LLAMA_2 style, empty system, sep2 "</s>"
+            segs.append((f"[INST] {q} [/INST]", False))
+            if a is not None:
+                segs.append((f" {a} {eos}", True))
+        elif template == "vicuna_v1":  # LLaVA v1 / MMed-RAG / MMedPO / STLLaVA-Med: sep " ", sep2 "</s>"
+            head = ((VICUNA_SYSTEM if system is None else system) + " ") if i == 0 else ""
+            segs.append((f"{head}USER: {q} ASSISTANT:", False))
+            if a is not None:
+                segs.append((f" {a}{eos}", True))
+        elif template == "huatuo":  # HuatuoGPT-Vision cli.py: plain-text role tags, no system, EOS ends answers
+            segs.append((f"<|user|>\n{q}\n<|assistant|>\n", False))
+            if a is not None:
+                segs.append((f"{a}{eos}", True))
+        elif template == "chatml":  # InternVL "Hermes-2" (MedRegA): no newline between <|im_end|> and <|im_start|>
+            head = f"<|im_start|>system\n{HERMES_SYSTEM if system is None else system}<|im_end|>" if i == 0 else ""
+            segs.append((f"{head}<|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n", False))
+            if a is not None:
+                segs.append((f"{a}<|im_end|>", True))
+        else:
+            raise ValueError(f"unknown chat template {template!r}; known: {sorted(TEMPLATES)}")
+    return segs
+
+
+# template -> (prepend BOS?, stop strings besides EOS)
+TEMPLATES = {
+    "mistral_instruct": (True, ["</s>"]),
+    "vicuna_v1": (True, ["</s>"]),
+    "huatuo": (False, []),
+    "chatml": (False, ["<|im_end|>"]),
+}
+
+
+def render_chat(template: str, turns, eos: str = "</s>", add_generation_prompt: bool = False, system=None) -> str:
+    """The prompt string for `turns` ([(role, text)] or ["q", "a", ...]) under `template` (no BOS)."""
+    turns = [t if isinstance(t, tuple) else (("user", "assistant")[i % 2], t) for i, t in enumerate(turns)]
+    return "".join(s for s, _ in _segments(template, turns, eos, add_generation_prompt, system))
+
+
+def encode_segment(tokenizer, text: str, first: bool) -> list[int]:
+    """Token ids of one segment. Sentencepiece tokenizers (Llama/Mistral) prepend a '▁' to every call; for a
+    segment that continues a sequence we tokenise '\\n' + text and drop the tokens of '\\n', so the pieces
+    concatenate to the same text. Byte-level BPE (Qwen2, tiny) needs no trick but is unaffected by it."""
+    if first:
+        return tokenizer.encode(text, add_special_tokens=False)
+    probe = tokenizer.encode("\n", add_special_tokens=False)
+    ids = tokenizer.encode("\n" + text, add_special_tokens=False)
+    if ids[:len(probe)] != probe:  # the newline merged with the text: fall back to plain encoding
+        return tokenizer.encode(text, add_special_tokens=False)
+    return ids[len(probe):]
+
+
+def tokenize_conversation(tokenizer, turns, template: str, num_image_tokens: int, image_token_id: int,
+                          max_length: int | None = None, where: str = "", system=None,
+                          truncate_images: str = "error") -> dict:
+    """Conversation -> {"input_ids", "labels", "n_images"} (python lists), built segment by segment:
+    prompt segments get IGNORE_INDEX, answer segments are copied; each `<image>` becomes `num_image_tokens`
+    copies of `image_token_id`. Too long: cut from the right; if the cut goes through image tokens,
+    `truncate_images="error"` raises and "drop" raises too (the caller counts and skips: an image must never
+    lose half its features). A sample with no supervised token left raises DataError (never a silent 0 loss)."""
+    add_bos, _ = TEMPLATES[template]
+    eos = tokenizer.eos_token
+    ids, labels = [], []
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids.append(tokenizer.bos_token_id)
+        labels.append(IGNORE_INDEX)
+    for k, (text, is_answer) in enumerate(_segments(template, turns, eos, False, system)):
+        seg = encode_segment(tokenizer, text, first=(k == 0))
+        expanded = []
+        for t in seg:
+            expanded.extend([image_token_id] * num_image_tokens if t == image_token_id else [t])
+        ids.extend(expanded)
+        labels.extend(expanded if is_answer else [IGNORE_INDEX] * len(expanded))
+    n_images = sum(text.count(IMAGE_MARKER) for r, text in turns if r == "user")
+    if sum(1 for t in ids if t == image_token_id) != n_images * num_image_tokens:
+        raise DataError(f"{where}: '<image>' did not tokenise to the image token (tokenizer lacks {IMAGE_MARKER!r}?)")
+    if max_length is not None and len(ids) > max_length:
+        if image_token_id in ids[max_length:]:
+            raise DataError(f"{where}: {len(ids)} tokens > max_length {max_length} and truncation would cut "
+                            f"through image tokens (raise --max-length or shorten the prompt)")
+        ids, labels = ids[:max_length], labels[:max_length]
+    if all(l == IGNORE_INDEX for l in labels):
+        raise DataError(f"{where}: no supervised token" + (f" after truncation to {max_length}" if max_length else ""))
+    return {"input_ids": ids, "labels": labels, "n_images": n_images}
+
+
+def tokenize_prompt(tokenizer, turns, template: str, num_image_tokens: int, image_token_id: int, system=None) -> list[int]:
+    """Generation prompt ids: the conversation so far plus the assistant prefix (the last turn is the user's)."""
+    add_bos, _ = TEMPLATES[template]
+    ids = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    for k, (text, _) in enumerate(_segments(template, turns, tokenizer.eos_token, True, system)):
+        for t in encode_segment(tokenizer, text, first=(k == 0)):
+            ids.extend([image_token_id] * num_image_tokens if t == image_token_id else [t])
+    return ids
+
+
+def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+    """Pad a list of {"input_ids", "labels"?, "pixel_values"?: [n, 3, H, W]} to a batch. Images are concatenated in
+    sample order, which is the order of their tokens in the flattened batch."""
+    T = max(len(s["input_ids"]) for s in samples)
+    B = len(samples)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        sl = slice(0, n) if padding_side == "right" else slice(T - n, T)
+        input_ids[i, sl] = torch.as_tensor(s["input_ids"])
+        attention_mask[i, sl] = 1
+        if "labels" in s:
+            labels[i, sl] = torch.as_tensor(s["labels"])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    pix = [s["pixel_values"] for s in samples if s.get("pixel_values") is not None and len(s["pixel_values"])]
+    batch["pixel_values"] = torch.cat(pix) if pix else None
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. The model
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_projector(kind: str, vision_dim: int, text_dim: int) -> nn.Module:
+    """LLaVA's builder: "linear" or "mlp{N}x_gelu" (Linear, GELU, Linear, ...; state-dict indices 0, 2, ...)."""
+    if kind == "linear":
+        return nn.Linear(vision_dim, text_dim)
+    m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
+    if m is None:
+        raise ValueError(f"unknown projector type {kind!r} (known: linear, mlp2x_gelu, mlpNx_gelu)")
+    layers = [nn.Linear(vision_dim, text_dim)]
+    for _ in range(int(m.group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(text_dim, text_dim)]
+    return nn.Sequential(*layers)
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    past_key_values: object = None
+
+
+class LlavaMed(nn.Module):
+    """CLIP ViT (frozen by default) -> projector -> causal LM. Parameter names: vision_tower.vision_model.*,
+    projector.{0,2}.*, language_model.{model.*, lm_head.*}."""
+
+    def __init__(self, config: LlavaMedConfig, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.projector = build_projector(config.projector_type, config.vision_config.hidden_size,
+                                         config.text_config.hidden_size)
+        config.text_config._attn_implementation = attn_implementation
+        config.vision_config._attn_implementation = attn_implementation
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn_implementation)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> projected features [n, num_image_tokens, hidden]. The ViT runs without building a graph
+        unless one of its parameters trains (e.g. ViT LoRA), so a frozen tower costs no activation memory."""
+        tower = self.vision_tower
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+        with torch.set_grad_enabled(needs_grad):
+            dtype = next(tower.parameters()).dtype
+            out = tower(pixel_values.to(dtype), output_hidden_states=True)
+            feats = out.hidden_states[self.config.vision_feature_layer]
+            if self.config.vision_feature_select_strategy == "default":
+                feats = feats[:, 1:]  # drop CLS: mm_vision_select_feature="patch"
+        return self.projector(feats)
+
+    def embed(self, input_ids, pixel_values=None, image_features=None) -> torch.Tensor:
+        """Token embeddings with image features written over the image-token positions."""
+        is_image = input_ids == self.config.image_token_id
+        # the image id may be outside the LM's vocabulary (original LLaVA-Med: vocab 32000, image id 32000)
+        embeds = self.language_model.get_input_embeddings()(input_ids.masked_fill(is_image, 0))
+        n_tokens = int(is_image.sum())
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_feats:
+            n_img = 0 if image_features is None else image_features.shape[0]
+            raise DataError(f"image tokens ({n_tokens}) != image features ({n_feats} = {n_img} images x "
+                            f"{self.config.num_image_tokens}); was a sequence truncated through its image tokens?")
+        if n_tokens:
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_features.to(embeds.dtype))
+        return embeds
+
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_features=None,
+                position_ids=None, past_key_values=None, use_cache=False, logits_to_keep: int = 0) -> Output:
+        """Logits [B, T, V] aligned with input_ids; with labels, the mean token cross-entropy over supervised
+        tokens (shifted by one, like every causal LM)."""
+        embeds = self.embed(input_ids, pixel_values, image_features)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        loss = None
+        if labels is not None:
+            shift_labels = labels[:, 1:]
+            if not (shift_labels != IGNORE_INDEX).any():
+                raise DataError("batch has no supervised token (all labels are -100)")
+            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(),
+                                   ignore_index=IGNORE_INDEX)
+        return Output(logits=out.logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
+
+    def freeze_vision(self):
+        self.vision_tower.requires_grad_(False)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Generation: batched, left-padded prompts, KV cache; greedy (temperature 0) or sampled
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_p < 1:
+        sorted_logits, idx = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: LlavaMed, tokenizer, prompts: list[list[int]], pixel_values=None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
+             seed: int | None = None, image_features=None) -> list[str]:
+    """Continue each prompt (token ids with expanded image tokens; images in `pixel_values` in prompt order).
+    Stops a row at EOS or when its decoded text contains a stop string (cut there). Returns the new text."""
+    device = next(model.parameters()).device
+    batch = collate([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, padding_side="left")
+    input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop = stop if stop is not None else TEMPLATES[model.config.template][1]
+    eos_ids = {tokenizer.eos_token_id} | set(_as_list(getattr(model.config.text_config, "eos_token_id", None)))
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    if pixel_values is not None:
+        pixel_values = pixel_values.to(device)
+    out = model(input_ids, pixel_values=pixel_values, image_features=image_features, attention_mask=attn,
+                position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache, B = out.past_key_values, input_ids.shape[0]
+    new = [[] for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    next_pos = pos[:, -1:] + 1
+    logits = out.logits[:, -1]
+    texts = [""] * B
+    for _ in range(max_new_tokens):
+        tok = _sample_next(logits, temperature, top_k, top_p, generator)
+        tok = tok.masked_fill(done, tokenizer.pad_token_id)
+        for i in range(B):
+            if done[i]:
+                continue
+            t = int(tok[i])
+            if t in eos_ids:
+                done[i] = True
+                continue
+            new[i].append(t)
+            if stop:
+                texts[i] = tokenizer.decode(new[i], skip_special_tokens=False)
+                if any(s in texts[i] for s in stop):
+                    done[i] = True
+        if bool(done.all()):
+            break
+        attn = torch.cat([attn, (~done).long().unsqueeze(-1)], dim=-1)
+        out = model.language_model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
+                                   past_key_values=cache, use_cache=True)
+        cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+    results = []
+    for i in range(B):
+        text = tokenizer.decode(new[i], skip_special_tokens=True)
+        for s in stop:
+            full = tokenizer.decode(new[i], skip_special_tokens=False)
+            if s in full:
+                text = full[:full.index(s)]
+                for special in tokenizer.all_special_tokens:
+                    text = text.replace(special, "")
+        results.append(text.strip())
+    return results
+
+
+def _as_list(x):
+    return [] if x is None else (list(x) if isinstance(x, (list, tuple)) else [x])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Load and save. Three on-disk layouts map onto our parameter names (spec 1.2):
+#    original LLaVA/LLaVA-Med/HuatuoGPT-Vision, llava-hf (transformers < 4.52), llava-hf (>= 4.52).
+# ----------------------------------------------------------------------------------------------------------
+
+KEY_RULES = [  # (regex on the checkpoint key, replacement) -> our name; first match wins
+    (r"^model\.vision_tower\.vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # original
+    (r"^model\.mm_projector\.(.*)$", r"projector.\1"),
+    (r"^model\.vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # llava-hf >= 4.52
+    (r"^model\.multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
+    (r"^model\.multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
+    (r"^model\.language_model\.(.*)$", r"language_model.model.\1"),
+    (r"^vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # llava-hf < 4.52
+    (r"^multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
+    (r"^multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
+    (r"^language_model\.(model\..*|lm_head\..*)$", r"language_model.\1"),
+    (r"^model\.(.*)$", r"language_model.model.\1"),  # original: the LLM's own keys
+    (r"^lm_head\.(.*)$", r"language_model.lm_head.\1"),
+]
+TO_LLAVA_HF = [  # our name -> llava-hf (transformers >= 4.52) name; the ViT keeps its "vision_model." level,
+    # which every transformers version reads (5.x drops it from CLIPVisionModel and converts on load)
+    (r"^vision_tower\.vision_model\.(.*)$", r"model.vision_tower.vision_model.\1"),
+    (r"^vision_tower\.(.*)$", r"model.vision_tower.vision_model.\1"),
+    (r"^projector\.0\.(.*)$", r"model.multi_modal_projector.linear_1.\1"),
+    (r"^projector\.2\.(.*)$", r"model.multi_modal_projector.linear_2.\1"),
+    (r"^language_model\.model\.(.*)$", r"model.language_model.\1"),
+    (r"^language_model\.lm_head\.(.*)$", r"lm_head.\1"),
+]
+
+
+def _rename(key: str, rules) -> str | None:
+    for pattern, repl in rules:
+        if re.match(pattern, key):
+            return re.sub(pattern, repl, key)
+    return None
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    """safetensors shards (via the index when there is one); a legacy pytorch_model*.bin as the last resort."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(path.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("adapter_")]
+    if files:
+        return files
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        return bins
+    raise FileNotFoundError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights found")
+
+
+def _iter_tensors(files):
+    for f in files:
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    yield k, sf.get_tensor(k)
+        else:  # legacy pickle: never execute code from it
+            for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
+                yield k, v
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Create parameters on the meta device (no memory) while buffers (rotary inv_freq, CLIP position_ids) are
+    real; the weights are then assigned from the checkpoint, so a 7B model is never materialised twice."""
+    old = nn.Module.register_parameter
+
+    def register(module, name, param):
+        old(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = old
+
+
+def _config_from_checkpoint(path: Path, tokenizer) -> tuple[LlavaMedConfig, str]:
+    """Read config.json of either layout. Returns (config, layout)."""
+    raw = json.loads((path / "config.json").read_text())
+    mt = raw.get("model_type", "")
+    if mt == "llava":  # llava-hf
+        text = AutoConfig.for_model(**raw["text_config"])
+        vision = CLIPVisionConfig(**{k: v for k, v in raw["vision_config"].items() if k != "model_type"})
+        image_token_id = raw.get("image_token_index", raw.get("image_token_id", 32000))
+        template = {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(text.model_type, "vicuna_v1")
+        cfg = LlavaMedConfig(text, vision, "mlp2x_gelu", raw.get("vision_feature_layer", -2),
+                             raw.get("vision_feature_select_strategy", "default"), image_token_id, template=template,
+                             max_length=min(getattr(text, "max_position_embeddings", 4096), 4096))
+        pp = path / "preprocessor_config.json"
+        if pp.exists():
+            p = json.loads(pp.read_text())
+            cfg.image_mean, cfg.image_std = tuple(p.get("image_mean", CLIP_MEAN)), tuple(p.get("image_std", CLIP_STD))
+        return cfg, "llava-hf"
+    if mt.startswith("llava_"):  # original LLaVA: llava_mistral, llava_llama, llava_qwen2 (not registered in transformers)
+        base = mt[len("llava_"):]
+        text_fields = {k: v for k, v in raw.items() if not k.startswith(("mm_", "tokenizer_", "image_"))}
+        text_fields.pop("model_type", None)
+        text_fields.pop("architectures", None)
+        text = AutoConfig.for_model(base, **text_fields)
+        vision = _vision_config(raw.get("mm_vision_tower", ""), path)
+        template = {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(base, "vicuna_v1")
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
+        cfg = LlavaMedConfig(text, vision, raw.get("mm_projector_type", "linear"), raw.get("mm_vision_select_layer", -2),
+                             "default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full",
+                             image_token_id, raw.get("image_aspect_ratio", "pad"), template=template,
+                             max_length=raw.get("tokenizer_model_max_length", 2048))
+        return cfg, "original"
+    raise ValueError(f"{path}/config.json: model_type {mt!r} is neither 'llava' (llava-hf) nor 'llava_*' (LLaVA)")
+
+
+def _vision_config(tower: str, ckpt: Path) -> CLIPVisionConfig:
+    """The ViT config named by mm_vision_tower: a local folder with config.json (HuatuoGPT ships ./vit/...),
+    else the known OpenAI CLIP ViT-L/14 shapes (the weights themselves come from the checkpoint)."""
+    for cand in (Path(tower), ckpt / tower):
+        if (cand / "config.json").exists():
+            raw = json.loads((cand / "config.json").read_text())
+            return CLIPVisionConfig(**{k: v for k, v in raw.get("vision_config", raw).items() if k != "model_type"})
+    if "clip-vit-large-patch14" in tower or "clip_vit_large_patch14" in tower:
+        size = 336 if "336" in tower else 224
+        return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                                image_size=size, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+                                layer_norm_eps=1e-5)
+    raise ValueError(f"unknown vision tower {tower!r}: put its config.json in a folder and set mm_vision_tower to it")
+
+
+def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+         attn_implementation: str = "sdpa", template: str | None = None, seed: int = 0):
+    """Returns (model, tokenizer). `name_or_path`: "tiny" (random weights from a small config; offline tokenizer
+    in data/tokenizer), or a folder in the original LLaVA(-Med)/HuatuoGPT-Vision layout or the llava-hf layout.
+    dtype "auto" = bf16 on CUDA, fp32 on CPU. Weights are read from safetensors (legacy .bin with weights_only)."""
+    device = torch.device(device)
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp16": torch.float16, "float16": torch.float16}[dtype]
+    if name_or_path == "tiny":
+        tokenizer = AutoTokenizer.from_pretrained(TINY_TOKENIZER)
+        cfg = tiny_config(tokenizer)
+        if template:
+            cfg.template = template
+        torch.manual_seed(seed)
+        model = LlavaMed(cfg, attn_implementation)
+        model.freeze_vision()
+        return model.to(device=device, dtype=dtype), tokenizer
+
+    path = Path(name_or_path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no config.json (pass 'tiny' or a local checkpoint folder; nothing is downloaded)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if IMAGE_MARKER not in tokenizer.get_vocab():  # original LLaVA-Med: no <image> token; llava-hf adds it as 32000
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    cfg, layout = _config_from_checkpoint(path, tokenizer)
+    if template:
+        cfg.template = template
+    with _params_on_meta():
+        model = LlavaMed(cfg, attn_implementation)
+    expected = {k: v for k, v in model.state_dict().items()}
+    state, unexpected, mismatched = {}, [], []
+    for key, tensor in _iter_tensors(_checkpoint_files(path)):
+        ours = _rename(key, KEY_RULES)
+        if ours is not None and ours not in expected and ours.startswith("vision_tower.vision_model."):
+            ours = "vision_tower." + ours[len("vision_tower.vision_model."):]  # transformers >= 5 flattened CLIPVisionModel
+        if ours is None or ours not in expected:
+            unexpected.append(key)
+            continue
+        if tuple(tensor.shape) != tuple(expected[ours].shape):
+            mismatched.append(f"{key}: checkpoint {tuple(tensor.shape)} vs config {tuple(expected[ours].shape)}")
+            continue
+        state[ours] = tensor.to(device=device, dtype=dtype)
+    if getattr(cfg.text_config, "tie_word_embeddings", False) and "language_model.lm_head.weight" not in state:
+        state["language_model.lm_head.weight"] = state.get("language_model.model.embed_tokens.weight")
+    missing = [k for k in expected if k not in state and not k.endswith(("position_ids", "inv_freq"))]
+    if mismatched or missing:
+        raise ValueError(f"{path}: checkpoint does not match its config.\n  shape mismatches: {mismatched[:20]}"
+                         f"\n  missing keys ({len(missing)}): {missing[:20]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(cfg.text_config, "tie_word_embeddings", False):
+        model.language_model.tie_weights()
+    for name, buf in model.named_buffers():  # non-persistent buffers were built on CPU in fp32
+        if buf.device != device:
+            mod = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            mod._buffers[name.rsplit(".", 1)[-1]] = buf.to(device)
+    model.freeze_vision()
+    model.loaded_from = (str(path), layout, unexpected)
+    return model, tokenizer
+
+
+def state_dict_llava_hf(model: LlavaMed) -> tuple[dict, int]:
+    """Our weights under llava-hf (>= 4.52) names, with the vocabulary grown to hold the image token if needed
+    (padded to a multiple of 64 like transformers' converter; new rows = mean of the old ones)."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        name = _rename(k, TO_LLAVA_HF)
+        if name is not None and not k.endswith(("position_ids", "inv_freq")):
+            sd[name] = v.detach().to("cpu").contiguous()
+    vocab = model.config.text_config.vocab_size
+    if model.config.image_token_id >= vocab:
+        new_vocab = (model.config.image_token_id + 1 + 63) // 64 * 64
+        for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+            w = sd[name]
+            sd[name] = torch.cat([w, w.mean(0, keepdim=True).expand(new_vocab - vocab, -1)]).contiguous()
+        vocab = new_vocab
+    return sd, vocab
+
+
+def save_llava_hf(model: LlavaMed, tokenizer, out_dir, max_shard_bytes: int = 5 * 2**30) -> Path:
+    """Write a checkpoint that `transformers.LlavaForConditionalGeneration.from_pretrained` and vLLM load:
+    config.json (LlavaConfig), safetensors shards (+ index), tokenizer, preprocessor/processor configs.
+    Note: llava-hf processors resize + centre-crop and do not pad to square; pad images yourself for LLaVA-1.5
+    parity (preprocess_image does)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd, vocab = state_dict_llava_hf(model)
+    text = cfg.text_config.to_dict()
+    text["vocab_size"] = vocab
+    for k in ("_attn_implementation", "_attn_implementation_autoset", "architectures"):
+        text.pop(k, None)
+    vision = cfg.vision_config.to_dict()
+    vision.pop("_attn_implementation", None)
+    if cfg.projector_type != "mlp2x_gelu":
+        raise ValueError(f"llava-hf has only the mlp2x_gelu projector; this model has {cfg.projector_type}")
+    dtype = next(model.parameters()).dtype
+    hf_cfg = transformers.LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=cfg.image_token_id, projector_hidden_act="gelu",
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, vision_feature_layer=cfg.vision_feature_layer,
+        image_seq_length=cfg.num_image_tokens, tie_word_embeddings=getattr(cfg.text_config, "tie_word_embeddings", False))
+    hf_cfg.architectures = ["LlavaForConditionalGeneration"]
+    hf_cfg.dtype = str(dtype).replace("torch.", "")
+    hf_cfg.save_pretrained(out)
+    shards, cur, size = [], {}, 0
+    for k in sorted(sd):
+        nbytes = sd[k].numel() * sd[k].element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k], size = sd[k], size + nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in sd.values())
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                      "weight_map": weight_map}, indent=2))
+    tokenizer.save_pretrained(out)
+    size = cfg.image_size
+    (out / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(cfg.image_mean),
+        "image_std": list(cfg.image_std), "do_convert_rgb": True}, indent=2))
+    (out / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaProcessor", "patch_size": cfg.vision_config.patch_size,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy, "image_token": IMAGE_MARKER,
+        "num_additional_image_tokens": 1}, indent=2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Command line: ask a question about an image
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ask(model, tokenizer, images: list, question: str, **gen_kwargs) -> str:
+    """One question about zero or more PIL images; returns the answer text."""
+    cfg = model.config
+    turns = place_image_markers([("user", question)], len(images))
+    prompt = tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id)
+    pix = torch.stack([preprocess_image(im, cfg.image_size, cfg.image_mean, cfg.image_std,
+                                        pad=cfg.image_aspect_ratio == "pad") for im in images]) if images else None
+    return generate(model, tokenizer, [prompt], pix, **gen_kwargs)[0]
+
+
+def main():
+    p = argparse.ArgumentParser(description="Ask a LLaVA-style medical model about an image.")
+    p.add_argument("--model", default="tiny", help="'tiny' or a checkpoint folder (LLaVA-Med v1.5, HuatuoGPT-Vision, llava-hf)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several images)")
+    p.add_argument("--question", required=True)
+    p.add_argument("--template", default=None, help="override the chat template: " + ", ".join(TEMPLATES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (LLaVA-Med's model_vqa default)")
+    args = p.parse_args()
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    model.eval()
+    images = [load_image(f) for f in args.image]
+    print(ask(model, tokenizer, images, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""llava_med.py: parity with transformers' LlavaForConditionalGeneration, checkpoint layouts, templates, labels,
+image preprocessing, bad records. All offline, CPU, tiny configs."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import save_file
+
+import llava_med as lm
+from conftest import ROOT
+
+TOY = ROOT / "data" / "toy"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = lm.load("tiny")
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def hf_copy(tiny, tmp_path_factory):
+    model, tok = tiny
+    d = tmp_path_factory.mktemp("llava_hf")
+    lm.save_llava_hf(model, tok, d)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(d, dtype=torch.float32).eval()
+    return hf, d
+
+
+def _toy_sample(tok, cfg, k=0, split="train"):
+    where, rec = lm.read_records(TOY / f"{split}.json")[k]
+    turns = lm.place_image_markers(lm.record_turns(rec, where), 1, where)
+    s = lm.tokenize_conversation(tok, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id, 512, where)
+    s["pixel_values"] = lm.preprocess_image(lm.load_image(TOY / rec["image"]), cfg.image_size)[None]
+    return s
+
+
+# ---------------------------------------------------------------- parity with transformers
+
+
+def test_logits_equal_llava_hf(tiny, hf_copy):
+    model, tok = tiny
+    hf, _ = hf_copy
+    batch = lm.collate([_toy_sample(tok, model.config, k) for k in range(3)], tok.pad_token_id)
+    with torch.no_grad():
+        ours = model(batch["input_ids"], batch["pixel_values"], batch["attention_mask"]).logits
+        ref = hf(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                 attention_mask=batch["attention_mask"]).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[mask], ref[mask], atol=1e-5, rtol=0)
+
+
+def test_multi_image_logits_equal_llava_hf(tiny, hf_copy):
+    model, tok = tiny
+    hf, _ = hf_copy
+    cfg = model.config
+    turns = lm.place_image_markers([("user", "Compare the two images."), ("assistant", "left upper lung")], 2)
+    s = lm.tokenize_conversation(tok, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id)
+    assert s["n_images"] == 2 and s["input_ids"].count(cfg.image_token_id) == 2 * cfg.num_image_tokens
+    imgs = [lm.load_image(TOY / "images" / f) for f in ("train_radiology_0000.png", "train_pathology_0001.png")]
+    pix = torch.stack([lm.preprocess_image(im, cfg.image_size) for im in imgs])
+    ids = torch.tensor([s["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pix).logits, hf(input_ids=ids, pixel_values=pix).logits, atol=1e-5, rtol=0)
+    with pytest.raises(lm.DataError, match="image tokens"):  # one image for two markers
+        model(ids, pix[:1])
+
+
+def test_greedy_generation_equals_llava_hf(tiny, hf_copy):
+    model, tok = tiny
+    hf, _ = hf_copy
+    cfg = model.config
+    qs = ["Is there a nodule in this image?", "What imaging modality is this? Answer briefly please."]
+    prompts = [lm.tokenize_prompt(tok, lm.place_image_markers([("user", q)], 1), cfg.template,
+                                  cfg.num_image_tokens, cfg.image_token_id) for q in qs]
+    pix = torch.stack([lm.preprocess_image(lm.load_image(TOY / "images" / f), cfg.image_size)
+                       for f in ("test_radiology_0000.png", "test_ophthalmology_0001.png")])
+    ours = [tok.encode(t, add_special_tokens=False) for t in
+            lm.generate(model, tok, prompts, pix, max_new_tokens=8, stop=[])]
+    batch = lm.collate([{"input_ids": p} for p in prompts], tok.pad_token_id, padding_side="left")
+    with torch.no_grad():
+        ref = hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix,
+                          max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    ref_text = [tok.decode([t for t in row.tolist() if t != tok.eos_token_id and t != tok.pad_token_id],
+                           skip_special_tokens=True).strip() for row in ref[:, batch["input_ids"].shape[1]:]]
+    assert [tok.decode(o) for o in ours] == ref_text
+
+
+# ---------------------------------------------------------------- checkpoint layouts
+
+V15_CONFIG = {  # field names of microsoft/llava-med-v1.5-mistral-7b config.json, dimensions shrunk
+    "_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "architectures": ["LlavaMistralForCausalLM"],
+    "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "feature_outs": "encoder+decoder",
+    "freeze_mm_mlp_adapter": False, "hidden_act": "silu", "hidden_size": 64, "image_aspect_ratio": "pad",
+    "img_size": 640, "initializer_range": 0.02, "intermediate_size": 128, "max_position_embeddings": 32768,
+    "mm_hidden_size": 32, "mm_patch_merge_type": "flat", "mm_projector_lr": None, "mm_projector_type": "mlp2x_gelu",
+    "mm_use_im_patch_token": False, "mm_use_im_start_end": False, "mm_vision_select_feature": "patch",
+    "mm_vision_select_layer": -2, "mm_vision_tower": "clip_tiny", "model_type": "llava_mistral",
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "proj_vis_to_txt_tokens": False,
+    "prompt_segtok_w_instruct": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "segtok_posembed": "sincos",
+    "sliding_window": None, "tie_word_embeddings": False, "tokenizer_model_max_length": 2048,
+    "tokenizer_padding_side": "right", "torch_dtype": "bfloat16", "transformers_version": "4.36.2",
+    "tune_mm_mlp_adapter": False, "tune_vision_tokenizer": "none", "use_cache": True, "use_mm_proj": True,
+    "vision_backbone": "convnextlarge", "vocab_size": 2048}
+
+
+def _write_original_checkpoint(d, tok_dir_src):
+    """A tiny checkpoint in the original LLaVA-Med layout: llava_mistral config, sharded safetensors + index,
+    model.mm_projector.0/2, model.vision_tower.vision_tower.vision_model.*, and a tokenizer WITHOUT <image>
+    (LLaVA-Med v1.5 has vocab 32000 and no image token; the loader must add one outside the LM vocabulary)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(V15_CONFIG))
+    vcfg = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=2, image_size=32, patch_size=8)
+    (d / "clip_tiny").mkdir()
+    vcfg.save_pretrained(d / "clip_tiny")
+    torch.manual_seed(1)
+    tcfg = transformers.MistralConfig(**{k: V15_CONFIG[k] for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size", "rope_theta", "rms_norm_eps")})
+    llm = transformers.MistralForCausalLM(tcfg)
+    vit = transformers.CLIPVisionModel(vcfg)
+    proj = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
+    sd = {k: v for k, v in llm.state_dict().items()}  # model.embed_tokens..., model.layers..., lm_head
+    sd.update({f"model.mm_projector.{k}": v for k, v in proj.state_dict().items()})
+    sd.update({"model.vision_tower.vision_tower.vision_model." + k.removeprefix("vision_model."): v
+               for k, v in vit.state_dict().items() if "position_ids" not in k})
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, str(d / name), metadata={"format": "pt"})
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+    tj = json.loads((tok_dir_src / "tokenizer.json").read_text())
+    for t in tj["added_tokens"]:
+        if t["content"] == "<image>":
+            t["content"] = "<unused_4>"
+    tj["model"]["vocab"] = {("<unused_4>" if k == "<image>" else k): v for k, v in tj["model"]["vocab"].items()}
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    tc = json.loads((tok_dir_src / "tokenizer_config.json").read_text())
+    tc.pop("extra_special_tokens", None)
+    tc.pop("additional_special_tokens", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(tc))
+    return sd
+
+
+def test_original_layout_loads_and_matches_llava_hf_copy(tmp_path):
+    src = tmp_path / "llava-med-v1.5-tiny"
+    sd = _write_original_checkpoint(src, lm.TINY_TOKENIZER)
+    model, tok = lm.load(str(src))
+    model.eval()
+    cfg = model.config
+    assert cfg.template == "mistral_instruct" and cfg.projector_type == "mlp2x_gelu"
+    assert cfg.image_token_id == 2048 == len(tok) - 1  # added outside the LM vocabulary, like llava-hf's 32000
+    assert model.loaded_from[1] == "original" and model.loaded_from[2] == []  # every checkpoint key was used
+    torch.testing.assert_close(model.projector[2].weight, sd["model.mm_projector.2.weight"])
+    torch.testing.assert_close(model.vision_tower.get_submodule("encoder.layers.1.mlp.fc1").weight
+                               if not hasattr(model.vision_tower, "vision_model") else
+                               model.vision_tower.vision_model.encoder.layers[1].mlp.fc1.weight,
+                               sd["model.vision_tower.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight"])
+    out = tmp_path / "hf"
+    lm.save_llava_hf(model, tok, out)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out, dtype=torch.float32).eval()
+    assert hf.config.text_config.vocab_size == 2112  # grown to hold id 2048, padded to a multiple of 64
+    turns = lm.place_image_markers([("user", "Is there a nodule?"), ("assistant", "yes")], 1)
+    s = lm.tokenize_conversation(tok, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id)
+    pix = lm.preprocess_image(lm.load_image(TOY / "images" / "train_radiology_0000.png"), cfg.image_size)[None]
+    ids = torch.tensor([s["input_ids"]])
+    with torch.no_grad():
+        ours = model(ids, pix).logits
+        ref = hf(input_ids=ids, pixel_values=pix).logits[..., :2048]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    # and our loader reads the llava-hf copy back to the same logits
+    again, _ = lm.load(str(out))
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(ids, pix).logits[..., :2048], ours, atol=1e-5, rtol=0)
+
+
+def test_llava_hf_old_key_era_loads(tiny, hf_copy, tmp_path):
+    """transformers < 4.52 named keys language_model.model.*, multi_modal_projector.*, vision_tower.*"""
+    model, tok = tiny
+    _, d = hf_copy
+    from safetensors.torch import load_file
+    sd = load_file(str(d / "model.safetensors"))
+    old = {}
+    for k, v in sd.items():
+        k = k.replace("model.language_model.", "language_model.model.").replace("model.multi_modal_projector.", "multi_modal_projector.")
+        k = k.replace("model.vision_tower.", "vision_tower.").replace("lm_head.", "language_model.lm_head.")
+        old[k] = v
+    for f in d.iterdir():
+        if f.name != "model.safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    save_file(old, str(tmp_path / "model.safetensors"))
+    again, _ = lm.load(str(tmp_path))
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+
+
+def test_shape_mismatch_names_the_keys(tiny, hf_copy, tmp_path):
+    _, d = hf_copy
+    for f in d.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 999
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="mlp.gate_proj.weight"):
+        lm.load(str(tmp_path))
+
+
+# ---------------------------------------------------------------- templates (exact strings from the spec)
+
+
+def test_template_strings():
+    mi = [("user", "<image>\nQ1?"), ("assistant", "A1."), ("user", "Q2?"), ("assistant", "A2.")]
+    assert lm.render_chat("mistral_instruct", mi) == "[INST] <image>\nQ1? [/INST] A1. </s>[INST] Q2? [/INST] A2. </s>"
+    assert lm.render_chat("mistral_instruct", [("user", "<image>\nIs there a pneumothorax?")], add_generation_prompt=True) \
+        == "[INST] <image>\nIs there a pneumothorax? [/INST]"
+    assert lm.render_chat("vicuna_v1", mi) == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? "
+        "ASSISTANT: A2.</s>")
+    assert lm.render_chat("vicuna_v1", mi[:1], add_generation_prompt=True).endswith("USER: <image>\nQ1? ASSISTANT:")
+    assert lm.render_chat("huatuo", mi[:1], add_generation_prompt=True) == "<|user|>\n<image>\nQ1?\n<|assistant|>\n"
+    assert lm.render_chat("huatuo", mi[:2], eos="<|endoftext|>") == "<|user|>\n<image>\nQ1?\n<|assistant|>\nA1.<|endoftext|>"
+    assert lm.render_chat("chatml", mi[:2]) == ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
+                                                "<image>\nQ1?<|im_end|><|im_start|>assistant\nA1.<|im_end|>")
+
+
+@pytest.mark.parametrize("template", sorted(lm.TEMPLATES))
+def test_labels_are_exactly_the_answers(tiny, template):
+    model, tok = tiny
+    turns = [("user", "<image>\nIs there a nodule in this image?"), ("assistant", "yes"),
+             ("user", "Where is it?"), ("assistant", "left upper lung"), ("user", "描述图像。"), ("assistant", "左上肺可见结节。")]
+    s = lm.tokenize_conversation(tok, turns, template, 16, model.config.image_token_id)
+    ids, labels = s["input_ids"], s["labels"]
+    assert len(ids) == len(labels)
+    # the pieces decode to the rendered string (after collapsing the expanded image tokens)
+    collapsed, prev = [], None
+    for t in ids:
+        if not (t == model.config.image_token_id and prev == t):
+            collapsed.append(t)
+        prev = t
+    bos = tok.bos_token if lm.TEMPLATES[template][0] else ""
+    assert tok.decode(collapsed) == bos + lm.render_chat(template, turns, eos=tok.eos_token)
+    # supervised tokens: each answer with its end-of-turn marker, nothing else
+    spans, cur = [], []
+    for t, l in zip(ids, labels):
+        if l != lm.IGNORE_INDEX:
+            assert l == t
+            cur.append(t)
+        elif cur:
+            spans.append(tok.decode(cur))
+            cur = []
+    if cur:
+        spans.append(tok.decode(cur))
+    end = {"mistral_instruct": " </s>", "vicuna_v1": "</s>", "huatuo": "</s>", "chatml": "<|im_end|>"}[template]
+    lead = " " if template in ("mistral_instruct", "vicuna_v1") else ""
+    assert spans == [lead + a + end for a in ("yes", "left upper lung", "左上肺可见结节。")]
+
+
+def test_no_supervised_token_after_truncation_raises(tiny):
+    model, tok = tiny
+    turns = lm.place_image_markers([("user", "Describe the image in detail please."), ("assistant", "yes")], 1)
+    with pytest.raises(lm.DataError, match="no supervised token"):
+        lm.tokenize_conversation(tok, turns, "mistral_instruct", 16, model.config.image_token_id, max_length=28, where="x.json[3]")
+    with pytest.raises(lm.DataError, match=r"x.json\[3\].*cut\s+through image tokens"):
+        lm.tokenize_conversation(tok, turns, "mistral_instruct", 16, model.config.image_token_id, max_length=10, where="x.json[3]")
+
+
+# ---------------------------------------------------------------- images
+
+
+@pytest.mark.parametrize("size_wh", [(80, 50), (50, 90), (64, 64)])
+def test_preprocess_matches_clip_image_processor(size_wh):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size_wh[1], size_wh[0], 3), dtype=np.uint8))
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    ref = torch.as_tensor(np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0]))
+    torch.testing.assert_close(lm.preprocess_image(img, 48, pad=False), ref, atol=1e-5, rtol=0)
+    padded = lm.expand2square(img, tuple(int(x * 255) for x in lm.CLIP_MEAN))
+    ref = torch.as_tensor(np.asarray(proc(images=padded, return_tensors="np")["pixel_values"][0]))
+    torch.testing.assert_close(lm.preprocess_image(img, 48), ref, atol=1e-5, rtol=0)
+    if size_wh[0] != size_wh[1]:  # the pad colour is the CLIP mean: (122, 116, 104)
+        assert padded.getpixel((0, 0)) in ((122, 116, 104), tuple(img.getpixel((0, 0))))
+
+
+def test_grayscale_and_bad_image(tmp_path):
+    Image.fromarray(np.full((20, 30), 200, dtype=np.uint8), mode="L").save(tmp_path / "g.png")
+    x = lm.preprocess_image(lm.load_image(tmp_path / "g.png"), 32)
+    assert x.shape == (3, 32, 32)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(lm.DataError, match="bad.png"):
+        lm.load_image(tmp_path / "bad.png")
+    with pytest.raises(lm.DataError, match="not found"):
+        lm.load_image(tmp_path / "missing.png")
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_bad_records_name_file_and_line(tmp_path):
+    f = tmp_path / "d.jsonl"
+    good = {"id": "a", "image": "x.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    f.write_text(json.dumps(good) + "\n" + '{"id": "b", "conversations": [\n')
+    with pytest.raises(lm.DataError, match=r"d.jsonl:2: malformed json"):
+        lm.read_records(f)
+    f.write_text(json.dumps(good) + "\n" + json.dumps({"id": "c", "image": "x.png"}) + "\n")
+    (where, rec), (where2, rec2) = lm.read_records(f)
+    assert lm.record_turns(rec, where)[0] == ("user", "<image>\nq")
+    with pytest.raises(lm.DataError, match=r"d.jsonl:2: missing or empty 'conversations'"):
+        lm.record_turns(rec2, where2)
+    bad = dict(good, conversations=[{"from": "human", "value": "q"}, {"from": "gpt", "value": "  "}])
+    with pytest.raises(lm.DataError, match="empty answer"):
+        lm.record_turns(bad, "d.jsonl:7")
+    bad = dict(good, conversations=[{"from": "gpt", "value": "a"}])
+    with pytest.raises(lm.DataError, match="alternate"):
+        lm.record_turns(bad, "d.jsonl:8")
+    with pytest.raises(lm.DataError, match="2 '<image>' markers but 1 images"):
+        lm.place_image_markers([("user", "<image>\n<image>\nq"), ("assistant", "a")], 1, "d.jsonl:9")
+    # markers at the end (LLaVA-Med instruct data) or absent (PubMedVision) are moved to the front
+    assert lm.place_image_markers([("user", "Describe.\n<image>"), ("assistant", "a")], 1)[0][1] == "<image>\nDescribe."
+    assert lm.place_image_markers([("user", "Describe."), ("assistant", "a")], 2)[0][1] == "<image>\n<image>\nDescribe."
+    (tmp_path / "l.json").write_text("[1, 2")
+    with pytest.raises(lm.DataError, match=r"l.json:1: malformed json"):
+        lm.read_records(tmp_path / "l.json")
+    (tmp_path / "u.json").write_bytes(b'[{"id": "\xff"}]')
+    with pytest.raises(lm.DataError, match="UTF-8"):
+        lm.read_records(tmp_path / "u.json")
+
+
+def test_forward_without_supervised_tokens_raises(tiny):
+    model, tok = tiny
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with pytest.raises(lm.DataError, match="no supervised token"):
+        model(ids, labels=torch.full_like(ids, lm.IGNORE_INDEX))
+
+
+def test_cli_answers(tmp_path):
+    img = TOY / "images" / "test_radiology_0000.png"
+    out = subprocess.run([sys.executable, str(ROOT / "llava_med.py"), "--model", "tiny", "--image", str(img),
+                          "--question", "Is there a nodule?", "--max-new-tokens", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
