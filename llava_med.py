@@ -401,6 +401,20 @@ class Output:
     past_key_values: object = None
 
 
+class VisionTower(CLIPVisionModel):
+    """CLIPVisionModel (same parameters and names) whose forward returns LLaVA's image features: hidden state
+    `feature_layer` (-2: the penultimate layer's output), CLS dropped for strategy "default". Layers after the
+    selected one are not run. Its own forward (not output_hidden_states) keeps it a single FSDP unit."""
+
+    def forward(self, pixel_values, feature_layer: int = -2, strategy: str = "default"):
+        h = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        layers = self.encoder.layers
+        for layer in layers[: feature_layer % (len(layers) + 1)]:  # hidden_states[i] = output of the first i layers
+            h = layer(h, None)
+            h = h[0] if isinstance(h, tuple) else h
+        return h[:, 1:] if strategy == "default" else h
+
+
 class LlavaMed(nn.Module):
     """CLIP ViT (frozen by default) -> projector -> causal LM. Parameter names: vision_tower.vision_model.*,
     projector.{0,2}.*, language_model.{model.*, lm_head.*}."""
@@ -408,25 +422,24 @@ class LlavaMed(nn.Module):
     def __init__(self, config: LlavaMedConfig, attn_implementation: str = "sdpa"):
         super().__init__()
         self.config = config
-        self.vision_tower = CLIPVisionModel(config.vision_config)
+        self.vision_tower = VisionTower(config.vision_config)
         self.projector = build_projector(config.projector_type, config.vision_config.hidden_size,
                                          config.text_config.hidden_size)
         config.text_config._attn_implementation = attn_implementation
         config.vision_config._attn_implementation = attn_implementation
         self.language_model = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn_implementation)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] -> projected features [n, num_image_tokens, hidden]. The ViT runs without building a graph
-        unless one of its parameters trains (e.g. ViT LoRA), so a frozen tower costs no activation memory."""
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> ViT features [n, num_image_tokens, vision_dim] (select layer, CLS dropped). Runs without
+        building a graph unless a ViT parameter trains (e.g. ViT LoRA), so a frozen tower costs no activations."""
         tower = self.vision_tower
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
         with torch.set_grad_enabled(needs_grad):
-            dtype = next(tower.parameters()).dtype
-            out = tower(pixel_values.to(dtype), output_hidden_states=True)
-            feats = out.hidden_states[self.config.vision_feature_layer]
-            if self.config.vision_feature_select_strategy == "default":
-                feats = feats[:, 1:]  # drop CLS: mm_vision_select_feature="patch"
-        return self.projector(feats)
+            return tower(pixel_values, self.config.vision_feature_layer, self.config.vision_feature_select_strategy)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] -> projected image features [n, num_image_tokens, hidden]."""
+        return self.projector(self.vision_features(pixel_values))
 
     def embed(self, input_ids, pixel_values=None, image_features=None) -> torch.Tensor:
         """Token embeddings with image features written over the image-token positions."""
@@ -446,20 +459,29 @@ class LlavaMed(nn.Module):
         return embeds
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, labels=None, image_features=None,
-                position_ids=None, past_key_values=None, use_cache=False, logits_to_keep: int = 0) -> Output:
+                position_ids=None, past_key_values=None, use_cache=False, logits_to_keep: int = 0,
+                logits_mask=None) -> Output:
         """Logits [B, T, V] aligned with input_ids; with labels, the mean token cross-entropy over supervised
-        tokens (shifted by one, like every causal LM)."""
+        tokens (shifted by one, like every causal LM). `image_features` (already projected, one row per image in
+        token order) replaces `pixel_values` when the caller has encoded the images once for several forwards.
+        `logits_mask` [B, T] (bool): return logits only at those positions, as [n, V]; the vocabulary projection
+        is then paid only where a loss is taken (e.g. completion tokens in DPO)."""
         embeds = self.embed(input_ids, pixel_values, image_features)
-        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                  past_key_values=past_key_values, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                        past_key_values=past_key_values, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        lm_head = self.language_model.lm_head
+        if logits_mask is not None:
+            return Output(logits=lm_head(hidden[logits_mask]))
+        logits = lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             shift_labels = labels[:, 1:]
             if not (shift_labels != IGNORE_INDEX).any():
                 raise DataError("batch has no supervised token (all labels are -100)")
-            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(),
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(),
                                    ignore_index=IGNORE_INDEX)
-        return Output(logits=out.logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
+        return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
 
     def freeze_vision(self):
         self.vision_tower.requires_grad_(False)
@@ -489,9 +511,11 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
 @torch.no_grad()
 def generate(model: LlavaMed, tokenizer, prompts: list[list[int]], pixel_values=None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop: list[str] | None = None,
-             seed: int | None = None, image_features=None) -> list[str]:
+             seed: int | None = None, image_features=None, sync: bool = True) -> list[str]:
     """Continue each prompt (token ids with expanded image tokens; images in `pixel_values` in prompt order).
-    Stops a row at EOS or when its decoded text contains a stop string (cut there). Returns the new text."""
+    Stops a row at EOS or when its decoded text contains a stop string (cut there). Returns the new text.
+    Under torch.distributed with a sharded model, every rank must call this with the same number of prompts
+    batches; `sync` keeps the ranks decoding until all of them are done."""
     device = next(model.parameters()).device
     batch = collate([{"input_ids": p} for p in prompts], tokenizer.pad_token_id, padding_side="left")
     input_ids, attn = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -524,11 +548,13 @@ def generate(model: LlavaMed, tokenizer, prompts: list[list[int]], pixel_values=
                 texts[i] = tokenizer.decode(new[i], skip_special_tokens=False)
                 if any(s in texts[i] for s in stop):
                     done[i] = True
-        if bool(done.all()):
+        all_done = done.all().long()
+        if sync and torch.distributed.is_initialized():  # sharded (FSDP) ranks must run the same number of forwards
+            torch.distributed.all_reduce(all_done, op=torch.distributed.ReduceOp.MIN)
+        if bool(all_done):
             break
         attn = torch.cat([attn, (~done).long().unsqueeze(-1)], dim=-1)
-        out = model.language_model(input_ids=tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos,
-                                   past_key_values=cache, use_cache=True)
+        out = model(tok.unsqueeze(-1), attention_mask=attn, position_ids=next_pos, past_key_values=cache, use_cache=True)
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
     results = []
     for i in range(B):

@@ -1,0 +1,287 @@
+"""dpo.py: the loss (worked example, TRL parity), sequence log-probs (transformers parity), the VQA scorer and
+readers, and the training script end to end: torchrun 2 ranks == 1 rank x 2 accumulation, kill-and-resume,
+DPO raises held-out reward accuracy."""
+
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file
+
+import dpo
+import llava_med as lm
+from conftest import ROOT
+
+REAL = ROOT.parent / "shared" / "realdata"
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_dpo_loss_worked_example():
+    """Log-ratio differences D = [0, 10, 20] with beta 0.1 give beta*D = [0, 1, 2] and losses -log sigmoid([0, 1, 2])
+    = [log 2, 0.3133, 0.1269] (torchtune's test_dpo_loss vectors)."""
+    pc = torch.tensor([-1.0, -2.0, -3.0])
+    pr = torch.tensor([-1.0, -12.0, -23.0])
+    zero = torch.zeros(3)
+    losses, rc, rr = dpo.dpo_loss(pc, pr, zero, zero, beta=0.1)
+    torch.testing.assert_close(losses, torch.tensor([math.log(2), 0.313262, 0.126928]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(rc, 0.1 * pc)
+    torch.testing.assert_close(rr, 0.1 * pr)
+    # a reference shifts the log-ratios: with ref = policy the loss is log 2 everywhere
+    losses, rc, rr = dpo.dpo_loss(pc, pr, pc, pr, beta=0.1)
+    torch.testing.assert_close(losses, torch.full((3,), math.log(2)))
+    # cDPO, eps = 0.1: -(0.9) log s(x) - 0.1 log s(-x) at x = 1  ->  0.9*0.313262 + 0.1*1.313262
+    losses, _, _ = dpo.dpo_loss(pc, pr, zero, zero, beta=0.1, label_smoothing=0.1)
+    assert abs(float(losses[1]) - (0.9 * 0.313262 + 0.1 * 1.313262)) < 1e-5
+    # IPO: ((pc-rc)/lc - (pr-rr)/lr - 1/(2*beta))^2; pair 1: (-2/2 - (-12/4) - 5)^2 = 9; pairs 0, 2: (0 - 5)^2
+    losses, _, _ = dpo.dpo_loss(pc, pr, zero, zero, beta=0.1, loss_type="ipo",
+                                chosen_len=torch.tensor([1.0, 2.0, 3.0]), rejected_len=torch.tensor([1.0, 4.0, 23.0]))
+    torch.testing.assert_close(losses, torch.tensor([25.0, 9.0, 25.0]))
+
+
+def test_dpo_loss_gradient_prefers_chosen():
+    pc = torch.tensor([-5.0], requires_grad=True)
+    pr = torch.tensor([-5.0], requires_grad=True)
+    loss, _, _ = dpo.dpo_loss(pc, pr, torch.tensor([-5.0]), torch.tensor([-5.0]))
+    loss.sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()  # descent raises the chosen and lowers the rejected log-prob
+
+
+def test_loss_equals_trl_preference_loss_fn():
+    trl_loss = pytest.importorskip("trl.losses.dpo_loss")
+    g = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-20 * torch.rand(5, generator=g) for _ in range(4))
+    ours, our_rc, our_rr = dpo.dpo_loss(pc, pr, rc, rr, beta=0.1)
+    loss, chosen_rewards, rejected_rewards = trl_loss.FusedLinearDPOFunction.preference_loss_fn(
+        pc, pr, torch.zeros(10), rc, rr, beta=0.1, loss_type="sigmoid")
+    torch.testing.assert_close(ours.mean(), loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(our_rc, chosen_rewards, atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------- log-probs and the full TRL loss on our model
+
+
+@pytest.fixture(scope="module")
+def tiny_pairs():
+    model, tok = lm.load("tiny")
+    model.eval()
+    args = dpo.Args()
+    records, folder = dpo.load_preferences(args, "test")
+    data = dpo.PairData(records[:40:7], folder, tok, model.config, 512, False)  # uneven answer lengths
+    return model, tok, data
+
+
+def test_sequence_logps_equal_llava_hf(tiny_pairs, tmp_path):
+    model, tok, data = tiny_pairs
+    lm.save_llava_hf(model, tok, tmp_path)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    batch = dpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
+    with torch.no_grad():
+        feats = model.encode_images(batch["pixel_values"])
+        ours, counts = dpo.sequence_logps(model, batch, feats)
+        pix_rows = batch["pixel_values"][batch["row_images"]]
+        logits = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix_rows).logits
+    targets = batch["labels"][:, 1:]
+    mask = targets != lm.IGNORE_INDEX
+    logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ref = (logp * mask).sum(-1)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-6)
+    assert counts.tolist() == mask.sum(-1).float().tolist()
+
+
+class _AsTRLModel(torch.nn.Module):
+    """Our model with the interface TRL's _compute_loss calls: model(input_ids, attention_mask, pixel_values,
+    use_cache=False).logits, one image per row."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+        self.is_gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, use_cache=False, **kw):
+        return self.m(input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+
+
+def test_loss_equals_trl_compute_loss_on_our_model(tiny_pairs):
+    """TRL 1.13 DPOTrainer._compute_loss with a stub self (spec B.7) on our tiny LLaVA, live reference model."""
+    trl = pytest.importorskip("trl")
+    if trl.__version__ != "1.13.0":
+        pytest.skip(f"the stub recipe is pinned to trl 1.13.0 (found {trl.__version__})")
+    from accelerate import Accelerator
+    from trl import DPOTrainer
+
+    model, tok, data = tiny_pairs
+    ref = copy.deepcopy(model)
+    with torch.no_grad():  # make the reference differ from the policy
+        for p in ref.language_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    idx = [0, 1, 2]
+    batch = dpo.collate_pairs(data, idx, tok.pad_token_id)
+    with torch.no_grad():
+        logps, _ = dpo.sequence_logps(model, batch, model.encode_images(batch["pixel_values"]))
+        ref_logps, _ = dpo.sequence_logps(ref, batch, ref.encode_images(batch["pixel_values"]))
+    ours, _, _ = dpo.dpo_loss(logps[:3], logps[3:], ref_logps[:3], ref_logps[3:], beta=0.1)
+
+    policy, ref_m = _AsTRLModel(model), _AsTRLModel(ref)
+    stub = SimpleNamespace(
+        model=policy, ref_model=ref_m, accelerator=Accelerator(cpu=True), precompute_ref_logps=False,
+        beta=0.1, loss_types=["sigmoid"], loss_weights=[1.0], label_smoothing=0.0,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None, use_weighting=False,
+        aux_loss_enabled=False, router_aux_loss_coef=0.0, _tp_size=1, _total_train_tokens=0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=0.05))
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": (batch["labels"] != lm.IGNORE_INDEX).long(),
+              "pixel_values": batch["pixel_values"][batch["row_images"]]}
+    with torch.no_grad():
+        trl_loss = DPOTrainer._compute_loss(stub, policy, inputs, return_outputs=False)
+    torch.testing.assert_close(ours.mean(), trl_loss, atol=1e-5, rtol=0)
+
+
+def test_each_image_encoded_once_per_step(tiny_pairs):
+    model, tok, data = tiny_pairs
+    batch = dpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 3 and batch["row_images"].tolist() == [0, 1, 2, 0, 1, 2]
+    calls = []
+    h = model.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        feats, ref_feats = dpo.image_features_for(model, None, batch["pixel_values"], torch.device("cpu"))
+        dpo.sequence_logps(model, batch, feats)
+        with torch.no_grad():
+            dpo.sequence_logps(model, batch, ref_feats)
+    finally:
+        h.remove()
+    assert calls == [3]  # 3 images for 6 policy rows + 6 reference rows
+
+
+# ---------------------------------------------------------------- scorer and readers
+
+
+def test_scorer_edge_cases():
+    rows = [
+        {"answer": "no", "prediction": "Normal chest x-ray.", "answer_type": "CLOSED"},  # 'normal' is not 'no'
+        {"answer": "yes", "prediction": "Yes, there is a nodule.", "answer_type": "CLOSED"},
+        {"answer": "no", "prediction": "No.", "answer_type": "CLOSED"},
+        {"answer": "yes", "prediction": "I cannot tell", "answer_type": "CLOSED"},
+        {"answer": "Left upper lung", "prediction": "the left upper lung.", "answer_type": "OPEN"},
+        {"answer": "right lower lung", "prediction": "lung", "answer_type": "OPEN"},
+    ]
+    s = dpo.score_vqa(rows)
+    assert s["n_closed"] == 4 and s["n_open"] == 2
+    assert s["closed_accuracy"] == 0.5  # hits: rows 2 and 3
+    assert abs(s["closed_f1"] - 2 / 3) < 1e-9  # tp=1 (row 2), fn=1 (row 4), fp=0
+    assert abs(s["open_recall"] - (1.0 + 1 / 3) / 2) < 1e-9
+    assert s["open_exact"] == 0.5
+    buggy = dpo.score_vqa(rows, closed_scoring="llava_med")
+    assert buggy["closed_accuracy"] == 0.75  # row 1 'no' in 'normal' counts as a hit: LLaVA-Med issue #12
+    assert dpo.normalize_answer('The "left"/right lung, 3.5 cm.') == "left right lung 3.5 cm"
+    assert dpo.token_recall("lung lung", "lung") == (1.0, 1.0, 1.0)
+    assert dpo.yes_no("Answer: no, it is not") == "no" and dpo.yes_no("nothing") is None
+
+
+@pytest.mark.skipif(not REAL.exists(), reason="../shared/realdata not present")
+def test_readers_on_real_vqa_sets():
+    rad = dpo.read_vqa(str(REAL / "vqa_rad" / "testset.json"))
+    assert len(rad) == 451 and sum(r["answer_type"] == "CLOSED" for r in rad) == 272
+    public = dpo.read_vqa(str(REAL / "vqa_rad" / "VQA_RAD Dataset Public.json"))
+    assert len(public) == 451
+    slake = dpo.read_vqa(str(REAL / "slake" / "test.json"))
+    assert slake and all(os.path.exists(r["image"]) for r in slake + rad[:20])
+    toy = dpo.read_vqa(str(ROOT / "data" / "toy" / "test_vqa.json"))
+    assert len(toy) == 495 and toy[0]["question"] and "<image>" not in toy[0]["question"]
+
+
+def test_bad_preference_records(tmp_path):
+    model, tok = lm.load("tiny")
+    (tmp_path / "x.png").write_bytes((ROOT / "data/toy/images/train_radiology_0000.png").read_bytes())
+    h = {"from": "human", "value": "<image>\nq?"}
+    recs = [{"id": "ok", "image": "x.png", "conversations": [h, {"from": "gpt", "value": "yes"}],
+             "rejected_conversations": [h, {"from": "gpt", "value": "no"}]},
+            {"id": "noimg", "image": "missing.png", "conversations": [h, {"from": "gpt", "value": "yes"}],
+             "rejected_conversations": [h, {"from": "gpt", "value": "no"}]},
+            {"id": "norej", "image": "x.png", "conversations": [h, {"from": "gpt", "value": "yes"}]}]
+    f = tmp_path / "prefs.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs))
+    with pytest.raises(lm.DataError, match=r"prefs.jsonl:2: image not found"):
+        dpo.PairData(lm.read_records(f), tmp_path, tok, model.config, 512, skip_bad=False)
+    data = dpo.PairData(lm.read_records(f), tmp_path, tok, model.config, 512, skip_bad=True)
+    assert len(data) == 1 and sum(data.skipped.values()) == 2
+
+
+# ---------------------------------------------------------------- the script end to end
+
+FAST = ["--sft-warmup-steps", "30", "--lora-dropout", "0", "--batch-size", "8", "--micro-batch-size", "4",
+        "--no-eval", "--no-export-merged"]
+
+
+def _run(cmd, **kw):
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, **kw)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def _losses(out_dir):
+    return [r["loss"] for r in map(json.loads, open(out_dir / "metrics.jsonl")) if r.get("phase") == "dpo"]
+
+
+def _final_weights(out_dir):
+    ckpt = dpo.latest_checkpoint(out_dir)
+    return load_file(str(ckpt / "trainable.safetensors"))
+
+
+def test_torchrun_two_ranks_equal_one_rank_with_accumulation(tmp_path):
+    """2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same global batch of 8 pairs. Tolerance 1e-5 on the
+    loss and 1e-5 on every LoRA weight after 2 steps (reduction order differs; fp32)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "dpo.py", "--max-steps", "2", "--out", str(one)] + FAST)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "dpo.py",
+          "--max-steps", "2", "--out", str(two)] + FAST)
+    torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(_losses(two)), atol=1e-5, rtol=0)
+    a, b = _final_weights(one), _final_weights(two)
+    assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd = [sys.executable, "dpo.py", "--max-steps", "6", "--save-every", "2", "--lora-dropout", "0.05"] + FAST[:2] + FAST[4:]
+    _run(cmd + ["--out", str(full)])
+    p = subprocess.Popen(cmd + ["--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoints" / "step_0000002" / "state.json").exists():
+        assert p.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not (killed / "checkpoints" / "step_0000006").exists()
+    _run(cmd + ["--out", str(killed)])  # resumes from the newest complete checkpoint
+    a, b = _final_weights(full), _final_weights(killed)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    assert _losses(full) == _losses(killed)[-len(_losses(full)):] or _losses(full)[-1] == _losses(killed)[-1]
+
+
+def test_dpo_raises_heldout_reward_accuracy(tmp_path):
+    """A short run on the toy pairs: held-out preference accuracy above chance and a positive margin, and closed
+    accuracy not lower than before DPO (on the first 120 test questions)."""
+    out = tmp_path / "run"
+    _run([sys.executable, "dpo.py", "--sft-warmup-steps", "300", "--max-steps", "25", "--eval-limit", "120",
+          "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["heldout_pairs"]["pair_accuracy"] > 0.6 and res["heldout_pairs"]["pair_margin"] > 0
+    assert res["after"]["closed_accuracy"] >= res["before"]["closed_accuracy"] - 0.02
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any(k.startswith("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A") for k in adapter)
