@@ -78,7 +78,7 @@ class Args:
     reference_free: bool = False  # reference log-probs = 0
     precompute_ref: bool = False  # compute reference log-probs once before training, cached on disk
     # optimisation
-    lr: float = 1e-4  # peak learning rate (toy default; MMed-RAG/MMedPO use 1e-7 on LLaVA-Med 7B)
+    lr: float = 1e-5  # peak learning rate (toy default; MMed-RAG/MMedPO use 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # learning rate of the projector when --tune-projector (mm_projector_lr)
     batch_size: int = 16  # pairs per optimizer step over all ranks (global; does not depend on the number of ranks)
     micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
@@ -790,6 +790,8 @@ def main(argv=None):
     resume_from = latest_checkpoint(out) if args.resume else None
     if warm:
         sft_warmup(args, model, train_data, tokenizer, device, warm, log if resume_from is None else (lambda r: None))
+        if master:  # the adapter's base model: the warm-started weights, as a llava-hf checkpoint
+            lm.save_llava_hf(model, tokenizer, out / "base_llava_hf")
     model, ref_model = build_models(args, model, device)
     torch.manual_seed(args.seed + rank)  # dropout differs per rank (CleanRL's "CRUCIAL" seed offset)
 
@@ -909,7 +911,9 @@ def save_adapter_or_model(args: Args, model, tokenizer, out: Path, rank: int):
         save_file(adapter, str(out / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
         cfg = model.lora_config.to_dict()
         cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        cfg.update(base_model_name_or_path=args.model, peft_type="LORA", task_type=None,
+        warm_base = out / "base_llava_hf"
+        cfg.update(base_model_name_or_path=str(warm_base) if warm_base.exists() else args.model, peft_type="LORA",
+                   task_type=None,
                    target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
         if args.tune_projector:  # the trained projector ships beside the adapter (LLaVA's non_lora_trainables)
             cfg["modules_to_save"] = None

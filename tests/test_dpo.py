@@ -276,12 +276,31 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
 
 def test_dpo_raises_heldout_reward_accuracy(tmp_path):
     """A short run on the toy pairs: held-out preference accuracy above chance and a positive margin, and closed
-    accuracy not lower than before DPO (on the first 120 test questions)."""
+    accuracy not lower than before DPO (first 150 test questions; tolerance: one question in 80 closed ones).
+    The warm start is the default one (1000 SFT steps): a weaker model sits on the decision boundary and flips."""
     out = tmp_path / "run"
-    _run([sys.executable, "dpo.py", "--sft-warmup-steps", "300", "--max-steps", "25", "--eval-limit", "120",
-          "--out", str(out)])
+    _run([sys.executable, "dpo.py", "--max-steps", "20", "--eval-limit", "150", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["heldout_pairs"]["pair_accuracy"] > 0.6 and res["heldout_pairs"]["pair_margin"] > 0
-    assert res["after"]["closed_accuracy"] >= res["before"]["closed_accuracy"] - 0.02
+    assert res["after"]["closed_accuracy"] >= res["before"]["closed_accuracy"] - 1 / res["after"]["n_closed"] - 1e-9
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any(k.startswith("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A") for k in adapter)
+
+
+def test_adapter_and_merged_export_load_in_transformers(tmp_path):
+    """adapter/ (PEFT format, llava-hf module names) on base_llava_hf/ == the merged llava_hf/ export; both load
+    with transformers' LlavaForConditionalGeneration (what vLLM serves)."""
+    peft = pytest.importorskip("peft")
+    out = tmp_path / "run"
+    _run([sys.executable, "dpo.py", "--max-steps", "2", "--sft-warmup-steps", "5", "--lr", "1e-3", "--no-eval",
+          "--export-merged", "--batch-size", "8", "--micro-batch-size", "8", "--out", str(out)])
+    base = transformers.LlavaForConditionalGeneration.from_pretrained(out / "base_llava_hf", dtype=torch.float32)
+    with_adapter = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(out / "llava_hf", dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 5, 40, 41, 42, 43]])
+    with torch.no_grad():
+        a, b = with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+        plain = transformers.LlavaForConditionalGeneration.from_pretrained(out / "base_llava_hf", dtype=torch.float32)
+        c = plain.eval()(input_ids=ids).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert (a - c).abs().max() > 1e-4  # the adapter is not a no-op
