@@ -411,7 +411,9 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     if rank == 0:
         save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
         save_file({n: t.contiguous() for n, t in optim.items()}, str(tmp / "optimizer.safetensors"))
-        state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(), **extra}
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
+                 "files": files, **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -420,9 +422,27 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     return final
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def latest_checkpoint(out: Path):
-    done = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "state.json").exists())
-    return done[-1] if done else None
+    """The newest checkpoint whose state.json exists and whose files match the checksums it lists; a damaged one
+    is reported and skipped (the one before it is used)."""
+    for p in sorted((out / "checkpoints").glob("step_*"), reverse=True):
+        try:
+            files = json.loads((p / "state.json").read_text())["files"]
+            bad = [name for name, sha in files.items() if file_sha256(p / name) != sha]
+        except (OSError, ValueError, KeyError) as e:
+            bad = [f"state.json ({type(e).__name__})"]
+        if not bad:
+            return p
+        print(f"warning: checkpoint {p} is damaged ({', '.join(bad)}); trying an older one", file=sys.stderr)
+    return None
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
@@ -869,9 +889,10 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": epoch}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": epoch, "args": dataclasses.asdict(args)}, rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": step // steps_per_epoch}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": step // steps_per_epoch,
+                                                             "args": dataclasses.asdict(args)}, rank)
     save_adapter_or_model(args, model, tokenizer, out, rank)
 
     # ---- evaluation after training

@@ -267,11 +267,20 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (killed / "checkpoints" / "step_0000006").exists()
-    _run(cmd + ["--out", str(killed)])  # resumes from the newest complete checkpoint
+    # damage the newest checkpoint if the kill left one after step 2: resume must detect it and use an older one
+    newest = dpo.latest_checkpoint(killed)
+    if newest.name != "step_0000002":
+        (newest / "trainable.safetensors").write_bytes(b"\0" * 16)
+        assert dpo.latest_checkpoint(killed).name < newest.name
+    _run(cmd + ["--out", str(killed)])  # resumes from the newest complete, undamaged checkpoint
     a, b = _final_weights(full), _final_weights(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
-    assert _losses(full) == _losses(killed)[-len(_losses(full)):] or _losses(full)[-1] == _losses(killed)[-1]
+    assert _losses(full)[-1] == _losses(killed)[-1]
+    final = dpo.latest_checkpoint(killed)  # a checksum mismatch is detected and the previous checkpoint used
+    assert final.name == "step_0000006"
+    (final / "optimizer.safetensors").write_bytes(b"x")
+    assert dpo.latest_checkpoint(killed).name == "step_0000004"
 
 
 def test_dpo_raises_heldout_reward_accuracy(tmp_path):
