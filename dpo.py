@@ -834,7 +834,10 @@ def main(argv=None):
     if args.batch_size % (args.micro_batch_size * world):
         raise ValueError(f"--batch-size {args.batch_size} must be a multiple of micro-batch x ranks "
                          f"({args.micro_batch_size} x {world})")
-    accum = args.batch_size // (args.micro_batch_size * world)
+    accum = args.batch_size // (args.micro_batch_size * world)  # micro-batches per rank per optimizer step
+    if master:
+        print(f"global batch {args.batch_size} pairs = {args.micro_batch_size} per forward x {world} ranks x {accum} "
+              f"accumulation steps")
     steps_per_epoch = len(train_data) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(train_data)} pairs is less than one global batch ({args.batch_size})")

@@ -35,10 +35,8 @@ Only arithmetic + sqrt and integer/uniform random draws are used for the
 images (no exp/sin/normal sampling) so results do not depend on SIMD libm
 variants.
 """
-import hashlib
 import json
 import os
-import sys
 
 import numpy as np
 from PIL import Image
