@@ -62,6 +62,7 @@ class Args:
     eval_image_folder: str = ""  # images of --eval-data ("" = next to it: images/ (VQA-RAD), imgs/ (SLAKE), or its folder)
     max_length: int = 512  # tokens per sequence, image tokens included; truncation never cuts image tokens
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
+    allow_images_outside_folder: bool = False  # accept absolute / '..' image paths that leave --image-folder
     # model
     model: str = "tiny"  # "tiny" (random, offline) or a checkpoint folder (LLaVA-Med v1.5, llava-hf, HuatuoGPT-Vision)
     template: str = ""  # chat template override ("" = the checkpoint's: mistral_instruct, vicuna_v1, huatuo, chatml)
@@ -196,8 +197,10 @@ class PairData:
     """Tokenises every pair once (small data; for millions of pairs make this lazy). Bad records raise DataError,
     or, with skip_bad, are counted per reason and reported."""
 
-    def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool):
+    def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool,
+                 allow_outside: bool = False):
         self.image_folder, self.cfg, self.items, self.skipped = image_folder, cfg, [], {}
+        self.allow_outside, self._opened = allow_outside, set()
         for where, rec in records:
             try:
                 self.items.append(self._tokenize(where, rec, tokenizer, max_length))
@@ -222,8 +225,14 @@ class PairData:
                                                         cfg.num_image_tokens, cfg.image_token_id, max_length, where)
         c, r = tok(chosen_turns, len(images)), tok(rejected_turns, len(rejected_images))
         for p in images + rejected_images:
-            if not p.startswith("noise:") and not (self.image_folder / p).exists():
-                raise lm.DataError(f"{where}: image not found: {self.image_folder / p}")
+            if p.startswith("noise:"):
+                continue
+            path = lm.resolve_image(self.image_folder, p, where, self.allow_outside)
+            if not path.exists():
+                raise lm.DataError(f"{where}: image not found: {path}")
+            if path not in self._opened:  # fail now (or count the skip) rather than mid-training
+                lm.load_image(path)
+                self._opened.add(path)
         return {"id": rec.get("id", where), "chosen": c, "rejected": r, "images": images,
                 "rejected_images": rejected_images, "answer_type": rec.get("answer_type")}
 
@@ -235,7 +244,7 @@ class PairData:
         if key.startswith("noise:"):  # a fixed Gaussian-noise image per source image (deterministic)
             g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
             return torch.randn(3, cfg.image_size, cfg.image_size, generator=g)
-        return lm.preprocess_image(lm.load_image(self.image_folder / key), cfg.image_size, cfg.image_mean, cfg.image_std,
+        return lm.preprocess_image(lm.load_image(lm.resolve_image(self.image_folder, key, key, self.allow_outside)), cfg.image_size, cfg.image_mean, cfg.image_std,
                                    pad=cfg.image_aspect_ratio == "pad")
 
 
@@ -791,7 +800,8 @@ def main(argv=None):
 
     # ---- model and data
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
-    train_data = PairData(*load_preferences(args, "train"), tokenizer, model.config, args.max_length, args.skip_bad_samples)
+    train_data = PairData(*load_preferences(args, "train"), tokenizer, model.config, args.max_length, args.skip_bad_samples,
+                          args.allow_images_outside_folder)
     heldout, eval_rows = None, []
     if args.eval and Path(args.data).is_dir() and (Path(args.data) / "test.json").exists():
         heldout = PairData(*load_preferences(args, "test"), tokenizer, model.config, args.max_length, args.skip_bad_samples)

@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,14 +106,31 @@ def tiny_config(tokenizer) -> LlavaMedConfig:
 
 
 def load_image(path) -> Image.Image:
-    """Open an image as RGB, or raise DataError naming the file."""
+    """Open an image as RGB, or raise DataError naming the file: missing, zero-byte, truncated, not an image, or
+    over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; a warning there is an error here). The format
+    is read from the content, so a PNG named .jpg opens."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: image too large ({e})") from None
     except Exception as e:  # PIL raises many types for corrupt files
         raise DataError(f"{path}: cannot open image ({type(e).__name__}: {e})") from None
+
+
+def resolve_image(folder, rel: str, where: str = "", allow_outside: bool = False) -> Path:
+    """folder / rel, refusing absolute paths and '..' that leave the image folder (a data file must not make the
+    trainer read /etc/passwd) unless allow_outside is set."""
+    folder = Path(folder).resolve()
+    path = (folder / rel).resolve()
+    if not allow_outside and folder not in path.parents:
+        raise DataError(f"{where}: image path {rel!r} leaves the image folder {folder} "
+                        f"(pass --allow-images-outside-folder to permit)")
+    return path
 
 
 def expand2square(image: Image.Image, background) -> Image.Image:

@@ -217,6 +217,9 @@ def test_bad_preference_records(tmp_path):
         dpo.PairData(lm.read_records(f), tmp_path, tok, model.config, 512, skip_bad=False)
     data = dpo.PairData(lm.read_records(f), tmp_path, tok, model.config, 512, skip_bad=True)
     assert len(data) == 1 and sum(data.skipped.values()) == 2
+    f.write_text(json.dumps(dict(recs[0], image="../../etc/passwd")))
+    with pytest.raises(lm.DataError, match=r"prefs.jsonl:1: image path .* leaves the image folder"):
+        dpo.PairData(lm.read_records(f), tmp_path, tok, model.config, 512, skip_bad=False)
 
 
 # ---------------------------------------------------------------- the script end to end

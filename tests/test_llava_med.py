@@ -348,3 +348,29 @@ def test_cli_answers(tmp_path):
                           "--question", "Is there a nodule?", "--max-new-tokens", "4"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_bad_image_files(tmp_path, monkeypatch):
+    src = TOY / "images" / "train_radiology_0000.png"
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(lm.DataError, match="zero.png: cannot open image"):
+        lm.load_image(tmp_path / "zero.png")
+    buf = tmp_path / "full.jpg"
+    Image.open(src).convert("RGB").save(buf, quality=95)
+    (tmp_path / "truncated.jpg").write_bytes(buf.read_bytes()[: buf.stat().st_size // 2])
+    with pytest.raises(lm.DataError, match="truncated.jpg: cannot open image"):
+        lm.load_image(tmp_path / "truncated.jpg")
+    (tmp_path / "png_named.jpg").write_bytes(src.read_bytes())  # wrong extension: the content decides
+    assert lm.load_image(tmp_path / "png_named.jpg").size == (64, 64)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64x64 = 4096 px is over the (patched) bomb limit
+    with pytest.raises(lm.DataError, match="too large"):
+        lm.load_image(src)
+
+
+def test_image_paths_may_not_leave_the_folder(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    assert lm.resolve_image(tmp_path / "imgs", "a/b.png") == (tmp_path / "imgs" / "a" / "b.png").resolve()
+    for bad in ("../../etc/passwd", "/etc/passwd", "a/../../x.png"):
+        with pytest.raises(lm.DataError, match="leaves the image folder"):
+            lm.resolve_image(tmp_path / "imgs", bad, "d.json[0]")
+    assert lm.resolve_image(tmp_path / "imgs", "/etc/passwd", allow_outside=True) == __import__("pathlib").Path("/etc/passwd")
