@@ -37,6 +37,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -88,10 +89,12 @@ class Args:
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient (any rank): "stop" the run, or "skip" the update (counted)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     sft_warmup_steps: int = -1  # SFT steps on chosen answers before DPO; -1 = 1000 for --model tiny (random), else 0
     sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
-    seed: int = 0  # same seed + same data = same run
+    seed: int = 0  # same seed + same data = same run (bit-identical on CPU; on GPU see README)
+    dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # output
     out: str = "runs/dpo"  # checkpoints, metrics.jsonl, adapter/, eval json
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
@@ -176,14 +179,15 @@ def _question_kind(q: str) -> str:
     return " ".join(w for w in q.lower().split() if w.isalpha() and w not in ("a", "an", "the"))[:24]
 
 
-def load_preferences(args: Args, split: str = "train") -> tuple[list[tuple[str, dict]], Path]:
-    """[(where, record)] and the image folder. A toy-format folder gives derived pairs for `split`."""
+def load_preferences(args: Args, split: str = "train", skipped: dict | None = None):
+    """[(where, record)] and the image folder. A toy-format folder gives derived pairs for `split`. Unreadable
+    jsonl lines are counted in `skipped` (when given) instead of raising."""
     path = Path(args.data)
     if path.is_dir():
         recs = lm.read_records(path / f"{split}.json")
         pairs = toy_preference_pairs(recs, seed=0)
         return [(f"{path / f'{split}.json'} pair {p['id']}", p) for p in pairs], Path(args.image_folder or path)
-    return lm.read_records(path), Path(args.image_folder or path.parent)
+    return lm.read_records(path, skipped), Path(args.image_folder or path.parent)
 
 
 def pair_turns(rec: dict, where: str):
@@ -198,8 +202,9 @@ class PairData:
     or, with skip_bad, are counted per reason and reported."""
 
     def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool,
-                 allow_outside: bool = False):
-        self.image_folder, self.cfg, self.items, self.skipped = image_folder, cfg, [], {}
+                 allow_outside: bool = False, skipped: dict | None = None):
+        self.image_folder, self.cfg, self.items = image_folder, cfg, []
+        self.skipped, self.examples = dict(skipped or {}), []  # reason -> count; the first messages, for the log
         self.allow_outside, self._opened = allow_outside, set()
         for where, rec in records:
             try:
@@ -207,8 +212,11 @@ class PairData:
             except lm.DataError as e:
                 if not skip_bad:
                     raise
-                reason = str(e).split(": ", 1)[-1][:60]
+                msg = str(e)[len(where) + 2:] if str(e).startswith(where) else str(e)
+                reason = re.sub(r"\S*/\S*|\S+\.(png|jpe?g|gif|bmp|tiff?)\b", "<path>", msg).split(" (")[0][:70]
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
+                if len(self.examples) < 5:
+                    self.examples.append(str(e))
         if not self.items:
             raise lm.DataError(f"no usable preference pair (skipped: {self.skipped})")
 
@@ -231,7 +239,10 @@ class PairData:
             if not path.exists():
                 raise lm.DataError(f"{where}: image not found: {path}")
             if path not in self._opened:  # fail now (or count the skip) rather than mid-training
-                lm.load_image(path)
+                try:
+                    lm.load_image(path)
+                except lm.DataError as e:
+                    raise lm.DataError(f"{where}: {e}") from None
                 self._opened.add(path)
         return {"id": rec.get("id", where), "chosen": c, "rejected": r, "images": images,
                 "rejected_images": rejected_images, "answer_type": rec.get("answer_type")}
@@ -631,7 +642,6 @@ CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": 
 def normalize_answer(text: str) -> str:
     """LLaVA-Med's normalize_word (glossary.py): lower-case; '/' and '"' -> space; periods not between digits
     dropped; articles a/an/the dropped; VQA contractions; commas removed; whitespace collapsed."""
-    import re
     s = text.lower().replace("\n", " ").replace("\t", " ")
     s = re.sub(r'[/"]', " ", s)
     s = re.sub(r"(?<!\d)\.|\.(?!\d)", "", s)
@@ -781,7 +791,7 @@ def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, ra
 
 def main(argv=None):
     args = parse_args(Args, argv)
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(args.dist_timeout_s)
     out = Path(args.out)
     master = rank == 0
     metrics_file = out / "metrics.jsonl"
@@ -800,8 +810,9 @@ def main(argv=None):
 
     # ---- model and data
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
-    train_data = PairData(*load_preferences(args, "train"), tokenizer, model.config, args.max_length, args.skip_bad_samples,
-                          args.allow_images_outside_folder)
+    unreadable = {} if args.skip_bad_samples else None
+    train_data = PairData(*load_preferences(args, "train", unreadable), tokenizer, model.config, args.max_length,
+                          args.skip_bad_samples, args.allow_images_outside_folder, unreadable)
     heldout, eval_rows = None, []
     if args.eval and Path(args.data).is_dir() and (Path(args.data) / "test.json").exists():
         heldout = PairData(*load_preferences(args, "test"), tokenizer, model.config, args.max_length, args.skip_bad_samples)
@@ -813,7 +824,10 @@ def main(argv=None):
         eval_rows = eval_rows[:args.eval_limit]
     if master:
         print(f"pairs: {len(train_data)} train" + (f", {len(heldout)} held out" if heldout else "") +
-              f"; eval questions: {len(eval_rows)}" + (f"; skipped bad records: {train_data.skipped}" if train_data.skipped else ""))
+              f"; eval questions: {len(eval_rows)}")
+        if train_data.skipped:
+            print(f"warning: skipped {sum(train_data.skipped.values())} bad records: {train_data.skipped}; e.g.\n  "
+                  + "\n  ".join(train_data.examples), file=sys.stderr)
 
     # ---- warm start (toy only by default), then the policy and the reference
     warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
@@ -860,10 +874,10 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999),
                                   fused=device.type == "cuda")
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
-    step = 0
+    step, nonfinite = 0, 0
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
-        step = state["step"]
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"resumed from {resume_from} (step {step})")
 
@@ -886,8 +900,18 @@ def main(argv=None):
         dist.all_reduce(totals)
         sums = dict(zip(sorted(sums), totals.tolist()))
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):
-            raise FloatingPointError(f"non-finite loss or gradient at step {step}: loss={sums['loss']}, grad={grad_norm}")
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"non-finite loss or gradient at step {step + 1}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            log({"phase": "dpo", "step": step, "skipped_nonfinite": nonfinite, "loss": sums["loss"]})
+            if master:
+                print(f"warning: step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)", file=sys.stderr)
+            continue
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -901,11 +925,12 @@ def main(argv=None):
         log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
+        run_state = {"epoch": epoch, "args": dataclasses.asdict(args), "nonfinite_skipped": nonfinite}
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": epoch, "args": dataclasses.asdict(args)}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, run_state, rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"epoch": step // steps_per_epoch,
-                                                             "args": dataclasses.asdict(args)}, rank)
+    run_state = {"epoch": step // steps_per_epoch, "args": dataclasses.asdict(args), "nonfinite_skipped": nonfinite}
+    save_checkpoint(out, step, model, optimizer, scheduler, run_state, rank)
     save_adapter_or_model(args, model, tokenizer, out, rank)
 
     # ---- evaluation after training
@@ -918,6 +943,8 @@ def main(argv=None):
         log({"phase": "eval_after", **results["after"]})
         if master:
             (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
+    results["summary"] = {"steps": step, "nonfinite_skipped": nonfinite, "skipped_records_train": train_data.skipped,
+                          "skipped_records_heldout": heldout.skipped if heldout is not None else {}}
     if master:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
@@ -981,4 +1008,14 @@ def merged_copy(model, state: dict):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except lm.DataError as e:  # bad data: say which file and record, without a traceback through torch
+        print(f"dpo.py: bad data: {e}\n(--skip-bad-samples counts and skips such records)", file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:  # a dead or stalled peer surfaces as a failed collective
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"dpo.py rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)

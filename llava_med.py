@@ -169,39 +169,54 @@ def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD
 #    "conversations": [{"from": "human", "value": "<image>\nQuestion"}, {"from": "gpt", "value": "Answer"}, ...]}
 
 
-def read_records(path) -> list[tuple[str, dict]]:
+def read_records(path, skipped: dict | None = None) -> list[tuple[str, dict]]:
     """Read a .json list or a .jsonl file. Returns [(where, record)] where `where` is "file:line" (jsonl) or
-    "file[index]" (json) so later errors can name the record. Malformed json raises DataError with the line."""
+    "file[index]" (json) so later errors can name the record. A malformed or non-UTF-8 jsonl line raises DataError
+    naming the line, or, when a `skipped` dict is given, is counted there and skipped. A .json file is parsed whole:
+    if it is malformed there is no record to skip, so it always raises."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: data file not found") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+
+    def bad(msg):
+        if skipped is None:
+            raise DataError(msg)
+        key = msg.split(": ", 1)[-1].split(" (")[0]
+        skipped[key] = skipped.get(key, 0) + 1
+
     out = []
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(raw.split(b"\n"), 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                bad(f"{path}:{lineno}: not valid UTF-8 (byte {e.start} of the line)")
+                continue
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed json line ({e.msg} at column {e.colno})") from None
+                bad(f"{path}:{lineno}: malformed json line ({e.msg} at column {e.colno})")
+                continue
             if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a json object, got {type(rec).__name__}")
+                bad(f"{path}:{lineno}: expected a json object, got {type(rec).__name__}")
+                continue
             out.append((f"{path}:{lineno}", rec))
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: malformed json ({e.msg} at column {e.colno})") from None
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a json list of records, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}[{i}]: expected a json object, got {type(rec).__name__}")
-            out.append((f"{path}[{i}]" + (f" id={rec['id']}" if "id" in rec else ""), rec))
+        return out
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: malformed json ({e.msg} at column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a json list of records, got {type(data).__name__}")
+    for i, rec in enumerate(data):
+        if not isinstance(rec, dict):
+            bad(f"{path}[{i}]: expected a json object, got {type(rec).__name__}")
+            continue
+        out.append((f"{path}[{i}]" + (f" id={rec['id']}" if "id" in rec else ""), rec))
     return out
 
 

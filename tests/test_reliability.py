@@ -1,0 +1,207 @@
+"""Fault suite for the shared blocks (llava_med.py, dpo.py): bad inputs (fixtures in tests/fixtures/), non-finite
+steps, a rank that dies or stalls, SIGKILL in the middle of writing a checkpoint, determinism."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import dpo
+import llava_med as lm
+from conftest import ROOT
+
+FIX = ROOT / "tests" / "fixtures"
+FAST = ["--sft-warmup-steps", "20", "--batch-size", "8", "--micro-batch-size", "4", "--no-eval"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return lm.load("tiny")
+
+
+BAD = [  # fixture -> what the error must say (after naming the file and the record's line)
+    ("missing_image.jsonl", "image not found"),
+    ("zero_byte_image.jsonl", "zero_byte.png: cannot open image"),
+    ("truncated_image.jsonl", "truncated.jpg: cannot open image"),
+    ("not_an_image.jsonl", "not_an_image.png: cannot open image"),
+    ("bomb_image.jsonl", "bomb.png: image too large"),
+    ("escaping_path.jsonl", "leaves the image folder"),
+    ("absolute_path.jsonl", "leaves the image folder"),
+    ("missing_keys.jsonl", "missing or empty 'conversations'"),
+    ("image_count_mismatch.jsonl", "2 '<image>' markers but 1 images"),
+    ("empty_answer.jsonl", "empty answer"),
+    ("too_long.jsonl", "no supervised token after truncation to 512"),
+    ("truncated.jsonl", "malformed json line"),
+    ("not_utf8.jsonl", "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("name,message", BAD)
+def test_bad_input_is_named_or_counted(tiny, name, message):
+    model, tok = tiny
+    with pytest.raises(lm.DataError) as err:
+        dpo.PairData(lm.read_records(FIX / name), FIX, tok, model.config, 512, skip_bad=False)
+    assert f"{name}:2" in str(err.value) and message in str(err.value), str(err.value)
+    skipped = {}
+    data = dpo.PairData(lm.read_records(FIX / name, skipped), FIX, tok, model.config, 512, skip_bad=True,
+                        skipped=skipped)
+    assert len(data) == 1 and sum(data.skipped.values()) == 1  # the good first record stays
+
+
+def test_good_fixtures_and_whole_file_errors(tiny):
+    model, tok = tiny
+    data = dpo.PairData(lm.read_records(FIX / "good.jsonl"), FIX, tok, model.config, 512, skip_bad=False)
+    assert len(data) == 2  # png_named.jpg: a PNG with a .jpg name opens (the content decides)
+    with pytest.raises(lm.DataError, match=r"truncated.json:1: malformed json"):  # a .json list cannot be half-read
+        lm.read_records(FIX / "truncated.json", {})
+    outside = dpo.PairData(lm.read_records(FIX / "absolute_path.jsonl"), FIX, tok, model.config, 512, skip_bad=True)
+    assert len(outside) == 1
+
+
+def _run(cmd, ok=True, timeout=300):
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+    if ok:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_script_reports_bad_data_and_skips_with_a_summary(tmp_path):
+    bad = _run([sys.executable, "dpo.py", "--data", str(FIX / "missing_image.jsonl"), "--out", str(tmp_path / "a")]
+               + FAST, ok=False)
+    assert bad.returncode == 2 and "missing_image.jsonl:2: image not found" in bad.stderr
+    assert "Traceback" not in bad.stderr
+    lines = []
+    for name, _ in BAD:
+        lines += (FIX / name).read_bytes().splitlines()[1:]  # each file's bad record(s)
+    good = (FIX / "good.jsonl").read_bytes().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_bytes(b"\n".join(good * 4 + lines) + b"\n")
+    _run([sys.executable, "dpo.py", "--data", str(mixed), "--image-folder", str(FIX), "--skip-bad-samples",
+          "--max-steps", "1", "--out", str(tmp_path / "b")] + FAST)
+    summary = json.loads((tmp_path / "b" / "results.json").read_text())["summary"]
+    assert sum(summary["skipped_records_train"].values()) == len(lines) == len(BAD)
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Run dpo.main in this process (to inject faults); restore the environment it sets."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(env)
+
+
+def _nan_on_call(n):
+    real, calls = dpo.dpo_loss, []
+
+    def fake(*a, **kw):
+        calls.append(1)
+        losses, rc, rr = real(*a, **kw)
+        return (losses * float("nan"), rc, rr) if len(calls) == n else (losses, rc, rr)
+
+    return fake
+
+
+def test_nonfinite_step_stops_the_run(in_process, monkeypatch, tmp_path):
+    monkeypatch.setattr(dpo, "dpo_loss", _nan_on_call(3))  # the 3rd micro-batch = step 2
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 2"):
+        dpo.main(["--max-steps", "3", "--out", str(tmp_path)] + FAST)
+    assert dpo.latest_checkpoint(tmp_path) is None  # nothing was written from the bad step
+
+
+def test_nonfinite_step_is_skipped_and_counted(in_process, monkeypatch, tmp_path):
+    monkeypatch.setattr(dpo, "dpo_loss", _nan_on_call(3))
+    res = dpo.main(["--max-steps", "3", "--on-nonfinite", "skip", "--out", str(tmp_path)] + FAST)
+    assert res["summary"]["nonfinite_skipped"] == 1 and res["summary"]["steps"] == 3
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r.get("skipped_nonfinite") for r in rows if r.get("phase") == "dpo"] == [None, 1, None]
+    weights = load_file(str(dpo.latest_checkpoint(tmp_path) / "trainable.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _two_ranks(out, timeout_s):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "dpo.py", "--max-steps", "500", "--dist-timeout-s", str(timeout_s),
+                                       "--out", str(out)] + FAST, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    deadline = time.time() + 180
+    while not (out / "metrics.jsonl").exists() or '"dpo"' not in (out / "metrics.jsonl").read_text():
+        assert time.time() < deadline and procs[0].poll() is None, "training did not start"
+        time.sleep(0.2)
+    return procs
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
+    """One of 2 ranks is SIGKILLed (the survivor's next collective fails at once) or SIGSTOPped (it fails after
+    --dist-timeout-s); either way the survivor exits with a message instead of hanging."""
+    survivor, victim = _two_ranks(tmp_path, timeout_s=10)
+    victim.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        _, err = survivor.communicate(timeout=90)
+    finally:
+        victim.kill()
+        victim.wait()
+    assert survivor.returncode == 1, err[-2000:]
+    assert "another rank died or stalled" in err
+    assert time.time() - t0 < 60
+
+
+def test_sigkill_while_writing_a_checkpoint(tmp_path):
+    """Kill the run while a checkpoint is half written (its temporary folder exists): the previous checkpoint is
+    intact and verified, and resuming ends with the same weights as an uninterrupted run."""
+    cmd = [sys.executable, "dpo.py", "--max-steps", "12", "--save-every", "1"] + FAST
+    _run(cmd + ["--out", str(tmp_path / "full")])
+    for attempt in range(5):
+        out = tmp_path / f"killed{attempt}"
+        p = subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ck, hit = out / "checkpoints", None
+        while p.poll() is None:
+            tmp = [d for d in ck.glob(".tmp_step_*")] if ck.exists() else []
+            if tmp and int(tmp[0].name[-7:]) >= 2:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                hit = tmp[0]
+                break
+        if hit is not None and hit.exists():  # really killed mid-save (not just after the rename)
+            break
+    else:
+        pytest.fail("never caught the run inside save_checkpoint")
+    newest = dpo.latest_checkpoint(out)
+    assert newest is not None and int(newest.name[-7:]) < int(hit.name[-7:])  # the half-written one is not used
+    _run(cmd + ["--out", str(out)])
+    a = load_file(str(dpo.latest_checkpoint(tmp_path / "full") / "trainable.safetensors"))
+    b = load_file(str(dpo.latest_checkpoint(out) / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((out / "checkpoints").glob(".tmp_step_*"))  # the stale temporary folder was replaced
+
+
+def test_same_seed_same_loss_curve(tmp_path):
+    """Two runs with the same seed and data (LoRA dropout on) give the identical loss curve and weights on CPU."""
+    cmd = [sys.executable, "dpo.py", "--max-steps", "3", "--lora-dropout", "0.1"] + FAST
+    _run(cmd + ["--out", str(tmp_path / "a")])
+    _run(cmd + ["--out", str(tmp_path / "b")])
+    losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if r.get("phase") == "dpo"]
+              for d in "ab"]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    wa, wb = (load_file(str(dpo.latest_checkpoint(tmp_path / d) / "trainable.safetensors")) for d in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
