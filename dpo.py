@@ -42,6 +42,7 @@ import shutil
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -357,6 +358,8 @@ def shard(model, device, activation_checkpointing: bool = False):
     (embeddings, norm, lm_head). bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # the projector unit returns a view (a reshaped matmul); we never modify it in place, so FSDP2's warning is noise
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
     kw = {"mp_policy": mp} if mp else {}
     if activation_checkpointing:

@@ -564,6 +564,8 @@ def generate(model: LlavaMed, tokenizer, prompts: list[list[int]], pixel_values=
     logits = out.logits[:, -1]
     texts = [""] * B
     for _ in range(max_new_tokens):
+        if model.config.image_token_id < logits.shape[-1]:  # a generated placeholder would have no image behind it
+            logits[..., model.config.image_token_id] = float("-inf")
         tok = _sample_next(logits, temperature, top_k, top_p, generator)
         tok = tok.masked_fill(done, tokenizer.pad_token_id)
         for i in range(B):
