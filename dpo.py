@@ -371,6 +371,7 @@ def shard(model, device, activation_checkpointing: bool = False):
     fully_shard(model, **kw)
     with torch.no_grad():  # FSDP2 initialises on the first *root* forward; the step calls the tower before it
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # a forward without backward leaves the root gathered; training must start from the shards
     return model
 
 
@@ -577,6 +578,7 @@ def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, 
             logps, _ = reference_logps(model, ref_model, batch, ref_feats)
         B = len(chunk)
         table[chunk, 0], table[chunk, 1] = logps[:B].cpu(), logps[B:].cpu()
+    model.reshard()
     dist.all_reduce(table)  # each pair was filled by exactly one rank (duplicates from padding excluded below)
     counts = torch.zeros(len(data))
     counts[mine] = 1
@@ -757,6 +759,7 @@ def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_to
                                            pad=cfg.image_aspect_ratio == "pad"))
         answers = lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens)
         preds.update({i: a for i, a in zip(chunk[:real], answers[:real])})
+    model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
     gathered = [None] * world
     dist.all_gather_object(gathered, preds)
     merged = {i: a for part in gathered for i, a in part.items()}
@@ -783,6 +786,7 @@ def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, ra
         B = len(chunk)
         rc, rr = args.beta * (logps[:B] - ref[:B]), args.beta * (logps[B:] - ref[B:])
         sums += torch.tensor([float((rc > rr)[:real].sum()), float((rc - rr)[:real].sum()), float(real)])
+    model.reshard()
     dist.all_reduce(sums)
     return {"pair_accuracy": float(sums[0] / sums[2]), "pair_margin": float(sums[1] / sums[2]), "pairs": int(sums[2])}
 

@@ -395,6 +395,7 @@ def shard(model, device, activation_checkpointing: bool = False):
     fully_shard(model, **kw)
     with torch.no_grad():  # FSDP2 initialises on the first *root* forward; the step calls the tower before it
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    model.reshard()  # a forward without backward leaves the root gathered; training must start from the shards
     return model
 
 
@@ -593,6 +594,28 @@ def train_stage(args: Args, stage: int, model, tokenizer, data: SFTData, device,
     save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
 
 
+# Copied from dpo.py: merged_copy
+def merged_copy(model, state: dict):
+    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (fp32), built from gathered tensors."""
+    cfg = model.config
+    plain = lm.LlavaMed(cfg)
+    base = {}
+    for n, t in state.items():
+        if "lora_" in n:
+            continue
+        base[n.replace(".base_layer.", ".")] = t
+    lcfg = getattr(model, "lora_config", None)
+    if lcfg is not None:
+        scale = lcfg.lora_alpha / lcfg.r
+        for n, t in state.items():
+            if n.endswith("lora_A.default.weight"):
+                prefix = n[: -len(".lora_A.default.weight")]
+                B = state[prefix + ".lora_B.default.weight"]
+                base[prefix + ".weight"] = base[prefix + ".weight"].float() + scale * (B.float() @ t.float())
+    plain.load_state_dict(base, strict=True)
+    return plain
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Multiple-choice evaluation
 # ----------------------------------------------------------------------------------------------------------
@@ -672,6 +695,7 @@ def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, 
                                         pad=cfg.image_aspect_ratio == "pad") for p in r["images"]]
         answers = lm.generate(model, tokenizer, prompts, torch.stack(pix) if pix else None, max_new_tokens=8)
         preds.update(dict(zip(chunk[:real], answers[:real])))
+    model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
     gathered = [None] * world
     dist.all_gather_object(gathered, preds)
     merged = {i: a for part in gathered for i, a in part.items()}
@@ -693,18 +717,12 @@ def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, 
 
 
 def set_trainable(model, stage: int, lora: bool):
-    """Stage 1: projector only. Stage 2: projector + LLM (full), or projector + LoRA adapters. Only requires_grad
-    changes here (FSDP2 shards stay as they are); dtypes are fixed once before sharding by cast_trainable."""
+    """Stage 1: projector only. Stage 2: projector + LLM (full), or projector + LoRA adapters. Trained parameters
+    are kept in fp32 (AdamW master weights); the rest stay as loaded (bf16 on GPU). Call before sharding."""
     for n, p in model.named_parameters():
         train = n.startswith("projector.") or (stage == 2 and (("lora_" in n) if lora else n.startswith("language_model.")))
         p.requires_grad_(train)
-
-
-def cast_trainable(model, stages: list[str], lora: bool):
-    """Parameters any requested stage trains are kept in fp32 (AdamW master weights); the rest stay as loaded
-    (bf16 on GPU). Done before sharding."""
-    for n, p in model.named_parameters():
-        if n.startswith("projector.") or ("2" in stages and (("lora_" in n) if lora else n.startswith("language_model."))):
+        if train:
             p.data = p.data.float()
 
 
@@ -780,21 +798,21 @@ def main(argv=None):
     if "eval" in stages:
         eval_rows = read_mc(args.eval_data, args.eval_image_folder)[: args.eval_limit or None]
 
-    # ---- 2. the two stages (LoRA, if asked, is added before sharding so stage 1 and 2 share one sharded model)
-    if args.lora and "2" in stages:
-        add_lora(model, 128, 256, 0.05)
-    cast_trainable(model, stages, args.lora)
-    set_trainable(model, 1 if "1" in stages else 2, args.lora)
-    shard(model, device, args.activation_checkpointing)
-    if eval_rows and args.eval_before:
-        results["before"], _ = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size, rank, world, "eval before")
-        log({"phase": "eval_before", **results["before"]})
-        if master:
-            print("before:", json.dumps(results["before"]))
-    for stage in (1, 2):
-        if str(stage) not in stages:
-            continue
-        set_trainable(model, stage, args.lora)
+    # ---- 2. the two stages. Each stage shards its own copy of the weights: FSDP2 fixes which parameters need
+    # gradients when it initialises, so the stage-2 trainables cannot be switched on inside the stage-1 shards.
+    train_stages = [s for s in (1, 2) if str(s) in stages]
+    for k, stage in enumerate(train_stages or [None]):
+        if stage == 2 and args.lora:
+            add_lora(model, 128, 256, 0.05)
+        set_trainable(model, stage or 1, args.lora)
+        shard(model, device, args.activation_checkpointing)
+        if k == 0 and eval_rows and args.eval_before:
+            results["before"], _ = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size, rank, world, "eval before")
+            log({"phase": "eval_before", **results["before"]})
+            if master:
+                print("before:", json.dumps(results["before"]))
+        if stage is None:  # evaluation only
+            break
         data = SFTData(stage_records[stage], tokenizer, model.config, args.max_length, args.skip_bad_samples)
         if master:
             print(f"stage {stage}: {len(data)} samples" + (f", skipped {data.skipped}" if data.skipped else ""))
@@ -806,12 +824,12 @@ def main(argv=None):
             if master:
                 print(f"after stage {stage}:", json.dumps(results[f"after_stage{stage}"]))
                 (out / f"predictions_stage{stage}.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
-    if "1" in stages or "2" in stages:
+        # the stage's weights (LoRA merged), unsharded, in the loading dtype: the next stage's start and the export
         state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}  # every rank gathers
-        if master and not args.lora:
-            plain = lm.LlavaMed(model.config)
-            plain.load_state_dict(state, strict=True)
-            lm.save_llava_hf(plain, tokenizer, out / "llava_hf")
+        frozen_dtype = next(p for n, p in model.named_parameters() if n.startswith("vision_tower.")).dtype
+        model = merged_copy(model, state).to(device=device, dtype=frozen_dtype)
+        if stage == train_stages[-1] and master:
+            lm.save_llava_hf(model, tokenizer, out / "llava_hf")
     if master:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))

@@ -32,6 +32,7 @@ import json
 import re
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import numpy as np
@@ -424,8 +425,10 @@ def build_projector(kind: str, vision_dim: int, text_dim: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-@dataclass
-class Output:
+class Output(NamedTuple):
+    """A NamedTuple (not a dataclass) so torch's pytree sees the tensors inside: FSDP2 hooks the root module's
+    outputs to re-gather its parameters for backward and release them after; with an opaque output the root
+    (embeddings, lm_head) would keep its first gathered copy and never see its own updates."""
     logits: torch.Tensor
     loss: torch.Tensor | None = None
     past_key_values: object = None

@@ -332,4 +332,7 @@ def test_full_finetune_runs(tmp_path):
     _run([sys.executable, "dpo.py", "--max-steps", "2", "--full-finetune", "--lr", "1e-5", "--out", str(out)] + FAST)
     losses = _losses(out)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    trained = load_file(str(dpo.latest_checkpoint(out) / "trainable.safetensors"))["language_model.lm_head.weight"]
+    start = load_file(str(out / "base_llava_hf" / "model.safetensors"))["lm_head.weight"]
+    assert (trained - start).abs().max() > 0  # the FSDP root's parameters (lm_head) really train
     assert (out / "llava_hf" / "config.json").exists()  # full fine-tuning always writes the model

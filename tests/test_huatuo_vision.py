@@ -130,3 +130,21 @@ def test_torchrun_two_ranks_equal_one_rank_both_stages(tmp_path):
     b = load_file(str(tmp_path / "two" / "llava_hf" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    base, _ = lm.load("tiny")  # stage 2 really trained the LLM (FSDP2 must know before sharding what needs grads)
+    up = a["model.language_model.layers.0.mlp.up_proj.weight"]
+    assert (up - base.language_model.model.layers[0].mlp.up_proj.weight).abs().max() > 1e-6
+    for name, ours in [("lm_head.weight", base.language_model.lm_head.weight),  # the FSDP root's own parameters
+                       ("model.language_model.embed_tokens.weight", base.language_model.model.embed_tokens.weight)]:
+        assert (a[name][: ours.shape[0]] - ours).abs().max() > 1e-6, name
+    vit = a["model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"]
+    assert torch.equal(vit, base.vision_tower.encoder.layers[0].mlp.fc1.weight)  # the ViT stayed frozen
+
+
+def test_stage2_lora_exports_a_merged_model(tmp_path):
+    _run([sys.executable, "huatuo_vision.py", "--stages", "2", "--lora", "--epochs2", "0.015", "--lr2", "1e-2",
+          "--batch-size", "8", "--micro-batch-size", "8", "--out", str(tmp_path)])
+    import transformers
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava_hf", dtype=torch.float32)
+    base, _ = lm.load("tiny")
+    w = merged.model.language_model.layers[0].self_attn.q_proj.weight
+    assert not torch.allclose(w, base.language_model.model.layers[0].self_attn.q_proj.weight)  # LoRA merged in
