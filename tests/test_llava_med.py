@@ -374,3 +374,25 @@ def test_image_paths_may_not_leave_the_folder(tmp_path):
         with pytest.raises(lm.DataError, match="leaves the image folder"):
             lm.resolve_image(tmp_path / "imgs", bad, "d.json[0]")
     assert lm.resolve_image(tmp_path / "imgs", "/etc/passwd", allow_outside=True) == __import__("pathlib").Path("/etc/passwd")
+
+
+class _Evil:  # a pickle that would run code when loaded without weights_only
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_legacy_bin_is_read_with_weights_only(tiny, hf_copy, tmp_path):
+    model, _ = tiny
+    _, d = hf_copy
+    from safetensors.torch import load_file
+    for f in d.iterdir():
+        if f.suffix != ".safetensors":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    sd = load_file(str(d / "model.safetensors"))
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    again, _ = lm.load(str(tmp_path))
+    for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    torch.save({**sd, "evil": _Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
+        lm.load(str(tmp_path))
