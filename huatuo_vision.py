@@ -596,9 +596,11 @@ def train_stage(args: Args, stage: int, model, tokenizer, data: SFTData, device,
 
 # Copied from dpo.py: merged_copy
 def merged_copy(model, state: dict):
-    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (fp32), built from gathered tensors."""
+    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from gathered
+    tensors; parameters are assigned, not initialised first (a 7B model is not built twice)."""
     cfg = model.config
-    plain = lm.LlavaMed(cfg)
+    with lm._params_on_meta():
+        plain = lm.LlavaMed(cfg)
     base = {}
     for n, t in state.items():
         if "lora_" in n:
@@ -611,8 +613,9 @@ def merged_copy(model, state: dict):
             if n.endswith("lora_A.default.weight"):
                 prefix = n[: -len(".lora_A.default.weight")]
                 B = state[prefix + ".lora_B.default.weight"]
-                base[prefix + ".weight"] = base[prefix + ".weight"].float() + scale * (B.float() @ t.float())
-    plain.load_state_dict(base, strict=True)
+                W = base[prefix + ".weight"]
+                base[prefix + ".weight"] = (W.float() + scale * (B.float() @ t.float())).to(W.dtype)
+    plain.load_state_dict(base, strict=True, assign=True)
     return plain
 
 
