@@ -80,7 +80,7 @@ class Args:
     lr2: float = -1  # stage 2 learning rate; -1 = 2e-5 (paper), or 1e-3 for --model tiny (random weights)
     lora: bool = False  # stage 2 with LoRA on the LLM (r 128, alpha 256) instead of full fine-tuning
     epochs1: float = 1.0  # stage 1 epochs (fractional allowed)
-    epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 8 for --model tiny
+    epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 30 for --model tiny (letter answers take ~2000 steps)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
     micro_batch_size: int = 8  # samples per forward on one rank
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
@@ -737,7 +737,7 @@ def main(argv=None):
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     tiny = args.model == "tiny"
     args.lr2 = args.lr2 if args.lr2 > 0 else (1e-3 if tiny else 2e-5)
-    args.epochs2 = args.epochs2 if args.epochs2 > 0 else (8.0 if tiny else 1.0)
+    args.epochs2 = args.epochs2 if args.epochs2 > 0 else (30.0 if tiny else 1.0)
     toy_source = Path(args.source).resolve().parent == (lm.REPO / "data" / "toy")
     min_side = args.min_image_side if args.min_image_side >= 0 else (32 if toy_source else 336)
     if master:
