@@ -92,6 +92,8 @@ class Args:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient (any rank): "stop" the run, or "skip" the update (counted)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
+    attn_implementation: str = "sdpa"  # transformers attention kernel: sdpa (flash/mem-efficient on GPU), flash_attention_2, eager
+    compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
     sft_warmup_steps: int = -1  # SFT steps on chosen answers before DPO; -1 = 1000 for --model tiny (random), else 0
     sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
     seed: int = 0  # same seed + same data = same run (bit-identical on CPU; on GPU see README)
@@ -353,9 +355,11 @@ class adapters_off:
             m._disable_adapters = False
 
 
-def shard(model, device, activation_checkpointing: bool = False):
+def shard(model, device, activation_checkpointing: bool = False, compile: bool = False):
     """FSDP2: one unit per decoder layer, one for the vision tower, one for the projector, and the root
-    (embeddings, norm, lm_head). bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU."""
+    (embeddings, norm, lm_head). bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU.
+    compile: torch.compile each decoder layer in place before wrapping it (per-layer, as torchtune does: one
+    graph reused by every layer, FSDP's hooks stay outside the compiled region)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # the projector unit returns a view (a reshaped matmul); we never modify it in place, so FSDP2's warning is noise
@@ -365,6 +369,8 @@ def shard(model, device, activation_checkpointing: bool = False):
     if activation_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.language_model.model.layers:
+        if compile:
+            layer.compile()
         fully_shard(layer, **kw)
     fully_shard(model.vision_tower, **kw)
     fully_shard(model.projector, **kw)  # its own unit: images are projected once per step, outside the root forward
@@ -816,7 +822,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same initial weights on every rank
 
     # ---- model and data
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed,
+                               attn_implementation=args.attn_implementation)
     unreadable = {} if args.skip_bad_samples else None
     train_data = PairData(*load_preferences(args, "train", unreadable), tokenizer, model.config, args.max_length,
                           args.skip_bad_samples, args.allow_images_outside_folder, unreadable)
@@ -846,7 +853,7 @@ def main(argv=None):
     model, ref_model = build_models(args, model, device)
     torch.manual_seed(args.seed + rank)  # dropout differs per rank (CleanRL's "CRUCIAL" seed offset)
 
-    shard(model, device, args.activation_checkpointing)
+    shard(model, device, args.activation_checkpointing, args.compile)
     if ref_model is not None and hasattr(ref_model, "language_model"):
         shard(ref_model, device)
     results = {}

@@ -86,6 +86,8 @@ class Args:
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     activation_checkpointing: bool = False  # recompute decoder layers in backward
+    attn_implementation: str = "sdpa"  # transformers attention kernel: sdpa (flash/mem-efficient on GPU), flash_attention_2, eager
+    compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
     seed: int = 0  # same seed + same data = same run
     dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
     # output
@@ -377,9 +379,11 @@ def add_lora(model, r: int, alpha: int, dropout: float):
 
 
 # Copied from dpo.py: shard
-def shard(model, device, activation_checkpointing: bool = False):
+def shard(model, device, activation_checkpointing: bool = False, compile: bool = False):
     """FSDP2: one unit per decoder layer, one for the vision tower, one for the projector, and the root
-    (embeddings, norm, lm_head). bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU."""
+    (embeddings, norm, lm_head). bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU.
+    compile: torch.compile each decoder layer in place before wrapping it (per-layer, as torchtune does: one
+    graph reused by every layer, FSDP's hooks stay outside the compiled region)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # the projector unit returns a view (a reshaped matmul); we never modify it in place, so FSDP2's warning is noise
@@ -389,6 +393,8 @@ def shard(model, device, activation_checkpointing: bool = False):
     if activation_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.language_model.model.layers:
+        if compile:
+            layer.compile()
         fully_shard(layer, **kw)
     fully_shard(model.vision_tower, **kw)
     fully_shard(model.projector, **kw)  # its own unit: images are projected once per step, outside the root forward
@@ -750,7 +756,8 @@ def main(argv=None):
                 f.write(json.dumps(row) + "\n")
 
     torch.manual_seed(args.seed)
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed,
+                               attn_implementation=args.attn_implementation)
     results = {}
 
     # ---- 1. build PubMedVision-style records (every rank builds the same, deterministic set; rank 0 writes it)
@@ -808,7 +815,7 @@ def main(argv=None):
         if stage == 2 and args.lora:
             add_lora(model, 128, 256, 0.05)
         set_trainable(model, stage or 1, args.lora)
-        shard(model, device, args.activation_checkpointing)
+        shard(model, device, args.activation_checkpointing, args.compile)
         if k == 0 and eval_rows and args.eval_before:
             results["before"], _ = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size, rank, world, "eval before")
             log({"phase": "eval_before", **results["before"]})
