@@ -39,7 +39,8 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 def build(pairs: int, lora_r: int, seed: int = 0):
     torch.manual_seed(seed)
     model, tok = lm.load("tiny")
-    args = dpo.Args(lora_r=lora_r, lora_alpha=2 * lora_r, batch_size=pairs, micro_batch_size=pairs)
+    args = dpo.Args(data=str(C.ROOT / "data" / "toy"), lora_r=lora_r, lora_alpha=2 * lora_r, batch_size=pairs,
+                    micro_batch_size=pairs)
     data = dpo.PairData(*dpo.load_preferences(args, "train"), tok, model.config, args.max_length, False)
     return model, tok, data, args
 
