@@ -87,7 +87,7 @@ class Args:
     eval_image_folder: str = ""  # images of --eval-data ("" = next to it)
     report_data: str = ""  # report set, LLaVA json whose last gpt turn is the report ("" = toy test.json)
     max_length: int = 512  # tokens per sequence, image tokens included
-    max_samples: int = -1  # build pairs from N (image, question) samples, a seeded draw (0 = all; -1 = 640 on toy)
+    max_samples: int = -1  # build pairs from N (image, question) samples, a seeded draw (0 = all; -1 = 320 on toy)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
     allow_images_outside_folder: bool = False  # accept absolute / '..' image paths (released rejected_image paths)
     # model
@@ -103,7 +103,7 @@ class Args:
     text_pairs: bool = True  # build D_t
     n_samples: int = 4  # candidates sampled from the target model per question (paper: not stated)
     sample_temperature: float = 1.0  # sampling temperature of the candidates (paper: not stated)
-    sample_max_new_tokens: int = 64  # length cap of a candidate
+    sample_max_new_tokens: int = 48  # length cap of a candidate (and of a judge-written answer)
     judge: str = "tiny"  # hallucination judge: "tiny" (random, offline), a checkpoint folder, or "rule" (offline fallback)
     halluc_threshold: float = 0.5  # a candidate the judge rates below this is "no significant hallucination"
     # clinical relevance scores (paper 3.2)
@@ -334,8 +334,8 @@ class ModelJudge:
     or any causal LM (transformers, safetensors, no remote code). Decisions are read from next-token probabilities
     over fixed labels, never parsed from free text."""
 
-    def __init__(self, spec: str, device, dtype="auto"):
-        self.name, self.device = spec, device
+    def __init__(self, spec: str, device, dtype="auto", max_new_tokens: int = 48):
+        self.name, self.device, self.max_new_tokens = spec, device, max_new_tokens
         if spec.startswith("tiny"):
             seed = int(spec.split(":")[1]) if ":" in spec else 0
             self.model, self.tok = lm.load("tiny", dtype=dtype, device=device, seed=1000 + seed)
@@ -407,7 +407,8 @@ class ModelJudge:
         prompts = [self._prompt(JUDGE_WRITE.format(gt=g)) for g in gts]
         if not self.llava:
             return ["" for _ in gts]  # free generation with an arbitrary causal LM: use the rule fallback instead
-        return lm.generate(self.model, self.tok, prompts, None, max_new_tokens=48, temperature=0.7, seed=seed, sync=False)
+        return lm.generate(self.model, self.tok, prompts, None, max_new_tokens=self.max_new_tokens, temperature=0.7,
+                           seed=seed, sync=False)
 
     def score(self, texts, prevs):
         prompts = [JUDGE_SCORE.format(text=t) + (JUDGE_SCORE_PREV.format(prev=round(10 * p)) if p is not None else "")
@@ -415,8 +416,8 @@ class ModelJudge:
         return [int(k) / 10 for k in self.label_logprobs(prompts, SCORE_LABELS).argmax(-1)]
 
 
-def make_judge(spec: str, device):
-    return RuleJudge() if spec == "rule" else ModelJudge(spec, device)
+def make_judge(spec: str, device, max_new_tokens: int = 48):
+    return RuleJudge() if spec == "rule" else ModelJudge(spec, device, max_new_tokens=max_new_tokens)
 
 
 def choose_rejected(judge, gts: list[str], candidates: list[list[str]], threshold: float, pools: list[list[str]],
@@ -599,7 +600,7 @@ def build_preferences(args: Args, model, tokenizer, samples: list[dict], image_f
     pools = {q: sorted(v) for q, v in pools.items()}
 
     if args.text_pairs:
-        judge = make_judge(args.judge, device)
+        judge = make_judge(args.judge, device, args.sample_max_new_tokens)
 
         def text_fn(batch, b):
             cands = sample_candidates(model, tokenizer, batch, args.n_samples, args.sample_temperature,
@@ -1580,6 +1581,10 @@ def main(argv=None):
     rank, world, device = setup_distributed(args.dist_timeout_s)
     out, master = Path(args.out), rank == 0
     t_start = time.time()
+    timings = {}  # phase -> seconds (rank 0's clock)
+
+    def timed(phase, t0):
+        timings[phase] = round(time.time() - t0, 1)
 
     def log(row: dict):
         if master:
@@ -1600,7 +1605,7 @@ def main(argv=None):
     raw = lm.read_records(gt_file)
     is_prefs = bool(raw) and "rejected_conversations" in raw[0][1]
     samples = [] if is_prefs else gt_samples(raw, image_folder, args.allow_images_outside_folder)
-    n_keep = args.max_samples if args.max_samples >= 0 else (640 if data_path.is_dir() else 0)
+    n_keep = args.max_samples if args.max_samples >= 0 else (320 if data_path.is_dir() else 0)
     if n_keep and len(samples) > n_keep:  # a seeded draw keeps the mix of question kinds and reports
         keep = sorted(random.Random(args.seed).sample(range(len(samples)), n_keep))
         samples = [samples[i] for i in keep]
@@ -1614,6 +1619,7 @@ def main(argv=None):
 
     # ---- warm start (the tiny model is random: it must answer before its samples and DPO mean anything)
     warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
+    t0 = time.time()
     if warm:
         if not samples:
             raise ValueError("--sft-warmup-steps needs ground-truth records (--data is a preference file)")
@@ -1621,6 +1627,7 @@ def main(argv=None):
                    lambda r: log(r) if r["step"] % 250 == 0 or r["step"] == warm - 1 else None)
         if master:
             lm.save_llava_hf(model, tokenizer, out / "base_llava_hf")
+        timed("sft_warmup", t0)
 
     # ---- preference pairs: built once (cached under a key of everything they depend on), or read
     if is_prefs:
@@ -1640,7 +1647,9 @@ def main(argv=None):
             t0 = time.time()
             built, stats = build_preferences(args, model, tokenizer, samples, image_folder, prefs_dir, device, rank, world)
             stats.update(key=key, seconds=round(time.time() - t0, 1))
+            timed("build_pairs", t0)
             if master:
+                prefs_dir.mkdir(parents=True, exist_ok=True)
                 prefs_file.write_text(json.dumps(built, indent=1, ensure_ascii=False))
                 stats_file.write_text(json.dumps(stats, indent=1))
                 print("preference pairs:", json.dumps(stats))
@@ -1677,19 +1686,26 @@ def main(argv=None):
         if ref_model is not None and hasattr(ref_model, "language_model"):
             shard(ref_model, device)
         if n == 0 and args.eval and (vqa_rows or report_rows) and latest_checkpoint(out / a) is None:
+            t0 = time.time()
             results["base"] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, device, "base")
             log({"phase": "eval", "model": "base", **results["base"]})
+            timed("eval_base", t0)
         (out / a).mkdir(parents=True, exist_ok=True)
-        if master and warm and not (out / a / "base_llava_hf").exists():  # the adapter's base: the warm start
-            (out / a / "base_llava_hf").symlink_to("../base_llava_hf")
+        link = out / a / "base_llava_hf"
+        if master and warm and not (link.exists() or link.is_symlink()):  # the adapter's base: the warm start
+            link.symlink_to("../base_llava_hf")
+        t0 = time.time()
         steps = train_arm(args, a, policy, ref_model, data, weights[a], tokenizer, device, rank, world, out, log)
         save_adapter_or_model(args, policy, tokenizer, out / a, rank)
+        timed(f"train_{a}", t0)
         if args.eval and (vqa_rows or report_rows):
+            t0 = time.time()
             results[a] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, device, a)
             log({"phase": "eval", "model": a, "steps": steps, **results[a]})
+            timed(f"eval_{a}", t0)
         del policy, ref_model
     summary = {"pairs": stats, "train_pairs": len(data), "skipped": data.skipped, "world_size": world,
-               "seconds": round(time.time() - t_start, 1)}
+               "seconds": round(time.time() - t_start, 1), "phase_seconds": timings}
     if master:
         (out / "results.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
         if results:

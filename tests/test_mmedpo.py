@@ -5,6 +5,7 @@ end (1 process and torchrun 2 processes build the same pairs and train to the sa
 import copy
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -285,27 +286,29 @@ def test_released_format_read_as_is(tmp_path):
 
 # ---------------------------------------------------------------- the script end to end
 
-SMALL = ["--max-samples", "24", "--sft-warmup-steps", "20", "--n-samples", "2", "--sample-max-new-tokens", "8",
+SMALL = ["--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
          "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--lora-dropout", "0",
          "--eval-limit", "4", "--eval-max-new-tokens", "4", "--report-max-new-tokens", "8", "--curate-batch-size", "8"]
 
 
 def _run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    # one thread per process, as torchrun sets it: on a shared 2-core machine more threads spin against each other
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
 def test_script_one_and_two_processes_build_the_same_pairs_and_weights(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "mmedpo.py", "--out", str(one)] + SMALL)
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py",
-          "--out", str(two), "--no-eval"] + SMALL)
+    _run([sys.executable, "mmedpo.py", "--out", str(one), "--sft-warmup-steps", "20"] + SMALL)
+    out_two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py",
+                    "--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
     prefs = json.loads((one / "prefs" / "mmedpo_dpo_weighted.json").read_text())
     assert prefs == json.loads((two / "prefs" / "mmedpo_dpo_weighted.json").read_text())
     text = [r for r in prefs if r["subset"] == "text"]
     visual = [r for r in prefs if r["subset"] == "visual"]
-    assert len(text) == 24 and visual and all(0 <= r["weighted_score"] <= 1 for r in prefs)
+    assert len(text) == 16 and visual and all(0 <= r["weighted_score"] <= 1 for r in prefs)
     for r in visual:  # the noised PNG exists and differs from the original exactly inside the lesion box
         rec = next(x for x in json.loads((TOY / "train.json").read_text()) if x["image"] == r["image"])
         a = np.asarray(lm.load_image(TOY / r["image"]))
@@ -323,6 +326,8 @@ def test_script_one_and_two_processes_build_the_same_pairs_and_weights(tmp_path)
     res = json.loads((one / "results.json").read_text())["results"]
     assert set(res) == {"base", "dpo", "mmedpo"} and "bleu" in res["mmedpo"]["report"]
     assert (one / "mmedpo" / "adapter" / "adapter_model.safetensors").exists()
+    assert "preference pairs:" in out_two.stdout
     # a second run reuses the pairs and resumes both arms at their last step
-    out = _run([sys.executable, "mmedpo.py", "--out", str(one), "--no-eval"] + SMALL)
-    assert "resumed from" in out.stdout and "preference pairs:" not in out.stdout
+    again = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py",
+                  "--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
+    assert "resumed from" in again.stdout and "preference pairs:" not in again.stdout
