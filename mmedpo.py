@@ -1604,7 +1604,8 @@ def main(argv=None):
     image_folder = Path(args.image_folder or (data_path if data_path.is_dir() else data_path.parent))
     raw = lm.read_records(gt_file)
     is_prefs = bool(raw) and "rejected_conversations" in raw[0][1]
-    samples = [] if is_prefs else gt_samples(raw, image_folder, args.allow_images_outside_folder)
+    all_samples = [] if is_prefs else gt_samples(raw, image_folder, args.allow_images_outside_folder)
+    samples = all_samples  # the ones pairs are built from; the warm start sees all
     n_keep = args.max_samples if args.max_samples >= 0 else (320 if data_path.is_dir() else 0)
     if n_keep and len(samples) > n_keep:  # a seeded draw keeps the mix of question kinds and reports
         keep = sorted(random.Random(args.seed).sample(range(len(samples)), n_keep))
@@ -1623,7 +1624,7 @@ def main(argv=None):
     if warm:
         if not samples:
             raise ValueError("--sft-warmup-steps needs ground-truth records (--data is a preference file)")
-        sft_warmup(args, model, SFTItems(samples, tokenizer, model.config, args.max_length), tokenizer, device, warm,
+        sft_warmup(args, model, SFTItems(all_samples, tokenizer, model.config, args.max_length), tokenizer, device, warm,
                    lambda r: log(r) if r["step"] % 250 == 0 or r["step"] == warm - 1 else None)
         if master:
             lm.save_llava_hf(model, tokenizer, out / "base_llava_hf")
