@@ -1,0 +1,333 @@
+"""mmedpo.py: score normalisation (three modes), the weighted loss against TRL's per-pair DPO loss, local noise,
+the judges' debate (scripted judges), the choice of the rejected answer, the released format, and the script end to
+end (1 process and torchrun 2 processes build the same pairs and train to the same weights)."""
+
+import copy
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections import defaultdict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import llava_med as lm
+import mmedpo
+from conftest import ROOT
+
+TOY = ROOT / "data" / "toy"
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_normalize_scores_three_modes():
+    scores = [0.2, 0.4, 0.6, 0.8, 0.9, 0.9, 0.5]
+    subsets = ["text"] * 4 + ["visual"] * 2 + ["text"]
+    # paper, per subset. text: 0.2 0.4 0.6 0.8 0.5 -> mean 0.5, population std sqrt(0.04) = 0.2
+    # w = clip(1 + sqrt(0.1) (s - 0.5) / 0.2, 0.75, 1.25): -1.5 -> 0.5257 -> 0.75; -0.5 -> 0.8419; 0.5 -> 1.1581;
+    # 1.5 -> 1.4743 -> 1.25; 0 -> 1. visual: 0.9 0.9 (no spread) -> 1
+    w = mmedpo.normalize_scores(scores, subsets, "paper")
+    r = math.sqrt(0.1)
+    expect = [0.75, 1 - 0.5 * r, 1 + 0.5 * r, 1.25, 1.0, 1.0, 1.0]
+    assert np.allclose(w, expect, atol=1e-12), w
+    # paper, global: mean 0.6143, every score in one group
+    s = np.array(scores)
+    z = (s - s.mean()) / s.std()
+    assert np.allclose(mmedpo.normalize_scores(scores, subsets, "paper", "global"), np.clip(1 + r * z, 0.75, 1.25))
+    # unclipped weights have mean 1 and variance 0.1 (the target moments)
+    wide = np.random.default_rng(0).uniform(0, 1, 1000).tolist()
+    raw = 1 + r * (np.array(wide) - np.mean(wide)) / np.std(wide)
+    assert abs(raw.mean() - 1) < 1e-12 and abs(raw.var() - 0.1) < 1e-12
+    assert mmedpo.normalize_scores(scores, subsets, "raw") == scores  # the released code: raw scores (0 drops a pair)
+    assert mmedpo.normalize_scores(scores, subsets, "none") == [1.0] * 7
+    with pytest.raises(ValueError):
+        mmedpo.normalize_scores(scores, subsets, "paper_norm")
+
+
+# ---------------------------------------------------------------- loss vs TRL
+
+
+def _pairs(tmp_path, tok, cfg):
+    """Two text pairs and one visual pair (rejected image = a locally noised copy), uneven answer lengths."""
+    rec = json.loads((TOY / "train.json").read_text())[0]
+    im = np.asarray(lm.load_image(TOY / rec["image"]))
+    heat, _ = mmedpo.box_heatmap(rec, 64, 64)
+    Image.fromarray(mmedpo.local_noise(im, heat > 0.5, "diffusion", 500, np.random.default_rng(0))).save(tmp_path / "n.png")
+    h = {"from": "human", "value": "<image>\nDescribe the image."}
+    q = {"from": "human", "value": "<image>\nWhere is the nodule located?"}
+    recs = [
+        {"id": "t1", "image": rec["image"], "conversations": [h, {"from": "gpt", "value": rec["report"]}],
+         "rejected_conversations": [h, {"from": "gpt", "value": "Chest x-ray. Both lungs are clear."}], "weighted_score": 0.9},
+        {"id": "t2", "image": rec["image"], "conversations": [q, {"from": "gpt", "value": "right upper lung"}],
+         "rejected_conversations": [q, {"from": "gpt", "value": "left lower lung"}], "weighted_score": 0.3},
+        {"id": "v1", "image": rec["image"], "conversations": [q, {"from": "gpt", "value": "right upper lung"}],
+         "rejected_conversations": [q, {"from": "gpt", "value": "right upper lung"}], "weighted_score": 0.8,
+         "rejected_image": "n.png"},
+    ]
+    return mmedpo.PairData([(f"x[{i}]", r) for i, r in enumerate(recs)], TOY, tmp_path, tok, cfg, 512, False)
+
+
+class _AsTRLModel(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+        self.is_gradient_checkpointing = False
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, use_cache=False, **kw):
+        return self.m(input_ids, pixel_values=pixel_values, attention_mask=attention_mask)
+
+
+def test_weighted_loss_equals_trl_per_pair_loss_times_weight(tmp_path):
+    """Our weighted loss on our tiny LLaVA == TRL 1.13 DPOTrainer._compute_loss run on each pair alone (B = 1, live
+    reference model) times the pair's weight; the visual pair's rejected row sees the noised image."""
+    trl = pytest.importorskip("trl")
+    if trl.__version__ != "1.13.0":
+        pytest.skip(f"the stub recipe is pinned to trl 1.13.0 (found {trl.__version__})")
+    from accelerate import Accelerator
+    from trl import DPOTrainer
+
+    model, tok = lm.load("tiny")
+    model.eval()
+    data = _pairs(tmp_path, tok, model.config)
+    assert [it["subset"] for it in data.items] == ["text", "text", "visual"]
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.language_model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    weights = torch.tensor(mmedpo.normalize_scores([it["score"] for it in data.items],
+                                                   [it["subset"] for it in data.items], "raw"))
+    batch = mmedpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 2  # original once, noised once
+    with torch.no_grad():
+        logps, _ = mmedpo.sequence_logps(model, batch, model.encode_images(batch["pixel_values"]))
+        ref_logps, _ = mmedpo.sequence_logps(ref, batch, ref.encode_images(batch["pixel_values"]))
+    ours, rc, rr = mmedpo.weighted_dpo_loss(logps[:3], logps[3:], ref_logps[:3], ref_logps[3:], weights, beta=0.1)
+
+    policy, ref_m = _AsTRLModel(model), _AsTRLModel(ref)
+    stub = SimpleNamespace(
+        model=policy, ref_model=ref_m, accelerator=Accelerator(cpu=True), precompute_ref_logps=False,
+        beta=0.1, loss_types=["sigmoid"], loss_weights=[1.0], label_smoothing=0.0,
+        f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5, ld_alpha=None, use_weighting=False,
+        aux_loss_enabled=False, router_aux_loss_coef=0.0, _tp_size=1, _total_train_tokens=0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        args=SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=0.05))
+    trl_losses = []
+    for i in range(3):
+        b = mmedpo.collate_pairs(data, [i], tok.pad_token_id)
+        inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
+                  "completion_mask": (b["labels"] != lm.IGNORE_INDEX).long(),
+                  "pixel_values": b["pixel_values"][b["row_images"]]}
+        with torch.no_grad():
+            trl_losses.append(DPOTrainer._compute_loss(stub, policy, inputs, return_outputs=False))
+    expected = torch.stack(trl_losses) * weights
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.mean(), expected.mean(), atol=1e-5, rtol=0)
+    assert not torch.allclose(ours, torch.stack(trl_losses))  # the weights did something
+    assert batch["row_images"].tolist() == [0, 0, 0, 0, 0, 1]  # only the visual pair's rejected row sees x*
+
+
+# ---------------------------------------------------------------- visual dispreference
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "replace"])
+def test_local_noise_changes_only_pixels_inside_the_region(mode):
+    rng = np.random.default_rng(1)
+    image = rng.integers(40, 216, size=(48, 64, 3), dtype=np.uint8)
+    rec = {"findings": [{"box": [10, 5, 30, 20]}, {"box": [50, 40, 64, 48]}]}
+    heat, conf = mmedpo.box_heatmap(rec, 64, 48)
+    region = heat > 0.5
+    assert conf == 1.0 and region.sum() == 20 * 15 + 14 * 8
+    out = mmedpo.local_noise(image, region, mode, 500, np.random.default_rng(0))
+    assert out.dtype == np.uint8 and out.shape == image.shape
+    assert np.array_equal(out[~region], image[~region])  # outside: bit-identical
+    changed = (out != image).any(-1)
+    assert changed[region].mean() > 0.9  # inside: (nearly) every pixel moved
+    if mode == "replace":  # released code: near-black speckle N(0, 10)
+        assert out[region].mean() < 15
+
+
+def test_global_noise_and_the_diffusion_schedule():
+    image = np.full((16, 16, 3), 128, dtype=np.uint8)
+    region = np.zeros((16, 16), dtype=bool)
+    region[:4, :4] = True
+    out = mmedpo.local_noise(image, region, "global", 500, np.random.default_rng(0))
+    assert (out != image).any(-1)[~region].mean() > 0.9  # the ablation noises everything
+    a = [mmedpo.povid_xi_bar(k) for k in (0, 1, 250, 500, 999)]
+    assert a[0] == 1.0 and all(x > y for x, y in zip(a, a[1:])) and 0 < a[-1] < 0.1
+    # k = 1: xi_bar = 1 - beta_1 = 1 - (sigmoid(-6) (5e-3 - 1e-5) + 1e-5)
+    assert abs(a[1] - (1 - (1 / (1 + math.exp(6)) * (5e-3 - 1e-5) + 1e-5))) < 1e-12
+    assert mmedpo.box_heatmap({"findings": []}, 8, 8) is None  # a normal image has no lesion region
+
+
+def test_attention_localiser_gives_a_map_on_the_image():
+    model, tok = lm.load("tiny")
+    path = str(TOY / "images" / "train_radiology_0000.png")
+    heat, conf = mmedpo.attention_heatmap(model.eval(), tok, path, "Describe the image.")
+    assert heat.shape == (64, 64) and heat.min() == 0 and abs(heat.max() - 1) < 1e-6 and 0 < conf <= 1
+    assert model.language_model.model.config._attn_implementation == "sdpa"  # restored
+
+
+# ---------------------------------------------------------------- clinical relevance debate
+
+
+class Scripted:
+    """A judge that returns scripted scores: fn(text, prev, call number) -> score; counts its calls."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def score(self, texts, prevs):
+        self.calls += 1
+        return [self.fn(t, p, self.calls) for t, p in zip(texts, prevs)]
+
+
+def test_debate_stops_on_agreement():
+    judges = [Scripted(lambda t, p, c: 0.8) for _ in range(3)]
+    [v] = mmedpo.debate_scores(["x"], judges, max_rounds=5)
+    assert v == {"score": 0.8, "rounds": 1, "agreed": True, "history": [0.8]}
+    assert [j.calls for j in judges] == [1, 1, 1]
+    # round 1: G1 0.4, G2 0.9 (new), G3 agrees with 0.9; round 2: G1 0.4 (new), G2 now agrees, G3 agrees -> 0.4
+    g1 = Scripted(lambda t, p, c: 0.4)
+    g2 = Scripted(lambda t, p, c: 0.9 if c == 1 else p)
+    g3 = Scripted(lambda t, p, c: p)
+    [v] = mmedpo.debate_scores(["x"], [g1, g2, g3], max_rounds=5)
+    assert v["agreed"] and v["rounds"] == 2 and v["score"] == 0.4 and v["history"] == [0.4, 0.9, 0.4]
+    assert (g1.calls, g2.calls, g3.calls) == (2, 2, 2)
+
+
+def test_debate_averages_without_agreement():
+    judges = [Scripted(lambda t, p, c, s=s: s) for s in (0.2, 0.6, 1.0)]
+    [v] = mmedpo.debate_scores(["x"], judges, max_rounds=5)
+    assert not v["agreed"] and v["rounds"] == 5 and len(v["history"]) == 15
+    assert abs(v["score"] - 0.6) < 1e-12 and [j.calls for j in judges] == [5, 5, 5]
+    # batched: one text agrees at once and leaves the batch, the other runs all rounds
+    judges = [Scripted(lambda t, p, c, s=s: 0.5 if t == "a" else s) for s in (0.1, 0.3)]
+    a, b = mmedpo.debate_scores(["a", "b"], judges, max_rounds=3)
+    assert a["agreed"] and a["rounds"] == 1 and not b["agreed"] and abs(b["score"] - 0.2) < 1e-12
+    assert mmedpo.debate_scores(["a"], [Scripted(lambda t, p, c: 0.5), Scripted(lambda t, p, c: 0.54)])[0]["agreed"]
+
+
+def test_model_judges_read_labels():
+    judge = mmedpo.ModelJudge("tiny:1", torch.device("cpu"))
+    lp = judge.label_logprobs(["Score:", "Another prompt"], mmedpo.SCORE_LABELS)
+    assert lp.shape == (2, 11) and (lp < 0).all()
+    s = judge.score(["A large nodule.", "Normal."], [None, 0.3])
+    assert all(x in [i / 10 for i in range(11)] for x in s)
+    h = judge.hallucination(["yes"], ["no"])
+    assert 0 < h[0] < 1
+
+
+# ---------------------------------------------------------------- text dispreference
+
+
+class ScriptedJudge:
+    def __init__(self, degrees, written):
+        self.degrees, self.written, self.seen = degrees, written, []
+
+    def hallucination(self, gts, cands):
+        self.seen += cands
+        return [self.degrees.get(c, 0.0) for c in cands]
+
+    def write_wrong(self, gts, seed):
+        return [self.written for _ in gts]
+
+
+def test_choose_rejected():
+    judge = ScriptedJudge({"left lung": 0.9, "right lung.": 0.2, "lung": 0.6}, written="")
+    out = mmedpo.choose_rejected(judge, ["Right lung", "yes", "The right lung"],
+                                 [["right lung.", "left lung", "lung", ""], ["Yes", "yes."], ["The right lung"]],
+                                 0.5, [[], ["yes", "no"], []], seed=0)
+    assert out[0] == ("left lung", "sampled")  # the most hallucinated; 'right lung.' is the ground truth
+    assert out[1] == ("no", "rule_corruption")  # only ground-truth candidates; the judge wrote nothing
+    assert out[2] == ("The left lung", "rule_corruption")
+    assert "Yes" not in judge.seen and "" not in judge.seen
+    judge = ScriptedJudge({"lung": 0.3}, written="A pneumothorax.")
+    assert mmedpo.choose_rejected(judge, ["right lung"], [["lung"]], 0.5, [[]], 0) == [("A pneumothorax.", "judge_written")]
+    rng = random.Random(0)
+    assert mmedpo.corrupt_ground_truth("No abnormality is seen.", [], rng) == "A mass is seen."
+    assert mmedpo.corrupt_ground_truth("Chest x-ray. Both lungs are clear.", [], rng) == "Chest x-ray. Both lungs are opacified."
+    assert mmedpo.corrupt_ground_truth("nodule", ["nodule", "exudate"], rng) == "exudate"
+    assert mmedpo.rule_hallucination("yes", "No.") == 1.0 and mmedpo.rule_hallucination("left lung", "left lung") == 0.0
+
+
+# ---------------------------------------------------------------- the released format
+
+
+def test_released_format_read_as_is(tmp_path):
+    model, tok = lm.load("tiny")
+    noised = tmp_path / "elsewhere" / "n.png"
+    noised.parent.mkdir()
+    Image.new("RGB", (64, 64), (10, 10, 10)).save(noised)
+    h = {"from": "human", "value": "<image>\nOffer a thorough analysis of the image"}
+    recs = [{"id": "CXR1", "image": "images/train_radiology_0000.png", "conversations": [h, {"from": "gpt", "value": " gt"}],
+             "rejected_conversations": [h, {"from": "gpt", "value": " wrong"}], "weighted_score": 0.9},
+            {"id": "CXR1v", "image": "images/train_radiology_0000.png", "conversations": [h, {"from": "gpt", "value": " gt"}],
+             "rejected_conversations": [h, {"from": "gpt", "value": " gt"}], "weighted_score": 0.7,
+             "rejected_image": str(noised)}]
+    f = tmp_path / "iuxray_dpo_weighted.json"
+    f.write_text(json.dumps(recs))
+    data = mmedpo.PairData(lm.read_records(f), TOY, TOY, tok, model.config, 512, False)
+    assert [(it["subset"], it["score"]) for it in data.items] == [("text", 0.9), ("visual", 0.7)]
+    assert data.items[1]["rejected_images"] == [str(noised)]
+    del recs[0]["weighted_score"]
+    f.write_text(json.dumps(recs))
+    with pytest.raises(lm.DataError, match=r"iuxray_dpo_weighted.json\[0\] id=CXR1: no numeric 'weighted_score'"):
+        mmedpo.PairData(lm.read_records(f), TOY, TOY, tok, model.config, 512, False)
+    assert len(mmedpo.PairData(lm.read_records(f), TOY, TOY, tok, model.config, 512, False, need_scores=False)) == 2
+
+
+# ---------------------------------------------------------------- the script end to end
+
+SMALL = ["--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
+         "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--lora-dropout", "0",
+         "--eval-limit", "4", "--eval-max-new-tokens", "4", "--report-max-new-tokens", "8", "--curate-batch-size", "8"]
+
+
+def _run(cmd):
+    # one thread per process, as torchrun sets it: on a shared 2-core machine more threads spin against each other
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_script_one_and_two_processes_build_the_same_pairs_and_weights(tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    _run([sys.executable, "mmedpo.py", "--out", str(one), "--sft-warmup-steps", "20"] + SMALL)
+    out_two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py",
+                    "--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
+    prefs = json.loads((one / "prefs" / "mmedpo_dpo_weighted.json").read_text())
+    assert prefs == json.loads((two / "prefs" / "mmedpo_dpo_weighted.json").read_text())
+    text = [r for r in prefs if r["subset"] == "text"]
+    visual = [r for r in prefs if r["subset"] == "visual"]
+    assert len(text) == 16 and visual and all(0 <= r["weighted_score"] <= 1 for r in prefs)
+    for r in visual:  # the noised PNG exists and differs from the original exactly inside the lesion box
+        rec = next(x for x in json.loads((TOY / "train.json").read_text()) if x["image"] == r["image"])
+        a = np.asarray(lm.load_image(TOY / r["image"]))
+        b = np.asarray(lm.load_image(one / "prefs" / r["rejected_image"]))
+        heat, _ = mmedpo.box_heatmap(rec, 64, 64)
+        assert np.array_equal(a[heat == 0], b[heat == 0]) and (a != b).any(-1)[heat > 0].mean() > 0.9
+    for arm in ("dpo", "mmedpo"):
+        wa = load_file(str(mmedpo.latest_checkpoint(one / arm) / "trainable.safetensors"))
+        wb = load_file(str(mmedpo.latest_checkpoint(two / arm) / "trainable.safetensors"))
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
+    la = [r["loss"] for r in map(json.loads, open(one / "metrics.jsonl")) if r.get("phase") in ("dpo", "mmedpo")]
+    lb = [r["loss"] for r in map(json.loads, open(two / "metrics.jsonl")) if r.get("phase") in ("dpo", "mmedpo")]
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=0)
+    res = json.loads((one / "results.json").read_text())["results"]
+    assert set(res) == {"base", "dpo", "mmedpo"} and "bleu" in res["mmedpo"]["report"]
+    assert (one / "mmedpo" / "adapter" / "adapter_model.safetensors").exists()
+    assert "preference pairs:" in out_two.stdout
+    # a second run reuses the pairs and resumes both arms at their last step
+    again = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py",
+                  "--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
+    assert "resumed from" in again.stdout and "preference pairs:" not in again.stdout
