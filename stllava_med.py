@@ -29,6 +29,9 @@ The method (spec section 4):
      stage-1 model (the adapters switched off).
   4. Evaluation: greedy answers on VQA-RAD / SLAKE / the toy split, scored the LLaVA-Med way (closed accuracy, open
      recall).
+Templates: stage 1 uses v1_sq; answers (preference answers, DPO, evaluation) use vicuna v1 ("USER: ... ASSISTANT:"),
+with v1's system prompt as released, or stage 1's (--answer-system v1_sq, the default for the tiny model, which
+learns only the one prompt it is trained on).
 
 File layout: Args -> v1_sq template and data -> preference generation and judges -> losses -> model setup ->
 training loops (SFT, DPO) -> evaluation -> main().
@@ -48,6 +51,7 @@ import re
 import shutil
 import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,9 +74,11 @@ class Args:
     #                          a new cluster projector (cluster8 for --model tiny: 16 image tokens)
     projector_weights: str = ""  # pretrained cluster projector (SQ-LLaVA's mm_projector.bin / .safetensors)
     template: str = "vicuna_v1"  # answer template for preference answers, DPO and evaluation (STLLaVA-Med's v1)
+    answer_system: str = "auto"  # its system prompt: "v1" (vicuna v1's, as released) or "v1_sq" (stage 1's); auto =
+    #                              v1_sq for --model tiny (a model trained from scratch knows only stage 1's prompt)
     dtype: str = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
     # stage 1: visual self-questioning SFT
-    sft_data: str = "data/toy/train.json"  # LLaVA conversation json/jsonl (multi-turn: later turns can become VUSER)
+    sft_data: str = "toy"  # LLaVA conversation json/jsonl (multi-turn: later turns can become VUSER), or "toy"
     image_folder: str = ""  # images of --sft-data ("" = its folder)
     sq_r: float = 0.5  # probability that a later human turn becomes a VUSER (trained) question (sqllava_med.sh: 0.5)
     max_length: int = 512  # tokens per sample, image tokens included (spec: 2048)
@@ -88,18 +94,19 @@ class Args:
     sft_lr: float = -1  # LLM learning rate; -1 = 2e-4 (spec), or 1e-3 for --model tiny
     projector_lr: float = -1  # cluster projector learning rate; -1 = 2e-5 (mm_projector_lr), or 1e-3 for --model tiny
     vit_lr: float = 5e-5  # ViT LoRA learning rate (vision_tower_lr)
-    sft_epochs: float = -1  # -1 = 3 (spec), or 12 for --model tiny
+    sft_epochs: float = -1  # -1 = 3 (spec), or 8 for --model tiny
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
     micro_batch_size: int = 8  # samples per forward on one rank
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     activation_checkpointing: bool = False  # recompute decoder layers in backward
     # preference generation
-    prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = --sft-data
+    prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = the
+    #                          stage-1 records (their answers serve the reference judge)
     prefs_limit: int = -1  # first N images; -1 = all, or 120 for --model tiny
     n_questions: int = 5  # self-generated questions per image (n_shot)
     describe_prompt: str = "Can you describe the image in detail?"  # the first turn of self-questioning (greedy answer)
-    describe_max_new_tokens: int = -1  # -1 = 1024 (released), or 48 for --model tiny
+    describe_max_new_tokens: int = -1  # -1 = 1024 (released), or 32 for --model tiny
     q_temperature: float = 1.2  # question sampling (visual_sq.py)
     q_top_k: int = 300
     q_top_p: float = 0.95
@@ -178,13 +185,17 @@ def resolve_defaults(args: Args) -> Args:
     pick = lambda value, spec, toy: value if value != -1 else (toy if tiny else spec)
     args.sft_lr = pick(args.sft_lr, 2e-4, 1e-3)
     args.projector_lr = pick(args.projector_lr, 2e-5, 1e-3)
-    args.sft_epochs = pick(args.sft_epochs, 3.0, 12.0)
+    args.sft_epochs = pick(args.sft_epochs, 3.0, 8.0)
     args.prefs_limit = pick(args.prefs_limit, 0, 120)
-    args.describe_max_new_tokens = pick(args.describe_max_new_tokens, 1024, 48)
+    args.describe_max_new_tokens = pick(args.describe_max_new_tokens, 1024, 32)
     args.q_max_new_tokens = pick(args.q_max_new_tokens, 300, 24)
     args.a_max_new_tokens = pick(args.a_max_new_tokens, 1024, 16)
     args.dpo_lr = pick(args.dpo_lr, 5e-6, 1e-5)
     args.dpo_epochs = pick(args.dpo_epochs, 1.0, 3.0)
+    if args.answer_system == "auto":
+        args.answer_system = "v1_sq" if tiny else "v1"
+    if args.answer_system not in ("v1", "v1_sq"):
+        raise ValueError(f"--answer-system {args.answer_system!r}: expected v1, v1_sq or auto")
     if args.train_llm == "auto":
         args.train_llm = "full" if tiny else "lora"
     if args.train_llm not in ("lora", "full"):
@@ -203,6 +214,11 @@ SQ_SYSTEM = (lm.VICUNA_SYSTEM + "Also, the artificial intelligence assistant is 
              "asks complex questions that are relevant to the content in the image, for example, asking about background "
              "knowledge of the objects in the image, asking to discuss about events happening in the image, etc. Again, "
              "do not ask about uncertain details.")
+
+
+def answer_system(args: Args) -> str | None:
+    """System prompt of the answer template (None = the template's own: vicuna v1's)."""
+    return SQ_SYSTEM if args.answer_system == "v1_sq" else None
 
 
 def draw_vuser_turns(n_turns: int, sq_r: float, rng: random.Random) -> set[int]:
@@ -265,6 +281,30 @@ def tokenize_sq(tokenizer, segments, num_image_tokens: int, image_token_id: int,
     if not prompt and all(t == lm.IGNORE_INDEX for t in labels):
         raise lm.DataError(f"{where}: no supervised token" + (f" after truncation to {max_length}" if max_length else ""))
     return {"input_ids": ids, "labels": labels}
+
+
+TOY_TRAIN = lm.REPO / "data" / "toy" / "train.json"
+
+
+def toy_sq_records(path: Path, seed: int) -> list[tuple[str, dict]]:
+    """The toy stand-in for LLaVA-Med's 60k conversations: per image, its QA rounds and a describe round in a seeded
+    random order. (The toy conversations list the rounds in one fixed order, which would teach the tiny model that
+    the question right after the image is always a yes/no one; real conversations vary.)"""
+    out = []
+    for k, (where, rec) in enumerate(lm.read_records(path)):
+        rounds = [(qa["question"], qa["answer"]) for qa in rec["qa"]] + [("Describe the image.", rec["report"])]
+        random.Random(f"{seed}-{k}").shuffle(rounds)
+        conv = [turn for q, a in rounds for turn in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        conv[0] = {"from": "human", "value": lm.IMAGE_MARKER + "\n" + conv[0]["value"]}
+        out.append((where, {**rec, "conversations": conv}))
+    return out
+
+
+def sft_records(args: Args) -> tuple[list[tuple[str, dict]], Path]:
+    if args.sft_data == "toy":
+        return toy_sq_records(TOY_TRAIN, args.seed), TOY_TRAIN.parent
+    path = Path(args.sft_data)
+    return lm.read_records(path), Path(args.image_folder or path.parent)
 
 
 class SQData:
@@ -392,10 +432,14 @@ def reference_judge(question: str, answer1: str, answer2: str, refs: dict[str, s
 def preference_pair(question: str, answers: tuple[str, str], reply: str, ties: str, stats: dict):
     """(chosen, rejected, scores) from the judge's reply, or None (the reason counted in stats): unparsable reply ->
     skipped (released); equal scores -> answer 2 is chosen (released: `if s1 > s2` else answer 2) or skipped with
-    --ties skip; identical answers -> skipped (a pair with chosen == rejected has zero DPO gradient)."""
+    --ties skip; identical answers -> skipped (a pair with chosen == rejected has zero DPO gradient); empty text or a
+    literal '<image>' -> skipped."""
     a1, a2 = answers
     if not question.strip() or not a1.strip() or not a2.strip():
         stats["empty question or answer"] = stats.get("empty question or answer", 0) + 1
+        return None
+    if any(lm.IMAGE_MARKER in t for t in (question, a1, a2)):  # would tokenise to an image token with no image
+        stats["'<image>' in generated text"] = stats.get("'<image>' in generated text", 0) + 1
         return None
     if a1.strip() == a2.strip():
         stats["identical answers"] = stats.get("identical answers", 0) + 1
@@ -423,7 +467,7 @@ def dpo_record(rec_id: str, image: str, question: str, chosen: str, rejected: st
 def image_sources(args: Args) -> tuple[list[dict], Path]:
     """[{"id", "image" (relative to the folder), "refs"}] and the image folder: records with conversations (their
     answers are the reference judge's), or every image file of a folder (sorted, as listed)."""
-    path = Path(args.prefs_images or args.sft_data)
+    path = Path(args.prefs_images or (TOY_TRAIN if args.sft_data == "toy" else args.sft_data))
     if path.is_dir():
         files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".tga"))
         rows = [{"id": f, "image": f, "refs": {}} for f in files]
@@ -472,7 +516,8 @@ def generate_preferences(args: Args, model, tokenizer, rank: int, world: int, st
                             args.q_top_k, args.q_top_p, seed=args.seed * 100003 + rank * 1009 + b)
         # two answers per question with the answer template (model_collectA.py: llava_v1, seeds 40 and 42)
         a_prompts = [lm.tokenize_prompt(tokenizer, [("user", lm.IMAGE_MARKER + "\n" + q)], cfg.template,
-                                        cfg.num_image_tokens, cfg.image_token_id) for q in questions]
+                                        cfg.num_image_tokens, cfg.image_token_id, system=answer_system(args))
+                     for q in questions]
         answers = [sampled(model, tokenizer, a_prompts, q_pix, args.a_max_new_tokens, args.a_temperature, args.a_top_k,
                            args.a_top_p, seed=s + 1000 * (b + 1) * (rank + 1)) for s in seeds]
         for k, q in enumerate(questions):
@@ -605,6 +650,26 @@ def collate_pairs(data: PairData, idx: list[int], pad_id: int) -> dict:
     pos = {k: i for i, k in enumerate(distinct)}
     batch["row_images"] = torch.tensor([pos[k] for keys in row_keys for k in keys], dtype=torch.long)
     return batch
+
+
+class AnswerPairData(PairData):
+    """dpo.py's PairData (validation, images opened once, skips counted) with the pairs tokenised under the answer
+    template's system prompt when it is not the template's own."""
+
+    def __init__(self, records, image_folder: Path, tokenizer, cfg, max_length: int, skip_bad: bool, system=None):
+        self.system = system
+        super().__init__(records, image_folder, tokenizer, cfg, max_length, skip_bad)
+
+    def _tokenize(self, where, rec, tokenizer, max_length):
+        item = super()._tokenize(where, rec, tokenizer, max_length)
+        if self.system is not None:
+            cfg = self.cfg
+            for key, turns, n in zip(("chosen", "rejected"), pair_turns(rec, where),
+                                     (len(item["images"]), len(item["rejected_images"]))):
+                item[key] = lm.tokenize_conversation(tokenizer, lm.place_image_markers(turns, n, where), cfg.template,
+                                                     cfg.num_image_tokens, cfg.image_token_id, max_length, where,
+                                                     system=self.system)
+        return item
 
 
 # Copied from dpo.py: dpo_loss
@@ -1212,11 +1277,10 @@ def read_vqa(path: str, image_folder: str = "") -> list[dict]:
     return rows
 
 
-# Copied from dpo.py: evaluate_vqa
 def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
-                 device, closed_scoring: str = "strict", desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Greedy answers for every row (ranks take interleaved shares, padded to equal batch counts so sharded
-    forwards stay in step), gathered on every rank and scored."""
+                 device, closed_scoring: str = "strict", desc: str = "eval", system=None) -> tuple[dict, list[dict]]:
+    """dpo.py's evaluate_vqa with the answer template's system prompt: greedy answers for every row (ranks take
+    interleaved shares, padded to equal batch counts so sharded forwards stay in step), gathered and scored."""
     cfg = model.config
     model.eval()
     mine = list(range(rank, len(rows), world))
@@ -1229,7 +1293,8 @@ def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_to
         prompts, pix = [], []
         for i in chunk:
             turns = lm.place_image_markers([("user", rows[i]["question"])], 1)
-            prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id))
+            prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id,
+                                              system=system))
             pix.append(lm.preprocess_image(lm.load_image(rows[i]["image"]), cfg.image_size, cfg.image_mean, cfg.image_std,
                                            pad=cfg.image_aspect_ratio == "pad"))
         answers = lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens)
@@ -1249,6 +1314,7 @@ def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_to
 
 def main(argv=None):
     args = resolve_defaults(parse_args(Args, argv))
+    t_start = time.time()
     rank, world, device = setup_distributed(args.dist_timeout_s)
     master = rank == 0
     out = Path(args.out)
@@ -1276,7 +1342,7 @@ def main(argv=None):
 
     def evaluate(name: str):
         results[name], preds = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
-                                            rank, world, device, args.closed_scoring, f"eval {name}")
+                                            rank, world, device, args.closed_scoring, f"eval {name}", answer_system(args))
         log({"phase": f"eval_{name}", **results[name]})
         if master:
             print(f"{name}:", json.dumps(results[name]))
@@ -1284,8 +1350,7 @@ def main(argv=None):
 
     # ---- stage 1: visual self-questioning SFT
     if "sft" in stages:
-        path = Path(args.sft_data)
-        data = SQData(lm.read_records(path), Path(args.image_folder or path.parent), tokenizer, model.config, args)
+        data = SQData(*sft_records(args), tokenizer, model.config, args)
         if master:
             print(f"stage 1: {len(data)} conversations, sq_r {args.sq_r}" + (f", skipped {data.skipped}" if data.skipped else ""))
         if args.train_llm == "lora":
@@ -1308,6 +1373,7 @@ def main(argv=None):
 
     # ---- preference data from the stage-1 model
     prefs_path = Path(args.prefs_out or out / "stllava_med_dpo.json")
+    dpo_folder = None
     if "prefs" in stages:
         judge = None
         if args.judge != "reference":
@@ -1323,14 +1389,14 @@ def main(argv=None):
             print(f"preference pairs: {len(pairs)} -> {prefs_path}; {json.dumps(stats)}")
         if not pairs and "dpo" in stages:
             raise lm.DataError(f"the prefs stage produced no preference pair ({json.dumps(stats)}); stage 2 has no data")
-        if args.image_folder == "" and not args.dpo_data:
-            args.image_folder = str(folder)
+        if not args.dpo_data:
+            dpo_folder = folder  # the generated pairs name images relative to the prefs images' folder
 
     # ---- stage 2: DPO (policy = stage-1 model + new LoRA; reference = the same with adapters off)
     if "dpo" in stages:
         dpo_path = Path(args.dpo_data or prefs_path)
         records = lm.read_records(dpo_path)
-        folder = Path(args.image_folder or dpo_path.parent)
+        folder = dpo_folder or Path(args.image_folder or dpo_path.parent)
         model.requires_grad_(False)
         add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
         if args.vit_lora:
@@ -1339,7 +1405,8 @@ def main(argv=None):
             p.requires_grad_("lora_" in n)
             if p.requires_grad:
                 p.data = p.data.float()
-        data = PairData(records, folder, tokenizer, model.config, args.max_length, args.skip_bad_samples)
+        data = AnswerPairData(records, folder, tokenizer, model.config, args.max_length, args.skip_bad_samples,
+                              answer_system(args))
         if master:
             print(f"stage 2: {len(data)} preference pairs" + (f", skipped {data.skipped}" if data.skipped else ""))
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
@@ -1356,6 +1423,7 @@ def main(argv=None):
         model.requires_grad_(False)
         shard(model, device)
         evaluate("model")
+    results["wall_s"] = round(time.time() - t_start, 1)
     if master:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))

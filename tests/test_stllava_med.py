@@ -74,6 +74,11 @@ def test_vuser_draws_are_seeded_and_skip_the_image_turn():
     assert 0.45 < rate < 0.55
     assert st.draw_vuser_turns(12, 0.0, random.Random(0)) == set()
     assert st.draw_vuser_turns(12, 1.0, random.Random(0)) == {2, 4, 6, 8, 10}
+    toy = st.toy_sq_records(TOY / "train.json", seed=0)
+    assert toy == st.toy_sq_records(TOY / "train.json", seed=0) and len(toy) == 360
+    first = [r["conversations"][0]["value"] for _, r in toy]
+    assert all(f.startswith("<image>\n") for f in first) and len({f.split()[1] for f in first}) >= 3  # varied openers
+    assert sum(r["conversations"][k]["value"].count("<image>") for _, r in toy for k in range(len(r["conversations"]))) == 360
     model, tok = lm.load("tiny")
     args = st.resolve_defaults(st.Args(sq_r=0.5))
     data = st.SQData(lm.read_records(TOY / "train.json")[:6], TOY, tok, model.config, args)
@@ -213,8 +218,9 @@ def test_judge_rules_and_dpo_records():
     assert st.preference_pair("q?", ("a", "b"), "", "answer2", stats) is None
     assert st.preference_pair("q?", ("same", "same"), "9 1", "answer2", stats) is None
     assert st.preference_pair(" ", ("a", "b"), "9 1", "answer2", stats) is None
+    assert st.preference_pair("q?", ("a <image>", "b"), "9 1", "answer2", stats) is None
     assert stats == {"tie": 2, "unparsable judge reply": 1, "no reference answer": 1, "identical answers": 1,
-                     "empty question or answer": 1}
+                     "empty question or answer": 1, "'<image>' in generated text": 1}
     rec = lm.read_records(TOY / "train.json")[0][1]
     refs = st.reference_answers(rec)
     assert refs["where is the nodule located"] == "right upper lung" and refs["is there a nodule in this image"] == "yes"
@@ -230,9 +236,14 @@ def test_judge_rules_and_dpo_records():
     assert chosen[1] == ("assistant", "right upper lung") and rejected[1] == ("assistant", "left upper lung")
     model, tok = lm.load("tiny")
     model.config.template = "vicuna_v1"
-    data = st.PairData([("mem", r)], TOY, tok, model.config, 512, False)
+    data = st.AnswerPairData([("mem", r)], TOY, tok, model.config, 512, False)
     batch = st.collate_pairs(data, [0], tok.pad_token_id)
     assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 2  # one image for both rows
+    assert "questions. USER:" in tok.decode(data.items[0]["chosen"]["input_ids"])  # vicuna v1's system prompt
+    sq = st.AnswerPairData([("mem", r)], TOY, tok, model.config, 512, False, system=st.SQ_SYSTEM)
+    text = tok.decode(sq.items[0]["rejected"]["input_ids"])
+    assert "questions.Also," in text and text.endswith("ASSISTANT: left upper lung</s>")
+    assert tok.decode([t for t in sq.items[0]["chosen"]["labels"] if t != lm.IGNORE_INDEX]) == " right upper lung</s>"
 
 
 # ---------------------------------------------------------------- the script
@@ -249,7 +260,8 @@ def test_torchrun_two_ranks_equal_one_rank_then_dpo(tmp_path):
     micro-batches (losses and the saved stage-1 model, atol 1e-5); the ViT really trained. Then stage 2 DPO from the
     saved stage-1 model on STLLaVA-Med-format pairs, with evaluation."""
     common = ["--stages", "sft,prefs", "--sft-epochs", "0.05", "--batch-size", "8", "--micro-batch-size", "4",
-              "--vit-lora-dropout", "0", "--prefs-limit", "4", "--n-questions", "2", "--gen-batch-size", "4"]
+              "--vit-lora-dropout", "0", "--prefs-limit", "4", "--n-questions", "2", "--gen-batch-size", "4",
+              "--describe-max-new-tokens", "4", "--q-max-new-tokens", "8", "--a-max-new-tokens", "4"]
     _run([sys.executable, "stllava_med.py", "--out", str(tmp_path / "one")] + common)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "stllava_med.py",
           "--out", str(tmp_path / "two")] + common)
@@ -274,9 +286,10 @@ def test_torchrun_two_ranks_equal_one_rank_then_dpo(tmp_path):
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     _run([sys.executable, "stllava_med.py", "--stages", "dpo,eval", "--model", str(tmp_path / "one" / "stage1_model"),
           "--dpo-data", str(tmp_path / "pairs.json"), "--image-folder", str(TOY), "--dpo-batch-size", "8",
-          "--dpo-micro-batch-size", "8", "--dpo-epochs", "1", "--dpo-lr", "1e-3", "--eval-limit", "8", "--out", str(tmp_path / "dpo")])
+          "--dpo-micro-batch-size", "8", "--dpo-epochs", "1", "--dpo-lr", "1e-3", "--eval-limit", "8", "--eval-max-new-tokens", "4",
+          "--out", str(tmp_path / "dpo")])
     res = json.loads((tmp_path / "dpo" / "results.json").read_text())
-    assert set(res) == {"sft", "dpo"} and res["dpo"]["n_closed"] + res["dpo"]["n_open"] == 8
+    assert set(res) == {"sft", "dpo", "wall_s"} and res["dpo"]["n_closed"] + res["dpo"]["n_open"] == 8
     rows = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
     dpo_rows = [r for r in rows if r["phase"] == "stage2_dpo"]
     assert len(dpo_rows) == 2 and abs(dpo_rows[0]["loss"] - 0.693147) < 1e-4  # step 1: policy == reference
