@@ -94,7 +94,7 @@ class Args:
     sft_lr: float = -1  # LLM learning rate; -1 = 2e-4 (spec), or 1e-3 for --model tiny
     projector_lr: float = -1  # cluster projector learning rate; -1 = 2e-5 (mm_projector_lr), or 1e-3 for --model tiny
     vit_lr: float = 5e-5  # ViT LoRA learning rate (vision_tower_lr)
-    sft_epochs: float = -1  # -1 = 3 (spec), or 8 for --model tiny
+    sft_epochs: float = 3  # passes over the stage-1 conversations (sqllava_med.sh: 3)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
     micro_batch_size: int = 8  # samples per forward on one rank
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
@@ -139,6 +139,7 @@ class Args:
     # evaluation
     eval_data: str = "data/toy/test_vqa.json"  # toy test_vqa.json, VQA-RAD testset.json, SLAKE test.json
     eval_image_folder: str = ""  # images of --eval-data ("" = next to it)
+    eval_before: bool = True  # also evaluate the starting model (the "base" row)
     eval_limit: int = 0  # first N questions (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 16  # answer length cap (VQA answers are short)
@@ -185,7 +186,6 @@ def resolve_defaults(args: Args) -> Args:
     pick = lambda value, spec, toy: value if value != -1 else (toy if tiny else spec)
     args.sft_lr = pick(args.sft_lr, 2e-4, 1e-3)
     args.projector_lr = pick(args.projector_lr, 2e-5, 1e-3)
-    args.sft_epochs = pick(args.sft_epochs, 3.0, 8.0)
     args.prefs_limit = pick(args.prefs_limit, 0, 120)
     args.describe_max_new_tokens = pick(args.describe_max_new_tokens, 1024, 32)
     args.q_max_new_tokens = pick(args.q_max_new_tokens, 300, 24)
@@ -286,17 +286,20 @@ def tokenize_sq(tokenizer, segments, num_image_tokens: int, image_token_id: int,
 TOY_TRAIN = lm.REPO / "data" / "toy" / "train.json"
 
 
-def toy_sq_records(path: Path, seed: int) -> list[tuple[str, dict]]:
+def toy_sq_records(path: Path, seed: int, rounds_per_conversation: int = 2) -> list[tuple[str, dict]]:
     """The toy stand-in for LLaVA-Med's 60k conversations: per image, its QA rounds and a describe round in a seeded
-    random order. (The toy conversations list the rounds in one fixed order, which would teach the tiny model that
-    the question right after the image is always a yes/no one; real conversations vary.)"""
+    random order, cut into conversations of `rounds_per_conversation` rounds. (The toy conversations hold every round
+    in one fixed order: the tiny model then learns that the first question is a yes/no one, and answers later ones
+    from the earlier answers and the report instead of from the image.)"""
     out = []
     for k, (where, rec) in enumerate(lm.read_records(path)):
         rounds = [(qa["question"], qa["answer"]) for qa in rec["qa"]] + [("Describe the image.", rec["report"])]
         random.Random(f"{seed}-{k}").shuffle(rounds)
-        conv = [turn for q, a in rounds for turn in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-        conv[0] = {"from": "human", "value": lm.IMAGE_MARKER + "\n" + conv[0]["value"]}
-        out.append((where, {**rec, "conversations": conv}))
+        for c in range(0, len(rounds), rounds_per_conversation):
+            conv = [t for q, a in rounds[c:c + rounds_per_conversation]
+                    for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+            conv[0] = {"from": "human", "value": lm.IMAGE_MARKER + "\n" + conv[0]["value"]}
+            out.append((f"{where} rounds {c}-{c + len(conv) // 2 - 1}", {**rec, "conversations": conv}))
     return out
 
 
@@ -1359,7 +1362,7 @@ def main(argv=None):
             add_vit_lora(model, args.vit_lora_r, args.vit_lora_alpha, args.vit_lora_dropout)
         set_trainable_stage1(model, args)
         shard(model, device, args.activation_checkpointing)
-        if eval_rows:
+        if eval_rows and args.eval_before:
             evaluate("base")
         train_sft(args, model, tokenizer, data, device, rank, world, log)
         if eval_rows:
@@ -1411,7 +1414,7 @@ def main(argv=None):
             print(f"stage 2: {len(data)} preference pairs" + (f", skipped {data.skipped}" if data.skipped else ""))
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         shard(model, device, args.activation_checkpointing)
-        if eval_rows and "sft" not in stages:
+        if eval_rows and args.eval_before and "sft" not in stages:
             evaluate("sft")  # the policy before DPO is the stage-1 model (LoRA B = 0)
         train_dpo(args, model, tokenizer, data, device, rank, world, log)
         if eval_rows:

@@ -75,10 +75,13 @@ def test_vuser_draws_are_seeded_and_skip_the_image_turn():
     assert st.draw_vuser_turns(12, 0.0, random.Random(0)) == set()
     assert st.draw_vuser_turns(12, 1.0, random.Random(0)) == {2, 4, 6, 8, 10}
     toy = st.toy_sq_records(TOY / "train.json", seed=0)
-    assert toy == st.toy_sq_records(TOY / "train.json", seed=0) and len(toy) == 360
+    assert toy == st.toy_sq_records(TOY / "train.json", seed=0)
+    source = lm.read_records(TOY / "train.json")
+    assert sum(len(r["conversations"]) for _, r in toy) == sum(2 * len(r["qa"]) + 2 for _, r in source)  # every round once
+    assert all(len(r["conversations"]) in (2, 4) for _, r in toy)  # at most two rounds per conversation
     first = [r["conversations"][0]["value"] for _, r in toy]
     assert all(f.startswith("<image>\n") for f in first) and len({f.split()[1] for f in first}) >= 3  # varied openers
-    assert sum(r["conversations"][k]["value"].count("<image>") for _, r in toy for k in range(len(r["conversations"]))) == 360
+    assert sum(t["value"].count("<image>") for _, r in toy for t in r["conversations"]) == len(toy)
     model, tok = lm.load("tiny")
     args = st.resolve_defaults(st.Args(sq_r=0.5))
     data = st.SQData(lm.read_records(TOY / "train.json")[:6], TOY, tok, model.config, args)
@@ -204,7 +207,7 @@ def test_vit_lora_weights_change_after_a_step():
 # ---------------------------------------------------------------- judge and preference records
 
 
-def test_judge_rules_and_dpo_records():
+def test_judge_rules_and_dpo_records(monkeypatch):
     assert st.parse_scores("8 6\nAnswer 1 is better.") == (8.0, 6.0)
     assert st.parse_scores("7, 7") == (7.0, 7.0)
     for bad in ["", "Answer 1: 8, Answer 2: 6", "8\n6", "eight six", "8 6 5"]:
@@ -236,6 +239,22 @@ def test_judge_rules_and_dpo_records():
     assert chosen[1] == ("assistant", "right upper lung") and rejected[1] == ("assistant", "left upper lung")
     model, tok = lm.load("tiny")
     model.config.template = "vicuna_v1"
+    # a judge VLM by path: any llava_med model, given the image and the judge message (here the random tiny one)
+    judge = st.model_judge(model.eval(), tok, st.resolve_defaults(st.Args(judge_max_new_tokens=4)))
+    pix = lm.preprocess_image(lm.load_image(TOY / rec["image"]), 64)
+    assert isinstance(judge(pix, "Where is the nodule located?", "left upper lung", "right upper lung"), str)
+    seen = []
+
+    def scripted(m, t, prompts, pixel_values, **kw):
+        seen.append((t.decode(prompts[0]), pixel_values.shape, kw["temperature"]))
+        return ["8 3\nAnswer 1 names the right lobe."]
+
+    monkeypatch.setattr(st.lm, "generate", scripted)
+    reply = judge(pix, "Where is the nodule located?", "left upper lung", "right upper lung")
+    assert st.parse_scores(reply) == (8.0, 3.0)
+    assert st.judge_content("Where is the nodule located?", "left upper lung", "right upper lung").strip() in seen[0][0]
+    assert seen[0][1] == (1, 3, 64, 64) and seen[0][2] == 0.2
+    monkeypatch.undo()
     data = st.AnswerPairData([("mem", r)], TOY, tok, model.config, 512, False)
     batch = st.collate_pairs(data, [0], tok.pad_token_id)
     assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 2  # one image for both rows
