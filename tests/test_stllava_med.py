@@ -278,7 +278,7 @@ def test_torchrun_two_ranks_equal_one_rank_then_dpo(tmp_path):
     """Stage 1 (full LLM + cluster projector + ViT LoRA) and the prefs stage: 2 ranks x 1 micro-batch == 1 rank x 2
     micro-batches (losses and the saved stage-1 model, atol 1e-5); the ViT really trained. Then stage 2 DPO from the
     saved stage-1 model on STLLaVA-Med-format pairs, with evaluation."""
-    common = ["--stages", "sft,prefs", "--sft-epochs", "0.05", "--batch-size", "8", "--micro-batch-size", "4",
+    common = ["--stages", "sft,prefs", "--sft-epochs", "0.015", "--batch-size", "8", "--micro-batch-size", "4",
               "--vit-lora-dropout", "0", "--prefs-limit", "4", "--n-questions", "2", "--gen-batch-size", "4",
               "--describe-max-new-tokens", "4", "--q-max-new-tokens", "8", "--a-max-new-tokens", "4"]
     _run([sys.executable, "stllava_med.py", "--out", str(tmp_path / "one")] + common)
