@@ -1390,7 +1390,7 @@ def main(argv=None):
             prefs_path.parent.mkdir(parents=True, exist_ok=True)
             prefs_path.write_text(json.dumps(pairs, indent=1, ensure_ascii=False))
             print(f"preference pairs: {len(pairs)} -> {prefs_path}; {json.dumps(stats)}")
-        if not pairs and "dpo" in stages:
+        if not pairs and "dpo" in stages and not args.dpo_data:
             raise lm.DataError(f"the prefs stage produced no preference pair ({json.dumps(stats)}); stage 2 has no data")
         if not args.dpo_data:
             dpo_folder = folder  # the generated pairs name images relative to the prefs images' folder

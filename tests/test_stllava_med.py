@@ -274,19 +274,26 @@ def _run(cmd):
     return out
 
 
-def test_torchrun_two_ranks_equal_one_rank_then_dpo(tmp_path):
-    """Stage 1 (full LLM + cluster projector + ViT LoRA) and the prefs stage: 2 ranks x 1 micro-batch == 1 rank x 2
-    micro-batches (losses and the saved stage-1 model, atol 1e-5); the ViT really trained. Then stage 2 DPO from the
-    saved stage-1 model on STLLaVA-Med-format pairs, with evaluation."""
-    common = ["--stages", "sft,prefs", "--sft-epochs", "0.015", "--batch-size", "8", "--micro-batch-size", "4",
-              "--vit-lora-dropout", "0", "--prefs-limit", "4", "--n-questions", "2", "--gen-batch-size", "4",
-              "--describe-max-new-tokens", "4", "--q-max-new-tokens", "8", "--a-max-new-tokens", "4"]
-    _run([sys.executable, "stllava_med.py", "--out", str(tmp_path / "one")] + common)
+def test_all_stages_and_torchrun_two_ranks_equal_one_rank(tmp_path):
+    """One process runs every stage: stage 1 (full LLM + cluster projector + ViT LoRA), preference generation, DPO on
+    STLLaVA-Med-format pairs, evaluation. Stage 1 on 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches (losses and
+    the saved stage-1 model, atol 1e-5); the ViT really trained in both stages."""
+    recs = [r for _, r in lm.read_records(TOY / "train.json")[:8]]
+    pairs = [st.dpo_record(r["id"], r["image"], qa["question"], qa["answer"], "no" if qa["answer"] == "yes" else "yes", (9, 1))
+             for r in recs for qa in r["qa"][:2]]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    stage1 = ["--sft-epochs", "0.015", "--batch-size", "8", "--micro-batch-size", "4", "--vit-lora-dropout", "0"]
+    _run([sys.executable, "stllava_med.py", "--out", str(tmp_path / "one"), "--no-eval-before"] + stage1 +
+         ["--prefs-limit", "4", "--n-questions", "2", "--gen-batch-size", "4", "--describe-max-new-tokens", "4",
+          "--q-max-new-tokens", "8", "--a-max-new-tokens", "4", "--dpo-data", str(tmp_path / "pairs.json"),
+          "--image-folder", str(TOY), "--dpo-batch-size", "8", "--dpo-micro-batch-size", "8", "--dpo-epochs", "1",
+          "--dpo-lr", "1e-3", "--eval-limit", "4", "--eval-max-new-tokens", "4"])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "stllava_med.py",
-          "--out", str(tmp_path / "two")] + common)
-    curves = [[(r["phase"], r.get("loss")) for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))] for d in ("one", "two")]
-    assert [p for p, _ in curves[0]] == ["stage1"] * 2 + ["prefs"]
-    torch.testing.assert_close(torch.tensor([l for p, l in curves[0] if l]), torch.tensor([l for p, l in curves[1] if l]),
+          "--stages", "sft", "--out", str(tmp_path / "two")] + stage1)
+    rows = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
+    assert [r["phase"] for r in rows] == ["stage1"] * 2 + ["eval_sft", "prefs"] + ["stage2_dpo"] * 2 + ["eval_dpo"]
+    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in rows[:2]]), torch.tensor([r["loss"] for r in two]),
                                atol=1e-5, rtol=0)
     a = load_file(str(tmp_path / "one" / "stage1_model" / "model.safetensors"))
     b = load_file(str(tmp_path / "two" / "stage1_model" / "model.safetensors"))
@@ -295,22 +302,12 @@ def test_torchrun_two_ranks_equal_one_rank_then_dpo(tmp_path):
     base, _ = lm.load("tiny")
     q0 = "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
     assert (a[q0] - base.vision_tower.encoder.layers[0].self_attn.q_proj.weight).abs().max() > 1e-7  # ViT LoRA merged in
-    prefs = json.loads((tmp_path / "one" / "results.json").read_text())["prefs"]
+    res = json.loads((tmp_path / "one" / "results.json").read_text())
+    prefs = res["prefs"]
     assert prefs["images"] == 4 and prefs["questions"] == 8
     assert prefs["pairs"] + sum(v for k, v in prefs.items() if k not in ("pairs", "images", "questions", "tie")) == 8
-    # stage 2 from the saved stage-1 model, on pairs in the STLLaVA-Med format
-    recs = [r for _, r in lm.read_records(TOY / "train.json")[:8]]
-    pairs = [st.dpo_record(r["id"], r["image"], qa["question"], qa["answer"], "no" if qa["answer"] == "yes" else "yes", (9, 1))
-             for r in recs for qa in r["qa"][:2]]
-    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    _run([sys.executable, "stllava_med.py", "--stages", "dpo,eval", "--model", str(tmp_path / "one" / "stage1_model"),
-          "--dpo-data", str(tmp_path / "pairs.json"), "--image-folder", str(TOY), "--dpo-batch-size", "8",
-          "--dpo-micro-batch-size", "8", "--dpo-epochs", "1", "--dpo-lr", "1e-3", "--eval-limit", "8", "--eval-max-new-tokens", "4",
-          "--out", str(tmp_path / "dpo")])
-    res = json.loads((tmp_path / "dpo" / "results.json").read_text())
-    assert set(res) == {"sft", "dpo", "wall_s"} and res["dpo"]["n_closed"] + res["dpo"]["n_open"] == 8
-    rows = [json.loads(line) for line in open(tmp_path / "dpo" / "metrics.jsonl")]
-    dpo_rows = [r for r in rows if r["phase"] == "stage2_dpo"]
-    assert len(dpo_rows) == 2 and abs(dpo_rows[0]["loss"] - 0.693147) < 1e-4  # step 1: policy == reference
-    c = load_file(str(tmp_path / "dpo" / "stage2_model" / "model.safetensors"))
+    assert len(json.loads((tmp_path / "one" / "stllava_med_dpo.json").read_text())) == prefs["pairs"]
+    assert set(res) == {"sft", "prefs", "dpo", "wall_s"} and res["dpo"]["n_closed"] + res["dpo"]["n_open"] == 4
+    assert abs(rows[4]["loss"] - 0.693147) < 1e-4  # DPO step 1: policy == reference (the frozen stage-1 model)
+    c = load_file(str(tmp_path / "one" / "stage2_model" / "model.safetensors"))
     assert (c[q0] - a[q0]).abs().max() > 0  # stage 2's new ViT LoRA trained and merged
