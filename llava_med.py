@@ -31,6 +31,7 @@ import contextlib
 import json
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import NamedTuple
 from pathlib import Path
@@ -413,16 +414,60 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
 
 
 def build_projector(kind: str, vision_dim: int, text_dim: int) -> nn.Module:
-    """LLaVA's builder: "linear" or "mlp{N}x_gelu" (Linear, GELU, Linear, ...; state-dict indices 0, 2, ...)."""
+    """LLaVA's builder: "linear" or "mlp{N}x_gelu" (Linear, GELU, Linear, ...; state-dict indices 0, 2, ...);
+    "cluster" (STLLaVA-Med / SQ-LLaVA prototype extractor, 256 centres) or "cluster{K}" (K centres)."""
     if kind == "linear":
         return nn.Linear(vision_dim, text_dim)
+    c = re.fullmatch(r"cluster(\d*)", kind)
+    if c is not None:
+        return ClusterProjector(vision_dim, text_dim, num_centers=int(c.group(1) or 256), iterations=2)
     m = re.fullmatch(r"mlp(\d+)x_gelu", kind)
     if m is None:
-        raise ValueError(f"unknown projector type {kind!r} (known: linear, mlp2x_gelu, mlpNx_gelu)")
+        raise ValueError(f"unknown projector type {kind!r} (known: linear, mlp2x_gelu, mlpNx_gelu, cluster, clusterK)")
     layers = [nn.Linear(vision_dim, text_dim)]
     for _ in range(int(m.group(1)) - 1):
         layers += [nn.GELU(), nn.Linear(text_dim, text_dim)]
     return nn.Sequential(*layers)
+
+
+class ClusterProjector(nn.Module):
+    """STLLaVA-Med's "cluster" projector (SQ-LLaVA's prototype extractor; spec 4.3, released
+    llava/model/multimodal_projector/cluster.py): soft-cluster the ViT tokens around K centres for T iterations,
+    hard-assign each token to its most similar centre, add that centre's prototype to the token, then the 2-layer
+    MLP. The token count is unchanged (576 in, 576 out). Parameter names are the released ones, so
+    `model.mm_projector.{sim_alpha, sim_beta, c, v, f, ln_1, mlp.0, mlp.2}` load as they are; `ln_1` exists in the
+    released state dict but its forward never uses it (kept for loading). The sums below are matmuls where the
+    released code broadcasts a [B, K, L, D] tensor (the same numbers, without ~0.6 GB per 336 px image)."""
+
+    def __init__(self, vision_dim: int, text_dim: int, num_centers: int = 256, iterations: int = 2):
+        super().__init__()
+        self.num_centers, self.iterations = num_centers, iterations
+        self.sim_alpha = nn.Parameter(torch.ones(1, 1, 1))  # similarity scale and shift, learnt
+        self.sim_beta = nn.Parameter(torch.zeros(1, 1, 1))
+        self.c = nn.Linear(vision_dim, vision_dim)  # centre update
+        self.v = nn.Linear(vision_dim, vision_dim)  # token "values" the centres are compared with
+        self.f = nn.Linear(vision_dim, vision_dim)  # token features aggregated into the prototypes
+        self.ln_1 = nn.LayerNorm(vision_dim)  # unused in the released forward; present in its checkpoints
+        self.mlp = nn.Sequential(OrderedDict([("0", nn.Linear(vision_dim, text_dim)),
+                                              ("1", transformers.activations.ACT2FN["quick_gelu"]),
+                                              ("2", nn.Linear(text_dim, text_dim))]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, D] ViT features
+        value = F.normalize(self.v(x), dim=-1)  # [B, L, D]
+        feature = self.f(x)  # [B, L, D]
+        k = self.num_centers  # initial centres: average-pool the token axis down to K (AdaptiveAvgPool1d)
+        centers = F.adaptive_avg_pool1d(x.transpose(1, 2), k).transpose(1, 2)  # [B, K, D]
+        centers_feature = F.adaptive_avg_pool1d(feature.transpose(1, 2), k).transpose(1, 2)  # [B, K, D]
+        for _ in range(self.iterations):  # soft assignment: each token spreads over the centres (softmax over K)
+            centers = self.c(centers)
+            assign = (F.normalize(centers, dim=-1) @ value.transpose(1, 2)).softmax(dim=1)  # [B, K, L]
+            centers = assign @ feature  # [B, K, D]
+        cos = F.normalize(centers, dim=-1) @ F.normalize(x, dim=-1).transpose(1, 2)  # [B, K, L]
+        sim = torch.sigmoid(self.sim_beta + self.sim_alpha * cos)
+        mask = F.one_hot(sim.argmax(dim=1), k).transpose(1, 2).to(sim.dtype)  # hard: the closest centre per token
+        sim = sim * mask
+        prototypes = (sim @ feature + centers_feature) / (mask.sum(dim=-1, keepdim=True) + 1.0)  # [B, K, D]
+        return self.mlp(x + sim.transpose(1, 2) @ prototypes)  # each token + its centre's prototype -> MLP
 
 
 class Output(NamedTuple):
