@@ -811,9 +811,11 @@ def set_trainable_stage1(model, args: Args):
 
 
 # Copied from dpo.py: shard
-def shard(model, device, activation_checkpointing: bool = False):
+def shard(model, device, activation_checkpointing: bool = False, compile: bool = False):
     """FSDP2: one unit per decoder layer, one for the vision tower, one for the projector, and the root
-    (embeddings, norm, lm_head). bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU."""
+    (embeddings, norm, lm_head). bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU.
+    compile: torch.compile each decoder layer in place before wrapping it (per-layer, as torchtune does: one
+    graph reused by every layer, FSDP's hooks stay outside the compiled region)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # the projector unit returns a view (a reshaped matmul); we never modify it in place, so FSDP2's warning is noise
@@ -823,6 +825,8 @@ def shard(model, device, activation_checkpointing: bool = False):
     if activation_checkpointing:
         model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.language_model.model.layers:
+        if compile:
+            layer.compile()
         fully_shard(layer, **kw)
     fully_shard(model.vision_tower, **kw)
     fully_shard(model.projector, **kw)  # its own unit: images are projected once per step, outside the root forward
