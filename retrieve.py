@@ -521,14 +521,15 @@ class ReportIndex:
     """A faiss index over the report embeddings of one domain's knowledge base, and the reports themselves.
     Vectors are L2-normalised, so inner product = cosine similarity. Search returns cosines, best first."""
 
-    def __init__(self, index, reports: list[str], kind: str):
+    def __init__(self, index, reports: list[str], kind: str, sources: list[str] | None = None):
         if index.ntotal != len(reports):
             raise ValueError(f"index holds {index.ntotal} vectors but {len(reports)} reports")
         self.index, self.reports, self.kind = index, reports, kind
+        self.sources = sources or [""] * len(reports)  # the image each report belongs to (to exclude a KB image's own)
 
     @classmethod
     def build(cls, embeddings: np.ndarray, reports: list[str], kind: str = "flat", nlist: int = 0, nprobe: int = 8,
-              hnsw_m: int = 32, use_gpu: bool = True) -> "ReportIndex":
+              hnsw_m: int = 32, use_gpu: bool = True, sources: list[str] | None = None) -> "ReportIndex":
         faiss = import_faiss()
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         faiss.normalize_L2(x)
@@ -548,7 +549,7 @@ class ReportIndex:
         if use_gpu and kind != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             cls._gpu_res = faiss.StandardGpuResources()  # kept alive with the class; HNSW has no GPU version
             index = faiss.index_cpu_to_gpu(cls._gpu_res, 0, index)
-        return cls(index, list(reports), kind)
+        return cls(index, list(reports), kind, sources)
 
     def search(self, queries: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(cosines [n, k], report ids [n, k]) for L2-normalised queries, in batches (bounded memory)."""
@@ -568,7 +569,8 @@ class ReportIndex:
         index = faiss.index_gpu_to_cpu(self.index) if hasattr(faiss, "index_gpu_to_cpu") and \
             type(self.index).__name__.startswith("Gpu") else self.index
         faiss.write_index(index, str(folder / "index.faiss"))
-        (folder / "reports.json").write_text(json.dumps({"kind": self.kind, "reports": self.reports}, ensure_ascii=False))
+        (folder / "reports.json").write_text(json.dumps({"kind": self.kind, "reports": self.reports,
+                                                         "sources": self.sources}, ensure_ascii=False))
 
     @classmethod
     def load(cls, folder: Path, use_gpu: bool = True) -> "ReportIndex":
@@ -578,7 +580,7 @@ class ReportIndex:
         if use_gpu and meta["kind"] != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             cls._gpu_res = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(cls._gpu_res, 0, index)
-        return cls(index, meta["reports"], meta["kind"])
+        return cls(index, meta["reports"], meta["kind"], meta.get("sources"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -756,8 +758,9 @@ class DomainRAG:
     def retrieve(self, paths: list[str], k_max: int | None = None, rule: str | None = None, gamma: float | None = None,
                  domains: list[str] | None = None, exclude: list[str] | None = None) -> list[dict]:
         """For each image: {"domain", "reports" (kept, best first), "scores" (positive similarities of the top
-        k_max), "k"}. `domains` skips the router (known domain); `exclude[i]`: a report text never returned for
-        image i (its own report when the image is in the knowledge base)."""
+        k_max, and "k"}. `domains` skips the router (known domain); `exclude[i]`: an image path whose own
+        knowledge-base entry is never returned for image i (a KB image must not find its own report; other reports
+        with the same text stay)."""
         c = self.config
         k_max, rule = k_max or c["k_max"], rule or c["rule"]
         gamma = c["gamma"] if gamma is None else gamma
@@ -769,10 +772,12 @@ class DomainRAG:
             extra = 1 if exclude else 0
             cos, ids = self.indexes[d].search(q, k_max + extra)
             for row, i in enumerate(idx):
-                reports = [self.indexes[d].reports[j] for j in ids[row] if j >= 0]
+                index = self.indexes[d]
+                rows = [j for j in ids[row] if j >= 0]
+                reports = [index.reports[j] for j in rows]
                 scores = list(positive_similarity(cos[row][:len(reports)]))
                 if exclude:
-                    keep = [n for n, r in enumerate(reports) if r != exclude[i]][:k_max]
+                    keep = [n for n, j in enumerate(rows) if not exclude[i] or index.sources[j] != exclude[i]][:k_max]
                     reports, scores = [reports[n] for n in keep], [scores[n] for n in keep]
                 k = choose_k(scores, rule, k_max, gamma, c.get("code_threshold", 1.5))
                 out[i] = {"domain": d, "reports": reports[:k], "scores": scores, "k": k, "candidates": reports}
@@ -814,7 +819,7 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
             results["recall_after"][d] = recall_at_k(towers, held, max_length=args.max_text_length)
         reports = [p["report"] for p in mine]
         index = ReportIndex.build(embed_texts(towers, reports, args.max_text_length), reports, args.index,
-                                  args.ivf_nlist, args.ivf_nprobe, args.hnsw_m)
+                                  args.ivf_nlist, args.ivf_nprobe, args.hnsw_m, sources=[p["image"] for p in mine])
         results["kb_size"][d] = len(reports)
         if master:
             towers.save(out / d / "retriever")

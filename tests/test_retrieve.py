@@ -146,10 +146,14 @@ def test_two_ranks_gathered_loss_equals_one_rank_full_batch(tmp_path):
 
 
 def test_toy_run_router_recall_index(tmp_path):
+    train = R.read_pairs(ROOT / "data" / "toy" / "train.json")  # 48 pairs per domain keep the run short
+    sub = [p for d in ("radiology", "pathology", "ophthalmology") for p in [q for q in train if q["domain"] == d][:48]]
+    (tmp_path / "train.json").write_text(json.dumps(sub))
     out = tmp_path / "r"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "retrieve.py"), "--out", str(out), "--epochs", "25",
-                           "--probe-steps", "200"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "retrieve.py"), "--data", str(tmp_path / "train.json"),
+                           "--test-data", str(ROOT / "data" / "toy" / "test.json"), "--out", str(out), "--epochs", "20",
+                           "--batch-size", "16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "gamma sweep" in proc.stdout
     res = json.loads((out / "results.json").read_text())
@@ -166,5 +170,10 @@ def test_toy_run_router_recall_index(tmp_path):
     assert [g["domain"] for g in got] == [p["domain"] for p in test]
     assert all(g["k"] == 4 and len(g["reports"]) == 4 for g in got)
     assert all(r in rag.indexes[g["domain"]].reports for g in got for r in g["reports"])
-    excl = rag.retrieve([test[0]["image"]], k_max=3, rule="fixed", exclude=[got[0]["reports"][0]])
-    assert got[0]["reports"][0] not in excl[0]["reports"]
+    kb = sub[0]
+    idx = rag.indexes[kb["domain"]]
+    assert idx.sources[0] == kb["image"] and idx.reports[0] == kb["report"]  # the index knows each report's image
+    excl = rag.retrieve([kb["image"]], k_max=5, rule="fixed", exclude=[kb["image"]])[0]
+    assert len(excl["candidates"]) == 5
+    kept = rag.retrieve([kb["image"]], k_max=len(idx.reports), rule="fixed", exclude=[kb["image"]])[0]["candidates"]
+    assert len(kept) == len(idx.reports) - 1  # exactly its own entry is gone (same-text reports of others stay)
