@@ -125,7 +125,7 @@ class Args:
     projector_lr: float = 2e-5  # projector learning rate with --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks
     micro_batch_size: int = 8  # pairs per forward on one rank
-    epochs: int = 1  # passes over each stage's pairs
+    epochs: int = 2  # passes over each stage's pairs (released: 3)
     max_steps: int = -1  # per stage (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine
     weight_decay: float = 0.0  # AdamW weight decay

@@ -180,15 +180,17 @@ def test_auroc_and_vqa_metrics():
 
 
 def test_default_pipeline_end_to_end_small(tmp_path):
-    """The whole default run, small: retrievers, warm start, RAG-PT building, two-stage DPO on the released-format
-    pairs (given by --rag-pt-data so both stages train whatever the tiny model answers), evaluation table."""
+    """The whole default run, small, on 2 ranks (gloo): retrievers with gathered InfoNCE, warm start, retrieval,
+    two-stage DPO on released-format pairs (given by --rag-pt-data so both stages train whatever the tiny model
+    answers), sharded generation, evaluation table, adapter export."""
     items, answers = scripted_items()  # real toy images, so PairData can open them
     pairs, _ = mr.rag_pt_pairs(items[:3], scripted_model(items, answers, []), "noise", 50)
     pairs = [dict(p, id=f"{p['id']}_{n}") for n in range(4) for p in pairs]  # 4 cm, 4 oa1, 4 oa2
     (tmp_path / "pt.json").write_text(json.dumps(pairs))
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "mmed_rag.py"), "--out", str(out), "--retriever-epochs", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29671",
+           str(ROOT / "mmed_rag.py"), "--out", str(out), "--retriever-epochs", "2", "--epochs", "1",
            "--sft-warmup-steps", "3", "--eval-limit", "4", "--micro-batch-size", "2", "--batch-size", "4",
            "--lora-r", "4", "--lora-alpha", "8", "--rag-pt-data", str(tmp_path / "pt.json"),
            "--report-max-new-tokens", "4", "--pt-fraction", "0.05"]
@@ -196,7 +198,7 @@ def test_default_pipeline_end_to_end_small(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["rag_pt_sizes"]["total"]["cm"] == 4 and res["rag_pt_sizes"]["total"]["oa1"] == 4
-    assert res["dpo"]["stage1"]["steps"] == 1 and res["dpo"]["stage2"]["steps"] == 2  # 4 cm pairs; 8 oa pairs
+    assert res["dpo"]["stage1"]["steps"] == 1 and res["dpo"]["stage2"]["steps"] == 2  # 4 cm pairs; 8 oa; batch 4
     assert "| + RAG-PT (with RAG) |" in res["table"]
     for key in ("before", "after"):
         assert res[key]["rag"]["vqa"]["n"] == 4 and "auroc" in res[key]["rag"]["vqa"]
