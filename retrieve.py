@@ -813,12 +813,12 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
         towers = build_towers(args.encoder, args.embed_dim, args.seed)
         held = [p for p in eval_pairs if p["domain"] == d]
         if held:
-            results["recall_before"][d] = recall_at_k(towers, held, max_length=args.max_text_length)
+            results["recall_before"][d] = recall_at_k(towers, held, max_length=args.max_text_length, device=device)
         towers = train_retriever(args, towers, mine, device, rank, world, log, desc=f"retriever {d}")
         if held:
-            results["recall_after"][d] = recall_at_k(towers, held, max_length=args.max_text_length)
+            results["recall_after"][d] = recall_at_k(towers, held, max_length=args.max_text_length, device=device)
         reports = [p["report"] for p in mine]
-        index = ReportIndex.build(embed_texts(towers, reports, args.max_text_length), reports, args.index,
+        index = ReportIndex.build(embed_texts(towers, reports, args.max_text_length, device=device), reports, args.index,
                                   args.ivf_nlist, args.ivf_nprobe, args.hnsw_m, sources=[p["image"] for p in mine])
         results["kb_size"][d] = len(reports)
         if master:

@@ -206,3 +206,12 @@ def test_default_pipeline_end_to_end_small(tmp_path):
         assert 0 <= res[key]["copy_reference_rate"] <= 100
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "stage2" / "checkpoints").exists() and (out / "retriever" / "rag_config.json").exists()
+
+
+def test_read_items_toy_and_llava_vqa_formats():
+    toy = mr.read_items(ROOT / "data" / "toy" / "test.json")
+    assert sum(it["task"] == "report" for it in toy) == 90 and sum(it["task"] == "vqa" for it in toy) == 270
+    assert {it["answer"] for it in toy if it["task"] == "vqa"} == {"yes", "no"}
+    vqa = mr.read_items(ROOT / "data" / "toy" / "test_vqa.json")  # LLaVA format: open questions are skipped
+    assert len(vqa) == 270 and vqa[0]["question"] == "Is there a nodule in this image?" and vqa[0]["domain"] == "radiology"
+    assert mr.read_items(ROOT / "data" / "toy" / "test.json", tasks=("report",))[0]["answer"].startswith("Chest")
