@@ -41,7 +41,8 @@ Decisions on what the spec lists as not found (part D), each also commented wher
     answered correctly with the noise image; over-reliance rate: of those answered correctly without retrieval,
     the share answered wrongly with it (RULE's definition).
 
-Files written to --out: retriever/ (retrieve.py output), rag_pt.json (the preference set, released format),
+Files written to --out: retriever/ (retrieve.py output), retrieved_test.jsonl (test items + reference_reports +
+retrieve_k, as the released retrieval scripts write), rag_pt.json (the preference set, released format),
 stage1/ stage2/ (checkpoints), adapter/ (PEFT), metrics.jsonl, results.json with the comparison table.
 
 File layout: Args -> data (items, splits) -> prompts -> RAG-PT pair building -> DPO (copied from dpo.py) ->
@@ -114,7 +115,8 @@ class Args:
     lora_alpha: int = 256  # LoRA alpha (256)
     lora_dropout: float = 0.05  # LoRA dropout (0.05)
     tune_projector: bool = False  # also train the projector (ambiguous in the release; spec A8: a flag)
-    sft_warmup_steps: int = -1  # SFT on plain + RAG prompts before anything else; -1 = 300 for --model tiny, else 0
+    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 600 for tiny, else 0
+    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 200 for tiny, else 0
     sft_lr: float = 1e-3  # learning rate of that warm start
     # DPO (released: beta 0.1, lr 1e-7, 3 epochs, batch 4 on LLaVA-Med 7B)
     beta: float = 0.1  # DPO temperature (paper's alpha not found; the release runs TRL's 0.1)
@@ -1064,7 +1066,7 @@ def sft_warmup(args: Args, model, tokenizer, examples: list[dict], pixel, device
     g = torch.Generator().manual_seed(args.seed)
     bar = tqdm(range(steps), desc="warm start", disable=dist.get_rank() != 0, leave=False)
     for step in bar:
-        idx = torch.randint(len(seqs), (args.micro_batch_size,), generator=g).tolist()
+        idx = torch.randint(len(seqs), (args.micro_batch_size * 2,), generator=g).tolist()
         batch = to_device(lm.collate([seqs[i] for i in idx], tokenizer.pad_token_id), device)
         pix = torch.stack([pixel(examples[i]["image"]) for i in idx]).to(device)
         logits = model(batch["input_ids"], pix, batch["attention_mask"]).logits[:, :-1].float()
@@ -1317,21 +1319,31 @@ def main(argv=None):
         attach_reports(kb_items, rag, args.k_max, args.rule, gamma, args.code_threshold, exclude_own=own)
     attach_reports(pt_items, rag, args.k_max, args.rule, gamma, args.code_threshold, fixed_k=args.pt_k)
     attach_reports(test_items, rag, args.k_max, args.rule, gamma, args.code_threshold)
+    if master:  # the released retrieve_clip_*.py output: the item's fields + reference_reports + retrieve_k
+        with open(out / "retrieved_test.jsonl", "w") as f:
+            for it in test_items:
+                f.write(json.dumps({**{k: v for k, v in it.items() if k != "reports"}, "reference_reports": it["reports"],
+                                    "retrieve_k": len(it["reports"])}, ensure_ascii=False) + "\n")
 
     # ---- 2. the Med-LVLM (warm-started when it is the tiny random model)
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
     pixel = pixel_loader(model.config, folder, True)
-    warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (300 if args.model == "tiny" else 0)
-    if warm:
+    tiny = args.model == "tiny"
+    warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (600 if tiny else 0)
+    warm_rag = args.sft_rag_steps if args.sft_rag_steps >= 0 else (200 if tiny else 0)
+    if warm or warm_rag:
         if not kb_items:
-            raise ValueError("--sft-warmup-steps needs the toy knowledge-base split (pass 0 for a trained model)")
-        examples = []
-        for it in kb_items:
-            examples.append({"image": it["image"], "answer": it["answer"],
-                             "prompt": plain_prompt(it["task"], it["domain"], it["question"])})
-            examples.append({"image": it["image"], "answer": it["answer"],
-                             "prompt": rag_prompt(it["task"], it["domain"], it["reports"], it["question"])})
-        sft_warmup(args, model, tokenizer, examples, pixel, device, warm, log)
+            raise ValueError("a warm start needs the toy knowledge-base split (pass 0 steps for a trained model)")
+        plain = [{"image": it["image"], "answer": it["answer"],
+                  "prompt": plain_prompt(it["task"], it["domain"], it["question"])} for it in kb_items]
+        with_rag = [{"image": it["image"], "answer": it["answer"],
+                     "prompt": rag_prompt(it["task"], it["domain"], it["reports"], it["question"])} for it in kb_items]
+        # short prompts first: through ~250-token RAG prompts the random model does not learn to read the images
+        # in a CPU budget (300 mixed steps left it at chance); then both prompt kinds, so it knows the A6 format
+        if warm:
+            sft_warmup(args, model, tokenizer, plain, pixel, device, warm, log)
+        if warm_rag:
+            sft_warmup(args, model, tokenizer, plain + with_rag, pixel, device, warm_rag, log)
         if master:
             lm.save_llava_hf(model, tokenizer, out / "base_llava_hf")  # the adapter's base model
     model, ref_model = build_models(args, model, device)

@@ -1,7 +1,7 @@
 """retrieve.py -- MMed-RAG's domain-aware retriever: domain router, one CLIP-style retriever per domain, faiss index,
 adaptive k. Usable on its own; mmed_rag.py imports it.
 
-    # embedded default: tiny random CLIP towers trained on the toy set (3 domains), CPU, well under a minute
+    # embedded default: tiny random CLIP towers trained on the toy set (3 domains), about a minute of CPU time
     python retrieve.py
     # 2 CPU processes (gloo) or 8 GPUs (nccl): the contrastive batch is gathered over ranks (same result)
     torchrun --nproc-per-node=2 retrieve.py

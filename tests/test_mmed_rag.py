@@ -191,7 +191,7 @@ def test_default_pipeline_end_to_end_small(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29671",
            str(ROOT / "mmed_rag.py"), "--out", str(out), "--retriever-epochs", "2", "--epochs", "1",
-           "--sft-warmup-steps", "3", "--eval-limit", "4", "--micro-batch-size", "2", "--batch-size", "4",
+           "--sft-warmup-steps", "2", "--sft-rag-steps", "2", "--eval-limit", "4", "--micro-batch-size", "2", "--batch-size", "4",
            "--lora-r", "4", "--lora-alpha", "8", "--rag-pt-data", str(tmp_path / "pt.json"),
            "--report-max-new-tokens", "4", "--pt-fraction", "0.05"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -205,6 +205,8 @@ def test_default_pipeline_end_to_end_small(tmp_path):
         assert res[key]["rag"]["report"]["n"] == 4
         assert 0 <= res[key]["copy_reference_rate"] <= 100
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+    row = json.loads((out / "retrieved_test.jsonl").read_text().splitlines()[0])
+    assert row["retrieve_k"] == len(row["reference_reports"]) >= 1
     assert (out / "stage2" / "checkpoints").exists() and (out / "retriever" / "rag_config.json").exists()
 
 
