@@ -2,7 +2,8 @@
 LLaVA-style medical VLM (Xia et al., ICLR 2025, arXiv 2410.13085; spec part A).
 
     # embedded default: toy data, tiny random LLaVA. Trains the router + 3 retrievers (retrieve.py), warm-starts the
-    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT. A few minutes on CPU.
+    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT. About 8 min of CPU
+    # time (OMP_NUM_THREADS=1 is faster than 2 threads on a shared 2-core machine; README).
     python mmed_rag.py
     torchrun --nproc-per-node=2 mmed_rag.py                      # same run on 2 CPU processes (gloo)
     # real data: retrievers built first with retrieve.py on image-report pairs, then LLaVA-Med v1.5 on 8 GPUs
@@ -185,7 +186,8 @@ def setup_distributed(timeout_s: int = 1800):
 
 
 def read_items(path, image_folder: str = "", tasks=("vqa", "report")) -> list[dict]:
-    """Items {"id", "task", "image" (relative to the folder), "domain" (None = ask the router), "question", "answer"}.
+    """Items {"id", "task", "image" (as written in the record; the caller resolves it against its image folder),
+    "domain" (None = ask the router), "question", "answer"}.
     Toy records give their CLOSED questions and their report; LLaVA VQA records (one question, answer yes/no) give
     a VQA item (other answers are not MMed-RAG's closed VQA and are counted as skipped); {"image", "report"} records
     give a report item."""
