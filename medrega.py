@@ -75,7 +75,7 @@ class Args:
     data: str = "data/toy"  # toy folder (train.json with findings boxes), SLAKE folder, or MedRegInstruct json(l)s, comma-separated
     image_folder: str = ""  # images of --data files ("" = each file's folder)
     task: str = ""  # task of MedRegInstruct files: t2r, r2t, grounded, vqa, report ("" = from the file name)
-    tasks: str = "t2r,r2t,grounded,vqa,report"  # tasks built from toy / SLAKE records
+    tasks: str = "t2r,r2t,grounded"  # tasks built from toy / SLAKE records (all: t2r,r2t,grounded,vqa,report)
     eval_data: str = ""  # same kinds as --data ("" = data/toy/test.json when --data is the toy folder)
     eval_image_folder: str = ""  # images of --eval-data ("" = as for --data)
     max_length: int = 512  # tokens per sample, image tokens included (released: 2048)
@@ -98,7 +98,7 @@ class Args:
     crop_scale_min: float = 0.8  # smallest crop area fraction (RandomResizedCrop scale=(0.8, 1))
     # optimisation
     lr: float = -1  # peak learning rate; -1 = 1e-5 (released), or 1e-3 for --model tiny (random weights)
-    epochs: float = -1  # passes over the training samples; -1 = 1 (released), or 8 for --model tiny
+    epochs: float = -1  # passes over the training samples; -1 = 1 (released), or 10 for --model tiny
     batch_size: int = 16  # samples per optimizer step over all ranks (released: 128)
     micro_batch_size: int = 8  # samples per forward on one rank
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine to 0 (released: 3 %)
@@ -835,15 +835,15 @@ def train(args: Args, model, tokenizer, data: RegionSFTData, weights, device, ra
         epoch, k = divmod(step, steps_per_epoch)
         batch_idx = global_batches(len(data), args.batch_size, epoch, args.seed)[k]
         batches = [data.batch(idx, epoch) for idx in my_micro_batches(batch_idx, args.micro_batch_size, rank, world)]
-        denom = torch.tensor(sum(batch_weight(b, weights) for b in batches))
+        denom = torch.tensor(sum(batch_weight(b, weights) for b in batches), device=device)  # nccl reduces device tensors
         dist.all_reduce(denom)
         model.train()
-        loss_sum = torch.zeros(())
+        loss_sum = torch.zeros((), device=device)
         for m, b in enumerate(batches):
             model.set_requires_gradient_sync(m == len(batches) - 1)
             loss, _ = weighted_sft_loss_sum(model, to_device(b, device), weights)
             (loss * world / denom.item()).backward()  # FSDP averages over ranks: x world makes it a global mean
-            loss_sum += loss.detach().float().cpu()
+            loss_sum += loss.detach().float()
         dist.all_reduce(loss_sum)
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
         if not torch.isfinite(grad_norm) or not torch.isfinite(loss_sum):
@@ -989,6 +989,26 @@ def random_box_baseline(rows: list[dict], draws: int = 100, seed: int = 0, match
             if k.startswith(("acc@", "mean_iou", "multi_")):
                 acc[k] = acc.get(k, 0.0) + v / draws
     return acc
+
+
+def mean_box_baseline(train_samples: list[dict], rows: list[dict], match_iou: float = 0.5) -> dict:
+    """A prior-only answer: for each object name, the mean of its training boxes (0..999 grid), whatever the image.
+    A model that beats it uses the image, not just the name."""
+    sums = {}
+    for s in train_samples:
+        if s["task"] == "t2r":
+            for name, boxes in parse_regions(s["turns"][1][1]):
+                for b in boxes:
+                    acc = sums.setdefault(name, [0, 0, 0, 0, 0])
+                    for k in range(4):
+                        acc[k] += b[k]
+                    acc[4] += 1
+    fake = []
+    for r in rows:
+        names = [n for n, _ in parse_regions(r["answer"])]
+        text = "".join(format_region(n, [[round(v / sums[n][4]) for v in sums[n][:4]]]) for n in names if n in sums)
+        fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou)})
+    return {k: v for k, v in score_t2r(fake, match_iou).items() if k.startswith(("acc@", "mean_iou", "multi_"))}
 
 
 PUNCT = ".,;:!?\"'()[]。，、；：？！（）“”"
@@ -1147,7 +1167,7 @@ def main(argv=None):
     out = Path(args.out)
     tiny = args.model == "tiny"
     args.lr = args.lr if args.lr > 0 else (1e-3 if tiny else 1e-5)
-    args.epochs = args.epochs if args.epochs > 0 else (8.0 if tiny else 1.0)
+    args.epochs = args.epochs if args.epochs > 0 else (10.0 if tiny else 1.0)
     train_projector = {"yes": True, "no": False, "auto": tiny}[args.train_projector]
     args.base_prompt = {"full": "full", "none": "none", "auto": "none" if tiny else "full"}[args.base_prompt]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -1214,6 +1234,7 @@ def main(argv=None):
         log({"phase": "eval_after", **results["after"]})
         if rows.get("t2r"):
             results["random_box_baseline"] = random_box_baseline(preds["t2r"], seed=args.seed, match_iou=args.multi_box_iou)
+            results["mean_box_baseline"] = mean_box_baseline(train_samples, preds["t2r"], args.multi_box_iou)
         if master:
             (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False, default=str))
     # the trained weights (LoRA merged), unsharded: a llava-hf checkpoint with the four region tokens

@@ -271,6 +271,11 @@ def test_random_box_baseline_is_low():
     rows = [{"answer": gt, "width": 64, "height": 64, "score": {"n_gt": 1}} for _ in range(10)]
     base = mr.random_box_baseline(rows, draws=50)
     assert 0 <= base["acc@0.5"] < 0.05 and 0 < base["mean_iou"] < 0.15
+    train = [mr.sample(str(i), "x.png", 64, 64, "t2r", "en", "q", mr.format_region("nodule", [b]), "m")
+             for i, b in enumerate([[0, 0, 100, 100], [100, 100, 200, 200]])]
+    rows = [{"answer": mr.format_region("nodule", [[50, 50, 150, 150]]), "width": 999, "height": 999},
+            {"answer": mr.format_region("nodule", [[50, 50, 150, 100]]), "width": 999, "height": 999}]
+    assert mr.mean_box_baseline(train, rows) == {"acc@0.25": 1.0, "acc@0.5": 0.5, "acc@0.75": 0.5, "mean_iou": 0.75}
 
 
 def test_region_to_text_scores_and_bleu1_against_sacrebleu():
@@ -333,6 +338,21 @@ def test_regional_cot_hints(monkeypatch):
     assert mr.prompt_turns(rows[0], hints[0], base_prompt=False)[0][1] == (
         "<image>\nRegions: <ref>nodule</ref><box>[[1, 2, 3, 4]]</box>. Where is the nodule? "
         "Answer the question using a single word or phrase.")
+
+
+def test_lora_trains_adapters_and_the_grown_embeddings():
+    model, tok = lm.load("tiny")
+    mr.add_region_tokens(model, tok)
+    mr.add_lora(model, 8, 16, 0.0)
+    mr.set_trainable(model, lora=True, train_projector=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trained) and "language_model.lm_head.weight" in trained
+    assert "language_model.model.embed_tokens.weight" in trained  # the new <ref>/<box> rows must be able to move
+    assert not any(n.startswith(("vision_tower.", "projector.")) for n in trained)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trained)
+    mr.set_trainable(model, lora=False, train_projector=True)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "projector.0.weight" in trained and not any(n.startswith("vision_tower.") for n in trained)
 
 
 # ---- distributed ------------------------------------------------------------------------------------------
