@@ -2,8 +2,10 @@
 evaluation on the shared LLaVA model (the paper's backbone is InternVL; the method is the data, the box-in-text
 format, the training and the evaluation).
 
-    # embedded default: tiny random LLaVA, region tasks built from the toy lesion boxes, CPU, a few minutes
+    # embedded default: tiny random LLaVA, region tasks built from the toy lesion boxes, CPU
     python medrega.py
+    # all toy tasks (adds image-level VQA and report, English and Chinese) and regional chain-of-thought for VQA
+    python medrega.py --tasks t2r,r2t,grounded,vqa,report --regional-cot
     # the same on 2 CPU processes (gloo) or 8 GPUs (nccl, bf16): same global batch, same result
     torchrun --nproc-per-node=2 medrega.py
     # MedRegInstruct (HF dataset Luxuriant16/MedRegInstruct) on a real checkpoint, full LLM as in the released script
@@ -12,7 +14,7 @@ format, the training and the evaluation).
         --image-folder /data/MedRegInstruct --eval-data /data/MedRegInstruct/test/text2region.jsonl \\
         --lr 1e-5 --epochs 1 --batch-size 128 --micro-batch-size 4 --max-length 2048 --activation-checkpointing
     # SLAKE boxes (imgs/*/detection.json) and bilingual questions as region + VQA tasks; LoRA instead of full
-    python medrega.py --data ../shared/realdata/slake --eval-data ../shared/realdata/slake --lora
+    python medrega.py --data ../shared/realdata/slake --eval-data ../shared/realdata/slake --tasks t2r,r2t,vqa --lora
 
 The method, as in the paper and the released code (spec section 5):
   1. Boxes are text: `<ref>name</ref><box>[[x1, y1, x2, y2], ...]</box>`, integers 0-999 (round(x / W * 999);
