@@ -275,7 +275,10 @@ def test_random_box_baseline_is_low():
              for i, b in enumerate([[0, 0, 100, 100], [100, 100, 200, 200]])]
     rows = [{"answer": mr.format_region("nodule", [[50, 50, 150, 150]]), "width": 999, "height": 999},
             {"answer": mr.format_region("nodule", [[50, 50, 150, 100]]), "width": 999, "height": 999}]
-    assert mr.mean_box_baseline(train, rows) == {"acc@0.25": 1.0, "acc@0.5": 0.5, "acc@0.75": 0.5, "mean_iou": 0.75}
+    base = mr.prior_box_baselines(train, rows)
+    assert base["mean_box"] == {"acc@0.25": 1.0, "acc@0.5": 0.5, "acc@0.75": 0.5, "mean_iou": 0.75}
+    # best constant: each training box has 1 training box (itself) at IoU > 0.5; the first wins -> [0, 0, 100, 100]
+    assert base["best_constant_box"]["mean_iou"] == pytest.approx((25 / 175 + 0.2) / 2)
 
 
 def test_region_to_text_scores_and_bleu1_against_sacrebleu():
