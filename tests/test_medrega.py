@@ -370,7 +370,7 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     """Augmented crops and the weighted global mean do not depend on the split: 2 ranks x 1 micro-batch ==
     1 rank x 2 micro-batches (losses and exported weights, atol 1e-5); the export carries the region tokens."""
     args = ["--tasks", "t2r,grounded", "--epochs", "0.03", "--batch-size", "8", "--micro-batch-size", "4",
-            "--position-weight", "2", "--no-eval"]
+            "--position-weight", "2", "--augment", "yes", "--no-eval"]
     _run([sys.executable, "medrega.py", "--out", str(tmp_path / "one")] + args)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "medrega.py",
           "--out", str(tmp_path / "two")] + args)
