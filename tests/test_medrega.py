@@ -1,0 +1,386 @@
+"""medrega.py: box text round trips and malformed answers, the region tokens (mean-initialised rows), the base prompts,
+toy / SLAKE / MedRegInstruct readers, box-preserving crops, IoU on hand-computed cases, the Hungarian matcher
+against brute force, Text-to-Region / Region-to-Text scoring (BLEU-1 against sacrebleu), the weighted loss, regional
+CoT hints, and torchrun 2 ranks == 1 rank x 2 micro-batches with augmentation on."""
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import llava_med as lm
+import medrega as mr
+from conftest import ROOT
+
+REAL = ROOT.parent / "shared" / "realdata"
+TOY = ROOT / "data" / "toy"
+TASKS = ["t2r", "r2t", "grounded", "vqa", "report"]
+
+
+# ---- boxes as text ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("W,H", [(64, 64), (333, 517), (1024, 768)])
+def test_box_encode_decode_round_trip(W, H):
+    for v in range(1000):  # every grid value survives decode -> encode
+        assert mr.encode_box(mr.decode_box([v, v, v, v], W, H), W, H) == [v, v, v, v]
+    rng = random.Random(0)
+    for _ in range(200):  # pixels -> grid -> pixels is off by at most half a grid step
+        x1, x2 = sorted(rng.uniform(0, W) for _ in range(2))
+        y1, y2 = sorted(rng.uniform(0, H) for _ in range(2))
+        back = mr.decode_box(mr.encode_box([x1, y1, x2, y2], W, H), W, H)
+        for a, b, s in zip([x1, y1, x2, y2], back, [W, H, W, H]):
+            assert abs(a - b) <= s / 999 / 2 + 1e-9
+    assert mr.encode_box([0, 0, W, H], W, H) == [0, 0, 999, 999]
+
+
+@pytest.mark.parametrize("bad", [[5, 5, 3, 8], [0, 0, 65, 10], [-1, 0, 3, 3], [1, 2, 3], [0, float("nan"), 1, 1]])
+def test_encode_rejects_bad_boxes(bad):
+    with pytest.raises(ValueError):
+        mr.encode_box(bad, 64, 64)
+
+
+def test_format_and_parse_regions():
+    text = mr.format_region("carotid vessel wall", [[365, 293, 416, 598], [596, 316, 635, 464]])
+    assert text == "<ref>carotid vessel wall</ref><box>[[365, 293, 416, 598], [596, 316, 635, 464]]</box>"  # spec 5.3
+    two = text + ", " + mr.format_region("left lung", [[535, 128, 923, 889]]) + ": No focal consolidation."
+    assert mr.parse_regions(two) == [("carotid vessel wall", [[365, 293, 416, 598], [596, 316, 635, 464]]),
+                                     ("left lung", [[535, 128, 923, 889]])]
+    assert mr.strip_regions(two) == "carotid vessel wall, left lung: No focal consolidation."
+
+
+@pytest.mark.parametrize("text,boxes,bad", [
+    ("<ref>a</ref><box>[[1, 2, 3, 4]]</box>", [[1, 2, 3, 4]], 0),
+    ("<ref>a</ref><box>[[1, 2, 3", [], 0),  # truncated generation
+    ("<ref>a</ref><box>[[1, 2, 3, 4], [5, 6, 7", [[1, 2, 3, 4]], 0),  # the complete box still counts
+    ("[[1000, 2, 3, 4], [5, 5, 3, 3], [10,20,30,40]]", [[10, 20, 30, 40]], 2),  # out of range, x2 < x1
+    ("[[-5, 2, 3, 4]]", [], 1),
+    ("no box at all", [], 0),
+    ("[[1.5, 2, 3, 4]]", [], 0),  # not integers: not a box of this format
+])
+def test_parse_malformed_answers(text, boxes, bad):
+    assert mr.parse_quads(text) == (boxes, bad)
+
+
+def test_map_boxes_only_touches_box_spans():
+    text = "What is <ref>this</ref><box>[[1, 2, 3, 4]]</box> at [[1, 2, 3, 4]]?"
+    assert mr.map_boxes(text, lambda b: [v * 10 for v in b]) == \
+        "What is <ref>this</ref><box>[[10, 20, 30, 40]]</box> at [[1, 2, 3, 4]]?"
+
+
+def test_region_tokens_are_single_and_mean_initialised():
+    model, tok = lm.load("tiny")
+    emb_in = model.language_model.get_input_embeddings().weight.detach().clone()
+    emb_out = model.language_model.get_output_embeddings().weight.detach().clone()
+    assert mr.add_region_tokens(model, tok) == 4
+    ids = [tok.convert_tokens_to_ids(t) for t in mr.REGION_TOKENS]
+    assert ids == list(range(emb_in.shape[0], emb_in.shape[0] + 4))
+    text = "<ref>nodule</ref><box>[[38, 15, 51, 28]]</box>"
+    enc = tok.encode(text, add_special_tokens=False)
+    assert all(i in enc for i in ids) and tok.decode(enc, skip_special_tokens=True) == text  # kept by generate's decode
+    new_in = model.language_model.get_input_embeddings().weight
+    new_out = model.language_model.get_output_embeddings().weight
+    assert new_in.shape[0] == new_out.shape[0] == len(tok) == model.config.text_config.vocab_size
+    torch.testing.assert_close(new_in[:emb_in.shape[0]], emb_in)
+    for i in ids:
+        torch.testing.assert_close(new_in[i], emb_in.mean(0))
+        torch.testing.assert_close(new_out[i], emb_out.mean(0))
+    assert mr.add_region_tokens(model, tok) == 0  # idempotent
+    out = model(torch.tensor([enc]))  # the grown model runs
+    assert out.logits.shape == (1, len(enc), len(tok))
+
+
+# ---- tasks, prompts, readers ----------------------------------------------------------------------------------
+
+def test_base_prompts_and_training_format():
+    # verbatim from the released meta_file.json ("text2region")
+    assert mr.BASE_PROMPTS[("t2r", "en")] == (
+        "You are a helpful medical assistant. Your task is object detection. You are required to find all the regions "
+        "of the given objects. The region is represented in the form of bounding box, [x1, y1, x2, y2], with integers "
+        "ranging from 0 to 999. These values correspond to the top left x, top left y, bottom right x, and bottom right "
+        "y. For each object, please utilize this format to represent the region with its bounding box: "
+        "\"<ref>object</ref><box>[[x1, y1, x2, y2]]</box>\". There might be multiple boxes for one object, in which "
+        "case the format is like \"<ref>object</ref><box>[[x1, y1, x2, y2], [x3, y3, x4, y4]]</box>\".")
+    assert mr.BASE_PROMPTS[("r2t", "en")].endswith("bottom right x, and bottom right y.")
+    assert mr.BASE_PROMPTS[("grounded", "zh")].startswith("你是一个医疗助手，你的任务是定位并描述病种。")
+    s = mr.sample("x", "img.png", 64, 64, "t2r", "en", "Please locate <ref>nodule</ref> in this chest x-ray.",
+                  "<ref>nodule</ref><box>[[1, 2, 3, 4]]</box>", "mem")
+    turns = mr.prompt_turns(s)
+    assert turns[0][1] == "<image>\n" + mr.BASE_PROMPTS[("t2r", "en")] + " Please locate <ref>nodule</ref> in this chest x-ray."
+    assert mr.prompt_turns(s, base_prompt=False)[0][1] == "<image>\nPlease locate <ref>nodule</ref> in this chest x-ray."
+    zh = mr.sample("y", "img.png", 64, 64, "vqa", "zh", "结节位于哪里？", "右上肺", "mem")
+    assert mr.prompt_turns(zh)[0][1] == "<image>\n" + mr.BASE_PROMPTS[("vqa", "zh")] + " 结节位于哪里？请用词或短语回答问题。"
+    rendered = lm.render_chat("chatml", turns)  # MedRegA's Hermes-2 template (spec 5.2)
+    assert rendered.startswith("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\n")
+    assert rendered.endswith("<|im_start|>assistant\n<ref>nodule</ref><box>[[1, 2, 3, 4]]</box><|im_end|>")
+
+
+def test_toy_samples_carry_the_finding_boxes():
+    samples = mr.toy_samples(TOY / "train.json", TASKS)
+    recs = {r["id"]: r for _, r in lm.read_records(TOY / "train.json")}
+    count = {}
+    for s in samples:
+        count[(s["task"], s["lang"])] = count.get((s["task"], s["lang"]), 0) + 1
+    assert count == {("t2r", "en"): 180, ("r2t", "en"): 180, ("grounded", "en"): 180, ("grounded", "zh"): 180,
+                     ("vqa", "en"): 360, ("vqa", "zh"): 360, ("report", "en"): 360, ("report", "zh"): 360}
+    for s in samples:
+        if s["task"] != "t2r":
+            continue
+        f = recs[s["id"].rsplit("_t2r", 1)[0]]["findings"][0]
+        (name, boxes), = mr.parse_regions(s["turns"][1][1])
+        assert name == f["name"] and len(boxes) == 1
+        assert max(abs(a - b) for a, b in zip(mr.decode_box(boxes[0], 64, 64), f["box"])) <= 64 / 999 / 2 + 1e-9
+    g = next(s for s in samples if s["task"] == "grounded" and s["lang"] == "zh")
+    assert g["turns"][0][1].startswith("请定位并描述这张医学影像中的<ref>") and "</box>：" in g["turns"][1][1]
+
+
+def test_toy_record_with_a_bad_box_names_the_record(tmp_path):
+    rec = json.loads((TOY / "train.json").read_text())[0]
+    rec["findings"][0]["box"] = [50, 10, 40, 20]
+    (tmp_path / "train.json").write_text(json.dumps([rec]))
+    with pytest.raises(lm.DataError, match=r"train\.json\[0\] id=toy_train_rad_0000: box"):
+        mr.toy_samples(tmp_path / "train.json", TASKS, str(TOY))
+
+
+def test_medreginstruct_reader(tmp_path):
+    rows = [{"id": "a", "image": "images/train_radiology_0000.png", "width": 64, "height": 64, "conversations": [
+        {"from": "human", "value": "<image>\nPlease locate <ref>nodule</ref> in this chest x-ray."},
+        {"from": "gpt", "value": "<ref>nodule</ref><box>[[593, 234, 796, 437]]</box>"}]},
+        {"id": "b", "image": "images/train_radiology_0000.png", "conversations": [
+            {"from": "human", "value": "Please locate <ref>nodule</ref>."}, {"from": "gpt", "value": "x"}]}]
+    f = tmp_path / "text2region.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(lm.DataError, match="text2region.jsonl:2: needs numeric 'width' and 'height'"):
+        mr.medreginstruct_samples(f, str(TOY), "")
+    f.write_text(f.read_text() + "{broken\n")
+    skipped = {}
+    out = mr.medreginstruct_samples(f, str(TOY), "", skipped)
+    assert len(out) == 1 and out[0]["task"] == "t2r" and sum(skipped.values()) == 2
+    assert out[0]["turns"][0][1] == "Please locate <ref>nodule</ref> in this chest x-ray."  # raw <image> stripped
+    g = tmp_path / "mystery.jsonl"
+    g.write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(lm.DataError, match="pass --task"):
+        mr.medreginstruct_samples(g, str(TOY), "")
+    assert mr.medreginstruct_samples(g, str(TOY), "r2t")[0]["task"] == "r2t"
+
+
+@pytest.mark.skipif(not (REAL / "slake").exists(), reason="../shared/realdata not present")
+def test_slake_detection_boxes_and_bilingual_questions():
+    samples = mr.slake_samples(REAL / "slake", "train", TASKS)
+    liver = next(s for s in samples if s["id"] == "slake_xmlab0_t2r0")  # detection.json: {"Liver": [33, 67, 98, 108]} (xywh)
+    (name, boxes), = mr.parse_regions(liver["turns"][1][1])
+    assert name == "Liver" and (liver["width"], liver["height"]) == (256, 256)
+    assert max(abs(a - b) for a, b in zip(mr.decode_box(boxes[0], 256, 256), [33, 67, 131, 175])) < 0.13
+    assert {s["lang"] for s in samples if s["task"] == "vqa"} == {"en", "zh"}
+    assert sum(s["task"] == "vqa" for s in samples) == 217  # every QA row of the subset
+    assert all(s["task"] != "grounded" for s in samples)  # SLAKE has no per-region reports
+
+
+# ---- augmentation -------------------------------------------------------------------------------------------
+
+def test_crop_keeps_boxes_on_their_pixels():
+    """A white rectangle on black: after every crop, the rewritten box is still the rectangle's pixel extent."""
+    W, H = 120, 90
+    img = Image.new("RGB", (W, H))
+    ImageDraw.Draw(img).rectangle([40, 30, 69, 49], fill=(255, 255, 255))  # pixels 40..69 x 30..49 -> box [40, 30, 70, 50]
+    turns = [("user", "Please locate <ref>spot</ref>."), ("assistant", mr.format_region("spot", [mr.encode_box([40, 30, 70, 50], W, H)]))]
+    sizes = set()
+    for seed in range(20):
+        out, new_turns = mr.augment_sample(img, turns, random.Random(seed), 0.5)
+        w, h = out.size
+        sizes.add((w, h))
+        (_, boxes), = mr.parse_regions(new_turns[1][1])
+        x1, y1, x2, y2 = mr.decode_box(boxes[0], w, h)
+        import numpy as np
+        ys, xs = np.nonzero(np.asarray(out)[..., 0] > 128)
+        truth = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert max(abs(a - b) for a, b in zip([x1, y1, x2, y2], truth)) <= max(w, h) / 999 + 1e-6, (seed, out.size)
+    assert len(sizes) > 5  # it really crops
+    # the whole-image box leaves no room for a smaller crop: no crop, nothing moves
+    assert mr.crop_keeping_boxes(W, H, [[0, 0, W, H]], random.Random(0), (0.5, 0.6)) is None
+
+
+# ---- scoring ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("a,b,iou", [
+    ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 7),  # overlap 1, union 4 + 4 - 1
+    ([0, 0, 4, 4], [1, 1, 3, 3], 4 / 16),  # contained
+    ([0, 0, 2, 2], [2, 0, 4, 2], 0.0),  # touching edges
+    ([0, 0, 2, 2], [5, 5, 6, 6], 0.0),
+    ([1, 1, 3, 5], [1, 1, 3, 5], 1.0),
+    ([0, 0, 3, 1], [1, 0, 2, 3], 1 / 5),  # cross: overlap 1, union 3 + 3 - 1
+    ([0, 0, 0, 0], [0, 0, 0, 0], 0.0),  # empty boxes (the released code would divide 0 by 0)
+])
+def test_box_iou_hand_computed(a, b, iou):
+    assert mr.box_iou(a, b) == pytest.approx(iou) and mr.box_iou(b, a) == pytest.approx(iou)
+
+
+def test_hungarian_equals_brute_force():
+    assert mr.hungarian([[0.1, 0.2], [0.15, 0.9]]) == [(0, 1), (1, 0)]  # greedy (0, 0) would cost 1.0 instead of 0.35
+    rng = random.Random(0)
+    for _ in range(150):
+        n, m = rng.randint(1, 5), rng.randint(1, 5)
+        cost = [[rng.choice([rng.random(), 0.5, 1.0]) for _ in range(m)] for _ in range(n)]  # ties included
+        pairs = mr.hungarian(cost)
+        assert len(pairs) == min(n, m) and len({r for r, _ in pairs}) == len({c for _, c in pairs}) == min(n, m)
+        got = sum(cost[r][c] for r, c in pairs)
+        if n <= m:
+            best = min(sum(cost[i][p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
+        else:
+            best = min(sum(cost[p[j]][j] for j in range(m)) for p in itertools.permutations(range(n), m))
+        assert got == pytest.approx(best)
+    assert mr.hungarian([]) == [] and mr.hungarian([[]]) == []
+
+
+def test_text_to_region_scores_hand_computed():
+    W = H = 999  # pixels = grid units
+    gt = mr.format_region("nodule", [[0, 0, 100, 100]])
+    row = mr.score_t2r_row("<ref>nodule</ref><box>[[0, 0, 100, 100]]</box>", gt, W, H)
+    assert row["iou"] == pytest.approx(1.0) and row["precision"] == row["recall"] == 1.0
+    half = mr.score_t2r_row("<ref>nodule</ref><box>[[0, 0, 100, 50]]</box>", gt, W, H)
+    assert half["iou"] == pytest.approx(0.5)
+    best_of_two = mr.score_t2r_row("<ref>nodule</ref><box>[[500, 500, 600, 600], [0, 0, 100, 50]]</box>", gt, W, H)
+    assert best_of_two["iou"] == pytest.approx(0.5) and best_of_two["precision"] == 0.5  # 1 match of 2 predicted
+    none = mr.score_t2r_row("I cannot find it.", gt, W, H)
+    assert none["iou"] == 0 and none["n_pred"] == 0
+    scores = mr.score_t2r([{"score": r} for r in (row, half, best_of_two, none)])
+    # IoU > t, strict as released: the two IoU-0.5 rows pass 0.25 but not 0.5
+    assert scores["acc@0.25"] == 0.75 and scores["acc@0.5"] == 0.25 and scores["acc@0.75"] == 0.25
+    assert scores["mean_iou"] == pytest.approx((1 + 0.5 + 0.5 + 0) / 4) and scores["no_box_answers"] == 1
+    # several GT boxes: Hungarian pairs; precision over predictions, recall over ground truth (released: swapped)
+    gt2 = mr.format_region("vessel", [[0, 0, 100, 100], [200, 200, 300, 300]])
+    pred3 = "<ref>vessel</ref><box>[[200, 200, 300, 300], [0, 0, 100, 100], [0, 0, 50, 50]]</box>"
+    multi = mr.score_t2r_row(pred3, gt2, W, H)
+    assert (multi["precision"], multi["recall"], multi["iou"]) == (pytest.approx(2 / 3), 1.0, pytest.approx(1.0))
+    pred1 = "<ref>vessel</ref><box>[[0, 0, 100, 100]]</box>"
+    one = mr.score_t2r_row(pred1, gt2, W, H)
+    assert (one["precision"], one["recall"], one["iou"]) == (1.0, 0.5, pytest.approx(0.5))
+    s = mr.score_t2r([{"score": multi}, {"score": one}])
+    assert s["n_multi"] == 2 and s["multi_precision"] == pytest.approx((2 / 3 + 1) / 2) and s["multi_recall"] == 0.75
+    # pixels: the same grid box in a 64 x 32 image
+    assert mr.score_t2r_row(pred1, gt, 64, 32)["iou"] == pytest.approx(1.0)
+
+
+def test_random_box_baseline_is_low():
+    gt = mr.format_region("nodule", [[593, 234, 796, 437]])
+    rows = [{"answer": gt, "width": 64, "height": 64, "score": {"n_gt": 1}} for _ in range(10)]
+    base = mr.random_box_baseline(rows, draws=50)
+    assert 0 <= base["acc@0.5"] < 0.05 and 0 < base["mean_iou"] < 0.15
+    train = [mr.sample(str(i), "x.png", 64, 64, "t2r", "en", "q", mr.format_region("nodule", [b]), "m")
+             for i, b in enumerate([[0, 0, 100, 100], [100, 100, 200, 200]])]
+    rows = [{"answer": mr.format_region("nodule", [[50, 50, 150, 150]]), "width": 999, "height": 999},
+            {"answer": mr.format_region("nodule", [[50, 50, 150, 100]]), "width": 999, "height": 999}]
+    base = mr.prior_box_baselines(train, rows)
+    assert base["mean_box"] == {"acc@0.25": 1.0, "acc@0.5": 0.5, "acc@0.75": 0.5, "mean_iou": 0.75}
+    # best constant: each training box has 1 training box (itself) at IoU > 0.5; the first wins -> [0, 0, 100, 100]
+    assert base["best_constant_box"]["mean_iou"] == pytest.approx((25 / 175 + 0.2) / 2)
+
+
+def test_region_to_text_scores_and_bleu1_against_sacrebleu():
+    assert mr.token_prf("Right Mandible", "right mandible") == (1.0, 1.0, 1.0)
+    assert mr.token_prf("the right lung", "right mandible")[1] == 0.5
+    assert mr.text_tokens("右上肺结节。") == ["右", "上", "肺", "结", "节"]  # Chinese by characters
+    assert mr.token_prf("右上肺", "右上肺结节")[1] == pytest.approx(3 / 5)
+    rows = [{"prediction": "<ref>liver</ref> [[1, 2, 3, 4]]", "answer": "liver"},
+            {"prediction": "left kidney", "answer": "right kidney"},
+            {"prediction": "右肾", "answer": "右肾"},
+            {"prediction": "", "answer": "spleen"}]
+    s = mr.score_r2t(rows)
+    assert s["accuracy"] == 0.5 and s["recall"] == pytest.approx((1 + 0.5 + 1 + 0) / 4)
+    sacrebleu = pytest.importorskip("sacrebleu")
+    preds = ["the left kidney is here", "liver liver liver", "右肾 上极", "a spleen"]
+    refs = ["left kidney", "liver", "右肾上极见结节", "the spleen and the liver are normal"]
+    ours = mr.corpus_bleu1(preds, refs)
+    joined = lambda xs: [" ".join(mr.text_tokens(x)) for x in xs]  # noqa: E731
+    ref = sacrebleu.metrics.BLEU(max_ngram_order=1, tokenize="none").corpus_score(joined(preds), [joined(refs)]).score
+    assert ours * 100 == pytest.approx(ref, abs=1e-6)
+
+
+# ---- loss and CoT --------------------------------------------------------------------------------------------
+
+def test_position_weights_and_weighted_loss():
+    model, tok = lm.load("tiny", template="chatml")
+    mr.add_region_tokens(model, tok)
+    table = mr.position_token_weights(tok, 2.0)
+    assert mr.position_token_weights(tok, 1.0) is None
+    for word, w in [(" left", 2.0), ("left", 2.0), (" upper", 2.0), ("15", 2.0), (" 15", 2.0), ("nodule", 1.0), ("<box>", 1.0)]:
+        ids = tok.encode(word, add_special_tokens=False)
+        assert len(ids) == 1 and table[ids[0]] == w, word
+    samples = [s for s in mr.toy_samples(TOY / "train.json", ["t2r", "grounded"]) if s["task"] in ("t2r", "grounded")][:4]
+    data = mr.RegionSFTData(samples, tok, model.config, 512, False, True, 0.8, 0, base_prompt=False)
+    batch = data.batch([0, 1, 2, 3], epoch=0)
+    loss, n = mr.weighted_sft_loss_sum(model, batch, None)
+    ref = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                labels=batch["labels"]).loss  # plain mean CE over answer tokens
+    torch.testing.assert_close(loss / n, ref)
+    assert n == mr.batch_weight(batch, None)
+    wl, wn = mr.weighted_sft_loss_sum(model, batch, table)
+    assert wn == mr.batch_weight(batch, table) and n < wn < 2 * n  # digits weigh 2, tags and names 1
+    assert not torch.allclose(wl / wn, loss / n)
+
+
+def test_regional_cot_hints(monkeypatch):
+    rows = [mr.sample("a", "x.png", 64, 64, "vqa", "en", "Where is the nodule?", "right upper lung", "m", "chest x-ray"),
+            mr.sample("b", "y.png", 64, 64, "vqa", "en", "Is this normal?", "yes", "m", "fundus photograph")]
+    asked = []
+
+    def scripted(model, tokenizer, asks, *a, **k):
+        asked.extend(asks)
+        return ["<ref>nodule</ref><box>[[1, 2, 3, 4]]</box>", "no box here"][:len(asks)]
+
+    monkeypatch.setattr(mr, "generate_answers", scripted)
+    hints = mr.regional_cot_hints(None, None, rows, {"chest x-ray": ["nodule"], "histopathology": ["tumor cluster"]},
+                                  mr.Args(), 0, 1)
+    assert [a["turns"][0][1] for a in asked] == ["Please locate <ref>nodule</ref> in this chest x-ray."]
+    assert hints == {0: "Regions: <ref>nodule</ref><box>[[1, 2, 3, 4]]</box>. "}
+    assert mr.prompt_turns(rows[0], hints[0], base_prompt=False)[0][1] == (
+        "<image>\nRegions: <ref>nodule</ref><box>[[1, 2, 3, 4]]</box>. Where is the nodule? "
+        "Answer the question using a single word or phrase.")
+
+
+def test_lora_trains_adapters_and_the_grown_embeddings():
+    model, tok = lm.load("tiny")
+    mr.add_region_tokens(model, tok)
+    mr.add_lora(model, 8, 16, 0.0)
+    mr.set_trainable(model, lora=True, train_projector=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trained) and "language_model.lm_head.weight" in trained
+    assert "language_model.model.embed_tokens.weight" in trained  # the new <ref>/<box> rows must be able to move
+    assert not any(n.startswith(("vision_tower.", "projector.")) for n in trained)
+    assert not any(n.endswith("q_proj.base_layer.weight") for n in trained)
+    mr.set_trainable(model, lora=False, train_projector=True)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "projector.0.weight" in trained and not any(n.startswith("vision_tower.") for n in trained)
+
+
+# ---- distributed ------------------------------------------------------------------------------------------
+
+def _run(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=500)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def test_torchrun_two_ranks_equal_one_rank(tmp_path):
+    """Augmented crops and the weighted global mean do not depend on the split: 2 ranks x 1 micro-batch ==
+    1 rank x 2 micro-batches (losses and exported weights, atol 1e-5); the export carries the region tokens."""
+    args = ["--tasks", "t2r,grounded", "--epochs", "0.03", "--batch-size", "8", "--micro-batch-size", "4",
+            "--position-weight", "2", "--augment", "yes", "--no-eval"]
+    _run([sys.executable, "medrega.py", "--out", str(tmp_path / "one")] + args)
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "medrega.py",
+          "--out", str(tmp_path / "two")] + args)
+    curves = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))] for d in ("one", "two")]
+    assert len(curves[0]) == 2
+    torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), atol=1e-5, rtol=0)
+    a = load_file(str(tmp_path / "one" / "llava_hf" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "llava_hf" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "one" / "llava_hf")
+    assert a["lm_head.weight"].shape[0] == len(tok) and all(t in tok.get_vocab() for t in mr.REGION_TOKENS)
