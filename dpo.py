@@ -885,8 +885,8 @@ def main(argv=None):
               {"params": [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")],
                "lr": args.projector_lr}]
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999),
-                                  fused=device.type == "cuda")
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
     if resume_from is not None:

@@ -117,7 +117,7 @@ def main():
     n_lora = sum(q.numel() for n, q in model.named_parameters() if "lora_" in n)
     dpo.shard(model, device, ac, a.compile)
     model.train()
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, fused=device.type == "cuda")
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5, fused=True)
     tok_stub = SimpleNamespace(pad_token_id=0)
 
     def ours():
@@ -156,7 +156,7 @@ def main():
                   "completion_mask": (batch["labels"] != lm.IGNORE_INDEX).long().to(device),
                   "pixel_values": batch["pixel_values"][batch["row_images"]].to(device, dtype)}
         topt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=1e-5,
-                                 fused=device.type == "cuda")
+                                 fused=True)
 
         def trl():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
