@@ -7,7 +7,9 @@
     torchrun --nproc-per-node=8 dpo.py --model /ckpt/llava-med-v1.5-mistral-7b --data prefs.json \\
         --image-folder /data/images --eval-data /data/vqa_rad/testset.json --eval-image-folder /data/vqa_rad/images \\
         --lr 1e-7 --epochs 3 --batch-size 4 --micro-batch-size 1 --max-length 1024 --activation-checkpointing
-    # several machines: the same command with torchrun's rendezvous (see README)
+    # evaluate a checkpoint only (no training data is read)
+    python dpo.py --eval-only --model /ckpt/llava-med-v1.5-mistral-7b --eval-data /data/vqa_rad/testset.json
+    # several machines: the same command with torchrun's rendezvous (see README); every flag: python dpo.py --help
 
 The algorithm (Rafailov et al. 2023, eq. 7), for a pair (x_w, y_w) preferred over (x_l, y_l):
 
@@ -24,15 +26,19 @@ Preference records (json list or jsonl), image paths relative to --image-folder:
 Tensor layout of one micro-batch: rows [chosen_0..chosen_{B-1}; rejected_0..rejected_{B-1}] (TRL's order), right
 padded; every distinct image is encoded once per step and its features reused by the rows (and the reference).
 
-File layout: Args -> data prep -> loss -> model setup -> training loop -> evaluation -> main().
+File layout: Args -> data prep -> loss -> model setup -> training loop -> DPO step -> evaluation -> main().
+The blocks every recipe shares (argument parsing, the training loop, checkpoints, VQA scoring) are copied from
+here into each method file, marked "# Copied from dpo.py: <name>" and kept identical by tests/test_copies.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -45,6 +51,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -60,25 +67,26 @@ class Args:
     # data
     data: str = "data/toy"  # preference json/jsonl, or a toy-format folder (pairs are derived from its train.json)
     image_folder: str = ""  # image paths are relative to this ("" = the data file's folder)
-    eval_data: str = ""  # VQA set: toy test_vqa.json, VQA-RAD testset.json, SLAKE test.json ("" = toy test when --data is toy)
-    eval_image_folder: str = ""  # images of --eval-data ("" = next to it: images/ (VQA-RAD), imgs/ (SLAKE), or its folder)
     max_length: int = 512  # tokens per sequence, image tokens included; truncation never cuts image tokens
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
     allow_images_outside_folder: bool = False  # accept absolute / '..' image paths that leave --image-folder
     # model
     model: str = "tiny"  # "tiny" (random, offline) or a checkpoint folder (LLaVA-Med v1.5, llava-hf, HuatuoGPT-Vision)
     template: str = ""  # chat template override ("" = the checkpoint's: mistral_instruct, vicuna_v1, huatuo, chatml)
-    dtype: str = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are always fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    sft_warmup_steps: int = -1  # SFT steps on the chosen answers before DPO; -1 = 1000 for --model tiny (random), else 0
+    sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
+    seed: int = 0  # same seed + same data = same run (bit-identical on CPU; on GPU see README)
+    # policy and loss (fields above this line key the caches: reference log-probs)
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
     lora_r: int = 128  # LoRA rank (MMed-RAG / MMedPO / STLLaVA-Med: 128)
     lora_alpha: int = 256  # LoRA alpha (256)
-    lora_dropout: float = 0.05  # LoRA dropout (0.05)
+    lora_dropout: float = 0.0  # LoRA dropout during DPO: 0, as TRL's DPOTrainer (disable_dropout=True) and MMedPO's trainer
     tune_projector: bool = False  # also train the mm projector (MMed-RAG's code is ambiguous; spec A8: a flag)
-    # loss
     beta: float = 0.1  # DPO temperature (TRL default; no method script overrides it)
-    loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo" (Azar et al. 2023, length-normalised)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO; ipo = Azar et al. 2023, length-normalised
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
-    reference_free: bool = False  # reference log-probs = 0
+    reference_free: bool = False  # reference log-probs = 0 (also for the held-out reward accuracy)
     precompute_ref: bool = False  # compute reference log-probs once before training, cached on disk
     # optimisation
     lr: float = 1e-5  # peak learning rate (toy default; MMed-RAG/MMedPO use 1e-7 on LLaVA-Med 7B)
@@ -90,13 +98,10 @@ class Args:
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient (any rank): "stop" the run, or "skip" the update (counted)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
-    attn_implementation: str = "sdpa"  # transformers attention kernel: sdpa (flash/mem-efficient on GPU), flash_attention_2, eager
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel (sdpa: flash/mem-efficient on GPU)
     compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
-    sft_warmup_steps: int = -1  # SFT steps on chosen answers before DPO; -1 = 1000 for --model tiny (random), else 0
-    sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
-    seed: int = 0  # same seed + same data = same run (bit-identical on CPU; on GPU see README)
     dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # output
     out: str = "runs/dpo"  # checkpoints, metrics.jsonl, adapter/, eval json
@@ -105,7 +110,10 @@ class Args:
     export_merged: bool = False  # also write the merged model as a llava-hf checkpoint (vLLM / transformers)
     # evaluation
     eval: bool = True  # evaluate at the end (VQA generation + held-out pair rewards)
+    eval_only: bool = False  # only evaluate --model on --eval-data (no training data is read, nothing is trained)
     eval_before: bool = True  # also evaluate the starting model, for the before/after table
+    eval_data: str = ""  # VQA set: toy test_vqa.json, VQA-RAD testset.json, SLAKE test.json ("" = toy test when --data is toy)
+    eval_image_folder: str = ""  # images of --eval-data ("" = next to it: images/ (VQA-RAD), imgs/ (SLAKE), or its folder)
     eval_limit: int = 0  # evaluate on the first N questions (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 16  # answer length cap (VQA answers are short)
@@ -113,21 +121,50 @@ class Args:
 
 
 def parse_args(cls, argv=None):
-    """argparse generated from the Args dataclass: --field-name value; booleans take --flag / --no-flag."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0])
+    """argparse generated from the Args dataclass: --field-name, with the field's comment in Args as its help, its
+    default, and for a Literal type its allowed values; booleans take --flag / --no-flag."""
+    comments = dict(re.findall(r"^    (\w+):[^\n]*?  # (.*)$", inspect.getsource(cls), re.M))
+    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": comments.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"}
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.type.startswith("Literal["):
+            kw["choices"] = ast.literal_eval(f.type[len("Literal"):])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, default=f.default)
+            kw["type"] = {"int": int, "float": float, "str": str}[f.type]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Distributed setup: the same file runs as one process or under torchrun (gloo on CPU, nccl on GPU)
-# ----------------------------------------------------------------------------------------------------------
+def cache_key(args, before: str, *content) -> str:
+    """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
+    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    names = [f.name for f in dataclasses.fields(args)]
+    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cli(main):
+    """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except lm.DataError as e:
+        kind = "bad model" if type(e).__name__ == "ModelError" else "bad data"
+        hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
+        print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)
 
 
 def setup_distributed(timeout_s: int = 1800):
@@ -147,6 +184,16 @@ def setup_distributed(timeout_s: int = 1800):
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def jsonl_logger(path: Path, rank: int):
+    """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
+    def log(row: dict):
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,6 +261,7 @@ class PairData:
                 self.items.append(self._tokenize(where, rec, tokenizer, max_length))
             except lm.DataError as e:
                 if not skip_bad:
+                    e.skippable = True  # cli() then suggests --skip-bad-samples
                     raise
                 msg = str(e)[len(where) + 2:] if str(e).startswith(where) else str(e)
                 reason = re.sub(r"\S*/\S*|\S+\.(png|jpe?g|gif|bmp|tiff?)\b", "<path>", msg).split(" (")[0][:70]
@@ -319,40 +367,46 @@ def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> t
     return sums, counts
 
 
+def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over the supervised (answer) tokens, and their count. The training loop divides
+    the sum by the count of the whole global batch (all ranks, all micro-batches), so every answer token weighs the
+    same whatever the split (a per-micro-batch mean, as LLaVA's trainer takes, over-weights short answers)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = targets != lm.IGNORE_INDEX
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                   logits_mask=mask).logits.float()
+    return F.cross_entropy(logits, targets[mask[:, :-1]], reduction="sum"), mask.sum().float()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model setup: policy (LoRA or full), reference, FSDP2 sharding
 # ----------------------------------------------------------------------------------------------------------
 
 
-LORA_TARGETS = r".*language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+def build_models(args: Args, model, device):
+    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
+    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
+    import copy
 
-
-def add_lora(model, r: int, alpha: int, dropout: float):
-    """LoRA (peft) on every linear layer of the language model's decoder (attention + MLP), nothing in the vision
-    tower, projector or lm_head (MMed-RAG / MMedPO / STLLaVA-Med: all LM linear layers)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    inject_adapter_in_model(config, model)
-    model.lora_config = config
-    return model
-
-
-class adapters_off:
-    """Context: LoRA layers skip their adapters, so the model is the reference (what peft's disable_adapter does,
-    without toggling requires_grad, which FSDP2 has already recorded)."""
-
-    def __init__(self, model):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m._disable_adapters = True
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m._disable_adapters = False
+    model.requires_grad_(False)
+    ref_model = None
+    if args.full_finetune:
+        ref_model = copy.deepcopy(model).eval()
+        model.language_model.requires_grad_(True)
+    else:
+        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    if args.tune_projector:
+        model.projector.requires_grad_(True)
+        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
+            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, ref_model
 
 
 def shard(model, device, activation_checkpointing: bool = False, compile: bool = False):
@@ -381,37 +435,47 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
     return model
 
 
-def build_models(args: Args, model, device):
-    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA) or a frozen copy (full)."""
-    import copy
-
-    model.requires_grad_(False)
-    ref_model = None
-    if args.full_finetune:
-        ref_model = copy.deepcopy(model).eval()
-        model.language_model.requires_grad_(True)
-    else:
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
-    if args.tune_projector:
-        model.projector.requires_grad_(True)
-        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
-            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model, ref_model
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: trainable weights + optimizer + schedule + RNG + data position; atomic (write, then rename)
+# Training loop (every recipe's, copied): global batches -> micro-batches per rank -> step_fn -> AdamW; checkpoints
+# (trainable weights + optimizer + schedule + RNG; atomic: written, then renamed) and resume
 # ----------------------------------------------------------------------------------------------------------
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def global_batches(n: int, batch_size: int, epoch: int, seed: int):
+    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
+    last partial batch is dropped so every step has the same size."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
+    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return chunks[rank::world]
 
 
 def full_tensor(t):
     """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict, rank: int):
@@ -450,14 +514,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
         os.replace(tmp, final)
     dist.barrier()
     return final
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def latest_checkpoint(out: Path):
@@ -509,33 +565,100 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
     return state
 
 
+def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+    """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
+    batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
+    (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
+    returns summed statistics with their graph in "loss" (a SUM over the units the loss averages: pairs, tokens)
+    and "n" (how many units). The loop runs backward, reduces gradients once per step, scales them by ranks / n of
+    the whole global batch (FSDP2 averages over ranks), so the update follows the global mean whatever the split,
+    clips, and steps AdamW (one group per name prefix in lr_groups; "" = the rest) on a warmup + cosine schedule.
+    A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
+    update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
+    checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
+    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    master = rank == 0
+    if batch_size % (micro_batch_size * world):
+        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
+                         f"({micro_batch_size} x {world})")
+    steps_per_epoch = n_items // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {n_items} items is less than one global batch ({batch_size})")
+    total = max_steps if max_steps >= 0 else max(1, int(steps_per_epoch * epochs))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in params.items() if n.startswith(prefix) and (prefix or not any(
+        n.startswith(q) for q in lr_groups if q))], "lr": lr} for prefix, lr in lr_groups.items()]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999), fused=True)
+    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
+    step, nonfinite = 0, 0
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
+        if master:
+            print(f"{name}: resumed from {resume_from} (step {step})")
+    trainable = list(params.values())
+    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
+    t0, tokens = time.time(), 0.0
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        model.train()
+        micro = my_micro_batches(global_batches(n_items, batch_size, epoch, args.seed)[k], micro_batch_size, rank, world)
+        sums = {}
+        for m, idx in enumerate(micro):
+            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
+            stats = step_fn(idx, epoch)
+            stats["loss"].backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys])
+        dist.all_reduce(totals)
+        sums = dict(zip(keys, totals.tolist()))
+        n = sums.pop("n")
+        for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
+            if p.grad is not None:
+                p.grad.mul_(world / n)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        step += 1
+        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
+               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            row["skipped_nonfinite"] = nonfinite
+            if master:
+                print(f"warning: {name} step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)",
+                      file=sys.stderr)
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sums.get("tokens", 0.0)
+        if tokens:
+            row["tokens_per_s"] = tokens / (time.time() - t0)
+        log(row)
+        bar.update(1)
+        bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    bar.close()
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    return {"steps": step, "nonfinite_skipped": nonfinite}
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Training loop
+# DPO step, the reference, the warm start
 # ----------------------------------------------------------------------------------------------------------
 
 
-def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def global_batches(n: int, batch_size: int, epoch: int, seed: int):
-    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
-    last partial batch is dropped so every step has the same size."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
-    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
-    return chunks[rank::world]
+def to_device(batch, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def image_features_for(model, ref_model, pixel_values, device):
@@ -556,19 +679,15 @@ def reference_logps(model, ref_model, batch, ref_feats):
     with torch.no_grad():
         if ref_model is not None and hasattr(ref_model, "language_model"):  # full fine-tuning: frozen copy
             return sequence_logps(ref_model, batch, ref_feats)
-        with adapters_off(model):
+        with lm.adapters_off(model):
             return sequence_logps(model, batch, ref_feats)
-
-
-def to_device(batch, device):
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, world, out: Path) -> torch.Tensor:
     """Reference log-probs [N, 2] for every pair, computed once (each rank a share, then gathered) and cached on
-    disk under a key of model, data, template and length (TRL's precompute_ref_log_probs, here for images too)."""
-    key = hashlib.sha256(json.dumps([args.model, args.data, args.max_length, model.config.template, args.seed,
-                                     args.sft_warmup_steps, [it["id"] for it in data.items]]).encode()).hexdigest()[:16]
+    disk under a key of the data/model Args and the tokenised pairs (TRL's precompute_ref_log_probs, images too)."""
+    key = cache_key(args, "full_finetune", [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["images"],
+                                             it["rejected_images"]) for it in data.items])
     cache = out / f"ref_logps_{key}.safetensors"
     if cache.exists():
         return load_file(str(cache))["ref"]
@@ -596,9 +715,8 @@ def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, 
     return table
 
 
-def dpo_step(args, model, ref_model, data, idx, tokenizer, device, world, ref_table=None):
-    """Forward + backward of one micro-batch. The loss is scaled so the gradient, after FSDP's average over ranks
-    and the sum over micro-batches, is the mean over the global batch: sum(losses) * world / batch_size."""
+def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=None) -> dict:
+    """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
     batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id), device)
     feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
     logps, counts = sequence_logps(model, batch, feats)
@@ -611,34 +729,41 @@ def dpo_step(args, model, ref_model, data, idx, tokenizer, device, world, ref_ta
         ref, _ = reference_logps(model, ref_model, batch, ref_feats)
     losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta, args.loss_type, args.label_smoothing,
                               counts[:B], counts[B:])
-    (losses.sum() * world / args.batch_size).backward()
-    return {"loss": losses.detach().sum(), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
-            "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(), "pairs": torch.tensor(float(B)),
+    return {"loss": losses.sum(), "n": torch.tensor(float(B)), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
+            "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(),
             "tokens": batch["attention_mask"].sum().float()}
 
 
-def sft_warmup(args, model, data: PairData, tokenizer, device, steps: int, log):
-    """Supervised warm start on the chosen answers (the tiny model is random: DPO needs a policy that already
-    answers). Full model + projector, identical on every rank (same seed, same data, no communication)."""
-    model.train()
-    trainable = [p for n, p in model.named_parameters() if not n.startswith("vision_tower.")]
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=args.sft_lr, weight_decay=0.0)
-    sched = cosine_schedule(opt, steps, 0.05)
-    g = torch.Generator().manual_seed(args.seed)
-    for step in range(steps):
-        idx = torch.randint(len(data), (args.micro_batch_size * 2,), generator=g).tolist()
-        batch = to_device(lm.collate([data.items[i]["chosen"] for i in idx], tokenizer.pad_token_id), device)
-        pix = torch.stack([data.pixel(k) for i in idx for k in data.items[i]["images"]]).to(device)
-        loss = model(batch["input_ids"], pix, batch["attention_mask"], batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            log({"phase": "sft_warmup", "step": step, "loss": round(loss.item(), 4)})
-    model.requires_grad_(False)
-    model.eval()
+def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: int, world: int, out: Path, log):
+    """Supervised warm start before preference training, for the random tiny model (DPO needs a policy that already
+    answers): the full model with the projector (ViT frozen) on `items` ({"input_ids", "labels", "images"}),
+    --sft-warmup-steps steps of the training loop above, saved as a llava-hf checkpoint in out/base_llava_hf and
+    loaded back from there, as a real run starts DPO from its SFT checkpoint (it is also the adapter's base)."""
+    base = out / "base_llava_hf"
+    if not (base / "config.json").exists():
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith("vision_tower."))
+            p.data = p.data.float() if p.requires_grad else p.data
+        shard(model, device)
+
+        def step(idx, epoch):
+            batch = lm.collate([items[i] for i in idx], tokenizer.pad_token_id)
+            keys = [k for i in idx for k in items[i]["images"]]
+            batch["pixel_values"] = torch.stack([pixel(k) for k in keys]) if keys else None
+            loss, n_tokens = sft_loss_sum(model, to_device(batch, device))
+            return {"loss": loss, "n": n_tokens}
+
+        micro = max(1, 16 // world)  # a global batch of 16 samples (or the nearest multiple of the ranks)
+        train(args, "sft_warmup", model, len(items), step, out / "sft_warmup", rank, world, log, {"": args.sft_lr},
+              batch_size=micro * world, micro_batch_size=micro, max_steps=args.sft_warmup_steps)
+        state = lm.full_state_dict(model)
+        if rank == 0:  # written under a temporary name, then renamed: a crash never leaves half a checkpoint
+            tmp = lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / ".base_llava_hf.tmp")
+            shutil.rmtree(base, ignore_errors=True)
+            os.replace(tmp, base)
+        dist.barrier()
+    return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None,
+                   attn_implementation=args.attn_implementation)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -745,36 +870,17 @@ def read_vqa(path: str, image_folder: str = "") -> list[dict]:
 
 
 def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
-                 device, closed_scoring: str = "strict", desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Greedy answers for every row (ranks take interleaved shares, padded to equal batch counts so sharded
-    forwards stay in step), gathered on every rank and scored."""
-    cfg = model.config
-    model.eval()
-    mine = list(range(rank, len(rows), world))
-    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
-    preds = {}
-    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0, leave=False):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(chunk)
-        chunk = chunk or [0]
-        prompts, pix = [], []
-        for i in chunk:
-            turns = lm.place_image_markers([("user", rows[i]["question"])], 1)
-            prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id))
-            pix.append(lm.preprocess_image(lm.load_image(rows[i]["image"]), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                           pad=cfg.image_aspect_ratio == "pad"))
-        answers = lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens)
-        preds.update({i: a for i, a in zip(chunk[:real], answers[:real])})
-    model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
-    gathered = [None] * world
-    dist.all_gather_object(gathered, preds)
-    merged = {i: a for part in gathered for i, a in part.items()}
-    results = [dict(rows[i], prediction=merged[i]) for i in range(len(rows))]
+                 closed_scoring: str = "strict", desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Greedy answers for every row (lm.generate_sharded shares them out to the ranks and gathers them), scored."""
+    jobs = [{"turns": [("user", r["question"])], "images": [r["image"]]} for r in rows]
+    preds = lm.generate_sharded(model, tokenizer, jobs, batch_size, rank, world, desc, max_new_tokens=max_new_tokens)
+    results = [dict(r, prediction=p) for r, p in zip(rows, preds)]
     return score_vqa(results, closed_scoring), results
 
 
 def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, rank, world) -> dict:
-    """Implicit-reward accuracy and margin of the policy against the reference on held-out pairs."""
+    """Implicit-reward accuracy and margin of the policy on held-out pairs, against the reference it was trained
+    with (adapters off or the frozen copy; zero log-probs after --reference-free training)."""
     model.eval()
     idx = list(range(len(data)))
     mine = idx[rank::world]
@@ -788,13 +894,24 @@ def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, ra
         with torch.no_grad():
             feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
             logps, _ = sequence_logps(model, batch, feats)
-            ref, _ = reference_logps(model, ref_model, batch, ref_feats)
+            ref = torch.zeros_like(logps) if args.reference_free else reference_logps(model, ref_model, batch, ref_feats)[0]
         B = len(chunk)
         rc, rr = args.beta * (logps[:B] - ref[:B]), args.beta * (logps[B:] - ref[B:])
         sums += torch.tensor([float((rc > rr)[:real].sum()), float((rc - rr)[:real].sum()), float(real)])
     model.reshard()
     dist.all_reduce(sums)
     return {"pair_accuracy": float(sums[0] / sums[2]), "pair_margin": float(sums[1] / sums[2]), "pairs": int(sums[2])}
+
+
+def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
+    """LoRA: a PEFT adapter in out/adapter on `base` (the model it was trained from). Full fine-tuning, or
+    --export-merged: the merged model as a llava-hf checkpoint in out/llava_hf (transformers, vLLM). Whole tensors
+    are gathered on every rank; rank 0 writes."""
+    state = lm.full_state_dict(model)
+    if rank == 0 and not args.full_finetune:
+        lm.save_peft_adapter(model, state, out / "adapter", base, ("projector.",) if args.tune_projector else ())
+    if rank == 0 and (args.export_merged or args.full_finetune):
+        lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / "llava_hf")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -805,160 +922,68 @@ def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, ra
 def main(argv=None):
     args = parse_args(Args, argv)
     rank, world, device = setup_distributed(args.dist_timeout_s)
-    out = Path(args.out)
-    master = rank == 0
-    metrics_file = out / "metrics.jsonl"
-
-    def log(row: dict):
-        if master:
-            out.mkdir(parents=True, exist_ok=True)
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
+    out, master, data_dir = Path(args.out), rank == 0, Path(args.data)
+    log = jsonl_logger(out / "metrics.jsonl", rank)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"dpo.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
     torch.manual_seed(args.seed)  # same initial weights on every rank
-
-    # ---- model and data
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed,
-                               attn_implementation=args.attn_implementation)
-    unreadable = {} if args.skip_bad_samples else None
-    train_data = PairData(*load_preferences(args, "train", unreadable), tokenizer, model.config, args.max_length,
-                          args.skip_bad_samples, args.allow_images_outside_folder, unreadable)
-    heldout, eval_rows = None, []
-    if args.eval and Path(args.data).is_dir() and (Path(args.data) / "test.json").exists():
-        heldout = PairData(*load_preferences(args, "test"), tokenizer, model.config, args.max_length, args.skip_bad_samples)
-        heldout.items = heldout.items[:256]
-    eval_path = args.eval_data or (str(Path(args.data) / "test_vqa.json") if Path(args.data).is_dir() else "")
-    if args.eval and eval_path:
-        eval_rows = read_vqa(eval_path, args.eval_image_folder)
-    if args.eval_limit:
-        eval_rows = eval_rows[:args.eval_limit]
-    if master:
-        print(f"pairs: {len(train_data)} train" + (f", {len(heldout)} held out" if heldout else "") +
-              f"; eval questions: {len(eval_rows)}")
-        if train_data.skipped:
-            print(f"warning: skipped {sum(train_data.skipped.values())} bad records: {train_data.skipped}; e.g.\n  "
-                  + "\n  ".join(train_data.examples), file=sys.stderr)
-
-    # ---- warm start (toy only by default), then the policy and the reference
-    warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if warm:
-        sft_warmup(args, model, train_data, tokenizer, device, warm, log if resume_from is None else (lambda r: None))
-        if master:  # the adapter's base model: the warm-started weights, as a llava-hf checkpoint
-            lm.save_llava_hf(model, tokenizer, out / "base_llava_hf")
-    model, ref_model = build_models(args, model, device)
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None,
+                               seed=args.seed, attn_implementation=args.attn_implementation)
+    eval_path = args.eval_data or (str(data_dir / "test_vqa.json") if data_dir.is_dir() else "")
+    eval_rows = read_vqa(eval_path, args.eval_image_folder)[:args.eval_limit or None] if args.eval and eval_path else []
+    results, base = {}, args.model
+    if not args.eval_only:  # ---- data, and the warm start (toy only by default)
+        unreadable = {} if args.skip_bad_samples else None
+        data = PairData(*load_preferences(args, "train", unreadable), tokenizer, model.config, args.max_length,
+                        args.skip_bad_samples, args.allow_images_outside_folder, unreadable)
+        heldout = None
+        if args.eval and data_dir.is_dir() and (data_dir / "test.json").exists():
+            heldout = PairData(*load_preferences(args, "test"), tokenizer, model.config, args.max_length, args.skip_bad_samples)
+            heldout.items = heldout.items[:256]
+        if master:
+            print(f"pairs: {len(data)} train" + (f", {len(heldout)} held out" if heldout else "") +
+                  f"; eval questions: {len(eval_rows)}")
+            if data.skipped:
+                print(f"warning: skipped {sum(data.skipped.values())} bad records: {data.skipped}; e.g.\n  "
+                      + "\n  ".join(data.examples), file=sys.stderr)
+        warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
+        if warm:
+            items = [{**it["chosen"], "images": it["images"]} for it in data.items]
+            model = warm_start(dataclasses.replace(args, sft_warmup_steps=warm), model, tokenizer, items, data.pixel,
+                               device, rank, world, out, log)
+            base = str(out / "base_llava_hf")
+        torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
+        model, ref_model = build_models(args, model, device)
     torch.manual_seed(args.seed + rank)  # dropout differs per rank (CleanRL's "CRUCIAL" seed offset)
-
     shard(model, device, args.activation_checkpointing, args.compile)
-    if ref_model is not None and hasattr(ref_model, "language_model"):
+    if not args.eval_only and ref_model is not None and hasattr(ref_model, "language_model"):
         shard(ref_model, device)
-    results = {}
-    if args.eval_before and eval_rows and resume_from is None:  # LoRA B starts at 0: the policy is the base model
+    fresh = args.eval_only or latest_checkpoint(out / "dpo") is None
+    if eval_rows and (args.eval_before and fresh):  # LoRA B starts at 0: the policy is the base model
         results["before"], _ = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
-                                            rank, world, device, args.closed_scoring, "eval before")
+                                            rank, world, args.closed_scoring, "eval before")
         log({"phase": "eval_before", **results["before"]})
-        if master:
-            print("before DPO:", json.dumps(results["before"]))
-
-    ref_table = None
-    if args.precompute_ref and not args.reference_free:
-        ref_table = precompute_reference(args, model, ref_model, train_data, tokenizer, device, rank, world, out)
-
-    # ---- optimizer and schedule
-    if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of micro-batch x ranks "
-                         f"({args.micro_batch_size} x {world})")
-    accum = args.batch_size // (args.micro_batch_size * world)  # micro-batches per rank per optimizer step
-    if master:
-        print(f"global batch {args.batch_size} pairs = {args.micro_batch_size} per forward x {world} ranks x {accum} "
-              f"accumulation steps")
-    steps_per_epoch = len(train_data) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_data)} pairs is less than one global batch ({args.batch_size})")
-    total = steps_per_epoch * args.epochs if args.max_steps < 0 else args.max_steps
-    groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")],
-               "lr": args.lr},
-              {"params": [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")],
-               "lr": args.projector_lr}]
-    groups = [g for g in groups if g["params"]]
-    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay, betas=(0.9, 0.999), fused=True)
-    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
-    step, nonfinite = 0, 0
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
-        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
-        if master:
-            print(f"resumed from {resume_from} (step {step})")
-
-    # ---- the loop
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total, initial=step, desc="dpo", disable=not master)
-    t0, tokens = time.time(), 0.0
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        batch_idx = global_batches(len(train_data), args.batch_size, epoch, args.seed)[k]
-        model.train()
-        micro = my_micro_batches(batch_idx, args.micro_batch_size, rank, world)
-        sums = {}
-        for m, idx in enumerate(micro):
-            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
-            stats = dpo_step(args, model, ref_model, train_data, idx, tokenizer, device, world, ref_table)
-            for key, v in stats.items():
-                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
-        totals = torch.stack([sums[key] for key in sorted(sums)])
-        dist.all_reduce(totals)
-        sums = dict(zip(sorted(sums), totals.tolist()))
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
-            if args.on_nonfinite != "skip":
-                raise FloatingPointError(f"non-finite loss or gradient at step {step + 1}: loss={sums['loss']}, "
-                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
-            nonfinite += 1  # drop this update; data position and schedule move on
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            log({"phase": "dpo", "step": step, "skipped_nonfinite": nonfinite, "loss": sums["loss"]})
+    if not args.eval_only:  # ---- DPO
+        ref_table = None
+        if args.precompute_ref and not args.reference_free:
+            ref_table = precompute_reference(args, model, ref_model, data, tokenizer, device, rank, world, out)
+        results["summary"] = train(args, "dpo", model, len(data),
+                                   lambda idx, epoch: dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table),
+                                   out / "dpo", rank, world, log, {"projector.": args.projector_lr, "": args.lr},
+                                   args.batch_size, args.micro_batch_size, args.epochs, args.max_steps)
+        save_trained(args, model, tokenizer, out, rank, base)
+        results["summary"]["skipped_records_train"] = data.skipped
+        if heldout is not None:
+            results["heldout_pairs"] = evaluate_pairs(args, model, ref_model, heldout, tokenizer, device, rank, world)
+            log({"phase": "heldout_pairs", **results["heldout_pairs"]})
+        if eval_rows:
+            results["after"], preds = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size,
+                                                   args.eval_max_new_tokens, rank, world, args.closed_scoring, "eval after")
+            log({"phase": "eval_after", **results["after"]})
             if master:
-                print(f"warning: step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)", file=sys.stderr)
-            continue
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens += sums["tokens"]
-        n = sums["pairs"]
-        row = {"phase": "dpo", "step": step, "epoch": epoch, "loss": sums["loss"] / n,
-               "rewards_chosen": sums["rewards_chosen"] / n, "rewards_rejected": sums["rewards_rejected"] / n,
-               "margin": sums["margin"] / n, "accuracy": sums["accuracy"] / n, "grad_norm": float(grad_norm),
-               "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)}
-        log(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
-        run_state = {"epoch": epoch, "args": dataclasses.asdict(args), "nonfinite_skipped": nonfinite}
-        if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, run_state, rank)
-    bar.close()
-    run_state = {"epoch": step // steps_per_epoch, "args": dataclasses.asdict(args), "nonfinite_skipped": nonfinite}
-    save_checkpoint(out, step, model, optimizer, scheduler, run_state, rank)
-    save_adapter_or_model(args, model, tokenizer, out, rank)
-
-    # ---- evaluation after training
-    if heldout is not None:
-        results["heldout_pairs"] = evaluate_pairs(args, model, ref_model, heldout, tokenizer, device, rank, world)
-        log({"phase": "heldout_pairs", **results["heldout_pairs"]})
-    if eval_rows:
-        results["after"], preds = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
-                                               rank, world, device, args.closed_scoring, "eval after")
-        log({"phase": "eval_after", **results["after"]})
-        if master:
-            (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
-    results["summary"] = {"steps": step, "nonfinite_skipped": nonfinite, "skipped_records_train": train_data.skipped,
-                          "skipped_records_heldout": heldout.skipped if heldout is not None else {}}
+                (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
     if master:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))
@@ -966,73 +991,5 @@ def main(argv=None):
     return results
 
 
-def save_adapter_or_model(args: Args, model, tokenizer, out: Path, rank: int):
-    """LoRA: a PEFT adapter (adapter_config.json + adapter_model.safetensors) whose module names are those of the
-    llava-hf export of the base model, so `PeftModel.from_pretrained(LlavaForConditionalGeneration...)` loads it.
-    --export-merged: the merged model as a llava-hf checkpoint. Both gather full tensors on every rank."""
-    state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}
-    if rank != 0:
-        return
-    if not args.full_finetune:
-        adapter = {}
-        for n, t in state.items():
-            if "lora_A" in n or "lora_B" in n:
-                base = n.replace(".default", "")
-                hf = lm._rename(base.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight"),
-                                lm.TO_LLAVA_HF)
-                suffix = ".lora_A.weight" if "lora_A" in n else ".lora_B.weight"
-                adapter["base_model.model." + hf[:-len(".weight")] + suffix] = t.contiguous()
-        (out / "adapter").mkdir(parents=True, exist_ok=True)
-        save_file(adapter, str(out / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
-        cfg = model.lora_config.to_dict()
-        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        warm_base = out / "base_llava_hf"
-        cfg.update(base_model_name_or_path=str(warm_base) if warm_base.exists() else args.model, peft_type="LORA",
-                   task_type=None,
-                   target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-        if args.tune_projector:  # the trained projector ships beside the adapter (LLaVA's non_lora_trainables)
-            cfg["modules_to_save"] = None
-            save_file({lm._rename(n, lm.TO_LLAVA_HF): t for n, t in state.items() if n.startswith("projector.")},
-                      str(out / "adapter" / "projector.safetensors"))
-        (out / "adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    if args.export_merged or args.full_finetune:
-        merged = merged_copy(model, state)
-        lm.save_llava_hf(merged, tokenizer, out / "llava_hf")
-
-
-def merged_copy(model, state: dict):
-    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from gathered
-    tensors; parameters are assigned, not initialised first (a 7B model is not built twice)."""
-    cfg = model.config
-    with lm._params_on_meta():
-        plain = lm.LlavaMed(cfg)
-    base = {}
-    for n, t in state.items():
-        if "lora_" in n:
-            continue
-        base[n.replace(".base_layer.", ".")] = t
-    lcfg = getattr(model, "lora_config", None)
-    if lcfg is not None:
-        scale = lcfg.lora_alpha / lcfg.r
-        for n, t in state.items():
-            if n.endswith("lora_A.default.weight"):
-                prefix = n[: -len(".lora_A.default.weight")]
-                B = state[prefix + ".lora_B.default.weight"]
-                W = base[prefix + ".weight"]
-                base[prefix + ".weight"] = (W.float() + scale * (B.float() @ t.float())).to(W.dtype)
-    plain.load_state_dict(base, strict=True, assign=True)
-    return plain
-
-
 if __name__ == "__main__":
-    try:
-        main()
-    except lm.DataError as e:  # bad data: say which file and record, without a traceback through torch
-        print(f"dpo.py: bad data: {e}\n(--skip-bad-samples counts and skips such records)", file=sys.stderr)
-        sys.exit(2)
-    except (dist.DistError, RuntimeError) as e:  # a dead or stalled peer surfaces as a failed collective
-        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
-            raise
-        print(f"dpo.py rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
-              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -654,6 +654,141 @@ def _as_list(x):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 6b. What training does to the model: LoRA, the adapters-off reference, whole (gathered) weights, merged
+#     export, PEFT adapters, and generation over many prompts shared out to the ranks
+# ----------------------------------------------------------------------------------------------------------
+
+# every linear layer of the language model's decoder (MMed-RAG / MMedPO / STLLaVA-Med: find_all_linear_names)
+LORA_TARGETS = r".*language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# every linear layer of CLIP's encoder (STLLaVA-Med's ViT LoRA, spec 4.4)
+VIT_LORA_TARGETS = r".*vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+
+
+def add_lora(model: LlavaMed, r: int, alpha: int, dropout: float, targets: str = LORA_TARGETS) -> LlavaMed:
+    """Inject peft LoRA layers (B = 0: the model is unchanged until trained) into the modules matching `targets`.
+    A second call adds more layers under the same adapter; merge_lora uses one scale alpha / r for all of them."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    first = getattr(model, "lora_config", None)
+    if first is not None and first.lora_alpha / first.r != alpha / r:
+        raise ValueError(f"LoRA scale {alpha}/{r} differs from the first adapter's {first.lora_alpha}/{first.r}")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    with warnings.catch_warnings():  # peft warns that a second injection adds adapters: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model)
+    model.lora_config = first or config
+    return model
+
+
+class adapters_off:
+    """Context: LoRA layers skip their adapters, so the model is its own frozen reference (what peft's
+    disable_adapter does, without toggling requires_grad, which FSDP2 has already recorded)."""
+
+    def __init__(self, model):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m._disable_adapters = True
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m._disable_adapters = False
+
+
+def full_state_dict(model) -> dict:
+    """Every parameter and buffer as a whole CPU tensor. FSDP2 shards are gathered (a collective: every rank calls)."""
+    return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in model.state_dict().items()}
+
+
+def merge_lora(model: LlavaMed, state: dict) -> LlavaMed:
+    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from the whole
+    tensors in `state`; parameters are assigned, not initialised first (a 7B model is not built twice)."""
+    with _params_on_meta():
+        plain = LlavaMed(model.config)
+    base = {n.replace(".base_layer.", "."): t for n, t in state.items() if "lora_" not in n}
+    lcfg = getattr(model, "lora_config", None)
+    for n, a in state.items():
+        if n.endswith("lora_A.default.weight"):
+            prefix = n[: -len(".lora_A.default.weight")]
+            b, w = state[prefix + ".lora_B.default.weight"], base[prefix + ".weight"]
+            base[prefix + ".weight"] = (w.float() + lcfg.lora_alpha / lcfg.r * (b.float() @ a.float())).to(w.dtype)
+    plain.load_state_dict(base, strict=True, assign=True)
+    return plain
+
+
+def save_peft_adapter(model: LlavaMed, state: dict, out_dir, base_model: str, trained_prefixes=()) -> Path:
+    """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose module names are those of the
+    llava-hf export of the base, so `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base),
+    out_dir)` loads it. Trained non-LoRA parts named by prefix (e.g. "projector.") are written beside it with
+    llava-hf names in non_lora_trainables.safetensors (LLaVA's name for them)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    adapter = {}
+    for n, t in state.items():
+        if ".lora_A." in n or ".lora_B." in n:
+            part = ".lora_A.weight" if ".lora_A." in n else ".lora_B.weight"
+            hf = _rename(n.split(".lora_")[0].replace(".base_layer", "") + ".weight", TO_LLAVA_HF)
+            adapter["base_model.model." + hf[: -len(".weight")] + part] = t.contiguous()
+    save_file(adapter, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    leaves = sorted({k.split(".")[-3] for k in adapter})  # q_proj, ..., fc2
+    parts = [p for p, key in (("language_model", ".language_model."), ("vision_tower", ".vision_tower."))
+             if any(key in k for k in adapter)]
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in model.lora_config.to_dict().items()}
+    cfg.update(base_model_name_or_path=str(base_model), peft_type="LORA", task_type=None, modules_to_save=None,
+               target_modules=rf".*({'|'.join(parts)}).*\.({'|'.join(leaves)})")
+    (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1, default=str))
+    extra = {_rename(n, TO_LLAVA_HF): t.contiguous() for n, t in state.items() if n.startswith(tuple(trained_prefixes))}
+    if extra:
+        save_file(extra, str(out / "non_lora_trainables.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def image_tensor(cfg: LlavaMedConfig, image) -> torch.Tensor:
+    """A path, a PIL image or an already preprocessed tensor -> the model's input [3, S, S] (the config's own
+    preprocessing: pad to square or not, its mean and std)."""
+    if torch.is_tensor(image):
+        return image
+    image = image if isinstance(image, Image.Image) else load_image(image)
+    return preprocess_image(image, cfg.image_size, cfg.image_mean, cfg.image_std, pad=cfg.image_aspect_ratio == "pad")
+
+
+def generate_sharded(model, tokenizer, jobs: list[dict], batch_size: int = 16, rank: int = 0, world: int = 1,
+                     desc: str = "generate", seed: int | None = None, **gen_kwargs) -> list[str]:
+    """Answers for every job {"turns": [(role, text), ...] ending with a user turn, "images": [path | PIL | tensor],
+    "system"?: str}. The jobs are cut into fixed batches (the same for any number of ranks, so the answers and the
+    sampling seeds, seed + batch number, do not depend on it); batch b runs on rank b % world, a rank with fewer
+    batches repeats one so every rank makes the same forwards (FSDP2's collectives stay in step); the answers are
+    gathered on every rank. For a sharded or a plain model, in one process or under torchrun."""
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    cfg = model.config
+    model.eval()
+    batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
+    answers = {}
+    for r in tqdm(range(-(-len(batches) // world)), desc=desc, disable=rank != 0, leave=False):
+        b = r * world + rank
+        idx = batches[min(b, len(batches) - 1)]
+        prompts = [tokenize_prompt(tokenizer, place_image_markers(jobs[i]["turns"], len(jobs[i]["images"])),
+                                   cfg.template, cfg.num_image_tokens, cfg.image_token_id, jobs[i].get("system"))
+                   for i in idx]
+        pix = [image_tensor(cfg, im) for i in idx for im in jobs[i]["images"]]
+        out = generate(model, tokenizer, prompts, torch.stack(pix) if pix else None,
+                       seed=None if seed is None else seed + b, **gen_kwargs)
+        if b < len(batches):
+            answers.update(zip(idx, out))
+    if hasattr(model, "reshard"):
+        model.reshard()  # forwards without backward leave the FSDP2 root gathered; training must see the shards
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, answers)
+        answers = {i: a for part in parts for i, a in part.items()}
+    return [answers[i] for i in range(len(jobs))]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 7. Load and save. Three on-disk layouts map onto our parameter names (spec 1.2):
 #    original LLaVA/LLaVA-Med/HuatuoGPT-Vision, llava-hf (transformers < 4.52), llava-hf (>= 4.52).
 # ----------------------------------------------------------------------------------------------------------

@@ -239,7 +239,7 @@ def _losses(out_dir):
 
 
 def _final_weights(out_dir):
-    ckpt = dpo.latest_checkpoint(out_dir)
+    ckpt = dpo.latest_checkpoint(out_dir / "dpo")
     return load_file(str(ckpt / "trainable.safetensors"))
 
 
@@ -263,26 +263,26 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     _run(cmd + ["--out", str(full)])
     p = subprocess.Popen(cmd + ["--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (killed / "checkpoints" / "step_0000002" / "state.json").exists():
+    while not (killed / "dpo" / "checkpoints" / "step_0000002" / "state.json").exists():
         assert p.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not (killed / "checkpoints" / "step_0000006").exists()
+    assert not (killed / "dpo" / "checkpoints" / "step_0000006").exists()
     # damage the newest checkpoint if the kill left one after step 2: resume must detect it and use an older one
-    newest = dpo.latest_checkpoint(killed)
+    newest = dpo.latest_checkpoint(killed / "dpo")
     if newest.name != "step_0000002":
         (newest / "trainable.safetensors").write_bytes(b"\0" * 16)
-        assert dpo.latest_checkpoint(killed).name < newest.name
+        assert dpo.latest_checkpoint(killed / "dpo").name < newest.name
     _run(cmd + ["--out", str(killed)])  # resumes from the newest complete, undamaged checkpoint
     a, b = _final_weights(full), _final_weights(killed)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
     assert _losses(full)[-1] == _losses(killed)[-1]
-    final = dpo.latest_checkpoint(killed)  # a checksum mismatch is detected and the previous checkpoint used
+    final = dpo.latest_checkpoint(killed / "dpo")  # a checksum mismatch is detected and the previous checkpoint used
     assert final.name == "step_0000006"
     (final / "optimizer.safetensors").write_bytes(b"x")
-    assert dpo.latest_checkpoint(killed).name == "step_0000004"
+    assert dpo.latest_checkpoint(killed / "dpo").name == "step_0000004"
 
 
 def test_dpo_raises_heldout_reward_accuracy(tmp_path):
@@ -332,7 +332,7 @@ def test_full_finetune_runs(tmp_path):
     _run([sys.executable, "dpo.py", "--max-steps", "2", "--full-finetune", "--lr", "1e-5", "--out", str(out)] + FAST)
     losses = _losses(out)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    trained = load_file(str(dpo.latest_checkpoint(out) / "trainable.safetensors"))["language_model.lm_head.weight"]
+    trained = load_file(str(dpo.latest_checkpoint(out / "dpo") / "trainable.safetensors"))["language_model.lm_head.weight"]
     start = load_file(str(out / "base_llava_hf" / "model.safetensors"))["lm_head.weight"]
     assert (trained - start).abs().max() > 0  # the FSDP root's parameters (lm_head) really train
     assert (out / "llava_hf" / "config.json").exists()  # full fine-tuning always writes the model

@@ -118,7 +118,7 @@ def test_nonfinite_step_stops_the_run(in_process, monkeypatch, tmp_path):
     monkeypatch.setattr(dpo, "dpo_loss", _nan_on_call(3))  # the 3rd micro-batch = step 2
     with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 2"):
         dpo.main(["--max-steps", "3", "--out", str(tmp_path)] + FAST)
-    assert dpo.latest_checkpoint(tmp_path) is None  # nothing was written from the bad step
+    assert dpo.latest_checkpoint(tmp_path / "dpo") is None  # nothing was written from the bad step
 
 
 def test_nonfinite_step_is_skipped_and_counted(in_process, monkeypatch, tmp_path):
@@ -127,7 +127,7 @@ def test_nonfinite_step_is_skipped_and_counted(in_process, monkeypatch, tmp_path
     assert res["summary"]["nonfinite_skipped"] == 1 and res["summary"]["steps"] == 3
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r.get("skipped_nonfinite") for r in rows if r.get("phase") == "dpo"] == [None, 1, None]
-    weights = load_file(str(dpo.latest_checkpoint(tmp_path) / "trainable.safetensors"))
+    weights = load_file(str(dpo.latest_checkpoint(tmp_path / "dpo") / "trainable.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
@@ -174,7 +174,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
     for attempt in range(5):
         out = tmp_path / f"killed{attempt}"
         p = subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ck, hit = out / "checkpoints", None
+        ck, hit = out / "dpo" / "checkpoints", None
         while p.poll() is None:
             tmp = [d for d in ck.glob(".tmp_step_*")] if ck.exists() else []
             if tmp and int(tmp[0].name[-7:]) >= 2:
@@ -186,13 +186,13 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
             break
     else:
         pytest.fail("never caught the run inside save_checkpoint")
-    newest = dpo.latest_checkpoint(out)
+    newest = dpo.latest_checkpoint(out / "dpo")
     assert newest is not None and int(newest.name[-7:]) < int(hit.name[-7:])  # the half-written one is not used
     _run(cmd + ["--out", str(out)])
-    a = load_file(str(dpo.latest_checkpoint(tmp_path / "full") / "trainable.safetensors"))
-    b = load_file(str(dpo.latest_checkpoint(out) / "trainable.safetensors"))
+    a = load_file(str(dpo.latest_checkpoint(tmp_path / "full" / "dpo") / "trainable.safetensors"))
+    b = load_file(str(dpo.latest_checkpoint(out / "dpo") / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not list((out / "checkpoints").glob(".tmp_step_*"))  # the stale temporary folder was replaced
+    assert not list((out / "dpo" / "checkpoints").glob(".tmp_step_*"))  # the stale temporary folder was replaced
 
 
 def test_same_seed_same_loss_curve(tmp_path):
@@ -203,5 +203,5 @@ def test_same_seed_same_loss_curve(tmp_path):
     losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if r.get("phase") == "dpo"]
               for d in "ab"]
     assert losses[0] == losses[1] and len(losses[0]) == 3
-    wa, wb = (load_file(str(dpo.latest_checkpoint(tmp_path / d) / "trainable.safetensors")) for d in "ab")
+    wa, wb = (load_file(str(dpo.latest_checkpoint(tmp_path / d / "dpo") / "trainable.safetensors")) for d in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
