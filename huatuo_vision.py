@@ -100,6 +100,7 @@ class Args:
     eval_limit: int = 0  # first N questions (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_before: bool = True  # also evaluate the starting model
+    mc_scoring: str = "ours"  # answer-letter matcher: ours, or huatuo = the released match_choice3 (paper numbers)
 
 
 # Copied from dpo.py: parse_args
@@ -638,19 +639,44 @@ def mc_prompt(question: str, options: list[str]) -> str:
     return "\n".join(lines) + "\nAnswer with the option's letter from the given choices directly."
 
 
-def match_choice(text: str, options: dict[str, str]) -> str:
-    """The answer letter of a free-text reply, HuatuoGPT's match_choice3 in three steps: (1) a standalone letter
-    A-N after a cue ('is ', '是', '为', '(', start, quotes, '*', '#', any non-word) -- upper-cased here, where the
-    released scorer compared a lower-case letter to an upper-case label and lost it; (2) else the option whose text
-    occurs last in the reply; (3) else the option most similar to the reply (difflib ratio)."""
-    valid = "".join(options)
-    for m in re.finditer(r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([a-nA-N])(\W|$)", text):
-        if m.group(2).upper() in valid:  # a letter that names no option ('I think') is not an answer
-            return m.group(2).upper()
+def match_choice(text: str, options: dict[str, str] | list[str], scoring: str = "ours") -> str:
+    """The answer letter of a free-text reply. options: {letter: text}, or a list (letters A, B, C... in order).
+    Both modes follow HuatuoGPT-Vision's match_choice3 (scorer.py) in three steps: (1) the first standalone letter
+    a-n / A-N after a cue ('is ', '是', '为', '(', start, quotes, '*', '#', any non-word character; 'a '/'A '
+    is taken for an article); (2) else the option whose text occurs last in the reply (case-insensitive);
+    (3) else the option most similar to the reply (difflib ratio).
+    scoring="ours" (default): the letter is upper-cased ("b" counts as B) and a letter that names no option is
+    skipped ("I think it is C" -> C, "Option E" of four goes on to the text); in (2) the option that ends last
+    wins, the longer on a tie ("abnormal" -> Abnormal, not Normal; "lung cancer" -> lung cancer, not lung); an
+    empty option text never matches; (3) ties go to the first option.
+    scoring="huatuo": match_choice3 exactly, quirks included (tests/fixtures/huatuo_match_choice.json holds the
+    released function's outputs): the letter is returned as found, so "b" (never equal to the label "B") and
+    "I"/"E"/"N" that name no option are answers; in (2) the start of the last occurrence decides, ties go to the
+    first option ("abnormal" -> Normal), and an empty option text always matches (at the end of the reply);
+    in (3) ties go to the last option, so an empty reply picks the last one; "选B" is no letter ('选' is a word
+    character) and falls through to (2)/(3). (The released test_mmlu passes the whole record as `options`, so
+    there (2) and (3) raise on the record's list fields; here they use the options, as match_choice3 intends.)"""
+    if scoring not in ("ours", "huatuo"):
+        raise ValueError(f"mc scoring must be ours or huatuo, not {scoring!r}")
+    if not isinstance(options, dict):
+        options = {LETTERS[i]: o for i, o in enumerate(options)}
+    cue = r"(is |是|\*|\W|\ |\(|为|^|'|\"|#)(?![aA] )([a-nA-N])(\W|$)"  # scorer.py's pattern, character for character
     low = text.lower()
-    found = [(low.rindex(o.lower()), k) for k, o in options.items() if o and o.lower() in low]
+    if scoring == "huatuo":
+        m = re.search(cue, text)
+        if m:
+            return m.group(2)
+        found = [(low.rindex(o.lower()), k) for k, o in options.items() if o.lower() in low]
+        if found:
+            return max(found, key=lambda f: f[0])[1]  # max keeps the first of equal starts, as the stable sort does
+        ratios = [difflib.SequenceMatcher(None, o.lower(), low).ratio() for o in options.values()]
+        return list(options)[len(ratios) - 1 - ratios[::-1].index(max(ratios))]  # the last best (released: >=)
+    for m in re.finditer(cue, text):
+        if m.group(2).upper() in options:  # a letter that names no option ('I think') is not an answer
+            return m.group(2).upper()
+    found = [(low.rindex(o.lower()) + len(o), len(o), k) for k, o in options.items() if o and o.lower() in low]
     if found:
-        return max(found)[1]
+        return max(found, key=lambda f: f[:2])[2]
     return max(options, key=lambda k: difflib.SequenceMatcher(None, low, options[k].lower()).ratio())
 
 
@@ -684,9 +710,11 @@ def read_mc(path: str, image_folder: str = "") -> list[dict]:
     return rows
 
 
-def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, desc="eval") -> tuple[dict, list]:
-    """Greedy answers (interleaved shares per rank, equal batch counts for sharded forwards), letter matching,
-    accuracy per dataset and overall (the mean over questions)."""
+def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, desc="eval",
+                scoring: str = "ours") -> tuple[dict, list]:
+    """Greedy answers (interleaved shares per rank, equal batch counts for sharded forwards), letter matching
+    (match_choice with `scoring`: "ours" or HuatuoGPT-Vision's "huatuo"), accuracy per dataset and overall (the
+    mean over questions, as the released score_mix_llava reports them)."""
     cfg = model.config
     model.eval()
     mine = list(range(rank, len(rows), world))
@@ -710,7 +738,7 @@ def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, 
     merged = {i: a for part in gathered for i, a in part.items()}
     results, per = [], {}
     for i, r in enumerate(rows):
-        letter = match_choice(merged[i], {LETTERS[k]: o for k, o in enumerate(r["options"])})
+        letter = match_choice(merged[i], r["options"], scoring)
         ok = letter == r["answer_label"]
         results.append({**r, "prediction": merged[i], "matched": letter, "correct": ok})
         per.setdefault(r["dataset_name"], []).append(ok)
@@ -817,7 +845,8 @@ def main(argv=None):
         set_trainable(model, stage or 1, args.lora)
         shard(model, device, args.activation_checkpointing, args.compile)
         if k == 0 and eval_rows and args.eval_before:
-            results["before"], _ = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size, rank, world, "eval before")
+            results["before"], _ = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size, rank, world,
+                                               "eval before", args.mc_scoring)
             log({"phase": "eval_before", **results["before"]})
             if master:
                 print("before:", json.dumps(results["before"]))
@@ -829,7 +858,7 @@ def main(argv=None):
         train_stage(args, stage, model, tokenizer, data, device, rank, world, log)
         if eval_rows:
             results[f"after_stage{stage}"], preds = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size,
-                                                                rank, world, f"eval stage {stage}")
+                                                                rank, world, f"eval stage {stage}", args.mc_scoring)
             log({"phase": f"eval_stage{stage}", **results[f"after_stage{stage}"]})
             if master:
                 print(f"after stage {stage}:", json.dumps(results[f"after_stage{stage}"]))

@@ -919,28 +919,55 @@ def merged_copy(model, state: dict):
 # ----------------------------------------------------------------------------------------------------------
 
 # Copied from dpo.py: CONTRACTIONS
-CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                "wont": "won't", "wasnt": "wasn't", "werent": "weren't", "hasnt": "hasn't", "havent": "haven't",
-                "didnt": "didn't", "couldnt": "couldn't", "shouldnt": "shouldn't", "wouldnt": "wouldn't"}
+CONTRACTIONS = {  # word -> contraction, LLaVA-Med v1.0.0 glossary.py's VQA-eval table (exact key set checked by tests)
+    # Not listed: the released entries "Im", "Ive", "Id've", "I'dve" (never matched: the lookup runs on lower-cased
+    # words), and "let's", "she's" (mapped to themselves).
+    form[:i] + form[i + 1:]: form  # each form is looked up by every spelling that leaves out one of its apostrophes
+    for form in (
+        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+        "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
+        "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
+        "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
+        "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've "
+        "we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
+        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
+        "you'll you're you've").split()
+    for i, c in enumerate(form) if c == "'"
+} | {"somebody'd": "somebodyd"}  # quirk kept: the released table maps this entry backwards
 
 
 # Copied from dpo.py: normalize_answer
 def normalize_answer(text: str) -> str:
-    """LLaVA-Med's normalize_word (glossary.py): lower-case; '/' and '"' -> space; periods not between digits
-    dropped; articles a/an/the dropped; VQA contractions; commas removed; whitespace collapsed."""
-    s = text.lower().replace("\n", " ").replace("\t", " ")
-    s = re.sub(r'[/"]', " ", s)
-    s = re.sub(r"(?<!\d)\.|\.(?!\d)", "", s)
-    s = s.replace(",", "")
-    words = [CONTRACTIONS.get(w, w) for w in s.split() if w not in ("a", "an", "the")]
-    return " ".join(words)
+    """The one answer normaliser of every method: LLaVA-Med's released normalize_word (v1.0.0
+    llava/eval/eval_metrics/glossary.py), rule for rule, quirks included; tests/test_scorers.py checks it against
+    that function's outputs (tests/fixtures/llava_med_eval_cases.json).
+    "Left-sided (pleural) effusion!" -> "left sided pleural effusion"; "three" -> "3"; "1,000" -> "1000"."""
+    # 1. Each of these marks becomes a space ("t1/t2" -> "t1 t2"), but is deleted everywhere instead when it
+    #    touches a space anywhere in the text ("x - ray" -> "x ray"; so "left-sided, x - ray" -> "leftsided x ray"),
+    #    or when the text holds a digit-comma-digit anywhere ("1,000 x-ray" -> "1000 xray"). Both tests look at the
+    #    original text, not at the text as marks are replaced. Not in the list: ':', "'", '%', '#', '*', '&'.
+    glued = re.search(r"\d,\d", text) is not None
+    s = text
+    for mark in ';/[]"{}()=+\\_-><@`,?!':
+        s = s.replace(mark, "" if glued or mark + " " in text or " " + mark in text else " ")
+    # 2. Periods not followed by a digit are deleted ("2." -> "2", "e.g." -> "eg"; "3.5", ".5" stay). The released
+    #    pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but is a look-ahead that always holds, and it passes
+    #    re.UNICODE (= 32) as the count: only the first 32 such periods go.
+    s = re.sub(r"\.(?!\d)", "", s, count=32)
+    # 3. Lower-case, split on whitespace; number words zero..ten and "none" become digits ("none" -> "0"); then the
+    #    articles a/an/the are dropped (after the number words, so "one" stays as "1"); then contractions.
+    #    (The released final comma removal is left out: step 1 has already replaced every comma.)
+    numbers = dict(zip("none zero one two three four five six seven eight nine ten".split(),
+                       "0 0 1 2 3 4 5 6 7 8 9 10".split()))
+    words = [numbers.get(w, w) for w in s.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
 
 
 # Copied from dpo.py: yes_no
 def yes_no(prediction: str) -> str | None:
-    """The first 'yes' or 'no' word of the answer (so 'normal' or 'note' never count as 'no'), else None."""
-    for w in normalize_answer(prediction).replace("?", " ").replace("!", " ").split():
-        w = w.strip(".:;")
+    """The first word of the normalised answer that is 'yes' or 'no' ("Answer:no" counts; 'normal', 'note' or
+    'know' never count as 'no'), else None."""
+    for w in re.findall(r"\w+", normalize_answer(prediction)):
         if w in ("yes", "no"):
             return w
     return None
