@@ -117,7 +117,7 @@ class Args:
     eval_limit: int = 0  # evaluate on the first N questions (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 16  # answer length cap (VQA answers are short)
-    closed_scoring: str = "strict"  # strict (ours); llava_med|llava_med_batch add run_eval(_batch).py's numbers
+    closed_scoring: Literal["strict", "llava_med", "llava_med_batch"] = "strict"  # strict (ours); llava_med|llava_med_batch add run_eval(_batch).py's numbers (lm.score_vqa)
 
 
 def parse_args(cls, argv=None):
@@ -746,7 +746,8 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
             p.data = p.data.float() if p.requires_grad else p.data
         shard(model, device)
 
-        def step(idx, epoch):
+        def step(idx, epoch):  # indices wrap around, so a set smaller than one batch still trains
+            idx = [i % len(items) for i in idx]
             batch = lm.collate([items[i] for i in idx], tokenizer.pad_token_id)
             keys = [k for i in idx for k in items[i]["images"]]
             batch["pixel_values"] = torch.stack([pixel(k) for k in keys]) if keys else None
@@ -754,7 +755,7 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
             return {"loss": loss, "n": n_tokens}
 
         micro = max(1, 16 // world)  # a global batch of 16 samples (or the nearest multiple of the ranks)
-        train(args, "sft_warmup", model, len(items), step, out / "sft_warmup", rank, world, log, {"": args.sft_lr},
+        train(args, "sft_warmup", model, max(len(items), micro * world), step, out / "sft_warmup", rank, world, log, {"": args.sft_lr},
               batch_size=micro * world, micro_batch_size=micro, max_steps=args.sft_warmup_steps)
         state = lm.full_state_dict(model)
         if rank == 0:  # written under a temporary name, then renamed: a crash never leaves half a checkpoint
@@ -770,164 +771,13 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
 # Evaluation: generation on a VQA set, scored the LLaVA-Med way (spec 2.4); reward accuracy on held-out pairs
 # ----------------------------------------------------------------------------------------------------------
 
-CONTRACTIONS = {  # word -> contraction, LLaVA-Med v1.0.0 glossary.py's VQA-eval table (exact key set checked by tests)
-    # Not listed: the released entries "Im", "Ive", "Id've", "I'dve" (never matched: the lookup runs on lower-cased
-    # words), and "let's", "she's" (mapped to themselves).
-    form[:i] + form[i + 1:]: form  # each form is looked up by every spelling that leaves out one of its apostrophes
-    for form in (
-        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
-        "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
-        "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
-        "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
-        "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've "
-        "we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
-        "you'll you're you've").split()
-    for i, c in enumerate(form) if c == "'"
-} | {"somebody'd": "somebodyd"}  # quirk kept: the released table maps this entry backwards
-
-
-def normalize_answer(text: str) -> str:
-    """The one answer normaliser of every method: LLaVA-Med's released normalize_word (v1.0.0
-    llava/eval/eval_metrics/glossary.py), rule for rule, quirks included; tests/test_scorers.py checks it against
-    that function's outputs (tests/fixtures/llava_med_eval_cases.json).
-    "Left-sided (pleural) effusion!" -> "left sided pleural effusion"; "three" -> "3"; "1,000" -> "1000"."""
-    # 1. Each of these marks becomes a space ("t1/t2" -> "t1 t2"), but is deleted everywhere instead when it
-    #    touches a space anywhere in the text ("x - ray" -> "x ray"; so "left-sided, x - ray" -> "leftsided x ray"),
-    #    or when the text holds a digit-comma-digit anywhere ("1,000 x-ray" -> "1000 xray"). Both tests look at the
-    #    original text, not at the text as marks are replaced. Not in the list: ':', "'", '%', '#', '*', '&'.
-    glued = re.search(r"\d,\d", text) is not None
-    s = text
-    for mark in ';/[]"{}()=+\\_-><@`,?!':
-        s = s.replace(mark, "" if glued or mark + " " in text or " " + mark in text else " ")
-    # 2. Periods not followed by a digit are deleted ("2." -> "2", "e.g." -> "eg"; "3.5", ".5" stay). The released
-    #    pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but is a look-ahead that always holds, and it passes
-    #    re.UNICODE (= 32) as the count: only the first 32 such periods go.
-    s = re.sub(r"\.(?!\d)", "", s, count=32)
-    # 3. Lower-case, split on whitespace; number words zero..ten and "none" become digits ("none" -> "0"); then the
-    #    articles a/an/the are dropped (after the number words, so "one" stays as "1"); then contractions.
-    #    (The released final comma removal is left out: step 1 has already replaced every comma.)
-    numbers = dict(zip("none zero one two three four five six seven eight nine ten".split(),
-                       "0 0 1 2 3 4 5 6 7 8 9 10".split()))
-    words = [numbers.get(w, w) for w in s.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
-
-
-def token_recall(prediction: str, reference: str, compat: bool = False) -> tuple[float, float, float]:
-    """(precision, recall, f1) over normalised whitespace tokens.
-    Default: a reference token is matched at most as often as it occurs (clipped counts, as SQuAD's token F1), so
-    "effusion effusion" recalls 1/2 of "pleural effusion".
-    compat=True: LLaVA-Med's calculate_f1score (eval_metrics/evaluate_metrics.py) as run_eval.py calls it, quirks
-    included: (1) the answers are normalised twice (evaluate() normalises them, calculate_f1score again; only an
-    answer with more than 32 periods notices); (2) true positives are counted on the prediction side, so a repeated
-    matching word counts every time ("effusion effusion" recalls 2/3 of "pleural effusion"); (3) all zero when
-    either side is empty or nothing matches."""
-    from collections import Counter
-    if compat:
-        cand = Counter(normalize_answer(normalize_answer(prediction)).split())
-        ref = Counter(normalize_answer(normalize_answer(reference)).split())
-        tp = sum(c for w, c in cand.items() if w in ref)
-        if not cand or not ref or tp == 0:
-            return 0.0, 0.0, 0.0
-        p = tp / sum(cand.values())
-        r = tp / (tp + sum(c for w, c in ref.items() if w not in cand))
-        return p, r, 2 * p * r / (p + r)
-    cand, ref = Counter(normalize_answer(prediction).split()), Counter(normalize_answer(reference).split())
-    tp = sum((cand & ref).values())
-    p = tp / sum(cand.values()) if cand else 0.0
-    r = tp / sum(ref.values()) if ref else 0.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
-def yes_no(prediction: str) -> str | None:
-    """The first word of the normalised answer that is 'yes' or 'no' ("Answer:no" counts; 'normal', 'note' or
-    'know' never count as 'no'), else None."""
-    for w in re.findall(r"\w+", normalize_answer(prediction)):
-        if w in ("yes", "no"):
-            return w
-    return None
-
-
-def score_vqa(rows: list[dict], closed_scoring: str = "strict") -> dict:
-    """rows: {"answer", "prediction", "answer_type"}. Our scorer (always): closed questions (GT yes/no, or
-    answer_type CLOSED) by accuracy -- for a yes/no GT the answer's first yes/no word must be the GT -- and F1
-    with 'yes' as the positive class (an answer that is neither counts as wrong, and as not 'yes'); open questions
-    by mean token recall (clipped counts) and exact match after normalisation.
-    closed_scoring="llava_med" / "llava_med_batch" also returns the released LLaVA-Med v1.0.0 numbers under
-    "compat_*" keys, quirks included, to compare with published tables: which rows count follows answer_type exactly
-    ("CLOSED" / "OPEN"; other rows are skipped, as there); open = calculate_f1score's recall (token_recall
-    compat=True); closed = the GT as a substring of the normalised answer ('no' is in 'normal' and 'cannot', 'yes'
-    in 'eyes': LLaVA-Med issue #12), where run_eval.py ("llava_med") also needs the letters 'yes' or 'no'
-    somewhere in the answer (so a closed non-yes/no question such as 'left' never scores) and run_eval_batch.py
-    ("llava_med_batch") does not."""
-    if closed_scoring not in ("strict", "llava_med", "llava_med_batch"):
-        raise ValueError(f"closed_scoring must be strict, llava_med or llava_med_batch, not {closed_scoring!r}")
-    closed, opened, compat_closed, compat_open, tp, fp, fn = [], [], [], [], 0, 0, 0
-    for r in rows:
-        gt, answer = normalize_answer(r["answer"]), normalize_answer(r["prediction"])
-        is_closed = gt in ("yes", "no") or str(r.get("answer_type", "")).upper() == "CLOSED"
-        if is_closed:
-            pred = yes_no(r["prediction"]) if gt in ("yes", "no") else answer
-            closed.append(float(pred == gt))
-            tp += pred == "yes" and gt == "yes"
-            fp += pred == "yes" and gt != "yes"
-            fn += pred != "yes" and gt == "yes"
-        else:
-            opened.append((token_recall(r["prediction"], r["answer"])[1], float(answer == gt)))
-        if closed_scoring != "strict" and r.get("answer_type") == "CLOSED":
-            needs_yes_no = closed_scoring == "llava_med"
-            compat_closed.append(float(gt in answer and (not needs_yes_no or "yes" in answer or "no" in answer)))
-        elif closed_scoring != "strict" and r.get("answer_type") == "OPEN":
-            compat_open.append(token_recall(r["prediction"], r["answer"], compat=True)[1])
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    out = {"closed_accuracy": sum(closed) / len(closed) if closed else None, "closed_f1": f1 if closed else None,
-           "open_recall": sum(o[0] for o in opened) / len(opened) if opened else None,
-           "open_exact": sum(o[1] for o in opened) / len(opened) if opened else None,
-           "n_closed": len(closed), "n_open": len(opened)}
-    if closed_scoring != "strict":
-        out.update(compat=closed_scoring, compat_n_closed=len(compat_closed), compat_n_open=len(compat_open),
-                   compat_closed_accuracy=sum(compat_closed) / len(compat_closed) if compat_closed else None,
-                   compat_open_recall=sum(compat_open) / len(compat_open) if compat_open else None)
-    return out
-
-
-def read_vqa(path: str, image_folder: str = "") -> list[dict]:
-    """One reader for the VQA test sets users have; returns [{"id","image","question","answer","answer_type"}]
-    with absolute image paths. Formats: LLaVA-Med test.json / toy test_vqa.json ("conversations" + answer_type),
-    VQA-RAD (MEVF testset.json, or the OSF public json: its test_freeform/test_para rows), SLAKE (English rows)."""
-    path = Path(path)
-    rows = []
-    for where, rec in lm.read_records(path):
-        if "conversations" in rec or "conversatons" in rec:
-            turns = lm.record_turns(rec, where)
-            folder = Path(image_folder or path.parent)
-            rows.append({"id": rec.get("id", where), "image": str(folder / rec["image"]),
-                         "question": turns[0][1].replace(lm.IMAGE_MARKER, "").strip(), "answer": turns[1][1],
-                         "answer_type": rec.get("answer_type", "")})
-        elif "image_name" in rec:  # VQA-RAD
-            if "phrase_type" in rec and "qid_linked_id" in rec and not str(rec["phrase_type"]).startswith("test"):
-                continue  # the OSF public json holds train and test; keep the official test rows
-            folder = Path(image_folder or path.parent / "images")
-            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["image_name"]),
-                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
-        elif "img_name" in rec:  # SLAKE
-            if rec.get("q_lang", "en") != "en":
-                continue
-            folder = Path(image_folder or path.parent / "imgs")
-            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["img_name"]),
-                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
-        else:
-            raise lm.DataError(f"{where}: unknown VQA record (expected conversations, image_name or img_name)")
-    return rows
-
-
 def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
                  closed_scoring: str = "strict", desc: str = "eval") -> tuple[dict, list[dict]]:
     """Greedy answers for every row (lm.generate_sharded shares them out to the ranks and gathers them), scored."""
     jobs = [{"turns": [("user", r["question"])], "images": [r["image"]]} for r in rows]
     preds = lm.generate_sharded(model, tokenizer, jobs, batch_size, rank, world, desc, max_new_tokens=max_new_tokens)
     results = [dict(r, prediction=p) for r, p in zip(rows, preds)]
-    return score_vqa(results, closed_scoring), results
+    return lm.score_vqa(results, closed_scoring), results
 
 
 def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, rank, world) -> dict:
@@ -984,7 +834,7 @@ def main(argv=None):
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None,
                                seed=args.seed, attn_implementation=args.attn_implementation)
     eval_path = args.eval_data or (str(data_dir / "test_vqa.json") if data_dir.is_dir() else "")
-    eval_rows = read_vqa(eval_path, args.eval_image_folder)[:args.eval_limit or None] if args.eval and eval_path else []
+    eval_rows = lm.read_vqa(eval_path, args.eval_image_folder)[:args.eval_limit or None] if args.eval and eval_path else []
     results, base = {}, args.model
     if not args.eval_only:  # ---- data, and the warm start (toy only by default)
         unreadable = {} if args.skip_bad_samples else None

@@ -9,8 +9,10 @@ model with this file. It is readable top to bottom:
     4. chat templates + tokenisation    (segment by segment: prompt segments -100, answer segments copied)
     5. the model                        (image tokens pre-expanded in input_ids, llava-hf style)
     6. generation                       (batched, left padding, KV cache, greedy or sampled, stop strings)
+    6b. training helpers                (LoRA, adapters-off reference, merged export, PEFT adapter, sharded generation)
     7. load / save                      (meta-device init; safetensors only; llava-hf export for vLLM)
-    8. command line                     (ask a question about an image)
+    8. evaluation                       (Med-VQA readers, LLaVA-Med's released scorer)
+    9. command line                     (ask a question about an image)
 
 Ask the tiny random model (no download, CPU) or a real checkpoint a question:
 
@@ -1061,7 +1063,164 @@ def save_llava_hf(model: LlavaMed, tokenizer, out_dir, max_shard_bytes: int = 5 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Command line: ask a question about an image
+# 8. Evaluation shared by the recipes: Med-VQA test sets (LLaVA-Med test.json, VQA-RAD, SLAKE) and LLaVA-Med's
+#    released scorer (v1.0.0 llava/eval: normalize_word, calculate_f1score, run_eval(_batch).py), exactly
+# ----------------------------------------------------------------------------------------------------------
+
+CONTRACTIONS = {  # word -> contraction, LLaVA-Med v1.0.0 glossary.py's VQA-eval table (exact key set checked by tests)
+    # Not listed: the released entries "Im", "Ive", "Id've", "I'dve" (never matched: the lookup runs on lower-cased
+    # words), and "let's", "she's" (mapped to themselves).
+    form[:i] + form[i + 1:]: form  # each form is looked up by every spelling that leaves out one of its apostrophes
+    for form in (
+        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
+        "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
+        "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
+        "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
+        "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've "
+        "we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
+        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
+        "you'll you're you've").split()
+    for i, c in enumerate(form) if c == "'"
+} | {"somebody'd": "somebodyd"}  # quirk kept: the released table maps this entry backwards
+
+
+def normalize_answer(text: str) -> str:
+    """The one answer normaliser of every method: LLaVA-Med's released normalize_word (v1.0.0
+    llava/eval/eval_metrics/glossary.py), rule for rule, quirks included; tests/test_scorers.py checks it against
+    that function's outputs (tests/fixtures/llava_med_eval_cases.json).
+    "Left-sided (pleural) effusion!" -> "left sided pleural effusion"; "three" -> "3"; "1,000" -> "1000"."""
+    # 1. Each of these marks becomes a space ("t1/t2" -> "t1 t2"), but is deleted everywhere instead when it
+    #    touches a space anywhere in the text ("x - ray" -> "x ray"; so "left-sided, x - ray" -> "leftsided x ray"),
+    #    or when the text holds a digit-comma-digit anywhere ("1,000 x-ray" -> "1000 xray"). Both tests look at the
+    #    original text, not at the text as marks are replaced. Not in the list: ':', "'", '%', '#', '*', '&'.
+    glued = re.search(r"\d,\d", text) is not None
+    s = text
+    for mark in ';/[]"{}()=+\\_-><@`,?!':
+        s = s.replace(mark, "" if glued or mark + " " in text or " " + mark in text else " ")
+    # 2. Periods not followed by a digit are deleted ("2." -> "2", "e.g." -> "eg"; "3.5", ".5" stay). The released
+    #    pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but is a look-ahead that always holds, and it passes
+    #    re.UNICODE (= 32) as the count: only the first 32 such periods go.
+    s = re.sub(r"\.(?!\d)", "", s, count=32)
+    # 3. Lower-case, split on whitespace; number words zero..ten and "none" become digits ("none" -> "0"); then the
+    #    articles a/an/the are dropped (after the number words, so "one" stays as "1"); then contractions.
+    #    (The released final comma removal is left out: step 1 has already replaced every comma.)
+    numbers = dict(zip("none zero one two three four five six seven eight nine ten".split(),
+                       "0 0 1 2 3 4 5 6 7 8 9 10".split()))
+    words = [numbers.get(w, w) for w in s.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
+
+
+def token_recall(prediction: str, reference: str, compat: bool = False) -> tuple[float, float, float]:
+    """(precision, recall, f1) over normalised whitespace tokens.
+    Default: a reference token is matched at most as often as it occurs (clipped counts, as SQuAD's token F1), so
+    "effusion effusion" recalls 1/2 of "pleural effusion".
+    compat=True: LLaVA-Med's calculate_f1score (eval_metrics/evaluate_metrics.py) as run_eval.py calls it, quirks
+    included: (1) the answers are normalised twice (evaluate() normalises them, calculate_f1score again; only an
+    answer with more than 32 periods notices); (2) true positives are counted on the prediction side, so a repeated
+    matching word counts every time ("effusion effusion" recalls 2/3 of "pleural effusion"); (3) all zero when
+    either side is empty or nothing matches."""
+    from collections import Counter
+    if compat:
+        cand = Counter(normalize_answer(normalize_answer(prediction)).split())
+        ref = Counter(normalize_answer(normalize_answer(reference)).split())
+        tp = sum(c for w, c in cand.items() if w in ref)
+        if not cand or not ref or tp == 0:
+            return 0.0, 0.0, 0.0
+        p = tp / sum(cand.values())
+        r = tp / (tp + sum(c for w, c in ref.items() if w not in cand))
+        return p, r, 2 * p * r / (p + r)
+    cand, ref = Counter(normalize_answer(prediction).split()), Counter(normalize_answer(reference).split())
+    tp = sum((cand & ref).values())
+    p = tp / sum(cand.values()) if cand else 0.0
+    r = tp / sum(ref.values()) if ref else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def yes_no(prediction: str) -> str | None:
+    """The first word of the normalised answer that is 'yes' or 'no' ("Answer:no" counts; 'normal', 'note' or
+    'know' never count as 'no'), else None."""
+    for w in re.findall(r"\w+", normalize_answer(prediction)):
+        if w in ("yes", "no"):
+            return w
+    return None
+
+
+def score_vqa(rows: list[dict], closed_scoring: str = "strict") -> dict:
+    """rows: {"answer", "prediction", "answer_type"}. Our scorer (always): closed questions (GT yes/no, or
+    answer_type CLOSED) by accuracy -- for a yes/no GT the answer's first yes/no word must be the GT -- and F1
+    with 'yes' as the positive class (an answer that is neither counts as wrong, and as not 'yes'); open questions
+    by mean token recall (clipped counts) and exact match after normalisation.
+    closed_scoring="llava_med" / "llava_med_batch" also returns the released LLaVA-Med v1.0.0 numbers under
+    "compat_*" keys, quirks included, to compare with published tables: which rows count follows answer_type exactly
+    ("CLOSED" / "OPEN"; other rows are skipped, as there); open = calculate_f1score's recall (token_recall
+    compat=True); closed = the GT as a substring of the normalised answer ('no' is in 'normal' and 'cannot', 'yes'
+    in 'eyes': LLaVA-Med issue #12), where run_eval.py ("llava_med") also needs the letters 'yes' or 'no'
+    somewhere in the answer (so a closed non-yes/no question such as 'left' never scores) and run_eval_batch.py
+    ("llava_med_batch") does not."""
+    if closed_scoring not in ("strict", "llava_med", "llava_med_batch"):
+        raise ValueError(f"closed_scoring must be strict, llava_med or llava_med_batch, not {closed_scoring!r}")
+    closed, opened, compat_closed, compat_open, tp, fp, fn = [], [], [], [], 0, 0, 0
+    for r in rows:
+        gt, answer = normalize_answer(r["answer"]), normalize_answer(r["prediction"])
+        is_closed = gt in ("yes", "no") or str(r.get("answer_type", "")).upper() == "CLOSED"
+        if is_closed:
+            pred = yes_no(r["prediction"]) if gt in ("yes", "no") else answer
+            closed.append(float(pred == gt))
+            tp += pred == "yes" and gt == "yes"
+            fp += pred == "yes" and gt != "yes"
+            fn += pred != "yes" and gt == "yes"
+        else:
+            opened.append((token_recall(r["prediction"], r["answer"])[1], float(answer == gt)))
+        if closed_scoring != "strict" and r.get("answer_type") == "CLOSED":
+            needs_yes_no = closed_scoring == "llava_med"
+            compat_closed.append(float(gt in answer and (not needs_yes_no or "yes" in answer or "no" in answer)))
+        elif closed_scoring != "strict" and r.get("answer_type") == "OPEN":
+            compat_open.append(token_recall(r["prediction"], r["answer"], compat=True)[1])
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    out = {"closed_accuracy": sum(closed) / len(closed) if closed else None, "closed_f1": f1 if closed else None,
+           "open_recall": sum(o[0] for o in opened) / len(opened) if opened else None,
+           "open_exact": sum(o[1] for o in opened) / len(opened) if opened else None,
+           "n_closed": len(closed), "n_open": len(opened)}
+    if closed_scoring != "strict":
+        out.update(compat=closed_scoring, compat_n_closed=len(compat_closed), compat_n_open=len(compat_open),
+                   compat_closed_accuracy=sum(compat_closed) / len(compat_closed) if compat_closed else None,
+                   compat_open_recall=sum(compat_open) / len(compat_open) if compat_open else None)
+    return out
+
+
+def read_vqa(path: str, image_folder: str = "") -> list[dict]:
+    """One reader for the VQA test sets users have; returns [{"id","image","question","answer","answer_type"}]
+    with absolute image paths. Formats: LLaVA-Med test.json / toy test_vqa.json ("conversations" + answer_type),
+    VQA-RAD (MEVF testset.json, or the OSF public json: its test_freeform/test_para rows), SLAKE (English rows)."""
+    path = Path(path)
+    rows = []
+    for where, rec in read_records(path):
+        if "conversations" in rec or "conversatons" in rec:
+            turns = record_turns(rec, where)
+            folder = Path(image_folder or path.parent)
+            rows.append({"id": rec.get("id", where), "image": str(folder / rec["image"]),
+                         "question": turns[0][1].replace(IMAGE_MARKER, "").strip(), "answer": turns[1][1],
+                         "answer_type": rec.get("answer_type", "")})
+        elif "image_name" in rec:  # VQA-RAD
+            if "phrase_type" in rec and "qid_linked_id" in rec and not str(rec["phrase_type"]).startswith("test"):
+                continue  # the OSF public json holds train and test; keep the official test rows
+            folder = Path(image_folder or path.parent / "images")
+            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["image_name"]),
+                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
+        elif "img_name" in rec:  # SLAKE
+            if rec.get("q_lang", "en") != "en":
+                continue
+            folder = Path(image_folder or path.parent / "imgs")
+            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["img_name"]),
+                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
+        else:
+            raise DataError(f"{where}: unknown VQA record (expected conversations, image_name or img_name)")
+    return rows
+
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. Command line: ask a question about an image
 # ----------------------------------------------------------------------------------------------------------
 
 

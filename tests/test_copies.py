@@ -2,8 +2,11 @@
 
 Method files duplicate dpo.py's shared blocks on purpose, so each reads top to bottom. A copy is marked by the
 comment line `# Copied from dpo.py: <name>` placed directly above a top-level `def <name>`, `class <name>`
-(decorators included) or `<name> = ...`. The copy must stay byte-identical to the definition of the same name in the source file;
-this test fails on any drift and says where. Fix a drift by editing the source and re-copying.
+(decorators included) or `<name> = ...`. The copy must stay byte-identical to the definition of the same name in
+dpo.py; this test fails on any drift and says where. Fix a drift by editing dpo.py and re-copying. Copies come from
+dpo.py only, sit in dpo.py's order (so `diff dpo.py <method>.py` shows the method), and a top-level definition that
+shares a name with one of dpo.py's (other than Args and main) must be a marked copy: an unmarked near-copy is how
+the recipes drifted apart.
 
     python tests/test_copies.py          # prints every drifted copy, exit status 1 if any
     python tests/test_copies.py --fix    # rewrites every marked copy from its source
@@ -15,6 +18,8 @@ import sys
 from pathlib import Path
 
 MARK = re.compile(r"^# Copied from (?P<src>[\w.]+\.py): (?P<name>\w+)\s*$")
+SOURCE = "dpo.py"  # the one file copies come from
+OWN = {"Args", "main"}  # every recipe has its own
 
 
 def top_level_defs(source: str) -> dict:
@@ -43,6 +48,9 @@ def check_copies(root: Path) -> tuple[list[str], int]:
                 continue
             defs = defs if defs is not None else top_level_defs(text)
             src_path = root / m["src"]
+            if m["src"] != SOURCE:
+                problems.append(f"{path.name}:{lineno}: copies come from {SOURCE} only, not {m['src']}")
+                continue
             if not src_path.exists():
                 problems.append(f"{path.name}:{lineno}: source file {m['src']} does not exist")
                 continue
@@ -62,7 +70,32 @@ def check_copies(root: Path) -> tuple[list[str], int]:
                 first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 problems.append(f"{path.name}:{lineno + 1 + first}: copy of {m['src']}:{name} drifted "
                                 f"(first difference at line {first + 1} of the block)")
+    problems += check_names_and_order(root)
     return problems, checked
+
+
+def check_names_and_order(root: Path) -> list[str]:
+    """Unmarked top-level definitions named like one of dpo.py's, and marked copies out of dpo.py's order."""
+    src = root / SOURCE
+    if not src.exists():
+        return []
+    order = {name: i for i, name in enumerate(top_level_defs(src.read_text(encoding="utf-8")))}
+    problems = []
+    for path in sorted(root.glob("*.py")):
+        if path.name == SOURCE:
+            continue
+        lines = path.read_text(encoding="utf-8").splitlines()
+        marked = [MARK.match(line)["name"] for line in lines if MARK.match(line)]
+        for name, (_, start) in top_level_defs("\n".join(lines) + "\n").items():
+            if name in order and name not in OWN and not (start >= 2 and MARK.match(lines[start - 2])):
+                problems.append(f"{path.name}:{start}: {name!r} has the name of a dpo.py definition but is not a "
+                                f"marked copy (mark it '# Copied from dpo.py: {name}' or rename it)")
+        ranks = [order[n] for n in marked if n in order]
+        for k in range(1, len(ranks)):
+            if ranks[k] < ranks[k - 1]:
+                problems.append(f"{path.name}: copy of {marked[k]!r} sits after {marked[k - 1]!r}; keep dpo.py's order")
+                break
+    return problems
 
 
 def test_copies_are_identical():
@@ -84,6 +117,15 @@ def test_checker_catches_a_drifted_copy(tmp_path):
     assert "not directly above" in check_copies(tmp_path)[0][0]
     (tmp_path / "bad.py").write_text("# Copied from dpo.py: missing\ndef missing():\n    pass\n")
     assert "has no top-level def/class 'missing'" in check_copies(tmp_path)[0][0]
+    (tmp_path / "bad.py").write_text("# Copied from good.py: helper\ndef helper(x):\n    return x + 1\n")
+    assert "copies come from dpo.py only" in check_copies(tmp_path)[0][0]
+    (tmp_path / "bad.py").write_text("def helper(x):\n    return x + 1\n")  # an unmarked near-copy
+    assert "is not a marked copy" in check_copies(tmp_path)[0][0]
+    (tmp_path / "bad.py").write_text("def main():\n    pass\n")  # every recipe has its own main
+    assert check_copies(tmp_path)[0] == []
+    (tmp_path / "good.py").write_text("# Copied from dpo.py: Keep\nclass Keep:\n    a = 1\n\n\n"
+                                      "# Copied from dpo.py: helper\n@staticmethod\ndef helper(x):\n    return x + 1\n")
+    assert "keep dpo.py's order" in check_copies(tmp_path)[0][0]
 
 
 def fix_copies(root: Path) -> int:

@@ -177,29 +177,29 @@ def test_scorer_edge_cases():
         {"answer": "Left upper lung", "prediction": "the left upper lung.", "answer_type": "OPEN"},
         {"answer": "right lower lung", "prediction": "lung", "answer_type": "OPEN"},
     ]
-    s = dpo.score_vqa(rows)
+    s = lm.score_vqa(rows)
     assert s["n_closed"] == 4 and s["n_open"] == 2
     assert s["closed_accuracy"] == 0.5  # hits: rows 2 and 3
     assert abs(s["closed_f1"] - 2 / 3) < 1e-9  # tp=1 (row 2), fn=1 (row 4), fp=0
     assert abs(s["open_recall"] - (1.0 + 1 / 3) / 2) < 1e-9
     assert s["open_exact"] == 0.5
-    buggy = dpo.score_vqa(rows, closed_scoring="llava_med")  # our numbers, plus the released ones
+    buggy = lm.score_vqa(rows, closed_scoring="llava_med")  # our numbers, plus the released ones
     assert buggy["closed_accuracy"] == 0.5 and buggy["compat_closed_accuracy"] == 0.75  # row 1: 'no' in 'normal'
-    assert dpo.normalize_answer('The "left"/right lung, 3.5 cm.') == "left right lung 3.5 cm"
-    assert dpo.token_recall("lung lung", "lung", compat=True) == (1.0, 1.0, 1.0)  # the released count
-    assert dpo.token_recall("lung lung", "lung") == (0.5, 1.0, 2 / 3)  # clipped: the second 'lung' matches nothing
-    assert dpo.yes_no("Answer: no, it is not") == "no" and dpo.yes_no("nothing") is None
+    assert lm.normalize_answer('The "left"/right lung, 3.5 cm.') == "left right lung 3.5 cm"
+    assert lm.token_recall("lung lung", "lung", compat=True) == (1.0, 1.0, 1.0)  # the released count
+    assert lm.token_recall("lung lung", "lung") == (0.5, 1.0, 2 / 3)  # clipped: the second 'lung' matches nothing
+    assert lm.yes_no("Answer: no, it is not") == "no" and lm.yes_no("nothing") is None
 
 
 @pytest.mark.skipif(not REAL.exists(), reason="../shared/realdata not present")
 def test_readers_on_real_vqa_sets():
-    rad = dpo.read_vqa(str(REAL / "vqa_rad" / "testset.json"))
+    rad = lm.read_vqa(str(REAL / "vqa_rad" / "testset.json"))
     assert len(rad) == 451 and sum(r["answer_type"] == "CLOSED" for r in rad) == 272
-    public = dpo.read_vqa(str(REAL / "vqa_rad" / "VQA_RAD Dataset Public.json"))
+    public = lm.read_vqa(str(REAL / "vqa_rad" / "VQA_RAD Dataset Public.json"))
     assert len(public) == 451
-    slake = dpo.read_vqa(str(REAL / "slake" / "test.json"))
+    slake = lm.read_vqa(str(REAL / "slake" / "test.json"))
     assert slake and all(os.path.exists(r["image"]) for r in slake + rad[:20])
-    toy = dpo.read_vqa(str(ROOT / "data" / "toy" / "test_vqa.json"))
+    toy = lm.read_vqa(str(ROOT / "data" / "toy" / "test_vqa.json"))
     assert len(toy) == 495 and toy[0]["question"] and "<image>" not in toy[0]["question"]
 
 
@@ -230,7 +230,7 @@ FAST = ["--sft-warmup-steps", "30", "--lora-dropout", "0", "--batch-size", "8", 
 
 
 def _run(cmd, **kw):
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, **kw)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900, **kw)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 

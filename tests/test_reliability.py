@@ -15,6 +15,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 import dpo
+import faults
 import llava_med as lm
 from conftest import ROOT
 
@@ -90,80 +91,19 @@ def test_script_reports_bad_data_and_skips_with_a_summary(tmp_path):
     assert sum(summary["skipped_records_train"].values()) == len(lines) == len(BAD)
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """Run dpo.main in this process (to inject faults); restore the environment it sets."""
-    env = dict(os.environ)
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(env)
-
-
-def _nan_on_call(n):
-    real, calls = dpo.dpo_loss, []
-
-    def fake(*a, **kw):
-        calls.append(1)
-        losses, rc, rr = real(*a, **kw)
-        return (losses * float("nan"), rc, rr) if len(calls) == n else (losses, rc, rr)
-
-    return fake
-
-
-def test_nonfinite_step_stops_the_run(in_process, monkeypatch, tmp_path):
-    monkeypatch.setattr(dpo, "dpo_loss", _nan_on_call(3))  # the 3rd micro-batch = step 2
-    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step 2"):
-        dpo.main(["--max-steps", "3", "--out", str(tmp_path)] + FAST)
-    assert dpo.latest_checkpoint(tmp_path / "dpo") is None  # nothing was written from the bad step
-
-
-def test_nonfinite_step_is_skipped_and_counted(in_process, monkeypatch, tmp_path):
-    monkeypatch.setattr(dpo, "dpo_loss", _nan_on_call(3))
-    res = dpo.main(["--max-steps", "3", "--on-nonfinite", "skip", "--out", str(tmp_path)] + FAST)
-    assert res["summary"]["nonfinite_skipped"] == 1 and res["summary"]["steps"] == 3
-    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
-    assert [r.get("skipped_nonfinite") for r in rows if r.get("phase") == "dpo"] == [None, 1, None]
-    weights = load_file(str(dpo.latest_checkpoint(tmp_path / "dpo") / "trainable.safetensors"))
-    assert all(torch.isfinite(w).all() for w in weights.values())
-
-
-def _two_ranks(out, timeout_s):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "dpo.py", "--max-steps", "500", "--dist-timeout-s", str(timeout_s),
-                                       "--out", str(out)] + FAST, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    deadline = time.time() + 180
-    while not (out / "metrics.jsonl").exists() or '"dpo"' not in (out / "metrics.jsonl").read_text():
-        assert time.time() < deadline and procs[0].poll() is None, "training did not start"
-        time.sleep(0.2)
-    return procs
+def test_nonfinite_step_stops_or_is_skipped(monkeypatch, tmp_path):
+    faults.check_nonfinite(dpo, ["--max-steps", "3"] + FAST, "dpo", tmp_path, monkeypatch, call=3)  # 3rd micro = step 2
+    rows = [r for r in map(json.loads, open(tmp_path / "skip" / "metrics.jsonl")) if r.get("phase") == "dpo"]
+    assert [r.get("skipped_nonfinite") for r in rows] == [None, 1, None]
 
 
 @pytest.mark.parametrize("fault", ["killed", "stalled"])
 def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
-    """One of 2 ranks is SIGKILLed (the survivor's next collective fails at once) or SIGSTOPped (it fails after
-    --dist-timeout-s); either way the survivor exits with a message instead of hanging."""
-    survivor, victim = _two_ranks(tmp_path, timeout_s=10)
-    victim.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
-    t0 = time.time()
-    try:
-        _, err = survivor.communicate(timeout=90)
-    finally:
-        victim.kill()
-        victim.wait()
-    assert survivor.returncode == 1, err[-2000:]
-    assert "another rank died or stalled" in err
-    assert time.time() - t0 < 60
+    faults.check_dead_rank("dpo.py", ["--max-steps", "500"] + FAST, "dpo", tmp_path, fault)
+
+
+def test_bad_data_and_bad_model_exit_2_with_one_line(tmp_path):
+    faults.check_bad_inputs("dpo.py", FAST, ["--data", str(FIX / "missing_image.jsonl")], tmp_path)
 
 
 def test_sigkill_while_writing_a_checkpoint(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import dpo
+import llava_med as lm
 import huatuo_vision as hv
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -28,21 +29,21 @@ def _id(case, key):
 
 @pytest.mark.parametrize("case", LLAVA["normalize_word"], ids=lambda c: _id(c, "text"))
 def test_normalize_answer_is_the_released_normalize_word(case):
-    assert dpo.normalize_answer(case["text"]) == case["normalize_word"]
+    assert lm.normalize_answer(case["text"]) == case["normalize_word"]
 
 
 def test_contraction_table_has_exactly_the_released_keys_that_can_match():
     inputs = {c["text"]: c["normalize_word"] for c in LLAVA["normalize_word"]}
     released_keys = [t for t in inputs if " " not in t and t.replace("'", "").isalpha()]
-    for key, value in dpo.CONTRACTIONS.items():  # no key of ours that the release lacks: each was run upstream
+    for key, value in lm.CONTRACTIONS.items():  # no key of ours that the release lacks: each was run upstream
         assert inputs.get(key) == value, key
-    changed = {t for t in released_keys if inputs[t] != t and t.islower() and t not in dpo.CONTRACTIONS}
+    changed = {t for t in released_keys if inputs[t] != t and t.islower() and t not in lm.CONTRACTIONS}
     assert changed <= {"none", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
                        "an", "the"}  # the rest are number words and articles
 
 
 def test_normaliser_quirks_named_in_comments():
-    n = dpo.normalize_answer
+    n = lm.normalize_answer
     assert n("Left-sided (pleural) effusion!") == "left sided pleural effusion"  # issue 15's example
     assert n("left-sided, x - ray") == "leftsided x ray"  # one spaced '-' deletes every '-'
     assert n("1,000 x-ray") == "1000 xray"  # a digit comma deletes every mark
@@ -55,23 +56,23 @@ def test_normaliser_quirks_named_in_comments():
 
 @pytest.mark.parametrize("case", LLAVA["open"], ids=lambda c: _id(c, "prediction") + "|" + _id(c, "answer"))
 def test_compat_token_recall_is_run_eval_calculate_f1score(case):
-    p, r, f1 = dpo.token_recall(case["prediction"], case["answer"], compat=True)
+    p, r, f1 = lm.token_recall(case["prediction"], case["answer"], compat=True)
     up_f1, up_p, up_r = case["run_eval_f1score"]
     assert (p, r, f1) == pytest.approx((up_p, up_r, up_f1), abs=1e-12)
     assert 100 * r == pytest.approx(case["run_eval_recall_x100"], abs=1e-9)
     assert 100 * r == pytest.approx(case["run_eval_batch_recall_x100"], abs=1e-9)
-    s = dpo.score_vqa([{"answer": case["answer"], "prediction": case["prediction"], "answer_type": "OPEN"}],
+    s = lm.score_vqa([{"answer": case["answer"], "prediction": case["prediction"], "answer_type": "OPEN"}],
                       closed_scoring="llava_med_batch")
     assert s["compat_n_open"] == 1 and 100 * s["compat_open_recall"] == pytest.approx(case["run_eval_recall_x100"])
 
 
 def test_default_recall_clips_repeated_words():
-    assert dpo.token_recall("effusion effusion", "pleural effusion") == (0.5, 0.5, 0.5)
-    p, r, f1 = dpo.token_recall("effusion effusion", "pleural effusion", compat=True)
+    assert lm.token_recall("effusion effusion", "pleural effusion") == (0.5, 0.5, 0.5)
+    p, r, f1 = lm.token_recall("effusion effusion", "pleural effusion", compat=True)
     assert (p, r) == (1.0, pytest.approx(2 / 3))  # the released count: tp on the prediction side
-    assert dpo.token_recall("lung lung", "lung") == (0.5, 1.0, pytest.approx(2 / 3))
-    assert dpo.token_recall("", "lung") == (0.0, 0.0, 0.0) and dpo.token_recall("lung", "the") == (0.0, 0.0, 0.0)
-    assert dpo.token_recall("Three nodules", "3") == (0.5, 1.0, pytest.approx(2 / 3))
+    assert lm.token_recall("lung lung", "lung") == (0.5, 1.0, pytest.approx(2 / 3))
+    assert lm.token_recall("", "lung") == (0.0, 0.0, 0.0) and lm.token_recall("lung", "the") == (0.0, 0.0, 0.0)
+    assert lm.token_recall("Three nodules", "3") == (0.5, 1.0, pytest.approx(2 / 3))
 
 
 # ---------------------------------------------------------------- LLaVA-Med: closed rules
@@ -80,10 +81,10 @@ def test_default_recall_clips_repeated_words():
 @pytest.mark.parametrize("case", LLAVA["closed"], ids=lambda c: _id(c, "prediction") + "|" + _id(c, "answer"))
 def test_compat_closed_rules_are_run_eval_and_run_eval_batch(case):
     row = [{"answer": case["answer"], "prediction": case["prediction"], "answer_type": "CLOSED"}]
-    a, b = dpo.score_vqa(row, "llava_med"), dpo.score_vqa(row, "llava_med_batch")
+    a, b = lm.score_vqa(row, "llava_med"), lm.score_vqa(row, "llava_med_batch")
     assert a["compat"] == "llava_med" and a["compat_closed_accuracy"] == case["run_eval_hit"]
     assert b["compat"] == "llava_med_batch" and b["compat_closed_accuracy"] == case["run_eval_batch_hit"]
-    assert a["closed_accuracy"] == b["closed_accuracy"] == dpo.score_vqa(row)["closed_accuracy"]  # default unchanged
+    assert a["closed_accuracy"] == b["closed_accuracy"] == lm.score_vqa(row)["closed_accuracy"]  # default unchanged
 
 
 @pytest.mark.parametrize("mode,name", [("llava_med", "run_eval"), ("llava_med_batch", "run_eval_batch")])
@@ -91,7 +92,7 @@ def test_compat_aggregates_equal_released_evaluate(mode, name):
     rows = [{"answer": c["answer"], "prediction": c["prediction"], "answer_type": "OPEN"} for c in LLAVA["open"]]
     rows += [{"answer": c["answer"], "prediction": c["prediction"], "answer_type": "CLOSED"} for c in LLAVA["closed"]]
     rows.append({"answer": "yes", "prediction": "yes", "answer_type": "open"})  # skipped there: not exactly OPEN
-    s = dpo.score_vqa(rows, mode)
+    s = lm.score_vqa(rows, mode)
     assert (s["compat_n_open"], s["compat_n_closed"]) == (len(LLAVA["open"]), len(LLAVA["closed"]))
     assert 100 * s["compat_open_recall"] == pytest.approx(LLAVA["aggregate"][name]["recall_x100"], abs=1e-9)
     assert 100 * s["compat_closed_accuracy"] == pytest.approx(LLAVA["aggregate"][name]["yes_no_accuracy_x100"])
@@ -101,21 +102,21 @@ def test_default_and_compat_differ_where_readme_says():
     rows = [{"answer": "no", "prediction": "Normal chest x-ray.", "answer_type": "CLOSED"},
             {"answer": "left", "prediction": "left", "answer_type": "CLOSED"},
             {"answer": "pleural effusion", "prediction": "effusion effusion", "answer_type": "OPEN"}]
-    s = dpo.score_vqa(rows, "llava_med")
+    s = lm.score_vqa(rows, "llava_med")
     assert s["closed_accuracy"] == 0.5 and s["compat_closed_accuracy"] == 0.5  # each gets the other one right
-    assert dpo.score_vqa(rows[:1], "llava_med")["compat_closed_accuracy"] == 1.0  # 'no' inside 'normal'
-    assert dpo.score_vqa(rows[1:2], "llava_med")["compat_closed_accuracy"] == 0.0  # no yes/no letters in 'left'
-    assert dpo.score_vqa(rows[1:2], "llava_med_batch")["compat_closed_accuracy"] == 1.0
+    assert lm.score_vqa(rows[:1], "llava_med")["compat_closed_accuracy"] == 1.0  # 'no' inside 'normal'
+    assert lm.score_vqa(rows[1:2], "llava_med")["compat_closed_accuracy"] == 0.0  # no yes/no letters in 'left'
+    assert lm.score_vqa(rows[1:2], "llava_med_batch")["compat_closed_accuracy"] == 1.0
     assert s["open_recall"] == 0.5 and s["compat_open_recall"] == pytest.approx(2 / 3)
-    assert "compat_closed_accuracy" not in dpo.score_vqa(rows)  # the default returns our numbers only
+    assert "compat_closed_accuracy" not in lm.score_vqa(rows)  # the default returns our numbers only
     with pytest.raises(ValueError, match="closed_scoring"):
-        dpo.score_vqa(rows, "llava-med")
+        lm.score_vqa(rows, "llava-med")
 
 
 def test_yes_no_takes_the_first_yes_or_no_word():
-    assert dpo.yes_no("Answer:no") == "no" and dpo.yes_no("'Yes', it is") == "yes"
-    assert dpo.yes_no("yes, it is not normal") == "yes" and dpo.yes_no("Nope, normal, I don't know") is None
-    assert dpo.yes_no("none") is None  # normalised to '0', as the released normaliser does
+    assert lm.yes_no("Answer:no") == "no" and lm.yes_no("'Yes', it is") == "yes"
+    assert lm.yes_no("yes, it is not normal") == "yes" and lm.yes_no("Nope, normal, I don't know") is None
+    assert lm.yes_no("none") is None  # normalised to '0', as the released normaliser does
 
 
 # ---------------------------------------------------------------- HuatuoGPT-Vision: match_choice3

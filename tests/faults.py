@@ -1,0 +1,146 @@
+"""The fault suite, written once and run over every recipe (each method's test file calls these with its own fast
+arguments): kill and resume (bit-identical weights), non-finite loss stop / skip, a dead or stalled rank, bad data
+and a bad model folder (exit 2, one line naming the file). Every recipe trains through its copy of dpo.py's
+`train` loop and checkpoints to <out>/<phase>/checkpoints, so one set of checks covers all of them."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(cmd, ok=True, timeout=600):
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=ENV)
+    if ok:
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def latest(phase_dir):
+    """The newest complete checkpoint under <phase_dir>/checkpoints (the recipes' own latest_checkpoint logic is
+    tested in test_reliability.py; here only complete ones exist)."""
+    done = sorted(p for p in (phase_dir / "checkpoints").glob("step_*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def weights(phase_dir):
+    return load_file(str(latest(phase_dir) / "trainable.safetensors"))
+
+
+def phase_rows(out, phase):
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if r.get("phase") == phase]
+
+
+def check_kill_and_resume(script: str, args: list[str], phase: str, tmp_path, kill_at: int = 2):
+    """SIGKILL the run once <phase> has written checkpoint `kill_at` (args must checkpoint every step or so), resume
+    it: the weights and the last loss equal an uninterrupted run's exactly."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cmd = [sys.executable, script] + args
+    run(cmd + ["--out", str(full)])
+    p = subprocess.Popen(cmd + ["--out", str(killed)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while not (killed / phase / "checkpoints" / f"step_{kill_at:07d}" / "state.json").exists():
+        assert p.poll() is None and time.time() < deadline, f"{script} ended before {phase} checkpoint {kill_at}"
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    run(cmd + ["--out", str(killed)])  # resumes from the newest complete checkpoint
+    a, b = weights(full / phase), weights(killed / phase)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{script}: resumed weights differ"
+    assert phase_rows(full, phase)[-1]["loss"] == phase_rows(killed, phase)[-1]["loss"]
+
+
+def check_nonfinite(module, args: list[str], phase: str, tmp_path, monkeypatch, call: int = 2):
+    """The `call`-th micro-batch of <phase> returns a NaN loss: the run stops with FloatingPointError naming the
+    step (no checkpoint written from it); with --on-nonfinite skip that update is dropped and counted."""
+    real = module.train
+
+    def train_with_nan(targs, name, model, n_items, step_fn, *rest, **kw):
+        calls = []
+
+        def nan_step(idx, epoch):
+            stats = step_fn(idx, epoch)
+            calls.append(1)
+            return {**stats, "loss": stats["loss"] * float("nan")} if name == phase and len(calls) == call else stats
+
+        return real(targs, name, model, n_items, nan_step, *rest, **kw)
+
+    monkeypatch.setattr(module, "train", train_with_nan)
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradient at step"):
+        _in_process(module, args + ["--out", str(tmp_path / "stop")])
+    assert latest(tmp_path / "stop" / phase) is None
+    _in_process(module, args + ["--on-nonfinite", "skip", "--out", str(tmp_path / "skip")])
+    rows = phase_rows(tmp_path / "skip", phase)
+    assert sum(1 for r in rows if r.get("skipped_nonfinite")) == 1 and len(rows) >= 2
+    assert all(torch.isfinite(w).all() for w in weights(tmp_path / "skip" / phase).values())
+
+
+def _in_process(module, argv):
+    """module.main(argv) in this process (one-rank group), restoring the environment it sets."""
+    env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    try:
+        return module.main(argv)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+
+
+def check_dead_rank(script: str, args: list[str], phase: str, tmp_path, fault: str):
+    """One of 2 ranks is SIGKILLed (the survivor's next collective fails at once) or SIGSTOPped (it fails after
+    --dist-timeout-s 10) while <phase> trains: the survivor exits 1 with one line instead of hanging."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, script] + args + ["--dist-timeout-s", "10", "--out",
+                                                                          str(tmp_path)],
+                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    survivor, victim = procs
+    deadline = time.time() + 400
+    metrics = tmp_path / "metrics.jsonl"
+    while not metrics.exists() or f'"phase": "{phase}"' not in metrics.read_text():
+        assert time.time() < deadline and survivor.poll() is None, f"{script}: {phase} did not start"
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    t0 = time.time()
+    try:
+        _, err = survivor.communicate(timeout=120)
+    finally:
+        victim.kill()
+        victim.wait()
+    assert survivor.returncode == 1, err[-2000:]
+    assert "another rank died or stalled" in err and "Traceback" not in err
+    assert time.time() - t0 < 90
+
+
+def check_bad_inputs(script: str, args: list[str], bad_data: list[str], tmp_path):
+    """A data file with a bad record (args `bad_data`, e.g. ["--data", missing_image.jsonl]) and a model folder
+    without config.json: each exits 2 with one line on stderr that names the file, and no traceback."""
+    bad = run([sys.executable, script] + args + bad_data + ["--out", str(tmp_path / "data")], ok=False)
+    assert bad.returncode == 2 and "bad data:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert any(part in bad.stderr for part in bad_data if "/" in part)
+    (tmp_path / "empty_model").mkdir()
+    bad = run([sys.executable, script] + args + ["--model", str(tmp_path / "empty_model"), "--out",
+                                                 str(tmp_path / "model")], ok=False)
+    assert bad.returncode == 2 and "bad model:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert str(tmp_path / "empty_model") in bad.stderr and len(bad.stderr.strip().splitlines()) <= 2
