@@ -453,7 +453,9 @@ class ClusterProjector(nn.Module):
                                               ("2", nn.Linear(text_dim, text_dim))]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, D] ViT features
-        value = F.normalize(self.v(x), dim=-1)  # [B, L, D]
+        # each channel is normalised across the tokens, not each token across the channels: the release computes
+        # value = v(x).permute(0, 2, 1) [B, D, L], then F.normalize(value, dim=-1) (tested against its output)
+        value = F.normalize(self.v(x), dim=1)  # [B, L, D], unit norm along L
         feature = self.f(x)  # [B, L, D]
         k = self.num_centers  # initial centres: average-pool the token axis down to K (AdaptiveAvgPool1d)
         centers = F.adaptive_avg_pool1d(x.transpose(1, 2), k).transpose(1, 2)  # [B, K, D]

@@ -396,3 +396,24 @@ def test_legacy_bin_is_read_with_weights_only(tiny, hf_copy, tmp_path):
     torch.save({**sd, "evil": _Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
         lm.load(str(tmp_path))
+
+
+# ---------------------------------------------------------------- cluster projector vs the released module
+
+
+def test_cluster_projector_equals_released_clustering():
+    """Outputs of the unmodified released `Clustering` (STLLaVA-Med cluster.py; SQ-LLaVA's is the same), run with
+    the weights and input stored in the fixture (its metadata names the commit). The release normalises each
+    channel of v(x) across the tokens; normalising each token across the channels differs by 0.026 here."""
+    from safetensors import safe_open
+    with safe_open(str(ROOT / "tests" / "fixtures" / "cluster_upstream_stllava_med.safetensors"), "pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["commit"] == "9113c41f13de3234d13db3ca154b2cb9b9e3779a"
+    args = json.loads(meta["args"])
+    p = lm.build_projector(f"cluster{args['num_centers']}", args["channels"], args["channels_out"])
+    assert p.iterations == args["num_clusters"]
+    p.load_state_dict({k.removeprefix("state."): v for k, v in t.items() if k.startswith("state.")})  # strict: same names
+    with torch.no_grad():
+        y = p(t["input"])
+    assert y.shape == t["output"].shape
+    torch.testing.assert_close(y, t["output"], atol=1e-5, rtol=0)
