@@ -108,14 +108,15 @@ def tiny_config(tokenizer) -> LlavaMedConfig:
 
 
 def load_image(path) -> Image.Image:
-    """Open an image as RGB, or raise DataError naming the file: missing, zero-byte, truncated, not an image, or
+    """Open an image as RGB (a single-channel grey "L" image stays "L": LLaVA-Med pads it with a grey, see
+    preprocess_image), or raise DataError naming the file: missing, zero-byte, truncated, not an image, or
     over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; a warning there is an error here). The format
     is read from the content, so a PNG named .jpg opens."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return im.copy() if im.mode == "L" else im.convert("RGB")  # both read the whole file now
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -148,10 +149,14 @@ def expand2square(image: Image.Image, background) -> Image.Image:
 
 def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD, pad: bool = True) -> torch.Tensor:
     """PIL image -> float tensor [3, size, size]: pad to square (mean colour), resize the short side to `size`
-    (bicubic), centre crop, scale to [0, 1], normalise. Same numbers as CLIPImageProcessor (tested)."""
-    image = image.convert("RGB")
+    (bicubic), centre crop, scale to [0, 1], normalise. Same numbers as CLIPImageProcessor (tested). A grey "L"
+    image is padded with one grey level, int(255 * mean(mean)) = 114, not the mean colour (122, 116, 104), as the
+    released LLaVA-Med does (mm_utils.py:process_images on model_vqa.py's unconverted Image.open; tested against it)."""
     if pad:
-        image = expand2square(image, tuple(int(x * 255) for x in mean))
+        grey = image.mode == "L"
+        image = expand2square(image if grey else image.convert("RGB"),
+                              int(255 * sum(mean) / len(mean)) if grey else tuple(int(x * 255) for x in mean))
+    image = image.convert("RGB")
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)  # transformers' get_resize_output_image_size truncates the same way

@@ -417,3 +417,20 @@ def test_cluster_projector_equals_released_clustering():
         y = p(t["input"])
     assert y.shape == t["output"].shape
     torch.testing.assert_close(y, t["output"], atol=1e-5, rtol=0)
+
+
+def test_grey_images_pad_like_released_llava_med():
+    """Outputs of the released LLaVA-Med v1.5 image path (model_vqa.py opens without .convert('RGB'); mm_utils.py
+    process_images pads a mode-L image with grey int(255 * mean(image_mean)) = 114, others with the mean colour),
+    run on the fixture PNGs with the jitter draw at LLaVA's centred offset (fixture metadata names the commit)."""
+    from safetensors import safe_open
+    fx = ROOT / "tests" / "fixtures"
+    with safe_open(str(fx / "llava_med_pad_upstream.safetensors"), "pt") as f:
+        meta, ref = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["commit"] == "d406e3fc7c3d1e4c797a7676de18cbfd070b6d2c" and len(ref) == 3
+    for name, expected in ref.items():
+        im = lm.load_image(fx / name)
+        assert im.mode == ("L" if "gray" in name else "RGB")
+        torch.testing.assert_close(lm.preprocess_image(im, 32), expected, atol=1e-5, rtol=0)
+    grey_pad = (114 / 255 - np.asarray(lm.CLIP_MEAN)) / np.asarray(lm.CLIP_STD)
+    torch.testing.assert_close(ref["llava_med_gray_wide.png"][:, 0, 0].double(), torch.from_numpy(grey_pad), atol=1e-5, rtol=0)
