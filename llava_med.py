@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import re
 import warnings
@@ -492,8 +493,9 @@ class VisionTower(CLIPVisionModel):
     selected one are not run. Its own forward (not output_hidden_states) keeps it a single FSDP unit."""
 
     def forward(self, pixel_values, feature_layer: int = -2, strategy: str = "default"):
-        h = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
-        layers = self.encoder.layers
+        vit = getattr(self, "vision_model", self)  # transformers 5.0 still nests the ViT under vision_model.
+        h = vit.pre_layrnorm(vit.embeddings(pixel_values.to(vit.embeddings.patch_embedding.weight.dtype)))
+        layers = vit.encoder.layers
         for layer in layers[: feature_layer % (len(layers) + 1)]:  # hidden_states[i] = output of the first i layers
             h = layer(h, None)
             h = h[0] if isinstance(h, tuple) else h
@@ -513,6 +515,10 @@ class LlavaMed(nn.Module):
         config.text_config._attn_implementation = attn_implementation
         config.vision_config._attn_implementation = attn_implementation
         self.language_model = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn_implementation)
+        # the decoder's KV-cache argument: `past_key_values` up to transformers 5.23, `cache` from 5.24 (where the old
+        # name warns on every call and goes in 5.40); asked of the signature so one code runs on every 5.x
+        params = inspect.signature(self.language_model.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> ViT features [n, num_image_tokens, vision_dim] (select layer, CLS dropped). Runs without
@@ -552,8 +558,10 @@ class LlavaMed(nn.Module):
         `logits_mask` [B, T] (bool): return logits only at those positions, as [n, V]; the vocabulary projection
         is then paid only where a loss is taken (e.g. completion tokens in DPO)."""
         embeds = self.embed(input_ids, pixel_values, image_features)
+        if use_cache and past_key_values is None:  # ours, filled in place by the decoder: never read back from its output
+            past_key_values = transformers.DynamicCache(config=self.language_model.config)
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                        past_key_values=past_key_values, use_cache=use_cache)
+                                        use_cache=use_cache, **{self._cache_arg: past_key_values})
         hidden = out.last_hidden_state
         lm_head = self.language_model.lm_head
         if logits_mask is not None:
@@ -566,7 +574,7 @@ class LlavaMed(nn.Module):
                 raise DataError("batch has no supervised token (all labels are -100)")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(),
                                    ignore_index=IGNORE_INDEX)
-        return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
+        return Output(logits=logits, loss=loss, past_key_values=past_key_values if use_cache else None)
 
     def freeze_vision(self):
         self.vision_tower.requires_grad_(False)

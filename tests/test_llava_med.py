@@ -72,7 +72,13 @@ def test_multi_image_logits_equal_llava_hf(tiny, hf_copy):
         model(ids, pix[:1])
 
 
-def test_greedy_generation_equals_llava_hf(tiny, hf_copy):
+@pytest.mark.parametrize("warnings_as_errors", [False, True])
+def test_greedy_generation_equals_llava_hf(tiny, hf_copy, warnings_as_errors):
+    """Greedy tokens equal LlavaForConditionalGeneration.generate's. With warnings_as_errors, our generate (prefill
+    + cached decoding) runs with FutureWarning / DeprecationWarning raised as errors and transformers' own
+    deprecation log lines counted: the decoder's KV-cache argument must be the current one."""
+    import logging
+    import warnings
     model, tok = tiny
     hf, _ = hf_copy
     cfg = model.config
@@ -81,8 +87,21 @@ def test_greedy_generation_equals_llava_hf(tiny, hf_copy):
                                   cfg.num_image_tokens, cfg.image_token_id) for q in qs]
     pix = torch.stack([lm.preprocess_image(lm.load_image(TOY / "images" / f), cfg.image_size)
                        for f in ("test_radiology_0000.png", "test_ophthalmology_0001.png")])
-    ours = [tok.encode(t, add_special_tokens=False) for t in
-            lm.generate(model, tok, prompts, pix, max_new_tokens=8, stop=[])]
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    tf_logger = transformers.utils.logging.get_logger("transformers")
+    tf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            if warnings_as_errors:
+                warnings.simplefilter("error", FutureWarning)
+                warnings.simplefilter("error", DeprecationWarning)
+            texts = lm.generate(model, tok, prompts, pix, max_new_tokens=8, stop=[])
+    finally:
+        tf_logger.removeHandler(handler)
+    assert not [m for m in logged if "deprecated" in m], logged
+    ours = [tok.encode(t, add_special_tokens=False) for t in texts]
     batch = lm.collate([{"input_ids": p} for p in prompts], tok.pad_token_id, padding_side="left")
     with torch.no_grad():
         ref = hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix,
