@@ -31,6 +31,7 @@ import contextlib
 import inspect
 import json
 import re
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class DataError(ValueError):
     """A bad sample or file. The message names the file and the record (or line) so it can be fixed."""
+
+
+class ModelError(DataError):
+    """A --model folder that cannot be loaded (no config.json, unreadable config, missing or mismatched weights).
+    One line naming the folder and what is wrong; the scripts exit 2 on it as on bad data."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -493,7 +499,7 @@ class VisionTower(CLIPVisionModel):
     selected one are not run. Its own forward (not output_hidden_states) keeps it a single FSDP unit."""
 
     def forward(self, pixel_values, feature_layer: int = -2, strategy: str = "default"):
-        vit = getattr(self, "vision_model", self)  # transformers 5.0 still nests the ViT under vision_model.
+        vit = getattr(self, "vision_model", self)  # transformers < 5.6 nests the ViT under vision_model.
         h = vit.pre_layrnorm(vit.embeddings(pixel_values.to(vit.embeddings.patch_embedding.weight.dtype)))
         layers = vit.encoder.layers
         for layer in layers[: feature_layer % (len(layers) + 1)]:  # hidden_states[i] = output of the first i layers
@@ -669,21 +675,21 @@ def _as_list(x):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Load and save. Three on-disk layouts map onto our parameter names (spec 1.2):
-#    original LLaVA/LLaVA-Med/HuatuoGPT-Vision, llava-hf (transformers < 4.52), llava-hf (>= 4.52).
+# 7. Load and save. The on-disk layouts map onto our parameter names (spec 1.2): original LLaVA/LLaVA-Med/
+#    HuatuoGPT-Vision, and llava-hf as transformers wrote it: language_model.model.* + language_model.lm_head.*
+#    (< 4.52, and save_pretrained of 5.x, which converts back), model.language_model.* + lm_head.* (4.52-4.57,
+#    and 5.x's in-memory names); the ViT with its vision_model. level or without it (transformers >= 5.6).
 # ----------------------------------------------------------------------------------------------------------
 
-KEY_RULES = [  # (regex on the checkpoint key, replacement) -> our name; first match wins
-    (r"^model\.vision_tower\.vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # original
+KEY_RULES = [  # (regex on the checkpoint key, replacement) -> our name; first match wins. The ViT maps to
+    # vision_tower.vision_model.*; load() drops that level where our CLIPVisionModel has none (transformers >= 5.6)
+    (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?(.*)$", r"vision_tower.vision_model.\1"),  # original
     (r"^model\.mm_projector\.(.*)$", r"projector.\1"),
-    (r"^model\.vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # llava-hf >= 4.52
-    (r"^model\.multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
-    (r"^model\.multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
-    (r"^model\.language_model\.(.*)$", r"language_model.model.\1"),
-    (r"^vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # llava-hf < 4.52
-    (r"^multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
-    (r"^multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
-    (r"^language_model\.(model\..*|lm_head\..*)$", r"language_model.\1"),
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.*)$", r"vision_tower.vision_model.\1"),  # llava-hf
+    (r"^(?:model\.)?multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
+    (r"^(?:model\.)?multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
+    (r"^model\.language_model\.(.*)$", r"language_model.model.\1"),  # llava-hf 4.52-4.57
+    (r"^language_model\.(model\..*|lm_head\..*)$", r"language_model.\1"),  # llava-hf < 4.52 and 5.x save_pretrained
     (r"^model\.(.*)$", r"language_model.model.\1"),  # original: the LLM's own keys
     (r"^lm_head\.(.*)$", r"language_model.lm_head.\1"),
 ]
@@ -717,18 +723,21 @@ def _checkpoint_files(path: Path) -> list[Path]:
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         return bins
-    raise FileNotFoundError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights found")
+    raise ModelError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights found")
 
 
 def _iter_tensors(files):
     for f in files:
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    yield k, sf.get_tensor(k)
-        else:  # legacy pickle: never execute code from it
-            for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
-                yield k, v
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        yield k, sf.get_tensor(k)
+            else:  # legacy pickle: never execute code from it
+                for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
+                    yield k, v
+        except Exception as e:  # a missing or truncated shard, a pickle holding more than tensors
+            raise ModelError(f"{f}: cannot read weights ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
 
 
 @contextlib.contextmanager
@@ -750,15 +759,27 @@ def _params_on_meta():
         nn.Module.register_parameter = old
 
 
-def _config_from_checkpoint(path: Path, tokenizer) -> tuple[LlavaMedConfig, str]:
-    """Read config.json of either layout. Returns (config, layout)."""
-    raw = json.loads((path / "config.json").read_text())
+def _default_template(path: Path, lm_type: str, tokenizer, tower: str = "") -> str:
+    """The chat template the checkpoint was trained with. The LM type alone does not say it: HuatuoGPT-Vision-34B is a
+    Yi-34B `llava_llama` like LLaVA v1 (Vicuna), yet uses HuatuoGPT's <|user|>/<|assistant|> tags (spec 3.2, 3.3).
+    HuatuoGPT-Vision shows itself by its ViT folder (mm_vision_tower "./vit/clip_vit_large_patch14_336"), the
+    <|user|> chat template of its -hf copies, or a folder named like the release (cli.py's own test: 'huatuogpt')."""
+    chat = str(getattr(tokenizer, "chat_template", None) or "") + "".join(
+        f.read_text(errors="replace") for f in (path / "chat_template.json", path / "chat_template.jinja") if f.is_file())
+    if ("<|user|>" in chat and "<|assistant|>" in chat) or Path(tower).parts[:1] == ("vit",) \
+            or "huatuogpt" in path.resolve().name.lower():
+        return "huatuo"
+    return {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(lm_type, "vicuna_v1")
+
+
+def _config_from_checkpoint(path: Path, raw: dict, tokenizer) -> tuple[LlavaMedConfig, str]:
+    """Our config from config.json (`raw`) of either layout. Returns (config, layout)."""
     mt = raw.get("model_type", "")
     if mt == "llava":  # llava-hf
         text = AutoConfig.for_model(**raw["text_config"])
         vision = CLIPVisionConfig(**{k: v for k, v in raw["vision_config"].items() if k != "model_type"})
         image_token_id = raw.get("image_token_index", raw.get("image_token_id", 32000))
-        template = {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(text.model_type, "vicuna_v1")
+        template = _default_template(path, text.model_type, tokenizer)
         cfg = LlavaMedConfig(text, vision, "mlp2x_gelu", raw.get("vision_feature_layer", -2),
                              raw.get("vision_feature_select_strategy", "default"), image_token_id, template=template,
                              max_length=min(getattr(text, "max_position_embeddings", 4096), 4096))
@@ -774,14 +795,14 @@ def _config_from_checkpoint(path: Path, tokenizer) -> tuple[LlavaMedConfig, str]
         text_fields.pop("architectures", None)
         text = AutoConfig.for_model(base, **text_fields)
         vision = _vision_config(raw.get("mm_vision_tower", ""), path)
-        template = {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(base, "vicuna_v1")
+        template = _default_template(path, base, tokenizer, raw.get("mm_vision_tower", ""))
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
         cfg = LlavaMedConfig(text, vision, raw.get("mm_projector_type", "linear"), raw.get("mm_vision_select_layer", -2),
                              "default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full",
                              image_token_id, raw.get("image_aspect_ratio", "pad"), template=template,
                              max_length=raw.get("tokenizer_model_max_length", 2048))
         return cfg, "original"
-    raise ValueError(f"{path}/config.json: model_type {mt!r} is neither 'llava' (llava-hf) nor 'llava_*' (LLaVA)")
+    raise ModelError(f"{path}/config.json: model_type {mt!r} is neither 'llava' (llava-hf) nor 'llava_*' (LLaVA)")
 
 
 def _vision_config(tower: str, ckpt: Path) -> CLIPVisionConfig:
@@ -796,7 +817,7 @@ def _vision_config(tower: str, ckpt: Path) -> CLIPVisionConfig:
         return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                 image_size=size, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
                                 layer_norm_eps=1e-5)
-    raise ValueError(f"unknown vision tower {tower!r}: put its config.json in a folder and set mm_vision_tower to it")
+    raise ModelError(f"{ckpt}: unknown vision tower {tower!r}: put its config.json in a folder and set mm_vision_tower to it")
 
 
 def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
@@ -821,18 +842,33 @@ def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: 
         return model.to(device=device, dtype=dtype), tokenizer
 
     path = Path(name_or_path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json (pass 'tiny' or a local checkpoint folder; nothing is downloaded)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: {'no config.json in it' if path.is_dir() else 'no such folder'} "
+                         f"(pass 'tiny' or a local checkpoint folder; nothing is downloaded)")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}/config.json: not valid json ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}/config.json: expected a json object, got {type(raw).__name__}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # missing or broken tokenizer files raise many types
+        raise ModelError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     if IMAGE_MARKER not in tokenizer.get_vocab():  # original LLaVA-Med: no <image> token; llava-hf adds it as 32000
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    cfg, layout = _config_from_checkpoint(path, tokenizer)
-    if template:
-        cfg.template = template
-    with _params_on_meta():
-        model = LlavaMed(cfg, attn_implementation)
+    try:
+        cfg, layout = _config_from_checkpoint(path, raw, tokenizer)
+        if template:
+            cfg.template = template
+        with _params_on_meta():
+            model = LlavaMed(cfg, attn_implementation)
+    except ModelError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a field missing or of the wrong kind, an unknown LM type
+        raise ModelError(f"{path}/config.json: cannot build the model from it ({type(e).__name__}: {e})") from None
     expected = {k: v for k, v in model.state_dict().items()}
     state, unexpected, mismatched = {}, [], []
     for key, tensor in _iter_tensors(_checkpoint_files(path)):
@@ -850,8 +886,8 @@ def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: 
         state["language_model.lm_head.weight"] = state.get("language_model.model.embed_tokens.weight")
     missing = [k for k in expected if k not in state and not k.endswith(("position_ids", "inv_freq"))]
     if mismatched or missing:
-        raise ValueError(f"{path}: checkpoint does not match its config.\n  shape mismatches: {mismatched[:20]}"
-                         f"\n  missing keys ({len(missing)}): {missing[:20]}")
+        raise ModelError(f"{path}: checkpoint does not match its config: shape mismatches ({len(mismatched)}): "
+                         f"{mismatched[:20]}; missing keys ({len(missing)}): {missing[:20]}")
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(cfg.text_config, "tie_word_embeddings", False):
         model.language_model.tie_weights()
@@ -966,9 +1002,13 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (LLaVA-Med's model_vqa default)")
     args = p.parse_args()
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    try:
+        model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+        images = [load_image(f) for f in args.image]
+    except DataError as e:  # a bad --model folder or image: one line, exit 2, like the method files
+        print(f"llava_med.py: {'bad model' if isinstance(e, ModelError) else 'bad data'}: {e}", file=sys.stderr)
+        sys.exit(2)
     model.eval()
-    images = [load_image(f) for f in args.image]
     print(ask(model, tokenizer, images, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
 
 
