@@ -874,7 +874,7 @@ def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: 
     for key, tensor in _iter_tensors(_checkpoint_files(path)):
         ours = _rename(key, KEY_RULES)
         if ours is not None and ours not in expected and ours.startswith("vision_tower.vision_model."):
-            ours = "vision_tower." + ours[len("vision_tower.vision_model."):]  # transformers >= 5 flattened CLIPVisionModel
+            ours = "vision_tower." + ours[len("vision_tower.vision_model."):]  # CLIPVisionModel flat (transformers >= 5.6)
         if ours is None or ours not in expected:
             unexpected.append(key)
             continue

@@ -390,9 +390,10 @@ def test_template_follows_what_the_checkpoint_is(tmp_path):
     vicuna_chat = "{% for m in messages %}{{ m['role'].upper() + ': ' + m['content'] }}{% endfor %}ASSISTANT:"
     huatuo_chat = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '\\n' }}{% else %}"
                    "{{ '<|assistant|>\\n' + m['content'] + '\\n' }}{% endif %}{% endfor %}<|assistant|>")
+    llama = hf({"model_type": "llama"})
     assert _checkpoint_config(tmp_path / "e", hf({"model_type": "mistral"})).template == "mistral_instruct"
-    assert _checkpoint_config(tmp_path / "f", hf({"model_type": "llama"}), {"chat_template.jinja": vicuna_chat}).template == "vicuna_v1"
-    assert _checkpoint_config(tmp_path / "g", hf({"model_type": "llama"}), {"chat_template.jinja": huatuo_chat}).template == "huatuo"
+    assert _checkpoint_config(tmp_path / "f", llama, {"chat_template.jinja": vicuna_chat}).template == "vicuna_v1"
+    assert _checkpoint_config(tmp_path / "g", llama, {"chat_template.jinja": huatuo_chat}).template == "huatuo"  # -34B-hf
     assert _checkpoint_config(tmp_path / "h", hf({"model_type": "qwen2"})).template == "huatuo"
 
 
