@@ -154,7 +154,7 @@ def cli(main):
     try:
         main()
     except lm.DataError as e:
-        kind = "bad model" if type(e).__name__ == "ModelError" else "bad data"
+        kind = "bad model" if isinstance(e, lm.ModelError) else "bad data"
         hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
         print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
               file=sys.stderr)

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import re
+import sys
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -59,6 +61,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class DataError(ValueError):
     """A bad sample or file. The message names the file and the record (or line) so it can be fixed."""
+
+
+class ModelError(DataError):
+    """A --model folder that cannot be loaded (no config.json, unreadable config, missing or mismatched weights).
+    One line naming the folder and what is wrong; the scripts exit 2 on it as on bad data."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,14 +117,15 @@ def tiny_config(tokenizer) -> LlavaMedConfig:
 
 
 def load_image(path) -> Image.Image:
-    """Open an image as RGB, or raise DataError naming the file: missing, zero-byte, truncated, not an image, or
+    """Open an image as RGB (a single-channel grey "L" image stays "L": LLaVA-Med pads it with a grey, see
+    preprocess_image), or raise DataError naming the file: missing, zero-byte, truncated, not an image, or
     over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS; a warning there is an error here). The format
     is read from the content, so a PNG named .jpg opens."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                return im.convert("RGB")
+                return im.copy() if im.mode == "L" else im.convert("RGB")  # both read the whole file now
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -150,10 +158,14 @@ def expand2square(image: Image.Image, background) -> Image.Image:
 
 def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD, pad: bool = True) -> torch.Tensor:
     """PIL image -> float tensor [3, size, size]: pad to square (mean colour), resize the short side to `size`
-    (bicubic), centre crop, scale to [0, 1], normalise. Same numbers as CLIPImageProcessor (tested)."""
-    image = image.convert("RGB")
+    (bicubic), centre crop, scale to [0, 1], normalise. Same numbers as CLIPImageProcessor (tested). A grey "L"
+    image is padded with one grey level, int(255 * mean(mean)) = 114, not the mean colour (122, 116, 104), as the
+    released LLaVA-Med does (mm_utils.py:process_images on model_vqa.py's unconverted Image.open; tested against it)."""
     if pad:
-        image = expand2square(image, tuple(int(x * 255) for x in mean))
+        grey = image.mode == "L"
+        image = expand2square(image if grey else image.convert("RGB"),
+                              int(255 * sum(mean) / len(mean)) if grey else tuple(int(x * 255) for x in mean))
+    image = image.convert("RGB")
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
     new_long = int(size * long / short)  # transformers' get_resize_output_image_size truncates the same way
@@ -186,7 +198,9 @@ def read_records(path, skipped: dict | None = None) -> list[tuple[str, dict]]:
 
     def bad(msg):
         if skipped is None:
-            raise DataError(msg)
+            e = DataError(msg)
+            e.skippable = True  # one record: the scripts' --skip-bad-samples would count and skip it
+            raise e
         key = msg.split(": ", 1)[-1].split(" (")[0]
         skipped[key] = skipped.get(key, 0) + 1
 
@@ -455,7 +469,9 @@ class ClusterProjector(nn.Module):
                                               ("2", nn.Linear(text_dim, text_dim))]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, L, D] ViT features
-        value = F.normalize(self.v(x), dim=-1)  # [B, L, D]
+        # each channel is normalised across the tokens, not each token across the channels: the release computes
+        # value = v(x).permute(0, 2, 1) [B, D, L], then F.normalize(value, dim=-1) (tested against its output)
+        value = F.normalize(self.v(x), dim=1)  # [B, L, D], unit norm along L
         feature = self.f(x)  # [B, L, D]
         k = self.num_centers  # initial centres: average-pool the token axis down to K (AdaptiveAvgPool1d)
         centers = F.adaptive_avg_pool1d(x.transpose(1, 2), k).transpose(1, 2)  # [B, K, D]
@@ -487,8 +503,9 @@ class VisionTower(CLIPVisionModel):
     selected one are not run. Its own forward (not output_hidden_states) keeps it a single FSDP unit."""
 
     def forward(self, pixel_values, feature_layer: int = -2, strategy: str = "default"):
-        h = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
-        layers = self.encoder.layers
+        vit = getattr(self, "vision_model", self)  # transformers < 5.6 nests the ViT under vision_model.
+        h = vit.pre_layrnorm(vit.embeddings(pixel_values.to(vit.embeddings.patch_embedding.weight.dtype)))
+        layers = vit.encoder.layers
         for layer in layers[: feature_layer % (len(layers) + 1)]:  # hidden_states[i] = output of the first i layers
             h = layer(h, None)
             h = h[0] if isinstance(h, tuple) else h
@@ -508,6 +525,10 @@ class LlavaMed(nn.Module):
         config.text_config._attn_implementation = attn_implementation
         config.vision_config._attn_implementation = attn_implementation
         self.language_model = AutoModelForCausalLM.from_config(config.text_config, attn_implementation=attn_implementation)
+        # the decoder's KV-cache argument: `past_key_values` up to transformers 5.23, `cache` from 5.24 (where the old
+        # name warns on every call and goes in 5.40); asked of the signature so one code runs on every 5.x
+        params = inspect.signature(self.language_model.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n, 3, H, W] -> ViT features [n, num_image_tokens, vision_dim] (select layer, CLS dropped). Runs without
@@ -547,8 +568,10 @@ class LlavaMed(nn.Module):
         `logits_mask` [B, T] (bool): return logits only at those positions, as [n, V]; the vocabulary projection
         is then paid only where a loss is taken (e.g. completion tokens in DPO)."""
         embeds = self.embed(input_ids, pixel_values, image_features)
+        if use_cache and past_key_values is None:  # ours, filled in place by the decoder: never read back from its output
+            past_key_values = transformers.DynamicCache(config=self.language_model.config)
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                        past_key_values=past_key_values, use_cache=use_cache)
+                                        use_cache=use_cache, **{self._cache_arg: past_key_values})
         hidden = out.last_hidden_state
         lm_head = self.language_model.lm_head
         if logits_mask is not None:
@@ -561,7 +584,7 @@ class LlavaMed(nn.Module):
                 raise DataError("batch has no supervised token (all labels are -100)")
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shift_labels.flatten(),
                                    ignore_index=IGNORE_INDEX)
-        return Output(logits=logits, loss=loss, past_key_values=out.past_key_values if use_cache else None)
+        return Output(logits=logits, loss=loss, past_key_values=past_key_values if use_cache else None)
 
     def freeze_vision(self):
         self.vision_tower.requires_grad_(False)
@@ -791,21 +814,21 @@ def generate_sharded(model, tokenizer, jobs: list[dict], batch_size: int = 16, r
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Load and save. Three on-disk layouts map onto our parameter names (spec 1.2):
-#    original LLaVA/LLaVA-Med/HuatuoGPT-Vision, llava-hf (transformers < 4.52), llava-hf (>= 4.52).
+# 7. Load and save. The on-disk layouts map onto our parameter names (spec 1.2): original LLaVA/LLaVA-Med/
+#    HuatuoGPT-Vision, and llava-hf as transformers wrote it: language_model.model.* + language_model.lm_head.*
+#    (< 4.52, and save_pretrained of 5.x, which converts back), model.language_model.* + lm_head.* (4.52-4.57,
+#    and 5.x's in-memory names); the ViT with its vision_model. level or without it (transformers >= 5.6).
 # ----------------------------------------------------------------------------------------------------------
 
-KEY_RULES = [  # (regex on the checkpoint key, replacement) -> our name; first match wins
-    (r"^model\.vision_tower\.vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # original
+KEY_RULES = [  # (regex on the checkpoint key, replacement) -> our name; first match wins. The ViT maps to
+    # vision_tower.vision_model.*; load() drops that level where our CLIPVisionModel has none (transformers >= 5.6)
+    (r"^model\.vision_tower\.vision_tower\.(?:vision_model\.)?(.*)$", r"vision_tower.vision_model.\1"),  # original
     (r"^model\.mm_projector\.(.*)$", r"projector.\1"),
-    (r"^model\.vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # llava-hf >= 4.52
-    (r"^model\.multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
-    (r"^model\.multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
-    (r"^model\.language_model\.(.*)$", r"language_model.model.\1"),
-    (r"^vision_tower\.(vision_model\..*)$", r"vision_tower.\1"),  # llava-hf < 4.52
-    (r"^multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
-    (r"^multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
-    (r"^language_model\.(model\..*|lm_head\..*)$", r"language_model.\1"),
+    (r"^(?:model\.)?vision_tower\.(?:vision_model\.)?(.*)$", r"vision_tower.vision_model.\1"),  # llava-hf
+    (r"^(?:model\.)?multi_modal_projector\.linear_1\.(.*)$", r"projector.0.\1"),
+    (r"^(?:model\.)?multi_modal_projector\.linear_2\.(.*)$", r"projector.2.\1"),
+    (r"^model\.language_model\.(.*)$", r"language_model.model.\1"),  # llava-hf 4.52-4.57
+    (r"^language_model\.(model\..*|lm_head\..*)$", r"language_model.\1"),  # llava-hf < 4.52 and 5.x save_pretrained
     (r"^model\.(.*)$", r"language_model.model.\1"),  # original: the LLM's own keys
     (r"^lm_head\.(.*)$", r"language_model.lm_head.\1"),
 ]
@@ -839,18 +862,21 @@ def _checkpoint_files(path: Path) -> list[Path]:
     bins = sorted(path.glob("pytorch_model*.bin"))
     if bins:
         return bins
-    raise FileNotFoundError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights found")
+    raise ModelError(f"{path}: no *.safetensors (or pytorch_model*.bin) weights found")
 
 
 def _iter_tensors(files):
     for f in files:
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    yield k, sf.get_tensor(k)
-        else:  # legacy pickle: never execute code from it
-            for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
-                yield k, v
+        try:
+            if f.suffix == ".safetensors":
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        yield k, sf.get_tensor(k)
+            else:  # legacy pickle: never execute code from it
+                for k, v in torch.load(f, map_location="cpu", weights_only=True, mmap=True).items():
+                    yield k, v
+        except Exception as e:  # a missing or truncated shard, a pickle holding more than tensors
+            raise ModelError(f"{f}: cannot read weights ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
 
 
 @contextlib.contextmanager
@@ -872,15 +898,27 @@ def _params_on_meta():
         nn.Module.register_parameter = old
 
 
-def _config_from_checkpoint(path: Path, tokenizer) -> tuple[LlavaMedConfig, str]:
-    """Read config.json of either layout. Returns (config, layout)."""
-    raw = json.loads((path / "config.json").read_text())
+def _default_template(path: Path, lm_type: str, tokenizer, tower: str = "") -> str:
+    """The chat template the checkpoint was trained with. The LM type alone does not say it: HuatuoGPT-Vision-34B is a
+    Yi-34B `llava_llama` like LLaVA v1 (Vicuna), yet uses HuatuoGPT's <|user|>/<|assistant|> tags (spec 3.2, 3.3).
+    HuatuoGPT-Vision shows itself by its ViT folder (mm_vision_tower "./vit/clip_vit_large_patch14_336"), the
+    <|user|> chat template of its -hf copies, or a folder named like the release (cli.py's own test: 'huatuogpt')."""
+    chat = str(getattr(tokenizer, "chat_template", None) or "") + "".join(
+        f.read_text(errors="replace") for f in (path / "chat_template.json", path / "chat_template.jinja") if f.is_file())
+    if ("<|user|>" in chat and "<|assistant|>" in chat) or Path(tower).parts[:1] == ("vit",) \
+            or "huatuogpt" in path.resolve().name.lower():
+        return "huatuo"
+    return {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(lm_type, "vicuna_v1")
+
+
+def _config_from_checkpoint(path: Path, raw: dict, tokenizer) -> tuple[LlavaMedConfig, str]:
+    """Our config from config.json (`raw`) of either layout. Returns (config, layout)."""
     mt = raw.get("model_type", "")
     if mt == "llava":  # llava-hf
         text = AutoConfig.for_model(**raw["text_config"])
         vision = CLIPVisionConfig(**{k: v for k, v in raw["vision_config"].items() if k != "model_type"})
         image_token_id = raw.get("image_token_index", raw.get("image_token_id", 32000))
-        template = {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(text.model_type, "vicuna_v1")
+        template = _default_template(path, text.model_type, tokenizer)
         cfg = LlavaMedConfig(text, vision, "mlp2x_gelu", raw.get("vision_feature_layer", -2),
                              raw.get("vision_feature_select_strategy", "default"), image_token_id, template=template,
                              max_length=min(getattr(text, "max_position_embeddings", 4096), 4096))
@@ -896,14 +934,14 @@ def _config_from_checkpoint(path: Path, tokenizer) -> tuple[LlavaMedConfig, str]
         text_fields.pop("architectures", None)
         text = AutoConfig.for_model(base, **text_fields)
         vision = _vision_config(raw.get("mm_vision_tower", ""), path)
-        template = {"mistral": "mistral_instruct", "qwen2": "huatuo"}.get(base, "vicuna_v1")
+        template = _default_template(path, base, tokenizer, raw.get("mm_vision_tower", ""))
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
         cfg = LlavaMedConfig(text, vision, raw.get("mm_projector_type", "linear"), raw.get("mm_vision_select_layer", -2),
                              "default" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full",
                              image_token_id, raw.get("image_aspect_ratio", "pad"), template=template,
                              max_length=raw.get("tokenizer_model_max_length", 2048))
         return cfg, "original"
-    raise ValueError(f"{path}/config.json: model_type {mt!r} is neither 'llava' (llava-hf) nor 'llava_*' (LLaVA)")
+    raise ModelError(f"{path}/config.json: model_type {mt!r} is neither 'llava' (llava-hf) nor 'llava_*' (LLaVA)")
 
 
 def _vision_config(tower: str, ckpt: Path) -> CLIPVisionConfig:
@@ -918,7 +956,7 @@ def _vision_config(tower: str, ckpt: Path) -> CLIPVisionConfig:
         return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                 image_size=size, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
                                 layer_norm_eps=1e-5)
-    raise ValueError(f"unknown vision tower {tower!r}: put its config.json in a folder and set mm_vision_tower to it")
+    raise ModelError(f"{ckpt}: unknown vision tower {tower!r}: put its config.json in a folder and set mm_vision_tower to it")
 
 
 def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
@@ -943,24 +981,39 @@ def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: 
         return model.to(device=device, dtype=dtype), tokenizer
 
     path = Path(name_or_path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no config.json (pass 'tiny' or a local checkpoint folder; nothing is downloaded)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path}: {'no config.json in it' if path.is_dir() else 'no such folder'} "
+                         f"(pass 'tiny' or a local checkpoint folder; nothing is downloaded)")
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}/config.json: not valid json ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}/config.json: expected a json object, got {type(raw).__name__}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # missing or broken tokenizer files raise many types
+        raise ModelError(f"{path}: cannot load its tokenizer ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from None
     if IMAGE_MARKER not in tokenizer.get_vocab():  # original LLaVA-Med: no <image> token; llava-hf adds it as 32000
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    cfg, layout = _config_from_checkpoint(path, tokenizer)
-    if template:
-        cfg.template = template
-    with _params_on_meta():
-        model = LlavaMed(cfg, attn_implementation)
+    try:
+        cfg, layout = _config_from_checkpoint(path, raw, tokenizer)
+        if template:
+            cfg.template = template
+        with _params_on_meta():
+            model = LlavaMed(cfg, attn_implementation)
+    except ModelError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a field missing or of the wrong kind, an unknown LM type
+        raise ModelError(f"{path}/config.json: cannot build the model from it ({type(e).__name__}: {e})") from None
     expected = {k: v for k, v in model.state_dict().items()}
     state, unexpected, mismatched = {}, [], []
     for key, tensor in _iter_tensors(_checkpoint_files(path)):
         ours = _rename(key, KEY_RULES)
         if ours is not None and ours not in expected and ours.startswith("vision_tower.vision_model."):
-            ours = "vision_tower." + ours[len("vision_tower.vision_model."):]  # transformers >= 5 flattened CLIPVisionModel
+            ours = "vision_tower." + ours[len("vision_tower.vision_model."):]  # CLIPVisionModel flat (transformers >= 5.6)
         if ours is None or ours not in expected:
             unexpected.append(key)
             continue
@@ -972,8 +1025,8 @@ def load(name_or_path: str = "tiny", dtype: str | torch.dtype = "auto", device: 
         state["language_model.lm_head.weight"] = state.get("language_model.model.embed_tokens.weight")
     missing = [k for k in expected if k not in state and not k.endswith(("position_ids", "inv_freq"))]
     if mismatched or missing:
-        raise ValueError(f"{path}: checkpoint does not match its config.\n  shape mismatches: {mismatched[:20]}"
-                         f"\n  missing keys ({len(missing)}): {missing[:20]}")
+        raise ModelError(f"{path}: checkpoint does not match its config: shape mismatches ({len(mismatched)}): "
+                         f"{mismatched[:20]}; missing keys ({len(missing)}): {missing[:20]}")
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(cfg.text_config, "tie_word_embeddings", False):
         model.language_model.tie_weights()
@@ -1245,9 +1298,13 @@ def main():
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (LLaVA-Med's model_vqa default)")
     args = p.parse_args()
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+    try:
+        model, tokenizer = load(args.model, dtype=args.dtype, device=args.device, template=args.template)
+        images = [load_image(f) for f in args.image]
+    except DataError as e:  # a bad --model folder or image: one line, exit 2, like the method files
+        print(f"llava_med.py: {'bad model' if isinstance(e, ModelError) else 'bad data'}: {e}", file=sys.stderr)
+        sys.exit(2)
     model.eval()
-    images = [load_image(f) for f in args.image]
     print(ask(model, tokenizer, images, args.question, max_new_tokens=args.max_new_tokens, temperature=args.temperature))
 
 

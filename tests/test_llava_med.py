@@ -2,6 +2,7 @@
 image preprocessing, bad records. All offline, CPU, tiny configs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import llava_med as lm
 from conftest import ROOT
@@ -72,7 +73,13 @@ def test_multi_image_logits_equal_llava_hf(tiny, hf_copy):
         model(ids, pix[:1])
 
 
-def test_greedy_generation_equals_llava_hf(tiny, hf_copy):
+@pytest.mark.parametrize("warnings_as_errors", [False, True])
+def test_greedy_generation_equals_llava_hf(tiny, hf_copy, warnings_as_errors):
+    """Greedy tokens equal LlavaForConditionalGeneration.generate's. With warnings_as_errors, our generate (prefill
+    + cached decoding) runs with FutureWarning / DeprecationWarning raised as errors and transformers' own
+    deprecation log lines counted: the decoder's KV-cache argument must be the current one."""
+    import logging
+    import warnings
     model, tok = tiny
     hf, _ = hf_copy
     cfg = model.config
@@ -81,8 +88,21 @@ def test_greedy_generation_equals_llava_hf(tiny, hf_copy):
                                   cfg.num_image_tokens, cfg.image_token_id) for q in qs]
     pix = torch.stack([lm.preprocess_image(lm.load_image(TOY / "images" / f), cfg.image_size)
                        for f in ("test_radiology_0000.png", "test_ophthalmology_0001.png")])
-    ours = [tok.encode(t, add_special_tokens=False) for t in
-            lm.generate(model, tok, prompts, pix, max_new_tokens=8, stop=[])]
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    tf_logger = transformers.utils.logging.get_logger("transformers")
+    tf_logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            if warnings_as_errors:
+                warnings.simplefilter("error", FutureWarning)
+                warnings.simplefilter("error", DeprecationWarning)
+            texts = lm.generate(model, tok, prompts, pix, max_new_tokens=8, stop=[])
+    finally:
+        tf_logger.removeHandler(handler)
+    assert not [m for m in logged if "deprecated" in m], logged
+    ours = [tok.encode(t, add_special_tokens=False) for t in texts]
     batch = lm.collate([{"input_ids": p} for p in prompts], tok.pad_token_id, padding_side="left")
     with torch.no_grad():
         ref = hf.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pix,
@@ -187,7 +207,6 @@ def test_llava_hf_old_key_era_loads(tiny, hf_copy, tmp_path):
     """transformers < 4.52 named keys language_model.model.*, multi_modal_projector.*, vision_tower.*"""
     model, tok = tiny
     _, d = hf_copy
-    from safetensors.torch import load_file
     sd = load_file(str(d / "model.safetensors"))
     old = {}
     for k, v in sd.items():
@@ -203,6 +222,84 @@ def test_llava_hf_old_key_era_loads(tiny, hf_copy, tmp_path):
         assert k == k2 and torch.equal(a, b), k
 
 
+@pytest.fixture(scope="module")
+def hf_saved(tiny, tmp_path_factory):
+    """A random LlavaForConditionalGeneration (tiny model's shapes, built from config, offline) written by the
+    installed transformers' own save_pretrained, with the tiny tokenizer."""
+    _, tok = tiny
+    cfg = lm.tiny_config(tok)
+    hf_cfg = transformers.LlavaConfig(
+        vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(), image_token_index=cfg.image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=cfg.num_image_tokens)
+    torch.manual_seed(3)
+    hf = transformers.LlavaForConditionalGeneration(hf_cfg).eval()
+    d = tmp_path_factory.mktemp("hf_saved")
+    hf.save_pretrained(d)
+    tok.save_pretrained(d)
+    return hf, d
+
+
+def _llava_hf_layout(sd: dict, era: str, vit_level: bool) -> dict:
+    """transformers' in-memory llava names -> the key layout one of its versions wrote: era "<4.52" (also what 5.x
+    save_pretrained writes) or ">=4.52"; the ViT with or without its "vision_model." level (none from 5.6 on)."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^model\.vision_tower\.(vision_model\.)?", "model.vision_tower." + "vision_model." * vit_level, k)
+        if era == "<4.52":
+            k = re.sub(r"^model\.language_model\.", "language_model.model.", k)
+            k = re.sub(r"^lm_head\.", "language_model.lm_head.", k)
+            k = re.sub(r"^model\.(vision_tower|multi_modal_projector)\.", r"\1.", k)
+        out[k] = v
+    return out
+
+
+def _sample_inputs(tok, cfg):
+    turns = lm.place_image_markers([("user", "Is there a nodule?"), ("assistant", "yes, left upper lung")], 1)
+    s = lm.tokenize_conversation(tok, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id)
+    pix = lm.preprocess_image(lm.load_image(TOY / "images" / "train_radiology_0000.png"), cfg.image_size)[None]
+    return torch.tensor([s["input_ids"]]), pix
+
+
+@pytest.mark.parametrize("layout", ["save_pretrained", "<4.52", "<4.52 no vision_model", ">=4.52", ">=4.52 no vision_model"])
+def test_llava_hf_checkpoints_written_by_transformers_load(tiny, hf_saved, tmp_path, layout):
+    """save_pretrained of the installed transformers -> lm.load -> the same logits; the same weights under every
+    key layout transformers has written for Llava (hand-built from its state dict) load to the same logits too."""
+    _, tok = tiny
+    hf, d = hf_saved
+    if layout == "save_pretrained":
+        src = d
+    else:
+        src = tmp_path / "ckpt"
+        src.mkdir()
+        for f in d.iterdir():
+            if f.suffix != ".safetensors":
+                (src / f.name).write_bytes(f.read_bytes())
+        era, _, rest = layout.partition(" ")
+        sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        save_file(_llava_hf_layout(sd, era, vit_level=not rest), str(src / "model.safetensors"))
+    model, _ = lm.load(str(src))
+    assert model.loaded_from[1:] == ("llava-hf", [])  # every checkpoint key was used
+    ids, pix = _sample_inputs(tok, model.config)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pix).logits
+        torch.testing.assert_close(model.eval()(ids, pix).logits, ref, atol=1e-5, rtol=0)
+
+
+def test_save_llava_hf_loads_in_transformers_to_the_same_logits(tiny, hf_saved, tmp_path):
+    """The reverse: a model loaded from transformers' own checkpoint, written by save_llava_hf, read by
+    LlavaForConditionalGeneration.from_pretrained: the same logits as the model transformers started from."""
+    _, tok = tiny
+    hf, d = hf_saved
+    model, _ = lm.load(str(d))
+    lm.save_llava_hf(model, tok, tmp_path)
+    again = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids, pix = _sample_inputs(tok, model.config)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids, pixel_values=pix).logits,
+                                   hf(input_ids=ids, pixel_values=pix).logits, atol=1e-5, rtol=0)
+
+
 def test_shape_mismatch_names_the_keys(tiny, hf_copy, tmp_path):
     _, d = hf_copy
     for f in d.iterdir():
@@ -210,8 +307,94 @@ def test_shape_mismatch_names_the_keys(tiny, hf_copy, tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["text_config"]["intermediate_size"] = 999
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="mlp.gate_proj.weight"):
+    with pytest.raises(lm.ModelError, match="mlp.gate_proj.weight") as e:
         lm.load(str(tmp_path))
+    assert "\n" not in str(e.value) and str(tmp_path) in str(e.value) and "shape mismatches (" in str(e.value)
+
+
+def test_model_folder_errors_are_one_line_model_errors(hf_copy, tmp_path):
+    """A --model folder we cannot read raises ModelError (a DataError: the scripts exit 2 on it) with one line naming
+    the folder and what is wrong."""
+    _, d = hf_copy
+
+    def folder(name, edit=None, drop=()):
+        f = tmp_path / name
+        f.mkdir()
+        for src in d.iterdir():
+            if src.name not in drop:
+                (f / src.name).write_bytes(src.read_bytes())
+        if edit:
+            edit(f)
+        return f
+
+    cases = {
+        "no such folder": tmp_path / "nonexistent",
+        "no config.json": folder("noconfig", drop=("config.json",)),
+        "not valid json": folder("badjson", lambda f: (f / "config.json").write_text('{"model_type": "llava",')),
+        "model_type 'bert' is neither": folder("bert", lambda f: (f / "config.json").write_text('{"model_type": "bert"}')),
+        "cannot build the model": folder("notext", lambda f: (f / "config.json").write_text('{"model_type": "llava"}')),
+        "no \\*.safetensors": folder("noweights", drop=("model.safetensors",)),
+        "cannot read weights": folder("truncated", lambda f: (f / "model.safetensors").write_bytes(
+            (d / "model.safetensors").read_bytes()[:5000])),
+        r"missing keys \(1\)": folder("missing", lambda f: save_file(
+            {k: v for k, v in load_file(str(d / "model.safetensors")).items() if k != "lm_head.weight"},
+            str(f / "model.safetensors"))),
+    }
+    for what, path in cases.items():
+        with pytest.raises(lm.ModelError, match=what) as e:
+            lm.load(str(path))
+        assert isinstance(e.value, lm.DataError) and "\n" not in str(e.value) and str(path) in str(e.value), what
+    out = subprocess.run([sys.executable, str(ROOT / "llava_med.py"), "--model", str(tmp_path / "nonexistent"),
+                          "--question", "x"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith("llava_med.py: bad model: ") and "Traceback" not in out.stderr
+
+
+def _checkpoint_config(d, raw, files=None):
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(raw))
+    for name, text in (files or {}).items():
+        (d / name).write_text(text)
+    return lm._config_from_checkpoint(d, raw, lm.AutoTokenizer.from_pretrained(lm.TINY_TOKENIZER))[0]
+
+
+def test_template_follows_what_the_checkpoint_is(tmp_path):
+    """The template comes from what the checkpoint is, not only its LM type: HuatuoGPT-Vision-34B is a `llava_llama`
+    (Yi-34B) like LLaVA v1, but is prompted with <|user|>/<|assistant|> (spec 3.2, 3.3). Field names from the
+    released config.json files, dimensions shrunk."""
+    lm_dims = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=2048)
+    mm = dict(mm_hidden_size=1024, mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2,
+              mm_vision_select_feature="patch", mm_use_im_start_end=False, mm_use_im_patch_token=False,
+              image_aspect_ratio="pad", tokenizer_padding_side="right", use_mm_proj=True)
+    openai = "openai/clip-vit-large-patch14-336"
+    huatuo_vit = "./vit/clip_vit_large_patch14_336"  # HuatuoGPT-Vision ships its ViT config in the checkpoint folder
+    llava_med = dict(V15_CONFIG, mm_vision_tower=openai)
+    llava_v1 = dict(lm_dims, **mm, architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama",
+                    _name_or_path="lmsys/vicuna-7b-v1.5", mm_vision_tower=openai, tokenizer_model_max_length=2048)
+    huatuo_7b = dict(lm_dims, **mm, architectures=["LlavaQwen2ForCausalLM"], model_type="llava_qwen2", bos_token_id=151643,
+                     eos_token_id=151643, mm_vision_tower=huatuo_vit, tokenizer_model_max_length=4096, rope_theta=1e6)
+    huatuo_34b = dict(lm_dims, **mm, architectures=["LlavaLlamaForCausalLM"], model_type="llava_llama", bos_token_id=1,
+                      eos_token_id=2, mm_vision_tower=huatuo_vit, tokenizer_model_max_length=4096, rope_theta=5e6)
+    huatuo_34b["tokenizer_padding_side"] = "left"
+    assert _checkpoint_config(tmp_path / "a", llava_med).template == "mistral_instruct"
+    assert _checkpoint_config(tmp_path / "b", llava_v1).template == "vicuna_v1"
+    assert _checkpoint_config(tmp_path / "c", huatuo_7b).template == "huatuo"
+    cfg = _checkpoint_config(tmp_path / "d", huatuo_34b)
+    assert cfg.template == "huatuo" and cfg.text_config.model_type == "llama" and cfg.image_size == 336
+    # cli.py's own rule: a folder named like the release (here with a ViT named like OpenAI's)
+    assert _checkpoint_config(tmp_path / "HuatuoGPT-Vision-34B", dict(huatuo_34b, mm_vision_tower=openai)).template == "huatuo"
+    # llava-hf copies: the LM type, and for a Llama LM the chat template shipped with the checkpoint
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    hf = lambda text: dict(model_type="llava", text_config=dict(lm_dims, **text), vision_config=vision, image_token_index=2047)
+    vicuna_chat = "{% for m in messages %}{{ m['role'].upper() + ': ' + m['content'] }}{% endfor %}ASSISTANT:"
+    huatuo_chat = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '<|user|>\\n' + m['content'] + '\\n' }}{% else %}"
+                   "{{ '<|assistant|>\\n' + m['content'] + '\\n' }}{% endif %}{% endfor %}<|assistant|>")
+    llama = hf({"model_type": "llama"})
+    assert _checkpoint_config(tmp_path / "e", hf({"model_type": "mistral"})).template == "mistral_instruct"
+    assert _checkpoint_config(tmp_path / "f", llama, {"chat_template.jinja": vicuna_chat}).template == "vicuna_v1"
+    assert _checkpoint_config(tmp_path / "g", llama, {"chat_template.jinja": huatuo_chat}).template == "huatuo"  # -34B-hf
+    assert _checkpoint_config(tmp_path / "h", hf({"model_type": "qwen2"})).template == "huatuo"
 
 
 # ---------------------------------------------------------------- templates (exact strings from the spec)
@@ -384,7 +567,6 @@ class _Evil:  # a pickle that would run code when loaded without weights_only
 def test_legacy_bin_is_read_with_weights_only(tiny, hf_copy, tmp_path):
     model, _ = tiny
     _, d = hf_copy
-    from safetensors.torch import load_file
     for f in d.iterdir():
         if f.suffix != ".safetensors":
             (tmp_path / f.name).write_bytes(f.read_bytes())
@@ -396,3 +578,41 @@ def test_legacy_bin_is_read_with_weights_only(tiny, hf_copy, tmp_path):
     torch.save({**sd, "evil": _Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported"):
         lm.load(str(tmp_path))
+
+
+# ---------------------------------------------------------------- cluster projector vs the released module
+
+
+def test_cluster_projector_equals_released_clustering():
+    """Outputs of the unmodified released `Clustering` (STLLaVA-Med cluster.py; SQ-LLaVA's is the same), run with
+    the weights and input stored in the fixture (its metadata names the commit). The release normalises each
+    channel of v(x) across the tokens; normalising each token across the channels differs by 0.026 here."""
+    from safetensors import safe_open
+    with safe_open(str(ROOT / "tests" / "fixtures" / "cluster_upstream_stllava_med.safetensors"), "pt") as f:
+        meta, t = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["commit"] == "9113c41f13de3234d13db3ca154b2cb9b9e3779a"
+    args = json.loads(meta["args"])
+    p = lm.build_projector(f"cluster{args['num_centers']}", args["channels"], args["channels_out"])
+    assert p.iterations == args["num_clusters"]
+    p.load_state_dict({k.removeprefix("state."): v for k, v in t.items() if k.startswith("state.")})  # strict: same names
+    with torch.no_grad():
+        y = p(t["input"])
+    assert y.shape == t["output"].shape
+    torch.testing.assert_close(y, t["output"], atol=1e-5, rtol=0)
+
+
+def test_grey_images_pad_like_released_llava_med():
+    """Outputs of the released LLaVA-Med v1.5 image path (model_vqa.py opens without .convert('RGB'); mm_utils.py
+    process_images pads a mode-L image with grey int(255 * mean(image_mean)) = 114, others with the mean colour),
+    run on the fixture PNGs with the jitter draw at LLaVA's centred offset (fixture metadata names the commit)."""
+    from safetensors import safe_open
+    fx = ROOT / "tests" / "fixtures"
+    with safe_open(str(fx / "llava_med_pad_upstream.safetensors"), "pt") as f:
+        meta, ref = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    assert meta["commit"] == "d406e3fc7c3d1e4c797a7676de18cbfd070b6d2c" and len(ref) == 3
+    for name, expected in ref.items():
+        im = lm.load_image(fx / name)
+        assert im.mode == ("L" if "gray" in name else "RGB")
+        torch.testing.assert_close(lm.preprocess_image(im, 32), expected, atol=1e-5, rtol=0)
+    grey_pad = (114 / 255 - np.asarray(lm.CLIP_MEAN)) / np.asarray(lm.CLIP_STD)
+    torch.testing.assert_close(ref["llava_med_gray_wide.png"][:, 0, 0].double(), torch.from_numpy(grey_pad), atol=1e-5, rtol=0)

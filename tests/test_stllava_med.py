@@ -96,18 +96,21 @@ def test_vuser_draws_are_seeded_and_skip_the_image_turn():
 
 
 def cluster_reference(p, x):
-    """Spec 4.3 written with explicit loops over centres and tokens (no matmul tricks)."""
+    """Spec 4.3 written with explicit loops over centres and tokens (no matmul tricks); tests/test_llava_med.py also checks the
+    projector against the released module's own outputs."""
     B, L, D = x.shape
     K = p.num_centers
     out = torch.empty(B, L, p.mlp[2].out_features)
     for b in range(B):
         V, Fe, X = p.v(x[b]), p.f(x[b]), x[b]
+        Vn = torch.nn.functional.normalize(V, dim=0)  # released Clustering: each channel normalised across the tokens
         bounds = [((k * L) // K, -(-((k + 1) * L) // K)) for k in range(K)]  # AdaptiveAvgPool1d windows
         C = torch.stack([X[s:e].mean(0) for s, e in bounds])
         CF = torch.stack([Fe[s:e].mean(0) for s, e in bounds])
         for _ in range(p.iterations):
             C = p.c(C)
-            S = torch.stack([torch.stack([torch.cosine_similarity(C[n], V[l], dim=0) for l in range(L)]) for n in range(K)])
+            S = torch.stack([torch.stack([(torch.nn.functional.normalize(C[n], dim=0) * Vn[l]).sum() for l in range(L)])
+                             for n in range(K)])
             S = S.softmax(dim=0)  # each token distributes over the centres
             C = S @ Fe
         sim = torch.sigmoid(p.sim_beta.flatten() + p.sim_alpha.flatten() * torch.stack(
