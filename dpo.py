@@ -99,6 +99,7 @@ class Args:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    prefix_sharing: bool = True  # one row per pair whose answers share images and prompt (exact; Wang & Hegde 2024)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel (sdpa: flash/mem-efficient on GPU)
     compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
@@ -310,18 +311,80 @@ class PairData:
                                    pad=cfg.image_aspect_ratio == "pad")
 
 
-def collate_pairs(data: PairData, idx: list[int], pad_id: int) -> dict:
-    """Rows [chosen...; rejected...]; `pixel_values` holds each distinct image once and `row_images[i]` lists the
-    indices of row i's images in it, so the vision tower runs once per image, not once per row."""
+def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: bool = True) -> dict:
+    """One micro-batch of pairs as model inputs. Every distinct image is in `pixel_values` once and `row_images`
+    lists, row by row, which of them each row's image tokens show (the vision tower runs once per image).
+
+    A pair whose chosen and rejected answers follow the same images and prompt is ONE row (prefix sharing, Wang &
+    Hegde 2024, arXiv 2410.20305): the shared prefix, then the chosen answer, then the rejected answer, whose
+    position ids restart where the prompt ends, under an attention mask in which the rejected answer sees the prompt
+    but not the chosen answer, as the paper's figure draws it (p prompt, c chosen, r rejected; 1 = may attend):
+                 p p p c c r r
+              p  1 . . . . . .
+              p  1 1 . . . . .
+              p  1 1 1 . . . .
+              c  1 1 1 1 . . .
+              c  1 1 1 1 1 . .
+              r  1 1 1 . . 1 .
+              r  1 1 1 . . 1 1
+    so the prompt (576 image tokens and the question, for LLaVA-Med) runs through the model once instead of twice.
+    Other pairs (a rejected image, as MMed-RAG's noise image or MMedPO's noised lesion; or share_prefix=False)
+    take two causal rows, TRL's layout. "score" lists every scored token as (row, position, target, answer): the
+    logit at (row, position) predicts `target`, a token of answer `answer` (0..B-1 chosen, B..2B-1 rejected)."""
     items = [data.items[i] for i in idx]
-    seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-    row_keys = [it["images"] for it in items] + [it["rejected_images"] for it in items]
-    distinct = list(dict.fromkeys(k for keys in row_keys for k in keys))
-    batch = lm.collate(seqs, pad_id)
-    batch["pixel_values"] = torch.stack([data.pixel(k) for k in distinct]) if distinct else None
-    pos = {k: i for i, k in enumerate(distinct)}
-    batch["row_images"] = torch.tensor([pos[k] for keys in row_keys for k in keys], dtype=torch.long)
-    return batch
+    B = len(items)
+    rows, keys, score = [], [], ([], [], [], [])  # a row: (token ids, position ids, segment: 0 shared, 1 c, 2 r)
+
+    def add_scores(row, seq, to_pos, answer):
+        ids, labels = seq["input_ids"], seq["labels"]
+        for t in range(len(ids) - 1):
+            if labels[t + 1] != lm.IGNORE_INDEX:  # the logit at t predicts token t + 1 (the causal shift)
+                for column, v in zip(score, (row, to_pos(t), ids[t + 1], answer)):
+                    column.append(v)
+
+    unshared = []
+    for j, it in enumerate(items):
+        c, r = it["chosen"]["input_ids"], it["rejected"]["input_ids"]
+        s = 0
+        if share_prefix and it["images"] == it["rejected_images"]:
+            while s < min(len(c), len(r)) - 1 and c[s] == r[s]:
+                s += 1  # the longest common prefix, leaving each answer at least one token of its own
+        if s == 0:
+            unshared.append(j)
+            continue
+        rows.append((c + r[s:], list(range(len(c))) + list(range(s, len(r))), [0] * s + [1] * (len(c) - s) + [2] * (len(r) - s)))
+        keys.append(it["images"])
+        add_scores(len(rows) - 1, it["chosen"], lambda t: t, j)
+        add_scores(len(rows) - 1, it["rejected"], lambda t, s=s, n=len(c): t if t < s else n + t - s, B + j)
+    for side, images, offset in (("chosen", "images", 0), ("rejected", "rejected_images", B)):
+        for j in unshared:
+            ids = items[j][side]["input_ids"]
+            rows.append((ids, list(range(len(ids))), [0] * len(ids)))
+            keys.append(items[j][images])
+            add_scores(len(rows) - 1, items[j][side], lambda t: t, offset + j)
+    T = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    real = torch.zeros(len(rows), T, dtype=torch.bool)
+    position_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    segment = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (ids, pos, seg) in enumerate(rows):  # right padding
+        input_ids[i, :len(ids)], real[i, :len(ids)] = torch.tensor(ids), True
+        position_ids[i, :len(ids)], segment[i, :len(ids)] = torch.tensor(pos), torch.tensor(seg)
+    extra = {}
+    if len(unshared) == B:  # nothing shared: a padding mask, the model's own causal attention, TRL's rows and labels
+        attention_mask, position_ids = real.long(), None
+        extra["labels"] = lm.collate([items[j][side] for side in ("chosen", "rejected") for j in range(B)], pad_id)["labels"]
+    else:  # causal, except rejected tokens never see chosen ones; a padding position sees itself (no empty row)
+        hide = (segment[:, :, None] == 2) & (segment[:, None, :] == 1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        attention_mask = ((causal & ~hide & real[:, None, :]) | torch.eye(T, dtype=torch.bool))[:, None]
+    distinct = list(dict.fromkeys(k for ks in keys for k in ks))
+    where = {k: i for i, k in enumerate(distinct)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "pixel_values": torch.stack([data.pixel(k) for k in distinct]) if distinct else None,
+            "row_images": torch.tensor([where[k] for ks in keys for k in ks], dtype=torch.long),
+            "score": tuple(torch.tensor(column, dtype=torch.long) for column in score), "n_answers": 2 * B,
+            "n_tokens": torch.tensor(float(real.sum())), **extra}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -350,20 +413,17 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the supervised tokens of each row, and their counts. Logits are formed only at the
-    positions that predict a supervised token (the shift by one of every causal LM), in fp32."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = targets != lm.IGNORE_INDEX
+    """Summed log-probs of the supervised tokens of each answer [2B] (chosen answers, then rejected ones), and
+    their counts, from collate_pairs' "score" list. Logits are formed only where a scored token is predicted, in
+    fp32 (prompt and image tokens are never scored)."""
+    rows, positions, targets, answers = (t.to(batch["input_ids"].device) for t in batch["score"])
     feats = image_features[batch["row_images"]] if image_features is not None else None
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], image_features=feats,
-                   logits_mask=mask).logits.float()  # [n_supervised, V]
-    token_logps = torch.gather(logits, -1, targets[mask[:, :-1]].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    rows = mask.nonzero()[:, 0]
-    B = labels.shape[0]
-    sums = torch.zeros(B, device=logits.device, dtype=torch.float32).index_add(0, rows, token_logps)
-    counts = torch.zeros(B, device=logits.device, dtype=torch.float32).index_add(0, rows, torch.ones_like(token_logps))
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   image_features=feats, logits_mask=(rows, positions)).logits.float()  # [n_scored, V]
+    token_logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    n = batch["n_answers"]
+    sums = torch.zeros(n, device=logits.device, dtype=torch.float32).index_add(0, answers, token_logps)
+    counts = torch.zeros(n, device=logits.device, dtype=torch.float32).index_add(0, answers, torch.ones_like(token_logps))
     return sums, counts
 
 
@@ -697,7 +757,7 @@ def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, 
     steps = math.ceil(len(idx) / world / args.micro_batch_size)
     for s in range(steps):  # every rank runs the same number of forwards (FSDP collectives)
         chunk = mine[s * args.micro_batch_size:(s + 1) * args.micro_batch_size] or mine[:1]
-        batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id), device)
+        batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id, args.prefix_sharing), device)
         with torch.no_grad():
             _, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
             logps, _ = reference_logps(model, ref_model, batch, ref_feats)
@@ -717,7 +777,7 @@ def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, 
 
 def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=None) -> dict:
     """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
-    batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id), device)
+    batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id, args.prefix_sharing), device)
     feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
     logps, counts = sequence_logps(model, batch, feats)
     B = len(idx)
@@ -731,7 +791,7 @@ def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=Non
                               counts[:B], counts[B:])
     return {"loss": losses.sum(), "n": torch.tensor(float(B)), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
             "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(),
-            "tokens": batch["attention_mask"].sum().float()}
+            "tokens": batch["n_tokens"]}
 
 
 def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: int, world: int, out: Path, log):
@@ -792,7 +852,7 @@ def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, ra
         chunk = mine[s * args.micro_batch_size:(s + 1) * args.micro_batch_size]
         real = len(chunk)
         chunk = chunk or [0]
-        batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id), device)
+        batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id, args.prefix_sharing), device)
         with torch.no_grad():
             feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
             logps, _ = sequence_logps(model, batch, feats)
@@ -823,6 +883,8 @@ def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
 
 def main(argv=None):
     args = parse_args(Args, argv)
+    if args.attn_implementation == "flash_attention_2":  # its kernel takes no [T, T] mask: two rows per pair
+        args = dataclasses.replace(args, prefix_sharing=False)
     rank, world, device = setup_distributed(args.dist_timeout_s)
     out, master, data_dir = Path(args.out), rank == 0, Path(args.data)
     log = jsonl_logger(out / "metrics.jsonl", rank)

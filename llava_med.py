@@ -565,9 +565,14 @@ class LlavaMed(nn.Module):
         """Logits [B, T, V] aligned with input_ids; with labels, the mean token cross-entropy over supervised
         tokens (shifted by one, like every causal LM). `image_features` (already projected, one row per image in
         token order) replaces `pixel_values` when the caller has encoded the images once for several forwards.
-        `logits_mask` [B, T] (bool): return logits only at those positions, as [n, V]; the vocabulary projection
-        is then paid only where a loss is taken (e.g. completion tokens in DPO)."""
+        `logits_mask` [B, T] (bool) or (rows, positions) index tensors: return logits only there, as [n, V]; the
+        vocabulary projection is then paid only where a loss is taken (e.g. completion tokens in DPO).
+        `attention_mask` is [B, T] (1 = token, 0 = padding; causal attention) or a boolean [B, 1, T, T] mask
+        (True = may attend; e.g. two answers sharing one prompt) with explicit `position_ids`."""
         embeds = self.embed(input_ids, pixel_values, image_features)
+        if attention_mask is not None and attention_mask.dim() == 4 and self.config.text_config._attn_implementation == "eager":
+            attention_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~attention_mask, torch.finfo(embeds.dtype).min)  # eager attention adds the mask to the scores
         if use_cache and past_key_values is None:  # ours, filled in place by the decoder: never read back from its output
             past_key_values = transformers.DynamicCache(config=self.language_model.config)
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

@@ -86,7 +86,7 @@ def test_sequence_logps_equal_llava_hf(tiny_pairs, tmp_path):
     model, tok, data = tiny_pairs
     lm.save_llava_hf(model, tok, tmp_path)
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    batch = dpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
+    batch = dpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id, share_prefix=False)  # TRL's rows
     with torch.no_grad():
         feats = model.encode_images(batch["pixel_values"])
         ours, counts = dpo.sequence_logps(model, batch, feats)
@@ -127,7 +127,7 @@ def test_loss_equals_trl_compute_loss_on_our_model(tiny_pairs):
         for p in ref.language_model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     idx = [0, 1, 2]
-    batch = dpo.collate_pairs(data, idx, tok.pad_token_id)
+    batch = dpo.collate_pairs(data, idx, tok.pad_token_id, share_prefix=False)
     with torch.no_grad():
         logps, _ = dpo.sequence_logps(model, batch, model.encode_images(batch["pixel_values"]))
         ref_logps, _ = dpo.sequence_logps(ref, batch, ref.encode_images(batch["pixel_values"]))
@@ -151,7 +151,7 @@ def test_loss_equals_trl_compute_loss_on_our_model(tiny_pairs):
 
 def test_each_image_encoded_once_per_step(tiny_pairs):
     model, tok, data = tiny_pairs
-    batch = dpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
+    batch = dpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id, share_prefix=False)
     assert batch["pixel_values"].shape[0] == 3 and batch["row_images"].tolist() == [0, 1, 2, 0, 1, 2]
     calls = []
     h = model.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -163,6 +163,48 @@ def test_each_image_encoded_once_per_step(tiny_pairs):
     finally:
         h.remove()
     assert calls == [3]  # 3 images for 6 policy rows + 6 reference rows
+
+
+def _pair_data(tmp_path, tok, cfg):
+    """Pairs of every kind: short and long answers, two images in one prompt, a pair with a rejected image (it
+    cannot share its prompt), and answers that begin with the same words."""
+    im = [f"images/test_radiology_{i:04d}.png" for i in range(3)]
+    def rec(i, images, q, a, b, rejected_image=None):
+        h = {"from": "human", "value": "<image>\n" * len(images) + q}
+        r = {"id": str(i), "image": images, "conversations": [h, {"from": "gpt", "value": a}],
+             "rejected_conversations": [h, {"from": "gpt", "value": b}]}
+        return {**r, "rejected_image": rejected_image} if rejected_image else r
+    recs = [rec(0, im[:1], "Is there a nodule?", "yes", "no"),
+            rec(1, im[:2], "Compare the two images. Where is the nodule?", "in the left upper lung of the first image",
+                "none"),
+            rec(2, im[1:2], "What is shown?", "a chest x-ray", "a fundus photograph", rejected_image=im[2]),
+            rec(3, im[2:3], "Describe the image.", "Chest x-ray. A round nodule is seen in the right lower lung.",
+                "Chest x-ray. The lungs are clear.")]
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in recs))
+    return dpo.PairData(lm.read_records(f), ROOT / "data" / "toy", tok, cfg, 512, False)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefix_sharing_equals_two_rows(tiny_pairs, tmp_path, attn):
+    """One row per pair that shares images and prompt gives the per-answer log-probs (and counts) of two rows,
+    for single and mixed batches (a pair with a rejected image keeps two rows), several images per sample, rows of
+    different lengths (right padding on shorter rows of either kind), SDPA and eager attention; fp32."""
+    model, tok, _ = tiny_pairs
+    data = _pair_data(tmp_path, tok, model.config)
+    model.config.text_config._attn_implementation = model.language_model.config._attn_implementation = attn
+    try:
+        for idx in ([0], [1], [2], [3], [0, 1, 2, 3], [3, 2, 1], [1, 3]):
+            shared, plain = (dpo.collate_pairs(data, idx, tok.pad_token_id, share) for share in (True, False))
+            assert shared["input_ids"].shape[0] == sum(2 if i == 2 else 1 for i in idx)  # pair 2: two rows
+            with torch.no_grad():
+                a = dpo.sequence_logps(model, shared, model.encode_images(shared["pixel_values"]))
+                b = dpo.sequence_logps(model, plain, model.encode_images(plain["pixel_values"]))
+            torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=0)
+            assert torch.equal(a[1], b[1]) and (a[1] > 0).all()
+            assert shared["n_tokens"] < plain["n_tokens"] or idx == [2]  # the prompt ran once
+    finally:
+        model.config.text_config._attn_implementation = model.language_model.config._attn_implementation = "sdpa"
 
 
 # ---------------------------------------------------------------- scorer and readers
