@@ -743,35 +743,38 @@ def reference_logps(model, ref_model, batch, ref_feats):
             return sequence_logps(model, batch, ref_feats)
 
 
+@torch.no_grad()
+def pair_logps(args, model, ref_model, data, tokenizer, device, rank, world, policy: bool = True) -> torch.Tensor:
+    """Summed log-probs [N, 4] of every pair: policy chosen, policy rejected (0 when policy=False), reference chosen,
+    reference rejected (0 with --reference-free). Each rank takes every world-th pair, in equal numbers of forwards
+    (FSDP2's collectives stay in step); the table is summed over the ranks."""
+    model.eval()
+    table, mine = torch.zeros(len(data), 4), list(range(rank, len(data), world))
+    for s in range(math.ceil(math.ceil(len(data) / world) / args.micro_batch_size)):
+        chunk = mine[s * args.micro_batch_size:(s + 1) * args.micro_batch_size]
+        real, chunk, B = len(chunk), chunk or [0], max(1, len(chunk))
+        batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id, args.prefix_sharing), device)
+        feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
+        pol = sequence_logps(model, batch, feats)[0] if policy else torch.zeros(2 * B, device=device)
+        ref = torch.zeros_like(pol) if args.reference_free else reference_logps(model, ref_model, batch, ref_feats)[0]
+        table[chunk[:real]] = torch.stack([pol[:B], pol[B:], ref[:B], ref[B:]], 1)[:real].float().cpu()
+    model.reshard()  # forwards without backward leave the FSDP2 root gathered
+    dist.all_reduce(table)
+    return table
+
+
 def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, world, out: Path) -> torch.Tensor:
-    """Reference log-probs [N, 2] for every pair, computed once (each rank a share, then gathered) and cached on
-    disk under a key of the data/model Args and the tokenised pairs (TRL's precompute_ref_log_probs, images too)."""
+    """Reference log-probs [N, 2] of every pair, computed once before training and cached on disk under a key of
+    the data/model Args and the tokenised pairs (TRL's precompute_ref_log_probs, which TRL refuses for images)."""
     key = cache_key(args, "full_finetune", [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["images"],
                                              it["rejected_images"]) for it in data.items])
     cache = out / f"ref_logps_{key}.safetensors"
     if cache.exists():
         return load_file(str(cache))["ref"]
-    table = torch.zeros(len(data), 2)
-    idx = list(range(len(data)))
-    mine = idx[rank::world]
-    steps = math.ceil(len(idx) / world / args.micro_batch_size)
-    for s in range(steps):  # every rank runs the same number of forwards (FSDP collectives)
-        chunk = mine[s * args.micro_batch_size:(s + 1) * args.micro_batch_size] or mine[:1]
-        batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id, args.prefix_sharing), device)
-        with torch.no_grad():
-            _, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
-            logps, _ = reference_logps(model, ref_model, batch, ref_feats)
-        B = len(chunk)
-        table[chunk, 0], table[chunk, 1] = logps[:B].cpu(), logps[B:].cpu()
-    model.reshard()
-    dist.all_reduce(table)  # each pair was filled by exactly one rank (duplicates from padding excluded below)
-    counts = torch.zeros(len(data))
-    counts[mine] = 1
-    dist.all_reduce(counts)
-    table = table / counts.clamp(min=1).unsqueeze(-1)
+    table = pair_logps(args, model, ref_model, data, tokenizer, device, rank, world, policy=False)[:, 2:].contiguous()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"ref": table.contiguous()}, str(cache))
+        save_file({"ref": table}, str(cache))
     return table
 
 
@@ -843,26 +846,9 @@ def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_to
 def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, rank, world) -> dict:
     """Implicit-reward accuracy and margin of the policy on held-out pairs, against the reference it was trained
     with (adapters off or the frozen copy; zero log-probs after --reference-free training)."""
-    model.eval()
-    idx = list(range(len(data)))
-    mine = idx[rank::world]
-    steps = math.ceil(len(idx) / world / args.micro_batch_size)
-    sums = torch.zeros(3)
-    for s in range(steps):
-        chunk = mine[s * args.micro_batch_size:(s + 1) * args.micro_batch_size]
-        real = len(chunk)
-        chunk = chunk or [0]
-        batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id, args.prefix_sharing), device)
-        with torch.no_grad():
-            feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
-            logps, _ = sequence_logps(model, batch, feats)
-            ref = torch.zeros_like(logps) if args.reference_free else reference_logps(model, ref_model, batch, ref_feats)[0]
-        B = len(chunk)
-        rc, rr = args.beta * (logps[:B] - ref[:B]), args.beta * (logps[B:] - ref[B:])
-        sums += torch.tensor([float((rc > rr)[:real].sum()), float((rc - rr)[:real].sum()), float(real)])
-    model.reshard()
-    dist.all_reduce(sums)
-    return {"pair_accuracy": float(sums[0] / sums[2]), "pair_margin": float(sums[1] / sums[2]), "pairs": int(sums[2])}
+    t = pair_logps(args, model, ref_model, data, tokenizer, device, rank, world)
+    margin = args.beta * ((t[:, 0] - t[:, 2]) - (t[:, 1] - t[:, 3]))
+    return {"pair_accuracy": float((margin > 0).float().mean()), "pair_margin": float(margin.mean()), "pairs": len(data)}
 
 
 def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
