@@ -134,6 +134,23 @@ def test_weighted_loss_equals_trl_per_pair_loss_times_weight(tmp_path):
     assert batch["row_images"].tolist() == [0, 0, 0, 0, 0, 1]  # only the visual pair's rejected row sees x*
 
 
+def test_default_lora_has_no_dropout_in_dpo(tmp_path):
+    """The released trainer (dpo_trainer_weighted.py, DPOTrainer(disable_dropout=True)) and TRL zero every dropout
+    during DPO, LoRA's 0.05 included: by default two training-mode forwards of the policy are identical."""
+    for args, same in ((mmedpo.Args(), True), (mmedpo.Args(lora_dropout=0.05), False)):  # the flag still turns it on
+        model, tok = lm.load("tiny")
+        policy, _ = mmedpo.build_models(args, model, torch.device("cpu"))
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()  # B = 0 at init would hide the adapters (and their dropout) altogether
+        batch = mmedpo.collate_pairs(_pairs(tmp_path, tok, model.config), [0, 1], tok.pad_token_id)
+        policy.train()
+        feats = policy.encode_images(batch["pixel_values"])
+        a, b = (mmedpo.sequence_logps(policy, batch, feats)[0] for _ in range(2))
+        assert torch.equal(a, b) == same
+
+
 # ---------------------------------------------------------------- visual dispreference
 
 
@@ -438,7 +455,7 @@ def test_released_format_read_as_is(tmp_path):
 # ---------------------------------------------------------------- the script end to end
 
 SMALL = ["--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
-         "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--lora-dropout", "0",
+         "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
          "--eval-limit", "4", "--eval-max-new-tokens", "4", "--report-max-new-tokens", "8", "--curate-batch-size", "8"]
 
 
