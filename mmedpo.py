@@ -747,7 +747,7 @@ def normalize_scores(scores: list[float], subsets: list[str], mode: str = "paper
     for g in set(groups):
         idx = torch.tensor([i for i, x in enumerate(groups) if x == g])
         v = s[idx]
-        sd = v.std(unbiased=False)
+        sd = v.std(unbiased=False) if v.max() > v.min() else 0.0  # equal scores: the float std is ~1e-17, not 0
         z = (v - v.mean()) / sd if sd > 0 else torch.zeros_like(v)
         out[idx] = (mean + math.sqrt(var) * z).clamp(lo, hi)
     return out.tolist()

@@ -46,6 +46,8 @@ def test_normalize_scores_three_modes():
     wide = np.random.default_rng(0).uniform(0, 1, 1000).tolist()
     raw = 1 + r * (np.array(wide) - np.mean(wide)) / np.std(wide)
     assert abs(raw.mean() - 1) < 1e-12 and abs(raw.var() - 0.1) < 1e-12
+    # all scores equal (e.g. 320 judges' 0.1): weight 1, although the float std of [0.1] * 320 is 1.4e-17, not 0
+    assert mmedpo.normalize_scores([0.1] * 320, ["text"] * 320) == [1.0] * 320
     assert mmedpo.normalize_scores(scores, subsets, "raw") == scores  # the released code: raw scores (0 drops a pair)
     assert mmedpo.normalize_scores(scores, subsets, "none") == [1.0] * 7
     with pytest.raises(ValueError):
