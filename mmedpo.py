@@ -436,8 +436,9 @@ class ModelJudge:
         return out
 
     def hallucination(self, gts, cands):
-        lp = self.label_logprobs([JUDGE_HALLUCINATION.format(gt=g, cand=c) for g, c in zip(gts, cands)], ["yes", "no"])
-        return lp.softmax(-1)[:, 0].tolist()  # P(yes, it contradicts)
+        prompts = [JUDGE_HALLUCINATION.format(gt=g, cand=c) for g, c in zip(gts, cands)]
+        lp = self.label_logprobs(prompts, ["yes", "Yes", "no", "No"])  # chat models mostly answer "Yes, ..."
+        return lp.softmax(-1)[:, :2].sum(-1).tolist()  # P(yes, it contradicts)
 
     def write_wrong(self, gts, seed):
         prompts = [self._prompt(JUDGE_WRITE.format(gt=g)) for g in gts]

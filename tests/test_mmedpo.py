@@ -339,7 +339,7 @@ def test_judge_reads_the_label_it_writes(kind, template):
     (meaning 1). The chat model has no separator: '1' (or, less likely, '3') follows its prompt."""
     text = "A large nodule."
     prompt = mmedpo.JUDGE_SCORE.format(text=text)
-    corpus = [prompt, "user assistant\n\n 0 10 yes no", "\nyes\nno"]
+    corpus = [prompt, "user assistant\n\n 0 10 yes no Yes No", "\nyes\nno\nYes\nNo"]
     if template != "chat":
         corpus.append(lm.render_chat(template, [prompt, "0 10 yes no"]))
     tok, space = _word_tokenizer(kind, corpus)
@@ -368,10 +368,10 @@ def test_judge_reads_the_label_it_writes(kind, template):
     [tail] = judge._label_tails(prompt, ["10"])
     assert tok.convert_ids_to_tokens(tail) == [sep, "1", "0"][not sep:] and trained[:len(tail)] == tail
     assert tok.convert_ids_to_tokens(trained[len(tail):])[-1] == stop
-    # yes / no the same way: P(yes) follows the planted logits
-    for yes, no, above in ((4.0, 2.0, True), (2.0, 4.0, False)):
-        pre = (sep or "")
-        judge = _stub_judge(tok, template, {last: {pre + "yes": yes, pre + "no": no}})
+    # yes / no the same way, either case: P(yes) follows the planted logits
+    for yes, no, above in (({"yes": 4.0}, {"no": 2.0}, True), ({"yes": 2.0}, {"no": 4.0}, False),
+                           ({"Yes": 4.0}, {"no": 3.0}, True), ({"yes": 3.0}, {"No": 4.0}, False)):
+        judge = _stub_judge(tok, template, {last: {(sep or "") + w: x for w, x in {**yes, **no}.items()}})
         assert (judge.hallucination(["yes"], ["no"])[0] > 0.5) == above
 
 
