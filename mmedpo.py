@@ -4,15 +4,20 @@
     # MMedPO trained, base / DPO / MMedPO evaluated on the toy test split (VQA + reports); CPU, a few minutes
     python mmedpo.py
     torchrun --nproc-per-node=2 mmedpo.py
-    # the released text pairs as they are (weighted_score normalised by --weight-mode), LLaVA-Med v1.5 on 8 GPUs
-    torchrun --nproc-per-node=8 mmedpo.py --model /ckpt/llava-med-v1.5-mistral-7b --data iuxray_dpo_weighted.json \\
-        --image-folder /data/iu_xray/images --arms mmedpo --lr 1e-7 --epochs 3 --batch-size 4 --micro-batch-size 1 \\
-        --max-length 1024 --report-data /data/iu_xray/test.json --eval-data /data/vqa_rad/testset.json
-    # build D_t and D_v from ground-truth LLaVA records with real judges and a lesion-map file
-    torchrun --nproc-per-node=8 mmedpo.py --model /ckpt/llava-med-v1.5-mistral-7b --data train.json \\
-        --image-folder /data/images --judge /ckpt/Llama3-Med42-70B \\
-        --scorers /ckpt/Llama3-Med42-7B,/ckpt/Llama3-Med42-70B,/ckpt/BioMistral-7B \\
-        --localiser file --heatmaps medklip_maps.json --noise diffusion
+    # Table 1 setup: one model per dataset, trained on that dataset's pairs, scored on its test split (the release
+    # has one *_dpo_weighted.json per dataset, Table 5's train counts; spec B6, B8). IU-Xray from the released text
+    # pairs as they are, LLaVA-Med v1.5 7B on 8 GPUs, vicuna_v1 as the release trains (--version v1)
+    torchrun --nproc-per-node=8 mmedpo.py --model /ckpt/llava-med-v1.5-mistral-7b --template vicuna_v1 \\
+        --data iuxray_dpo_weighted.json --image-folder /data/iu_xray/images --arms mmedpo --lr 1e-7 --epochs 3 \\
+        --batch-size 4 --micro-batch-size 1 --max-length 1024 --report-data /data/iu_xray/test.json
+    # VQA-RAD (SLAKE alike): --data vqa-rad_dpo_weighted.json --image-folder /data/vqa_rad/images
+    #   --eval-data /data/vqa_rad/testset.json. The released files hold D_t only; Table 1 trains on D_t + D_v, which
+    # this builds from the ground-truth training records with real judges and a lesion-map file:
+    torchrun --nproc-per-node=8 mmedpo.py --model /ckpt/llava-med-v1.5-mistral-7b --template vicuna_v1 \\
+        --data /data/iu_xray/train.json --image-folder /data/iu_xray/images --judge /ckpt/Llama3-Med42-70B \\
+        --scorers /ckpt/Llama3-Med42-7B,/ckpt/Llama3-Med42-70B,/ckpt/BioMistral-7B --localiser file \\
+        --heatmaps medklip_maps.json --arms mmedpo --lr 1e-7 --epochs 3 --batch-size 4 --micro-batch-size 1 \\
+        --max-length 1024 --report-data /data/iu_xray/test.json
 
 The algorithm (paper Sec. 3, spec part B):
   1. D_t, text dispreference: sample the target model n times on (image, question); a judge picks the most
@@ -33,8 +38,9 @@ same format plus bookkeeping fields):
 Decisions for what the paper leaves open (spec part D, "not found"):
   - noise step k and the xi schedule: POVID's schedule (betas = sigmoid(linspace(-6, 6, 1000)) * (5e-3 - 1e-5) + 1e-5,
     xi = 1 - beta), k = 500 (--noise-step), xi_bar_k = prod_{i <= k} xi_i; applied to pixels scaled to [-1, 1].
-  - the score scale and the prompts (paper Fig. 8/9 are images): 0-10 read from the judge's next-token probabilities
-    over the labels "0".."10", divided by 10 (the released scores are multiples of 0.1); prompts below (JUDGE_*).
+  - the score scale and the prompts (paper Fig. 8/9 are images): 0-10 read from the judge's probabilities of the labels
+    "0".."10" as it writes them after the prompt, each ended by a non-alphanumeric token, divided by 10 (the released
+    scores are multiples of 0.1); prompts below (JUDGE_*).
     Two scores "agree" when they are equal on that grid (--agree-tol 0.05).
   - normalisation: per subset (D_t, D_v separately: the scores come from different tools), mu / sigma of the
     subset's scores, then target mean 1 and variance 0.1, clip [0.75, 1.25]; --weight-scope global as the option.
@@ -97,7 +103,7 @@ class Args:
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
     lora_r: int = 128  # LoRA rank (MMedPO train_dpo_visual-text.sh: 128)
     lora_alpha: int = 256  # LoRA alpha (256)
-    lora_dropout: float = 0.05  # LoRA dropout (0.05)
+    lora_dropout: float = 0.0  # off, as in the release (dpo_trainer_weighted.py disable_dropout=True, TRL's default)
     tune_projector: bool = False  # also train the mm projector (mm_projector_lr 2e-5 in the script; ambiguous)
     # text dispreference D_t (paper 3.1)
     text_pairs: bool = True  # build D_t
@@ -362,46 +368,77 @@ class ModelJudge:
                                                 tokenize=True, return_dict=False)
         return self.tok.encode(text + "\n", add_special_tokens=True)
 
-    @torch.no_grad()
-    def _last_logprobs(self, rows: list[list[int]]) -> torch.Tensor:
-        out = []
-        for i in range(0, len(rows), 64):
-            chunk = rows[i:i + 64]
-            batch = lm.collate([{"input_ids": r} for r in chunk], self.tok.pad_token_id)
-            ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            last = attn.sum(-1) - 1
+    def _label_tails(self, text: str, labels: list[str]) -> list[list[int]]:
+        """The tokens this judge emits for each label right after its prompt, as its own answer format writes them:
+        a LLaVA judge through its training template (mistral_instruct trains ' 10 </s>', so the space after [/INST]
+        comes first), a chat model through its chat template, any other LM as prompt + label. Each is cut after the
+        last token the label needs; what follows (the stop) is scored as 'a token that ends the label'."""
+        head, tails = self._prompt(text), []
+        for lab in labels:
             if self.llava:
-                mask = torch.zeros_like(attn, dtype=torch.bool)
-                mask[torch.arange(len(chunk)), last] = True
-                logits = self.model(ids, attention_mask=attn, logits_mask=mask).logits
+                cfg = self.model.config
+                full = lm.tokenize_conversation(self.tok, [("user", text), ("assistant", lab)], cfg.template,
+                                                cfg.num_image_tokens, cfg.image_token_id)["input_ids"]
+            elif getattr(self.tok, "chat_template", None):
+                full = self.tok.apply_chat_template([{"role": "user", "content": text}, {"role": "assistant",
+                                                     "content": lab}], tokenize=True, return_dict=False)
             else:
-                logits = self.model(input_ids=ids, attention_mask=attn).logits[torch.arange(len(chunk)), last]
-            out.append(torch.log_softmax(logits.float(), -1).cpu())
-        return torch.cat(out)
+                full = self.tok.encode(text + "\n" + lab, add_special_tokens=True)
+            tail = full[len(head):] if full[:len(head)] == head else lm.encode_segment(self.tok, lab, first=False)
+            cut = next((j for j in range(1, len(tail) + 1) if self.tok.decode(tail[:j]).strip() == lab), len(tail))
+            if not cut:
+                raise ValueError(f"judge {self.name}: label {lab!r} gives no tokens")
+            tails.append(tail[:cut])
+        return tails
 
+    def _continues(self, anchor: int, size: int) -> torch.Tensor:
+        """[size] bool: the tokens that would extend a label into a longer word or number ('0' after '1' is "10"):
+        their text, written after a label token, starts with a letter or digit. Any other token (space, punctuation,
+        newline, EOS, a stop) ends the label. Computed once per judge."""
+        if getattr(self, "_cont", None) is None or len(self._cont) != size:
+            base = self.tok.decode([anchor])
+            texts = self.tok.batch_decode([[anchor, v] for v in range(min(len(self.tok), size))])
+            self._cont = torch.zeros(size, dtype=torch.bool)
+            self._cont[:len(texts)] = torch.tensor([t[len(base):][:1].isalnum() for t in texts])
+        return self._cont
+
+    @torch.no_grad()
     def label_logprobs(self, prompts: list[str], labels: list[str]) -> torch.Tensor:
-        """[len(prompts), len(labels)]: log p(label | prompt) summed over the label's tokens. One forward per distinct
-        (prompt, label prefix): labels "0".."10" need two per prompt when "10" is two tokens."""
-        label_ids = [lm.encode_segment(self.tok, lab, first=False) for lab in labels]
-        rows, index = [], {}
-        heads = [self._prompt(p) for p in prompts]
-        for p, head in enumerate(heads):
-            for ids in label_ids:
-                for j in range(len(ids)):
-                    key = (p, tuple(ids[:j]))
-                    if key not in index:
-                        index[key] = len(rows)
-                        rows.append(head + list(ids[:j]))
-        logp = self._last_logprobs(rows)
-        out = torch.zeros(len(prompts), len(labels))
-        for p in range(len(prompts)):
-            for k, ids in enumerate(label_ids):
-                out[p, k] = sum(float(logp[index[(p, tuple(ids[:j]))], t]) for j, t in enumerate(ids))
+        """[len(prompts), len(labels)]: log p(label | prompt) = log p(its tokens as the judge writes them after the
+        prompt, _label_tails) + log p(a token that ends it, _continues). Without the end term, with digits as single
+        tokens (Llama, Mistral), log p("10") = log p("1") + log p("0" | "1") <= log p("1") and a judge meaning 10 is
+        read as 1. The prompt runs once; the label continuations then run on copies of its KV cache."""
+        tails = self._label_tails(prompts[0], labels)  # the answer format does not depend on the prompt's text
+        rows = list(dict.fromkeys(tuple(t) for t in tails if not any(len(u) > len(t) and u[:len(t)] == t
+                                                                     for u in tails)))  # "1" runs inside "10"
+        row_of = [next(r for r, u in enumerate(rows) if list(u[:len(t)]) == t) for t in tails]
+        R, L = len(rows), max(map(len, rows))
+        tail_ids = torch.tensor([list(r) + [self.tok.pad_token_id] * (L - len(r)) for r in rows], device=self.device)
+        out = torch.empty(len(prompts), len(labels))
+        step = max(1, 64 // R)
+        for i in range(0, len(prompts), step):
+            batch = lm.collate([{"input_ids": self._prompt(p)} for p in prompts[i:i + step]], self.tok.pad_token_id,
+                               padding_side="left")
+            ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            first = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+            first.past_key_values.batch_repeat_interleave(R)  # row b*R + r: prompt b, continuation r
+            B = ids.shape[0]
+            attn = torch.cat([attn.repeat_interleave(R, 0), attn.new_ones(B * R, L)], -1)
+            pos = pos[:, -1:].repeat_interleave(R, 0) + 1 + torch.arange(L, device=self.device)
+            nxt = self.model(input_ids=tail_ids.repeat(B, 1), attention_mask=attn, position_ids=pos,
+                             past_key_values=first.past_key_values, use_cache=True)
+            lp = torch.cat([first.logits.float().repeat_interleave(R, 0), nxt.logits.float()], 1).log_softmax(-1)
+            lp = lp.view(B, R, L + 1, -1).cpu()  # lp[b, r, j] predicts token j of continuation r
+            ends = lp[..., ~self._continues(tails[0][-1], lp.shape[-1])].logsumexp(-1)
+            for k, t in enumerate(tails):
+                out[i:i + B, k] = sum(lp[:, row_of[k], j, tok] for j, tok in enumerate(t)) + ends[:, row_of[k], len(t)]
         return out
 
     def hallucination(self, gts, cands):
-        lp = self.label_logprobs([JUDGE_HALLUCINATION.format(gt=g, cand=c) for g, c in zip(gts, cands)], ["yes", "no"])
-        return lp.softmax(-1)[:, 0].tolist()  # P(yes, it contradicts)
+        prompts = [JUDGE_HALLUCINATION.format(gt=g, cand=c) for g, c in zip(gts, cands)]
+        lp = self.label_logprobs(prompts, ["yes", "Yes", "no", "No"])  # chat models mostly answer "Yes, ..."
+        return lp.softmax(-1)[:, :2].sum(-1).tolist()  # P(yes, it contradicts)
 
     def write_wrong(self, gts, seed):
         prompts = [self._prompt(JUDGE_WRITE.format(gt=g)) for g in gts]
@@ -500,10 +537,12 @@ def box_heatmap(rec: dict, width: int, height: int):
 
 
 @torch.no_grad()
-def attention_heatmap(model, tokenizer, path: str, question: str, last_layers: int = 2):
+def attention_heatmap(model, tokenizer, path: str, question: str, region_std: float = -1.0, last_layers: int = 2):
     """The policy's own localiser: attention from the last prompt token to the image tokens, averaged over the heads
     of the last `last_layers` decoder layers, laid on the patch grid and upsampled to the (padded-square) image, then
-    cropped back to the image. Confidence = the share of that attention falling inside the region (binarise())."""
+    cropped back to the image. Confidence = the share of that attention inside the region the noise goes into
+    (binarise(heat, region_std), the caller's --region-std). The released s_v is MedKLIP's P(disease) (spec B3),
+    which this localiser has no classifier for; attention share is ours."""
     cfg = model.config
     im = lm.load_image(path)
     ids = torch.tensor([prompt_ids(tokenizer, cfg, question)])
@@ -528,7 +567,7 @@ def attention_heatmap(model, tokenizer, path: str, question: str, last_layers: i
     top, left = (sq - h) // 2, (sq - w) // 2
     heat = heat[top:top + h, left:left + w]
     heat = (heat - heat.min()) / max(float(heat.max() - heat.min()), 1e-12)
-    region = binarise(heat, -1.0)
+    region = binarise(heat, region_std)
     conf = float(heat[region].sum() / max(float(heat.sum()), 1e-12))
     return heat.astype(np.float32), conf
 
@@ -648,7 +687,7 @@ def build_preferences(args: Args, model, tokenizer, samples: list[dict], image_f
                 if args.localiser == "boxes":
                     found = box_heatmap(s["record"], w, h)
                 elif args.localiser == "attention":
-                    found = attention_heatmap(model, tokenizer, s["path"], s["question"])
+                    found = attention_heatmap(model, tokenizer, s["path"], s["question"], args.region_std)
                 elif args.localiser == "file":
                     found = file_heatmap(index, Path(args.heatmaps).parent, rel, w, h)
                 else:
@@ -709,7 +748,7 @@ def normalize_scores(scores: list[float], subsets: list[str], mode: str = "paper
     for g in set(groups):
         idx = torch.tensor([i for i, x in enumerate(groups) if x == g])
         v = s[idx]
-        sd = v.std(unbiased=False)
+        sd = v.std(unbiased=False) if v.max() > v.min() else 0.0  # equal scores: the float std is ~1e-17, not 0
         z = (v - v.mean()) / sd if sd > 0 else torch.zeros_like(v)
         out[idx] = (mean + math.sqrt(var) * z).clamp(lo, hi)
     return out.tolist()

@@ -46,6 +46,8 @@ def test_normalize_scores_three_modes():
     wide = np.random.default_rng(0).uniform(0, 1, 1000).tolist()
     raw = 1 + r * (np.array(wide) - np.mean(wide)) / np.std(wide)
     assert abs(raw.mean() - 1) < 1e-12 and abs(raw.var() - 0.1) < 1e-12
+    # all scores equal (e.g. 320 judges' 0.1): weight 1, although the float std of [0.1] * 320 is 1.4e-17, not 0
+    assert mmedpo.normalize_scores([0.1] * 320, ["text"] * 320) == [1.0] * 320
     assert mmedpo.normalize_scores(scores, subsets, "raw") == scores  # the released code: raw scores (0 drops a pair)
     assert mmedpo.normalize_scores(scores, subsets, "none") == [1.0] * 7
     with pytest.raises(ValueError):
@@ -134,6 +136,23 @@ def test_weighted_loss_equals_trl_per_pair_loss_times_weight(tmp_path):
     assert batch["row_images"].tolist() == [0, 0, 0, 0, 0, 1]  # only the visual pair's rejected row sees x*
 
 
+def test_default_lora_has_no_dropout_in_dpo(tmp_path):
+    """The released trainer (dpo_trainer_weighted.py, DPOTrainer(disable_dropout=True)) and TRL zero every dropout
+    during DPO, LoRA's 0.05 included: by default two training-mode forwards of the policy are identical."""
+    for args, same in ((mmedpo.Args(), True), (mmedpo.Args(lora_dropout=0.05), False)):  # the flag still turns it on
+        model, tok = lm.load("tiny")
+        policy, _ = mmedpo.build_models(args, model, torch.device("cpu"))
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_()  # B = 0 at init would hide the adapters (and their dropout) altogether
+        batch = mmedpo.collate_pairs(_pairs(tmp_path, tok, model.config), [0, 1], tok.pad_token_id)
+        policy.train()
+        feats = policy.encode_images(batch["pixel_values"])
+        a, b = (mmedpo.sequence_logps(policy, batch, feats)[0] for _ in range(2))
+        assert torch.equal(a, b) == same
+
+
 # ---------------------------------------------------------------- visual dispreference
 
 
@@ -167,11 +186,48 @@ def test_global_noise_and_the_diffusion_schedule():
     assert mmedpo.box_heatmap({"findings": []}, 8, 8) is None  # a normal image has no lesion region
 
 
-def test_attention_localiser_gives_a_map_on_the_image():
+def _planted_attention(model, tok, monkeypatch, attended: list[int]):
+    """The LM's attention from the last prompt token put on the image tokens `attended` (row-major patch indices of
+    the padded square, 4x4 for the tiny model), so a test knows where the localiser should point."""
+    lmm = model.language_model.model
+
+    def forward(inputs_embeds, output_attentions=False, **kw):
+        assert output_attentions and lmm.config._attn_implementation == "eager"
+        ids = torch.tensor(mmedpo.prompt_ids(tok, model.config, "Where is the lesion?"))
+        image_pos = (ids == model.config.image_token_id).nonzero()[:, 0]
+        a = torch.full((1, 2, inputs_embeds.shape[1], inputs_embeds.shape[1]), 1e-3)
+        a[0, :, -1, image_pos[attended]] = 1.0
+        return SimpleNamespace(attentions=(a, a, a))
+
+    monkeypatch.setattr(lmm, "forward", forward)
+
+
+def test_attention_localiser_region_and_confidence(tmp_path, monkeypatch):
+    """A 64x32 image is padded to 64x64 with 16 grey rows above it, so patch (row 1, col 1) of the 4x4 grid covers
+    image rows 0-15, columns 16-31. Attention planted on that patch: the map peaks there, the --region-std region
+    covers it and little else, and the confidence is the attention share inside that same region (issue 15 bug 6:
+    it was always taken at mean - 1 std)."""
     model, tok = lm.load("tiny")
-    path = str(TOY / "images" / "train_radiology_0000.png")
-    heat, conf = mmedpo.attention_heatmap(model.eval(), tok, path, "Describe the image.")
-    assert heat.shape == (64, 64) and heat.min() == 0 and abs(heat.max() - 1) < 1e-6 and 0 < conf <= 1
+    path = tmp_path / "wide.png"
+    Image.new("RGB", (64, 32), (40, 40, 40)).save(path)
+    _planted_attention(model, tok, monkeypatch, [1 * 4 + 1])
+    lesion = np.zeros((32, 64), dtype=bool)
+    lesion[0:16, 16:32] = True
+    confs = []
+    for region_std in (1.0, 0.5):
+        heat, conf = mmedpo.attention_heatmap(model.eval(), tok, str(path), "Where is the lesion?", region_std)
+        region = mmedpo.binarise(heat, region_std)
+        ys, xs = region.nonzero()
+        assert heat.shape == (32, 64) and region[lesion].mean() > 0.95 and region[~lesion].mean() < 0.1
+        assert ys.max() <= 16 + 5 and 16 - 5 <= xs.min() and xs.max() <= 31 + 5  # the patch, give or take 5 px
+        assert abs(conf - heat[region].sum() / heat.sum()) < 1e-6
+        confs.append(conf)
+    assert confs[0] < confs[1] < 0.9  # a larger region holds more of the attention
+    heat, conf = mmedpo.attention_heatmap(model.eval(), tok, str(path), "Where is the lesion?", -1.0)
+    assert mmedpo.binarise(heat, -1.0).all() and conf == pytest.approx(1.0)  # the released mean - std: everything
+    _planted_attention(model, tok, monkeypatch, [1 * 4 + 3])  # the right-most patch of that row
+    heat, _ = mmedpo.attention_heatmap(model.eval(), tok, str(path), "Where is the lesion?", 1.0)
+    assert mmedpo.binarise(heat, 1.0)[:16, 48:].mean() > 0.5 and not mmedpo.binarise(heat, 1.0)[:, :32].any()
     assert model.language_model.model.config._attn_implementation == "sdpa"  # restored
 
 
@@ -215,14 +271,128 @@ def test_debate_averages_without_agreement():
     assert mmedpo.debate_scores(["a"], [Scripted(lambda t, p, c: 0.5), Scripted(lambda t, p, c: 0.54)])[0]["agreed"]
 
 
-def test_model_judges_read_labels():
+def _word_tokenizer(kind: str, texts: list[str]):
+    """A small hand-made tokenizer over the words of `texts`, digits always single tokens. "sp": SentencePiece /
+    Llama-2 style ('▁' for a space, prepended to every encode call: " 10" -> '▁', '1', '0'; Llama's normaliser and
+    decoder). "bpe": byte-level BPE with split digits (Qwen2 style: " 10" -> 'Ġ', '1', '0')."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    norm = None
+    if kind == "sp":
+        norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        pre, space = pre_tokenizers.Split(Regex(r"▁?[^▁\d\n]+|▁|\d|\n"), "isolated"), "▁"
+        decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        pre = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r" ?[A-Za-z]+|\d| ?[^\sA-Za-z\d]+|\s+"), "isolated"),
+                                       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        space, decoder = "Ġ", decoders.ByteLevel()
+    pieces = {p for t in texts + ["\n"] for p, _ in pre.pre_tokenize_str(norm.normalize_str(t) if norm else t)}
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|start|>", "<|eot|>"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + sorted(pieces | set("0123456789") | {space}))},
+                                    unk_token="<unk>"))
+    tk.pre_tokenizer, tk.decoder = pre, decoder
+    if norm:
+        tk.normalizer = norm
+    tk.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>"), space
+
+
+class Bigram(torch.nn.Module):
+    """A judge model whose next-token logits depend on the previous token only: table[prev] (0 unless planted)."""
+
+    def __init__(self, tok, template, plant: dict):
+        super().__init__()
+        ids = lambda t: t if isinstance(t, int) else tok.convert_tokens_to_ids(t)
+        self.table = torch.zeros(len(tok), len(tok))
+        for prev, nexts in plant.items():
+            for nxt, logit in nexts.items():
+                self.table[ids(prev), ids(nxt)] = logit
+        self.config = SimpleNamespace(template=template, num_image_tokens=0, image_token_id=-1)
+
+    def forward(self, input_ids, attention_mask=None, logits_to_keep=0, logits_mask=None, **kw):
+        logits = self.table[input_ids]
+        logits = logits[logits_mask] if logits_mask is not None else logits[:, -logits_to_keep:] if logits_to_keep else logits
+        return SimpleNamespace(logits=logits, past_key_values=SimpleNamespace(batch_repeat_interleave=lambda n: None))
+
+
+# a Llama-3-like chat template: the answer follows the assistant header's blank line, no space token first
+CHAT = ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n\n{{ m['content'] }}<|eot|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start|>assistant\n\n{% endif %}")
+
+
+def _stub_judge(tok, template, plant):
+    """A judge with planted logits: LLaVA-type (its training template) or, template "chat", a chat model."""
+    judge = object.__new__(mmedpo.ModelJudge)
+    judge.__dict__.update(name="stub", device=torch.device("cpu"), tok=tok, llava=template != "chat",
+                          max_new_tokens=8, model=Bigram(tok, template, plant))
+    return judge
+
+
+@pytest.mark.parametrize("kind,template", [("sp", "mistral_instruct"), ("bpe", "vicuna_v1"), ("bpe", "chat")])
+def test_judge_reads_the_label_it_writes(kind, template):
+    """Issue 15 bug 3. All tokenizers here split digits, so "10" is '1' '0' and summing the label's tokens alone
+    gives log p("10") <= log p("1"); and LLaVA training writes the answer after a space token ('▁' after [/INST],
+    'Ġ' after ASSISTANT:). Planted judges: after the prompt the separator (and, with less mass, a '3' straight
+    after the prompt); after the separator '1'; then '0' and the end (a judge meaning 10) or the end at once
+    (meaning 1). The chat model has no separator: '1' (or, less likely, '3') follows its prompt."""
+    text = "A large nodule."
+    prompt = mmedpo.JUDGE_SCORE.format(text=text)
+    corpus = [prompt, "user assistant\n\n 0 10 yes no Yes No", "\nyes\nno\nYes\nNo"]
+    if template != "chat":
+        corpus.append(lm.render_chat(template, [prompt, "0 10 yes no"]))
+    tok, space = _word_tokenizer(kind, corpus)
+    tok.chat_template = CHAT if template == "chat" else None
+    sep = space if template != "chat" else None
+    last = _stub_judge(tok, template, {})._prompt(prompt)[-1]
+    stop = "</s>" if sep else "<|eot|>"
+    for means, after_one in ((10, {"0": 6.0, stop: 1.0}), (1, {"0": 1.0, stop: 6.0})):
+        plant = {"1": after_one, "0": {stop: 6.0}}
+        if sep:
+            plant.update({last: {sep: 6.0, "3": 3.0}, sep: {"1": 6.0, "7": 3.0}})
+        else:
+            plant[last] = {"1": 6.0, "3": 3.0}
+        judge = _stub_judge(tok, template, plant)
+        assert judge.score([text], [None]) == [means / 10]
+        lp = judge.label_logprobs([prompt], mmedpo.SCORE_LABELS)[0]
+        assert lp.exp().sum() <= 1 + 1e-6 and int(lp.argmax()) == means
+    # the continuation scored is the one training writes: separator, label, then the stop (not part of the label)
+    if sep:
+        conv = lm.tokenize_conversation(tok, [("user", prompt), ("assistant", "10")], template, 0, -1)
+        trained = [t for t, l in zip(conv["input_ids"], conv["labels"]) if l != lm.IGNORE_INDEX]
+    else:
+        full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": "10"}],
+                                       tokenize=True, return_dict=False)
+        trained = full[len(judge._prompt(prompt)):]
+    [tail] = judge._label_tails(prompt, ["10"])
+    assert tok.convert_ids_to_tokens(tail) == [sep, "1", "0"][not sep:] and trained[:len(tail)] == tail
+    assert tok.convert_ids_to_tokens(trained[len(tail):])[-1] == stop
+    # yes / no the same way, either case: P(yes) follows the planted logits
+    for yes, no, above in (({"yes": 4.0}, {"no": 2.0}, True), ({"yes": 2.0}, {"no": 4.0}, False),
+                           ({"Yes": 4.0}, {"no": 3.0}, True), ({"yes": 3.0}, {"No": 4.0}, False)):
+        judge = _stub_judge(tok, template, {last: {(sep or "") + w: x for w, x in {**yes, **no}.items()}})
+        assert (judge.hallucination(["yes"], ["no"])[0] > 0.5) == above
+
+
+def test_tiny_judge_label_logprobs_equal_a_plain_forward():
+    """The cached computation (prompt once, then the label continuations on copies of its KV cache, left-padded
+    prompts of different lengths) equals one full forward per (prompt, label): the sum of the label tokens' log-probs
+    plus log P(the next token does not start with a letter or digit)."""
     judge = mmedpo.ModelJudge("tiny:1", torch.device("cpu"))
-    lp = judge.label_logprobs(["Score:", "Another prompt"], mmedpo.SCORE_LABELS)
-    assert lp.shape == (2, 11) and (lp < 0).all()
-    s = judge.score(["A large nodule.", "Normal."], [None, 0.3])
-    assert all(x in [i / 10 for i in range(11)] for x in s)
-    h = judge.hallucination(["yes"], ["no"])
-    assert 0 < h[0] < 1
+    prompts = ["Score: a", "Another, somewhat longer prompt about both lungs"]
+    lp = judge.label_logprobs(prompts, mmedpo.SCORE_LABELS)
+    tails = judge._label_tails(prompts[0], mmedpo.SCORE_LABELS)
+    assert [judge.tok.convert_ids_to_tokens(t) for t in tails][9:] == [["Ġ", "9"], ["Ġ1", "0"]]  # ' 10': 'Ġ1' '0'
+    anchor = judge.tok.convert_tokens_to_ids("0")
+    ends = torch.tensor([not judge.tok.decode([anchor, v])[1:2].isalnum() for v in range(len(judge.tok))])
+    for p, prompt in enumerate(prompts):
+        head = judge._prompt(prompt)
+        for k, t in enumerate(tails):
+            with torch.no_grad():
+                logp = judge.model(torch.tensor([head + t])).logits[0].float().log_softmax(-1)
+            expect = sum(logp[len(head) - 1 + j, tok] for j, tok in enumerate(t)) + logp[-1, ends].logsumexp(-1)
+            assert abs(float(lp[p, k]) - float(expect)) < 1e-4, (p, k)
 
 
 # ---------------------------------------------------------------- text dispreference
@@ -287,7 +457,7 @@ def test_released_format_read_as_is(tmp_path):
 # ---------------------------------------------------------------- the script end to end
 
 SMALL = ["--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
-         "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2", "--lora-dropout", "0",
+         "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
          "--eval-limit", "4", "--eval-max-new-tokens", "4", "--report-max-new-tokens", "8", "--curate-batch-size", "8"]
 
 
