@@ -32,8 +32,8 @@ The method, as in the paper and the released code (spec section 5):
   4. Evaluation: Text-to-Region acc@0.25/0.5/0.75 (IoU > t) and mean IoU; several boxes are matched one-to-one by
      the Hungarian algorithm (cost 1 - IoU) with precision = matched / predicted and recall = matched / ground truth
      (the released evaluator swaps the two names). Region-to-Text: token recall, accuracy = recall >= 0.75, BLEU-1;
-     Chinese text is scored by characters. Regional chain-of-thought (--regional-cot): detect the regions first, then
-     answer with them in the prompt.
+     Chinese text is scored by characters; --scoring medrega applies the released evaluators' rules instead.
+     Regional chain-of-thought (--regional-cot): detect the regions first, then answer with them in the prompt.
 Template: MedRegA's InternVL "Hermes-2" = llava_med's `chatml` for --model tiny; a checkpoint keeps its own unless
 --template is given.
 
@@ -94,7 +94,7 @@ class Args:
     lora_alpha: int = 256  # LoRA alpha
     lora_dropout: float = 0.05  # LoRA dropout
     train_projector: str = "auto"  # yes / no / auto (= yes for tiny, whose projector is random; no = released --freeze_mlp)
-    new_token_init: str = "release"  # new <ref>/<box> input rows: release = N(0, initializer_range), mean = the old rows' mean (lm_head rows: the mean either way)
+    new_token_init: str = "release"  # new <ref>/<box> input rows: release = N(0, initializer_range), or mean (lm_head: mean)
     # loss
     position_weight: float = 1.0  # weight of digit and left/right/center/upper/lower answer tokens (released weightloss: 2)
     # augmentation
@@ -121,8 +121,8 @@ class Args:
     eval_limit: int = 0  # first N rows per task (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 48  # answer length cap (a box answer is ~25 tokens)
-    multi_box_iou: float = 0.5  # IoU for a matched pair in multi-box scoring (released: 0.75 single-object, 0.5 multi)
-    scoring: str = "default"  # default / medrega = the released evaluators' rules (score_t2r_row, score_r2t, score_vqa say where they differ)
+    multi_box_iou: float = 0.5  # IoU of a matched pair in multi-box scoring (released, used by --scoring medrega: 0.75 one object, 0.5 several)
+    scoring: str = "default"  # default, or medrega = the released evaluators' rules (differences: score_t2r_row / _r2t / _vqa)
     regional_cot: bool = False  # also answer the VQA rows with regional chain-of-thought (detect, then answer)
 
 
@@ -234,12 +234,10 @@ def map_boxes(text: str, fn) -> str:
 
 
 def add_region_tokens(model, tokenizer, input_init: str = "release", seed: int = 0) -> int:
-    """Add <ref> </ref> <box> </box> as single tokens and grow the LM's embeddings to the tokenizer. New lm_head rows =
-    the mean of the old rows (the released internvl_chat_finetune.py sets only these); new input rows are left to
-    resize_token_embeddings there, which in InternVL's transformers 4.37.2 draws them from the LM's _init_weights,
-    N(0, initializer_range): input_init "release" does that (seeded), "mean" puts the mean there too. Added as normal
-    (not "special") tokens so that decoding with skip_special_tokens keeps them in answers. Call before LoRA /
-    sharding. Returns the number of new embedding rows."""
+    """Add <ref> </ref> <box> </box> as single tokens and grow the LM's embeddings. New lm_head rows = the old rows' mean
+    (the released internvl_chat_finetune.py sets only these); input rows: "release" = N(0, initializer_range), seeded,
+    what its resize_token_embeddings (InternVL's transformers 4.37.2, _init_weights) leaves, or "mean". Normal (not
+    "special") tokens, so decoding with skip_special_tokens keeps them. Call before LoRA / sharding; returns the count."""
     new = [t for t in REGION_TOKENS if t not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_tokens(new, special_tokens=False)
@@ -291,7 +289,7 @@ BASE_PROMPTS = {  # (task, language) -> base prompt; English ones verbatim from 
 VQA_SUFFIX = {"en": "Answer the question using a single word or phrase.", "zh": "请用词或短语回答问题。"}
 REPORT_QUESTION = {"en": "Please write a report for this medical image.",  # toy stand-in; MIMIC rows bring their own
                    "zh": "请为这张医学影像撰写诊断报告，需包括影像诊断和影像结论两部分。影像诊断描述可见信息，影响结论列举最终的诊断结果。"}
-# (zh: base prompt + this = the released demo_data/data_file.jsonl id 5 prompt, its "影响" typo for 影像 included)
+# zh: base prompt + this = the released demo_data/data_file.jsonl id 5, its typo 影响 (for 影像) included
 TASK_FILES = {"text2region": "t2r", "regt2r": "t2r", "region2text": "r2t", "regr2t": "r2t", "grounded": "grounded",
               "groundedrg": "grounded", "vqa": "vqa", "_rg": "report"}
 REGION_TASKS = ("t2r", "r2t", "grounded")
@@ -451,9 +449,8 @@ def load_samples(spec: str, image_folder: str, task: str, tasks, split: str, ski
 
 
 def prompt_turns(s: dict, regions_hint: str = "", base_prompt: bool = True) -> list[tuple[str, str]]:
-    """The sample's turns with the task's base prompt in front of the first question (training format:
-    "<image>\\n" + base_prompt + " " + question, no space in Chinese); VQA questions end with the short-answer
-    instruction."""
+    """The sample's turns with the task's base prompt in front of the first question (training format: "<image>\\n" +
+    base_prompt + " " + question, no space in Chinese); VQA questions end with the short-answer instruction."""
     turns = list(s["turns"])
     base = BASE_PROMPTS.get((s["task"], s["lang"])) or BASE_PROMPTS[(s["task"], "en")]
     q = turns[0][1]
@@ -533,11 +530,9 @@ def position_token_weights(tokenizer, weight: float) -> torch.Tensor | None:
 
 
 def model_pixels(image: Image.Image, cfg) -> torch.Tensor:
-    """The model's input for MedRegA: a plain bicubic resize to the square input size, no padding, aspect not kept,
-    as InternVL's build_transform(pad2square=False) (src/internvl/train/dataset.py; the released script's setting).
-    Boxes are fractions of W and H (0..999), so on this input a box stays on its pixels; llava_med's square padding
-    would letterbox a non-square image or crop and put every box in the wrong place (issue 15). Once square,
-    preprocess_image(pad=False) only normalises."""
+    """Plain bicubic resize to the square input, no padding (InternVL's build_transform(pad2square=False), the released
+    setting): boxes are fractions of W and H, so they stay on their pixels; llava_med's square padding would letterbox
+    a non-square image or crop and move every box (issue 15). preprocess_image then only normalises."""
     size = cfg.image_size
     return lm.preprocess_image(image.convert("RGB").resize((size, size), Image.BICUBIC), size, cfg.image_mean,
                                cfg.image_std, pad=False)
@@ -954,10 +949,9 @@ def score_t2r_row(pred_text: str, gt_text: str, width: float, height: float, mat
     predicted boxes (the released single-region rule: the first box, or the max when more boxes than GT were
     predicted); for several GT boxes the mean IoU over the Hungarian pairs (unmatched GT count 0). Hungarian pairs
     with IoU >= match_iou are matches: precision = matches / predicted boxes, recall = matches / GT boxes.
-    scoring "medrega": match_iou is the released evaluators' (0.75 for one object, SingleRegionMultiObjectEvaluator;
-    0.5 for several, MultiRegionMultiObjectEvaluator), and `iou_denominator` is what score_t2r pools the pair IoUs
-    over (their pairs for one object, their GT boxes for several). Not reproduced: the released parser only reads
-    complete '[[..], ..]' lists and keeps out-of-range or inverted boxes."""
+    scoring "medrega": the released match IoU (0.75 one object: SingleRegionMultiObjectEvaluator; 0.5 several:
+    MultiRegionMultiObjectEvaluator) and pooling (pair IoUs over pairs / over GT boxes: `iou_denominator`). Not
+    reproduced: its parser reads only complete '[[..], ..]' lists and keeps out-of-range or inverted boxes."""
     pred, malformed = parse_quads(strip_non_box(pred_text))
     objects = parse_regions(gt_text)
     gt = [b for _, bs in objects for b in bs] or parse_quads(gt_text)[0]
@@ -1127,7 +1121,7 @@ def score_vqa(rows: list[dict], scoring: str = "default") -> dict:
     VQAEvaluatorChinese: no cleaning, ZH_SPLIT tokens (released: jieba words), closed iff the *prediction* is "yes" or
     "no" (so 是/否 answers count as open), correct at recall >= 0.4, a GT of "no" also matched by "not"."""
     closed, opened = [], []
-    for r in rows:
+    for r in rows:  # (closed: correct or not; open: recall)
         zh = scoring == "medrega" and r.get("lang") == "zh"
         tokens = text_tokens if scoring != "medrega" else ZH_SPLIT.findall if zh else (lambda t: clean_str(t).split())
         rec = token_prf(r["prediction"], r["answer"], tokens)[1]
