@@ -18,8 +18,9 @@ format, the training and the evaluation).
 
 The method, as in the paper and the released code (spec section 5):
   1. Boxes are text: `<ref>name</ref><box>[[x1, y1, x2, y2], ...]</box>`, integers 0-999 (round(x / W * 999);
-     decoded v / 999 * W), several boxes per object; <ref> </ref> <box> </box> are single added tokens whose new
-     embedding rows start at the mean of the old rows; the digits stay ordinary text.
+     decoded v / 999 * W, of the image as the model sees it: resized to a square without padding, as InternVL),
+     several boxes per object; <ref> </ref> <box> </box> are single added tokens (new lm_head rows at the mean of the
+     old rows, input rows N(0, 0.02) as released); the digits stay ordinary text.
   2. Tasks, each with its dataset's base prompt put in front of the question (first user turn =
      "<image>\\n" + base_prompt + " " + question): Region-to-Text (name the boxed object), Text-to-Region (box the
      named object), grounded report (box an organ/lesion and describe it), image-level VQA and report, in English
@@ -31,8 +32,8 @@ The method, as in the paper and the released code (spec section 5):
   4. Evaluation: Text-to-Region acc@0.25/0.5/0.75 (IoU > t) and mean IoU; several boxes are matched one-to-one by
      the Hungarian algorithm (cost 1 - IoU) with precision = matched / predicted and recall = matched / ground truth
      (the released evaluator swaps the two names). Region-to-Text: token recall, accuracy = recall >= 0.75, BLEU-1;
-     Chinese text is scored by characters. Regional chain-of-thought (--regional-cot): detect the regions first, then
-     answer with them in the prompt.
+     Chinese text is scored by characters; --scoring medrega applies the released evaluators' rules instead.
+     Regional chain-of-thought (--regional-cot): detect the regions first, then answer with them in the prompt.
 Template: MedRegA's InternVL "Hermes-2" = llava_med's `chatml` for --model tiny; a checkpoint keeps its own unless
 --template is given.
 
@@ -93,6 +94,7 @@ class Args:
     lora_alpha: int = 256  # LoRA alpha
     lora_dropout: float = 0.05  # LoRA dropout
     train_projector: str = "auto"  # yes / no / auto (= yes for tiny, whose projector is random; no = released --freeze_mlp)
+    new_token_init: str = "release"  # new <ref>/<box> input rows: release = N(0, initializer_range), or mean (lm_head: mean)
     # loss
     position_weight: float = 1.0  # weight of digit and left/right/center/upper/lower answer tokens (released weightloss: 2)
     # augmentation
@@ -119,7 +121,8 @@ class Args:
     eval_limit: int = 0  # first N rows per task (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 48  # answer length cap (a box answer is ~25 tokens)
-    multi_box_iou: float = 0.5  # IoU for a matched pair in multi-box scoring (released: 0.75 single-object, 0.5 multi)
+    multi_box_iou: float = 0.5  # IoU of a matched pair in multi-box scoring (released, used by --scoring medrega: 0.75 one object, 0.5 several)
+    scoring: str = "default"  # default, or medrega = the released evaluators' rules (differences: score_t2r_row / _r2t / _vqa)
     regional_cot: bool = False  # also answer the VQA rows with regional chain-of-thought (detect, then answer)
 
 
@@ -230,11 +233,11 @@ def map_boxes(text: str, fn) -> str:
     return BOX_SPAN.sub(one_span, text)
 
 
-def add_region_tokens(model, tokenizer) -> int:
-    """Add <ref> </ref> <box> </box> as single tokens and grow the LM's embeddings to the tokenizer, new input and output
-    rows = the mean of the old rows (InternVL's finetune script; transformers' own mean_resizing samples around the mean
-    instead). Added as normal (not "special") tokens so that decoding with skip_special_tokens keeps them in answers.
-    Call before LoRA / sharding. Returns the number of new embedding rows."""
+def add_region_tokens(model, tokenizer, input_init: str = "release", seed: int = 0) -> int:
+    """Add <ref> </ref> <box> </box> as single tokens and grow the LM's embeddings. New lm_head rows = the old rows' mean
+    (the released internvl_chat_finetune.py sets only these); input rows: "release" = N(0, initializer_range), seeded,
+    what its resize_token_embeddings (InternVL's transformers 4.37.2, _init_weights) leaves, or "mean". Normal (not
+    "special") tokens, so decoding with skip_special_tokens keeps them. Call before LoRA / sharding; returns the count."""
     new = [t for t in REGION_TOKENS if t not in tokenizer.get_vocab()]
     if new:
         tokenizer.add_tokens(new, special_tokens=False)
@@ -246,7 +249,9 @@ def add_region_tokens(model, tokenizer) -> int:
         mean_in = llm.get_input_embeddings().weight.mean(0)
         mean_out = llm.get_output_embeddings().weight.mean(0)
         llm.resize_token_embeddings(n, mean_resizing=False)
-        llm.get_input_embeddings().weight[old:] = mean_in
+        new_in = llm.get_input_embeddings().weight[old:]
+        normal = torch.randn(new_in.shape, generator=torch.Generator().manual_seed(seed)) * llm.config.initializer_range
+        new_in.copy_(mean_in.expand_as(new_in) if input_init == "mean" else normal)
         llm.get_output_embeddings().weight[old:] = mean_out
     model.config.text_config.vocab_size = n  # merged copies and the llava-hf export are built from this config
     return n - old
@@ -283,7 +288,8 @@ BASE_PROMPTS = {  # (task, language) -> base prompt; English ones verbatim from 
 }
 VQA_SUFFIX = {"en": "Answer the question using a single word or phrase.", "zh": "请用词或短语回答问题。"}
 REPORT_QUESTION = {"en": "Please write a report for this medical image.",  # toy stand-in; MIMIC rows bring their own
-                   "zh": "请为这张医学影像撰写诊断报告，需包括影像诊断和影像结论两部分。"}
+                   "zh": "请为这张医学影像撰写诊断报告，需包括影像诊断和影像结论两部分。影像诊断描述可见信息，影响结论列举最终的诊断结果。"}
+# zh: base prompt + this = the released demo_data/data_file.jsonl id 5, its typo 影响 (for 影像) included
 TASK_FILES = {"text2region": "t2r", "regt2r": "t2r", "region2text": "r2t", "regr2t": "r2t", "grounded": "grounded",
               "groundedrg": "grounded", "vqa": "vqa", "_rg": "report"}
 REGION_TASKS = ("t2r", "r2t", "grounded")
@@ -443,14 +449,15 @@ def load_samples(spec: str, image_folder: str, task: str, tasks, split: str, ski
 
 
 def prompt_turns(s: dict, regions_hint: str = "", base_prompt: bool = True) -> list[tuple[str, str]]:
-    """The sample's turns with the task's base prompt in front of the first question (training format:
-    "<image>\\n" + base_prompt + " " + question); VQA questions end with the short-answer instruction."""
+    """The sample's turns with the task's base prompt in front of the first question (training format: "<image>\\n" +
+    base_prompt + " " + question, no space in Chinese); VQA questions end with the short-answer instruction."""
     turns = list(s["turns"])
     base = BASE_PROMPTS.get((s["task"], s["lang"])) or BASE_PROMPTS[(s["task"], "en")]
     q = turns[0][1]
+    sep = " " if s["lang"] == "en" else ""  # Chinese prompt parts are joined without a space (released demo data 2, 5, 10)
     if s["task"] == "vqa" and VQA_SUFFIX[s["lang"]] not in q:
-        q = q + (" " if s["lang"] == "en" else "") + VQA_SUFFIX[s["lang"]]
-    turns[0] = ("user", (base + " " if base_prompt else "") + regions_hint + q)
+        q = q + sep + VQA_SUFFIX[s["lang"]]
+    turns[0] = ("user", (base + sep if base_prompt else "") + regions_hint + q)
     return lm.place_image_markers(turns, 1, s["where"])
 
 
@@ -522,6 +529,15 @@ def position_token_weights(tokenizer, weight: float) -> torch.Tensor | None:
     return table
 
 
+def model_pixels(image: Image.Image, cfg) -> torch.Tensor:
+    """Plain bicubic resize to the square input, no padding (InternVL's build_transform(pad2square=False), the released
+    setting): boxes are fractions of W and H, so they stay on their pixels; llava_med's square padding would letterbox
+    a non-square image or crop and move every box (issue 15). preprocess_image then only normalises."""
+    size = cfg.image_size
+    return lm.preprocess_image(image.convert("RGB").resize((size, size), Image.BICUBIC), size, cfg.image_mean,
+                               cfg.image_std, pad=False)
+
+
 class RegionSFTData:
     """Samples tokenised once to validate them (bad ones raise DataError naming the record, or are counted with
     skip_bad). A batch re-tokenises augmented samples: the crop changes the box digits."""
@@ -564,8 +580,7 @@ class RegionSFTData:
             if self.augment and s["task"] in REGION_TASKS:
                 image, turns = augment_sample(image, turns, random.Random(f"{self.seed}-{epoch}-{i}"), self.scale_min)
             items.append(self.tokenize(turns, s["where"]))
-            pix.append(lm.preprocess_image(image, cfg.image_size, cfg.image_mean, cfg.image_std,
-                                           pad=cfg.image_aspect_ratio == "pad"))
+            pix.append(model_pixels(image, cfg))
         b = lm.collate(items, self.tokenizer.pad_token_id)
         b["pixel_values"] = torch.stack(pix)
         return b
@@ -928,13 +943,20 @@ def hungarian(cost: list[list[float]]) -> list[tuple[int, int]]:
     return sorted((match[j] - 1, j - 1) for j in range(1, m + 1) if match[j])
 
 
-def score_t2r_row(pred_text: str, gt_text: str, width: float, height: float, match_iou: float = 0.5) -> dict:
+def score_t2r_row(pred_text: str, gt_text: str, width: float, height: float, match_iou: float = 0.5,
+                  scoring: str = "default") -> dict:
     """One Text-to-Region answer against its ground truth, in pixels. `iou`: for one GT box the best IoU over the
     predicted boxes (the released single-region rule: the first box, or the max when more boxes than GT were
     predicted); for several GT boxes the mean IoU over the Hungarian pairs (unmatched GT count 0). Hungarian pairs
-    with IoU >= match_iou are matches: precision = matches / predicted boxes, recall = matches / GT boxes."""
+    with IoU >= match_iou are matches: precision = matches / predicted boxes, recall = matches / GT boxes.
+    scoring "medrega": the released match IoU (0.75 one object: SingleRegionMultiObjectEvaluator; 0.5 several:
+    MultiRegionMultiObjectEvaluator) and pooling (pair IoUs over pairs / over GT boxes: `iou_denominator`). Not
+    reproduced: its parser reads only complete '[[..], ..]' lists and keeps out-of-range or inverted boxes."""
     pred, malformed = parse_quads(strip_non_box(pred_text))
-    gt = [b for _, bs in parse_regions(gt_text) for b in bs] or parse_quads(gt_text)[0]
+    objects = parse_regions(gt_text)
+    gt = [b for _, bs in objects for b in bs] or parse_quads(gt_text)[0]
+    if scoring == "medrega":
+        match_iou = 0.75 if len(objects) <= 1 else 0.5
     pred_px = [decode_box(b, width, height) for b in pred]
     gt_px = [decode_box(b, width, height) for b in gt]
     ious = [[box_iou(p, g) for g in gt_px] for p in pred_px]
@@ -948,7 +970,8 @@ def score_t2r_row(pred_text: str, gt_text: str, width: float, height: float, mat
     precision = matched / len(pred_px) if pred_px else 0.0
     recall = matched / len(gt_px) if gt_px else 0.0
     return {"iou": iou, "n_pred": len(pred_px), "n_gt": len(gt_px), "malformed": malformed, "precision": precision,
-            "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0}
+            "recall": recall, "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+            "pair_iou_sum": sum(pair_ious), "iou_denominator": len(pairs) if len(objects) <= 1 else len(gt_px)}
 
 
 def strip_non_box(text: str) -> str:
@@ -958,9 +981,11 @@ def strip_non_box(text: str) -> str:
     return " ".join(spans) if spans else text
 
 
-def score_t2r(rows: list[dict], match_iou: float = 0.5) -> dict:
+def score_t2r(rows: list[dict], match_iou: float = 0.5, scoring: str = "default") -> dict:
     """acc@t = fraction of single-box rows with IoU > t (strict, as released), mean IoU; multi-box rows: mean
-    precision / recall / F1 of the Hungarian matches and mean IoU (correct names: precision over predictions)."""
+    precision / recall / F1 of the Hungarian matches (correct names: precision over predictions; the released
+    "precision" is this recall) and mean IoU: per row over its GT boxes, then over rows; scoring "medrega" pools
+    the pair IoUs of all rows as released: sum / sum of each row's iou_denominator."""
     single = [r for r in rows if r["score"]["n_gt"] == 1]
     multi = [r for r in rows if r["score"]["n_gt"] > 1]
     out = {"n": len(rows), "n_single": len(single), "n_multi": len(multi)}
@@ -972,12 +997,15 @@ def score_t2r(rows: list[dict], match_iou: float = 0.5) -> dict:
     if multi:
         for k in ("precision", "recall", "f1", "iou"):
             out[f"multi_{k}"] = sum(r["score"][k] for r in multi) / len(multi)
+        if scoring == "medrega":
+            out["multi_iou"] = sum(r["score"]["pair_iou_sum"] for r in multi) / max(1, sum(r["score"]["iou_denominator"] for r in multi))
     out["malformed_boxes"] = sum(r["score"]["malformed"] for r in rows)
     out["no_box_answers"] = sum(r["score"]["n_pred"] == 0 for r in rows)
     return out
 
 
-def random_box_baseline(rows: list[dict], draws: int = 100, seed: int = 0, match_iou: float = 0.5) -> dict:
+def random_box_baseline(rows: list[dict], draws: int = 100, seed: int = 0, match_iou: float = 0.5,
+                        scoring: str = "default") -> dict:
     """The same metrics for uniformly random boxes (x1 < x2 and y1 < y2 drawn from 0..999), averaged over draws."""
     rng = random.Random(seed)
     acc = {}
@@ -990,14 +1018,15 @@ def random_box_baseline(rows: list[dict], draws: int = 100, seed: int = 0, match
                 y1, y2 = sorted(rng.sample(range(BBOX_SCALE + 1), 2))
                 boxes.append([x1, y1, x2, y2])
             text = format_region("x", boxes)
-            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou)})
-        for k, v in score_t2r(fake, match_iou).items():
+            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou, scoring)})
+        for k, v in score_t2r(fake, match_iou, scoring).items():
             if k.startswith(("acc@", "mean_iou", "multi_")):
                 acc[k] = acc.get(k, 0.0) + v / draws
     return acc
 
 
-def prior_box_baselines(train_samples: list[dict], rows: list[dict], match_iou: float = 0.5) -> dict:
+def prior_box_baselines(train_samples: list[dict], rows: list[dict], match_iou: float = 0.5,
+                        scoring: str = "default") -> dict:
     """Answers that ignore the image, fitted on the training boxes of each object name: "mean_box" (the mean box) and
     "best_constant_box" (the training box with the most training boxes at IoU > 0.5 to it, i.e. the best single
     answer for acc@0.5). A model that beats them uses the image, not just the name."""
@@ -1015,8 +1044,8 @@ def prior_box_baselines(train_samples: list[dict], rows: list[dict], match_iou: 
         for r in rows:
             names = [n for n, _ in parse_regions(r["answer"])]
             text = "".join(format_region(n, [box_of[n]]) for n in names if n in box_of)
-            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou)})
-        out[kind] = {k: v for k, v in score_t2r(fake, match_iou).items() if k.startswith(("acc@", "mean_iou", "multi_"))}
+            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou, scoring)})
+        out[kind] = {k: v for k, v in score_t2r(fake, match_iou, scoring).items() if k.startswith(("acc@", "mean_iou", "multi_"))}
     return out
 
 
@@ -1030,22 +1059,35 @@ def text_tokens(text: str) -> list[str]:
     return [t.strip(PUNCT) for t in text.split() if t.strip(PUNCT)]
 
 
-def token_prf(pred: str, ref: str) -> tuple[float, float, float]:
+ZH_SPLIT = re.compile(r"[A-Za-z0-9]+|\s|\S")  # --scoring medrega's stand-in for jieba words: letter/digit runs, else characters
+SYNONYMS = {"pa": "posterior anterior", "ivc": "inferior vena cava", "head": "brain", "both": "bilateral",
+            "tumour": "tumor", "tumours": "tumors"}  # the released VQA cleanStr's contractions
+
+
+def clean_str(text: str) -> str:
+    """The released VQA cleanStr (vqa/postprocess_utils.py): split at , : . and drop the parts holding '_', lower-case,
+    map SYNONYMS word by word, rejoin with ',', '-' -> ' '. Its number-word map and punctuation stripping are
+    commented out upstream, so 'Yes.' becomes the token 'yes,' and '(pleural)' keeps its brackets."""
+    parts = [p for p in re.split(r"[,:.]", text) if "_" not in p]
+    return ",".join(" ".join(SYNONYMS.get(w, w) for w in p.lower().split(" ")) for p in parts).replace("-", " ")
+
+
+def token_prf(pred: str, ref: str, tokens=text_tokens) -> tuple[float, float, float]:
     """Token-set precision, recall, F1 (the released regr2t evaluator, with characters for Chinese)."""
-    p, r = set(text_tokens(pred)), set(text_tokens(ref))
+    p, r = set(tokens(pred)), set(tokens(ref))
     common = len(p & r)
     prec = common / len(p) if p else 0.0
     rec = common / len(r) if r else 0.0
     return prec, rec, (2 * prec * rec / (prec + rec) if prec + rec else 0.0)
 
 
-def corpus_bleu1(preds: list[str], refs: list[str]) -> float:
+def corpus_bleu1(preds: list[str], refs: list[str], tokens=text_tokens) -> float:
     """Corpus BLEU-1 with brevity penalty (one reference each; torchmetrics BLEUScore(n_gram=1) over the list, as
     the released evaluator calls it): clipped unigram matches / predicted unigrams x min(1, exp(1 - ref_len / pred_len))."""
     from collections import Counter
     match = total = ref_len = 0
     for p, r in zip(preds, refs):
-        pc, rc = Counter(text_tokens(p)), Counter(text_tokens(r))
+        pc, rc = Counter(tokens(p)), Counter(tokens(r))
         match += sum(min(c, rc[w]) for w, c in pc.items())
         total += sum(pc.values())
         ref_len += sum(rc.values())
@@ -1054,25 +1096,45 @@ def corpus_bleu1(preds: list[str], refs: list[str]) -> float:
     return (match / total) * min(1.0, math.exp(1 - ref_len / total))
 
 
-def score_r2t(rows: list[dict]) -> dict:
+def score_r2t(rows: list[dict], scoring: str = "default") -> dict:
     """Region-to-Text: boxes and tags removed from the prediction; mean token recall, accuracy = recall >= 0.75, F1,
-    corpus BLEU-1."""
+    corpus BLEU-1. scoring "medrega" = the released R2TEvaluator: lower-cased, only one-line '[[..]]' cut from the
+    prediction (tags stay), whitespace tokens with their punctuation ("mandible." != "mandible"; Chinese is one token
+    per word), BLEU-1 per sample (torchmetrics BLEUScore) averaged over samples."""
     if not rows:
         return {"n": 0}
-    prf = [token_prf(strip_regions(r["prediction"]), strip_regions(r["answer"])) for r in rows]
+    if scoring == "medrega":
+        preds, refs = [re.sub(r"\[\[.*?\]\]", "", r["prediction"].lower()) for r in rows], [r["answer"].lower() for r in rows]
+        bleu = sum(corpus_bleu1([p], [g], str.split) for p, g in zip(preds, refs)) / len(rows)
+    else:
+        preds, refs = [strip_regions(r["prediction"]) for r in rows], [strip_regions(r["answer"]) for r in rows]
+        bleu = corpus_bleu1(preds, refs)
+    prf = [token_prf(p, g, str.split if scoring == "medrega" else text_tokens) for p, g in zip(preds, refs)]
     return {"n": len(rows), "accuracy": sum(x[1] >= 0.75 for x in prf) / len(rows),
-            "recall": sum(x[1] for x in prf) / len(rows), "f1": sum(x[2] for x in prf) / len(rows),
-            "bleu1": corpus_bleu1([strip_regions(r["prediction"]) for r in rows], [strip_regions(r["answer"]) for r in rows])}
+            "recall": sum(x[1] for x in prf) / len(rows), "f1": sum(x[2] for x in prf) / len(rows), "bleu1": bleu}
 
 
-def score_vqa(rows: list[dict]) -> dict:
+def score_vqa(rows: list[dict], scoring: str = "default") -> dict:
     """Image-level VQA, the released evaluator's core: closed iff the answer is yes/no (or 是/否), correct when token
-    recall >= 0.8; open: mean token recall and accuracy = recall >= 0.75."""
+    recall >= 0.8; open: mean token recall and accuracy = recall >= 0.75. scoring "medrega", English rows = the
+    released VQAEvaluator: clean_str, whitespace token sets, closed iff the cleaned GT is yes/no. Chinese rows =
+    VQAEvaluatorChinese: no cleaning, ZH_SPLIT tokens (released: jieba words), closed iff the *prediction* is "yes" or
+    "no" (so 是/否 answers count as open), correct at recall >= 0.4, a GT of "no" also matched by "not"."""
     closed, opened = [], []
-    for r in rows:
-        rec = token_prf(r["prediction"], r["answer"])[1]
-        (closed if r["answer"].strip().lower() in ("yes", "no", "是", "否") else opened).append(rec)
-    return {"n": len(rows), "closed_accuracy": sum(x >= 0.8 for x in closed) / len(closed) if closed else None,
+    for r in rows:  # (closed: correct or not; open: recall)
+        zh = scoring == "medrega" and r.get("lang") == "zh"
+        tokens = text_tokens if scoring != "medrega" else ZH_SPLIT.findall if zh else (lambda t: clean_str(t).split())
+        rec = token_prf(r["prediction"], r["answer"], tokens)[1]
+        if scoring != "medrega":
+            is_closed, ok = r["answer"].strip().lower() in ("yes", "no", "是", "否"), rec >= 0.8
+        elif zh:
+            gt = set(tokens(r["answer"]))
+            gt |= {"not"} if gt == {"no"} else set()
+            is_closed, ok = r["prediction"] in ("yes", "no"), bool(gt) and len(set(tokens(r["prediction"])) & gt) / len(gt) >= 0.4
+        else:
+            is_closed, ok = clean_str(r["answer"]) in ("yes", "no"), rec >= 0.8
+        (closed if is_closed else opened).append(ok if is_closed else rec)
+    return {"n": len(rows), "closed_accuracy": sum(closed) / len(closed) if closed else None,
             "open_recall": sum(opened) / len(opened) if opened else None,
             "open_accuracy": sum(x >= 0.75 for x in opened) / len(opened) if opened else None}
 
@@ -1094,8 +1156,7 @@ def generate_answers(model, tokenizer, rows: list[dict], batch_size: int, max_ne
             r = rows[i]
             turns = prompt_turns({**r, "turns": r["turns"][:1]}, (hints or {}).get(i, ""), base_prompt)
             prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id))
-            pix.append(lm.preprocess_image(lm.load_image(r["image"]), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                           pad=cfg.image_aspect_ratio == "pad"))
+            pix.append(model_pixels(lm.load_image(r["image"]), cfg))
         answers = lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens)
         preds.update(dict(zip(chunk[:real], answers[:real])))
     model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
@@ -1136,12 +1197,13 @@ def evaluate(model, tokenizer, rows_by_task: dict, args: Args, rank: int, world:
         done = [dict(r, prediction=a, answer=r["turns"][1][1]) for r, a in zip(rows, answers)]
         if task == "t2r":
             for r in done:
-                r["score"] = score_t2r_row(r["prediction"], r["answer"], r["width"], r["height"], args.multi_box_iou)
-            scores[task] = score_t2r(done, args.multi_box_iou)
+                r["score"] = score_t2r_row(r["prediction"], r["answer"], r["width"], r["height"], args.multi_box_iou,
+                                           args.scoring)
+            scores[task] = score_t2r(done, args.multi_box_iou, args.scoring)
         elif task == "r2t":
-            scores[task] = score_r2t(done)
+            scores[task] = score_r2t(done, args.scoring)
         else:
-            scores[task] = score_vqa(done)
+            scores[task] = score_vqa(done, args.scoring)
         preds[task] = done
     if cot_candidates is not None and rows_by_task.get("vqa"):
         rows = rows_by_task["vqa"]
@@ -1150,7 +1212,7 @@ def evaluate(model, tokenizer, rows_by_task: dict, args: Args, rank: int, world:
                                    f"{tag} vqa+cot", hints, args.base_prompt == "full")
         done = [dict(r, prediction=a, answer=r["turns"][1][1], regions=hints.get(i, "")) for i, (r, a) in
                 enumerate(zip(rows, answers))]
-        scores["vqa_regional_cot"] = {**score_vqa(done), "rows_with_regions": len(hints)}
+        scores["vqa_regional_cot"] = {**score_vqa(done, args.scoring), "rows_with_regions": len(hints)}
         preds["vqa_regional_cot"] = done
     return scores, preds
 
@@ -1198,7 +1260,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, seed=args.seed,
                                template=args.template or ("chatml" if tiny else None))
-    n_new = add_region_tokens(model, tokenizer)
+    n_new = add_region_tokens(model, tokenizer, args.new_token_init, args.seed)
 
     # ---- data
     skipped = {} if args.skip_bad_samples else None
@@ -1247,9 +1309,9 @@ def main(argv=None):
         results["after"], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval after", cot)
         log({"phase": "eval_after", **results["after"]})
         if rows.get("t2r"):
-            results["random_box_baseline"] = random_box_baseline(preds["t2r"], seed=args.seed, match_iou=args.multi_box_iou)
+            results["random_box_baseline"] = random_box_baseline(preds["t2r"], 100, args.seed, args.multi_box_iou, args.scoring)
             results.update({f"{k}_baseline": v for k, v in
-                            prior_box_baselines(train_samples, preds["t2r"], args.multi_box_iou).items()})
+                            prior_box_baselines(train_samples, preds["t2r"], args.multi_box_iou, args.scoring).items()})
         if master:
             (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False, default=str))
     # the trained weights (LoRA merged), unsharded: a llava-hf checkpoint with the four region tokens

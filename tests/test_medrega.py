@@ -1,14 +1,18 @@
-"""medrega.py: box text round trips and malformed answers, the region tokens (mean-initialised rows), the base prompts,
-toy / SLAKE / MedRegInstruct readers, box-preserving crops, IoU on hand-computed cases, the Hungarian matcher
-against brute force, Text-to-Region / Region-to-Text scoring (BLEU-1 against sacrebleu), the weighted loss, regional
-CoT hints, and torchrun 2 ranks == 1 rank x 2 micro-batches with augmentation on."""
+"""medrega.py: box text round trips and malformed answers, the region tokens (released row initialisation), the base
+prompts (the Chinese report prompt against the released demo data), toy / SLAKE / MedRegInstruct readers,
+box-preserving crops, boxes on the pixels the model receives, IoU on hand-computed cases, the Hungarian matcher against
+brute force, Text-to-Region / Region-to-Text / VQA scoring (BLEU-1 against sacrebleu; --scoring medrega against the
+released evaluators' outputs), the weighted loss, regional CoT hints, and torchrun 2 ranks == 1 rank x 2 micro-batches
+with augmentation on."""
 
+import copy
 import itertools
 import json
 import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -21,6 +25,7 @@ from conftest import ROOT
 REAL = ROOT.parent / "shared" / "realdata"
 TOY = ROOT / "data" / "toy"
 TASKS = ["t2r", "r2t", "grounded", "vqa", "report"]
+RELEASED = json.loads((ROOT / "tests" / "fixtures" / "medrega_released_scores.json").read_text())  # xmed-lab/MedRegA outputs
 
 
 # ---- boxes as text ------------------------------------------------------------------------------------------
@@ -73,7 +78,7 @@ def test_map_boxes_only_touches_box_spans():
         "What is <ref>this</ref><box>[[10, 20, 30, 40]]</box> at [[1, 2, 3, 4]]?"
 
 
-def test_region_tokens_are_single_and_mean_initialised():
+def test_region_tokens_are_single_and_initialised_as_released():
     model, tok = lm.load("tiny")
     emb_in = model.language_model.get_input_embeddings().weight.detach().clone()
     emb_out = model.language_model.get_output_embeddings().weight.detach().clone()
@@ -88,8 +93,17 @@ def test_region_tokens_are_single_and_mean_initialised():
     assert new_in.shape[0] == new_out.shape[0] == len(tok) == model.config.text_config.vocab_size
     torch.testing.assert_close(new_in[:emb_in.shape[0]], emb_in)
     for i in ids:
-        torch.testing.assert_close(new_in[i], emb_in.mean(0))
-        torch.testing.assert_close(new_out[i], emb_out.mean(0))
+        torch.testing.assert_close(new_out[i], emb_out.mean(0))  # lm_head rows: the mean (internvl_chat_finetune.py)
+    rows = new_in[ids].detach()  # input rows: N(0, initializer_range = 0.02), transformers 4.37.2's resize default
+    assert abs(rows.mean().item()) < 0.004 and abs(rows.std().item() - 0.02) < 0.002
+    assert (rows - emb_in.mean(0)).norm(dim=1).min() > 0.1  # not the mean (its rows' norm would be ~0)
+    again, tok2 = lm.load("tiny")
+    mr.add_region_tokens(again, tok2)
+    torch.testing.assert_close(again.language_model.get_input_embeddings().weight[ids], rows)  # seeded
+    mean_model, tok3 = lm.load("tiny")
+    mr.add_region_tokens(mean_model, tok3, input_init="mean")
+    for i in ids:
+        torch.testing.assert_close(mean_model.language_model.get_input_embeddings().weight[i], emb_in.mean(0))
     assert mr.add_region_tokens(model, tok) == 0  # idempotent
     out = model(torch.tensor([enc]))  # the grown model runs
     assert out.logits.shape == (1, len(enc), len(tok))
@@ -114,7 +128,11 @@ def test_base_prompts_and_training_format():
     assert turns[0][1] == "<image>\n" + mr.BASE_PROMPTS[("t2r", "en")] + " Please locate <ref>nodule</ref> in this chest x-ray."
     assert mr.prompt_turns(s, base_prompt=False)[0][1] == "<image>\nPlease locate <ref>nodule</ref> in this chest x-ray."
     zh = mr.sample("y", "img.png", 64, 64, "vqa", "zh", "结节位于哪里？", "右上肺", "mem")
-    assert mr.prompt_turns(zh)[0][1] == "<image>\n" + mr.BASE_PROMPTS[("vqa", "zh")] + " 结节位于哪里？请用词或短语回答问题。"
+    assert mr.prompt_turns(zh)[0][1] == "<image>\n" + mr.BASE_PROMPTS[("vqa", "zh")] + "结节位于哪里？请用词或短语回答问题。"
+    # the Chinese report prompt = the released demo_data/data_file.jsonl id 5 (its <image> moved to the front)
+    rep = mr.sample("z", "img.png", 64, 64, "report", "zh", mr.REPORT_QUESTION["zh"], "影像诊断：…", "mem")
+    assert RELEASED["report_prompt_zh"].endswith("诊断结果。<image>\n")
+    assert mr.prompt_turns(rep)[0][1] == "<image>\n" + RELEASED["report_prompt_zh"].replace("<image>\n", "")
     rendered = lm.render_chat("chatml", turns)  # MedRegA's Hermes-2 template (spec 5.2)
     assert rendered.startswith("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\n")
     assert rendered.endswith("<|im_start|>assistant\n<ref>nodule</ref><box>[[1, 2, 3, 4]]</box><|im_end|>")
@@ -203,6 +221,48 @@ def test_crop_keeps_boxes_on_their_pixels():
     assert len(sizes) > 5  # it really crops
     # the whole-image box leaves no room for a smaller crop: no crop, nothing moves
     assert mr.crop_keeping_boxes(W, H, [[0, 0, W, H]], random.Random(0), (0.5, 0.6)) is None
+
+
+def _extent(profile: np.ndarray) -> tuple[float, float]:
+    """Sub-pixel [start, end) of a bright bar in a 1-D brightness profile (0 = background, 1 = bar): width = the
+    profile's sum, centre = its centroid (both kept by an interpolating resize, blur and ringing included)."""
+    width = profile.sum()
+    centre = ((np.arange(len(profile)) + 0.5) * profile).sum() / width
+    return centre - width / 2, centre + width / 2
+
+
+@pytest.mark.parametrize("W,H", [(480, 320), (300, 420), (432, 384), (400, 400)])
+def test_encoded_box_is_where_the_model_sees_the_region(tmp_path, W, H):
+    """Bug (issue 15): boxes were encoded for the (cropped, non-square) image, which was then padded to a square,
+    so the model saw the region elsewhere. A grey rectangle is drawn, each sample goes through RegionSFTData.batch
+    (crops on; the exact pixels the model receives), and the box in its answer tokens is compared with the
+    rectangle found in pixel_values, on the 0..999 grid of the model input (448 px, one pixel = 2.2 grid units)."""
+    model, tok = lm.load("tiny", template="chatml")
+    mr.add_region_tokens(model, tok)
+    cfg = copy.copy(model.config)
+    cfg.vision_config = copy.copy(cfg.vision_config)
+    cfg.vision_config.image_size = 448  # InternVL's input size: fine enough to see a 1-unit error
+    img = Image.new("RGB", (W, H), (64, 64, 64))
+    rect = [W * 0.3, H * 0.25, W * 0.55, H * 0.6]
+    ImageDraw.Draw(img).rectangle([round(rect[0]), round(rect[1]), round(rect[2]) - 1, round(rect[3]) - 1], fill=(192, 192, 192))
+    img.save(tmp_path / "r.png")
+    box = mr.encode_box([round(v) for v in rect], W, H)
+    s = mr.sample("r", tmp_path / "r.png", W, H, "t2r", "en", "Please locate <ref>spot</ref>.", mr.format_region("spot", [box]), "m")
+    whole, cropped = (mr.RegionSFTData([s], tok, cfg, 4096, False, aug, 0.5, 0, base_prompt=False) for aug in (False, True))
+    mean, std = torch.tensor(cfg.image_mean).view(3, 1, 1), torch.tensor(cfg.image_std).view(3, 1, 1)
+    crops = set()
+    for data, epoch in [(whole, 0)] + [(cropped, e) for e in range(8)]:  # measured: <= 1.15 units; padded: 24-97
+        b = data.batch([0], epoch)
+        answer = tok.decode(b["labels"][0][b["labels"][0] != lm.IGNORE_INDEX])
+        (_, (enc,)), = mr.parse_regions(answer)
+        crops.add(tuple(enc))
+        x = ((b["pixel_values"][0] * std + mean)[0] * 255 - 64).numpy() / 128  # 0 background, 1 rectangle
+        cy, cx = int((enc[1] + enc[3]) / 2 / 999 * 448), int((enc[0] + enc[2]) / 2 / 999 * 448)
+        x1, x2 = _extent(x[cy])
+        y1, y2 = _extent(x[:, cx])
+        seen = [v / 448 * 999 for v in (x1, y1, x2, y2)]
+        assert max(abs(a - e) for a, e in zip(seen, enc)) <= 1.5, (epoch, enc, seen)
+    assert len(crops) > 5  # the crops really moved the box
 
 
 # ---- scoring ------------------------------------------------------------------------------------------------
@@ -299,6 +359,67 @@ def test_region_to_text_scores_and_bleu1_against_sacrebleu():
     joined = lambda xs: [" ".join(mr.text_tokens(x)) for x in xs]  # noqa: E731
     ref = sacrebleu.metrics.BLEU(max_ngram_order=1, tokenize="none").corpus_score(joined(preds), [joined(refs)]).score
     assert ours * 100 == pytest.approx(ref, abs=1e-6)
+
+
+def _close(ours, released, tol, tag):
+    assert abs((0.0 if ours is None else ours) - released) <= tol, (tag, ours, released)  # released: 0 for an empty set
+
+
+R2T_KEYS = (("bleu1", "bleu1"), ("f1", "F1"), ("recall", "recall"), ("accuracy", "accuracy"))
+VQA_KEYS = (("closed_accuracy", "closedQuestionsAccuracy"), ("open_recall", "openQuestionsRecall"),
+            ("open_accuracy", "openQuestionsAccuracy"))
+
+
+def test_medrega_scoring_reproduces_the_released_text_scorers():
+    """--scoring medrega against the outputs of the released R2TEvaluator, cleanStr, VQAEvaluator and
+    VQAEvaluatorChinese (xmed-lab/MedRegA, commit in the fixture) on every fixture case, alone and as one list.
+    F1 within 1e-7 (the release adds 1e-8 to its denominator), BLEU within 1e-6 (torchmetrics computes in float32)."""
+    d = RELEASED
+    assert d["source"]["commit"] == "dfdb0dbbcca0b80b8f1c121c3c45490dc8001529"
+    r2t = d["r2t"]
+    for i, (row, exp) in enumerate(list(zip(r2t["rows"], r2t["per_row"])) + [(None, r2t["all"])]):
+        got = mr.score_r2t([row] if row else r2t["rows"], "medrega")
+        for k, kk in R2T_KEYS:
+            _close(got[k], exp[kk], 1e-6, f"r2t {i} {k}")
+    assert [mr.clean_str(p) for p, _ in d["vqa_en"]["clean_str"]] == [c for _, c in d["vqa_en"]["clean_str"]]
+    for key, lang, seg in (("vqa_en", "en", ""), ("vqa_zh", "zh", "_split")):
+        rows = [dict(r, lang=lang) for r in d[key]["rows"]]
+        pad = {"prediction": d[key]["pad"]["pred_answer"], "answer": d[key]["pad"]["gt_answer"], "lang": lang}
+        for i, (case, exp) in enumerate(list(zip([[r, pad] for r in rows], d[key]["per_row" + seg])) + [(rows, d[key]["all" + seg])]):
+            got = mr.score_vqa(case, "medrega")
+            for k, kk in VQA_KEYS:
+                _close(got[k], exp[kk], 1e-9, f"{key} {i} {k}")
+    # the default rules really differ: punctuation stripped, tags removed, corpus BLEU, 是/否 closed, no cleanStr
+    ours, rel = mr.score_r2t(r2t["rows"]), r2t["all"]
+    assert ours["recall"] > rel["recall"] + 0.1 and abs(ours["bleu1"] - rel["bleu1"]) > 0.05
+    assert mr.score_vqa([{"prediction": "Yes.", "answer": "yes", "lang": "en"}])["closed_accuracy"] == 1.0
+    assert mr.score_vqa([{"prediction": "Yes.", "answer": "yes", "lang": "en"}], "medrega")["closed_accuracy"] == 0.0
+    assert mr.score_vqa([{"prediction": "是", "answer": "是", "lang": "zh"}], "medrega")["closed_accuracy"] is None
+
+
+def test_medrega_scoring_reproduces_the_released_box_scorers():
+    """Text-to-Region: single box (SingleRegionSingleObjectEvaluator, 4-decimal strings upstream), one object with
+    several boxes (SingleRegionMultiObjectEvaluator: match at IoU 0.75, IoU pooled over its pairs) and several objects
+    (MultiRegionMultiObjectEvaluator: 0.5, pooled over GT boxes); its "precision" is matches / GT = our recall."""
+    def score(rows, scoring="medrega"):
+        return mr.score_t2r([{"score": mr.score_t2r_row(r["prediction"], r["answer"], r["width"], r["height"], 0.5, scoring)}
+                             for r in rows], 0.5, scoring)
+    names = {"t2r_sm": (("multi_precision", "recall"), ("multi_recall", "precision"), ("multi_f1", "f1"), ("multi_iou", "iou")),
+             "t2r_mm": (("multi_precision", "box_recall"), ("multi_recall", "box_pre"), ("multi_f1", "box_f1"),
+                        ("multi_iou", "box_iou"))}
+    ss = RELEASED["t2r_ss"]
+    for i, (rows, exp) in enumerate([([r], e) for r, e in zip(ss["rows"], ss["per_row"])] + [(ss["rows"], ss["all"])]):
+        got = score(rows)
+        for k, kk in (("acc@0.25", "acc25"), ("acc@0.5", "acc50"), ("acc@0.75", "acc75"), ("mean_iou", "iou")):
+            _close(got[k], exp[kk], 5e-5, f"ss {i} {k}")
+    for key, keys in names.items():
+        d = RELEASED[key]
+        cases = [([r], e) for r, e in zip(d["rows"], d["per_row"]) if e is not None] + [(d["rows"], d["all"])]
+        for i, (rows, exp) in enumerate(cases):
+            got, exp = score(rows), exp.get("box", exp)
+            for k, kk in keys:
+                _close(got[k], exp[kk], 1e-6, f"{key} {i} {k}")
+    assert abs(score(RELEASED["t2r_mm"]["rows"], "default")["multi_iou"] - RELEASED["t2r_mm"]["all"]["box"]["box_iou"]) > 0.01
 
 
 # ---- loss and CoT --------------------------------------------------------------------------------------------
