@@ -912,9 +912,10 @@ def main(argv=None):
         shard(ref_model, device)
     fresh = args.eval_only or latest_checkpoint(out / "dpo") is None
     if eval_rows and (args.eval_before and fresh):  # LoRA B starts at 0: the policy is the base model
-        results["before"], _ = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
-                                            rank, world, args.closed_scoring, "eval before")
-        log({"phase": "eval_before", **results["before"]})
+        key = "eval" if args.eval_only else "before"
+        results[key], _ = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
+                                       rank, world, args.closed_scoring, "eval " + key)
+        log({"phase": "eval_" + key, **results[key]})
     if not args.eval_only:  # ---- DPO
         ref_table = None
         if args.precompute_ref and not args.reference_free:
