@@ -593,12 +593,14 @@ def generate_preferences(args: Args, model, tokenizer, rows: list[dict], folder:
 
 
 def preference_pairs(args: Args, model, tokenizer, rank: int, world: int, from_stage1: bool):
-    """(pairs, stats, image folder, reused): from the cache out/prefs_<key>.json (key: every Args field above
-    prefs_out, the image rows, whether this run's stage 1 made the model) or generated and cached. Rank 0 reads the
-    cache and sends it to the others, and the pairs stay in memory for stage 2: no rank reads a file that another
-    one is still writing (issue 15, bug 7)."""
+    """(pairs, stats, image folder, the cache file if it was reused): from out/prefs_<key>.json (key: every Args field
+    above prefs_out, the image rows, and what made the model: this run's stage 1, or --model's files as they are now)
+    or generated and cached. Rank 0 reads the cache and sends it to the others, and the pairs stay in memory for
+    stage 2: no rank reads a file that another one is still writing (issue 15, bug 7)."""
     rows, folder = image_sources(args)
-    cache = Path(args.out) / f"prefs_{cache_key(args, 'prefs_out', from_stage1, rows)}.json"
+    files = [] if from_stage1 or args.model == "tiny" else sorted(p for p in Path(args.model).iterdir() if p.is_file())
+    made_by = "stage 1" if from_stage1 else [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    cache = Path(args.out) / f"prefs_{cache_key(args, 'prefs_out', made_by, rows)}.json"
     found = [json.loads(cache.read_text()) if rank == 0 and cache.exists() else None]
     dist.broadcast_object_list(found, src=0)
     if found[0] is not None:

@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -383,6 +384,15 @@ def test_preference_cache_is_keyed_on_the_args_that_change_the_pairs(tmp_path):
     assert [r["cached"] for r in prefs()] == [False, True, False] and len(list(tmp_path.glob("prefs_*.json"))) == 2
     rows = prefs()
     assert rows[0]["images"] == 2 and rows[0]["questions"] == 4
+    # a --model folder (e.g. runs/stllava_med/stage1_model) keys by its files: rewritten weights rebuild the pairs
+    lm.save_llava_hf(*lm.load("tiny"), tmp_path / "m")
+    folder = PREFS + out + ["--model", str(tmp_path / "m")]
+    faults._in_process(st, folder)
+    faults._in_process(st, folder)
+    weights = tmp_path / "m" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    faults._in_process(st, folder)
+    assert [r["cached"] for r in prefs()][3:] == [False, True, False]
 
 
 # ---------------------------------------------------------------- the script
