@@ -4,7 +4,7 @@ self-questioning and self-generated preferences.
     # embedded default: tiny random LLaVA with the cluster projector, toy data, CPU, a few minutes:
     # stage 1 (self-questioning SFT), preference generation (reference-answer judge), stage 2 (DPO), evaluation
     python stllava_med.py
-    torchrun --nproc-per-node=2 stllava_med.py          # same global batches, same preference pairs on 2 processes
+    torchrun --nproc-per-node=2 stllava_med.py          # same global batches; generation does not depend on ranks
     # real run (8 GPUs): SQ-LLaVA-7B base, LLaVA-Med 60k conversations, PMC images, a local judge VLM, VQA-RAD
     torchrun --nproc-per-node=8 stllava_med.py --model /ckpt/sqllava-7B-v1.5 \\
         --projector-weights /ckpt/sqllava-7B-v1.5/mm_projector.bin --sft-data llava_med_60k_inline_mention.json \\

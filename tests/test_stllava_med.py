@@ -434,26 +434,30 @@ def test_complete_pipeline_on_two_ranks_from_an_empty_out(small, tmp_path):
     stage-1 model gives exactly the same pairs (fixed batches and seeds, whatever the number of ranks)."""
     gen = ["--n-questions", "3", "--gen-batch-size", "4", "--describe-max-new-tokens", "8", "--q-max-new-tokens", "8",
            "--q-temperature", "0.7", "--a-max-new-tokens", "4", "--a-temperature", "5", "--vit-lora-dropout", "0"]
-    two, one, prefs = tmp_path / "two", tmp_path / "one", tmp_path / "prefs"
+    two, one, again = tmp_path / "two", tmp_path / "one", tmp_path / "again"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "stllava_med.py",
           "--out", str(two), "--dpo-batch-size", "2", "--dpo-micro-batch-size", "1", "--dpo-epochs", "1",
           "--eval-limit", "4", "--eval-max-new-tokens", "4"] + sft_args(small, 60) + gen)
     _run([sys.executable, "stllava_med.py", "--stages", "sft", "--out", str(one)] + sft_args(small, 2) + gen)
     _run([sys.executable, "stllava_med.py", "--stages", "prefs", "--model", str(two / "stage1_model"), "--answer-system",
-          "v1_sq", "--sft-data", str(small / "sq.json"), "--image-folder", str(TOY), "--out", str(prefs)] + gen)
+          "v1_sq", "--sft-data", str(small / "sq.json"), "--image-folder", str(TOY), "--out", str(again)] + gen)
     rows = [json.loads(line) for line in open(two / "metrics.jsonl")]
     phases = [r["phase"] for r in rows]
     n_dpo = phases.count("dpo")
     assert phases == ["eval_base"] + ["stage1"] * 60 + ["eval_sft", "prefs"] + ["dpo"] * n_dpo + ["eval_dpo"]
     res = json.loads((two / "results.json").read_text())
-    assert res["prefs"]["images"] == 8 and res["prefs"]["questions"] == 24 and res["prefs"]["pairs"] >= 4
+    prefs_stats = res["prefs"]
+    assert prefs_stats["images"] == 8 and prefs_stats["questions"] == 24 and prefs_stats["pairs"] >= 4
+    assert prefs_stats["pairs"] + sum(v for k, v in prefs_stats.items() if k not in ("pairs", "images", "questions", "tie")) == 24
+    assert len(json.loads((two / "stllava_med_dpo.json").read_text())) == prefs_stats["pairs"]
+    assert set(res) == {"train", "base", "sft", "prefs", "dpo", "wall_s"}
     assert n_dpo == res["prefs"]["pairs"] // 2 and res["train"]["dpo"]["steps"] == n_dpo
     assert res["dpo"]["n_closed"] + res["dpo"]["n_open"] == 4
     assert abs(rows[phases.index("dpo")]["loss"] - math.log(2)) < 1e-5  # DPO step 1: policy == the stage-1 reference
     ones = [json.loads(line) for line in open(one / "metrics.jsonl")]
     torch.testing.assert_close(torch.tensor([r["loss"] for r in ones]), torch.tensor([r["loss"] for r in rows[1:3]]),
                                atol=1e-5, rtol=0)  # step 2's loss follows the first update (the same lr in both runs)
-    assert json.loads((prefs / "stllava_med_dpo.json").read_text()) == json.loads((two / "stllava_med_dpo.json").read_text())
+    assert json.loads((again / "stllava_med_dpo.json").read_text()) == json.loads((two / "stllava_med_dpo.json").read_text())
     base, _ = lm.load("tiny")
     a = load_file(str(two / "stage1_model" / "model.safetensors"))
     q0 = "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
