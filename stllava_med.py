@@ -4,7 +4,7 @@ self-questioning and self-generated preferences.
     # embedded default: tiny random LLaVA with the cluster projector, toy data, CPU, a few minutes:
     # stage 1 (self-questioning SFT), preference generation (reference-answer judge), stage 2 (DPO), evaluation
     python stllava_med.py
-    torchrun --nproc-per-node=2 stllava_med.py          # same global batches on 2 processes
+    torchrun --nproc-per-node=2 stllava_med.py          # same global batches; generation does not depend on ranks
     # real run (8 GPUs): SQ-LLaVA-7B base, LLaVA-Med 60k conversations, PMC images, a local judge VLM, VQA-RAD
     torchrun --nproc-per-node=8 stllava_med.py --model /ckpt/sqllava-7B-v1.5 \\
         --projector-weights /ckpt/sqllava-7B-v1.5/mm_projector.bin --sft-data llava_med_60k_inline_mention.json \\
@@ -12,37 +12,39 @@ self-questioning and self-generated preferences.
         --eval-data /data/vqa_rad/testset.json --batch-size 256 --micro-batch-size 8 --max-length 2048
     # one stage at a time (a stage-1 checkpoint is an original-LLaVA-layout folder that llava_med.load reads)
     python stllava_med.py --stages prefs,dpo,eval --model runs/stllava_med/stage1_model
+    # evaluate a checkpoint only (no training data is read); every flag: python stllava_med.py --help
+    python stllava_med.py --eval-only --model runs/stllava_med/stage2_model --eval-data /data/vqa_rad/testset.json
 
 The method (spec section 4):
-  1. Visual self-questioning SFT (`v1_sq` template): LLaVA conversations in which every later human turn becomes,
-     with probability sq_r (0.5), a VUSER turn whose QUESTION is a training target; the answers are targets as usual.
-     Trained: LLM (LoRA r 128, alpha 256), the "cluster" prototype projector (llava_med.ClusterProjector), and
-     ViT LoRA (r 32, alpha 64) with the vision tower running WITH gradients (the released code's @torch.no_grad on
-     the tower silently blocks them; spec 4.4).
-  2. Preference data: for each image the stage-1 model describes it, then asks n questions as the virtual user
-     (sampled, T 1.2, top-k 300, top-p 0.95); it answers each question twice (seeds 40 and 42; T 1.2, top-k 100,
-     top-p 0.95); a judge scores both answers ("s1 s2" on its first line); chosen = the higher score, ties go to
-     answer 2 (the released rule), unparsable replies are skipped. The judge is a local VLM (--judge PATH; the
-     paper uses GPT-4o) or, offline, a reference-answer scorer for images whose data carry answers.
-  3. DPO (Rafailov et al. 2023) on those pairs: loss -log sigmoid(beta [(log pi(c) - log ref(c)) - (log pi(r) -
-     log ref(r))]) with summed answer log-probs, beta 0.1; policy = stage-1 model + new LoRA, reference = the frozen
-     stage-1 model (the adapters switched off).
-  4. Evaluation: greedy answers on VQA-RAD / SLAKE / the toy split, scored the LLaVA-Med way (closed accuracy, open
-     recall).
-Templates: stage 1 uses v1_sq; answers (preference answers, DPO, evaluation) use vicuna v1 ("USER: ... ASSISTANT:"),
-with v1's system prompt as released, or stage 1's (--answer-system v1_sq, the default for the tiny model, which
-learns only the one prompt it is trained on).
 
-File layout: Args -> v1_sq template and data -> preference generation and judges -> losses -> model setup ->
-training loops (SFT, DPO) -> evaluation -> main().
+    stage 1  SFT on conversations rendered with v1_sq, where each later human turn becomes, with probability sq_r,
+             a VUSER turn whose question is a target too:  L1 = CE(answer and VUSER-question tokens)
+    prefs    per image: a greedy description, n questions sampled after an empty "VUSER:" turn, two sampled answers
+             per question, a judge scores both ("s1 s2"): chosen = the higher (ties: answer 2), rejected = the other
+    stage 2  L2 = -log sigmoid(beta [(log pi(c) - log ref(c)) - (log pi(r) - log ref(r))]), log p = summed answer
+             log-probs; pi = stage-1 model + new LoRA (LLM and ViT) + the projector, ref = the frozen stage-1 model
+    eval     greedy answers on VQA-RAD / SLAKE / the toy split: closed accuracy, open recall (lm.score_vqa)
+
+Stage 1 trains the LLM (LoRA r 128, alpha 256), the "cluster" prototype projector (llava_med.ClusterProjector) and a
+ViT LoRA (r 32, alpha 64) with the tower running WITH gradients (the released @torch.no_grad on the tower blocks
+them; spec 4.4). The judge is a local VLM (--judge PATH; the paper uses GPT-4o) or, offline, a reference-answer
+scorer for images whose data carry answers. Templates: stage 1 uses v1_sq; answers use vicuna v1 ("USER: ...
+ASSISTANT:") with the released system prompts (llava_v1's to generate and evaluate, v1's in DPO), or stage 1's for
+--model tiny, which knows only the one prompt it was trained on.
+
+File layout: Args -> copied CLI blocks -> v1_sq template and stage-1 data -> preference generation -> DPO data and
+losses -> model setup -> the training loop (copied) -> steps -> evaluation and saving -> main().
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import copy
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -55,6 +57,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -67,97 +70,139 @@ import llava_med as lm
 
 @dataclass
 class Args:
-    stages: str = "sft,prefs,dpo,eval"  # comma list: sft (stage 1), prefs (preference data), dpo (stage 2), eval
     # model
     model: str = "tiny"  # "tiny" (random, offline) or a checkpoint folder (SQ-LLaVA / LLaVA layout, llava-hf)
-    projector: str = "auto"  # "cluster" (256 centres), "clusterK", "keep"; auto = keep a cluster checkpoint's own, else
-    #                          a new cluster projector (cluster8 for --model tiny: 16 image tokens)
+    projector: str = "auto"  # "cluster" (256 centres), "clusterK" or "keep"; auto = keep, or a new cluster projector when stage 1 starts from a checkpoint without one (cluster8 for --model tiny: 16 image tokens)
     projector_weights: str = ""  # pretrained cluster projector (SQ-LLaVA's mm_projector.bin / .safetensors)
-    template: str = "vicuna_v1"  # answer template for preference answers, DPO and evaluation (STLLaVA-Med's v1)
-    answer_system: str = "auto"  # its system prompt: "v1" (vicuna v1's, as released) or "v1_sq" (stage 1's); auto =
-    #                              v1_sq for --model tiny (a model trained from scratch knows only stage 1's prompt)
-    dtype: str = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    template: str = "vicuna_v1"  # answer template: preference answers, DPO, evaluation (STLLaVA-Med's v1); stage 1 always uses v1_sq
+    answer_system: Literal["auto", "llava_v1", "v1", "v1_sq"] = "auto"  # system prompt to generate answers and evaluate: llava_v1 (model_collectA.py / model_vqa.py --conv-mode default), v1 (the template's own), v1_sq (stage 1's); auto = v1_sq for --model tiny, else llava_v1
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    seed: int = 0  # same seed + same data = same run (stage-1 shuffles and VUSER draws, LoRA init, sampling seeds)
     # stage 1: visual self-questioning SFT
     sft_data: str = "toy"  # LLaVA conversation json/jsonl (multi-turn: later turns can become VUSER), or "toy"
     image_folder: str = ""  # images of --sft-data ("" = its folder)
     sq_r: float = 0.5  # probability that a later human turn becomes a VUSER (trained) question (sqllava_med.sh: 0.5)
     max_length: int = 512  # tokens per sample, image tokens included (spec: 2048)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
-    train_llm: str = "auto"  # "lora" (r 128, alpha 256: the spec), "full"; auto = full for --model tiny (random weights)
+    train_llm: Literal["auto", "lora", "full"] = "auto"  # lora (r 128, alpha 256: the spec) or full; auto = full for --model tiny (random weights)
     lora_r: int = 128  # LLM LoRA rank (stages 1 and 2)
     lora_alpha: int = 256  # LLM LoRA alpha
-    lora_dropout: float = 0.05  # LLM LoRA dropout
+    lora_dropout: float = 0.05  # LLM LoRA dropout in stage 1 (train.py's default; sqllava_med.sh does not set it)
     vit_lora: bool = True  # ViT LoRA on every linear layer of CLIP (--vit_lora_enable), in both stages
     vit_lora_r: int = 32  # ViT LoRA rank
-    vit_lora_alpha: int = 64  # ViT LoRA alpha (alpha / r = 2, as the LLM's)
-    vit_lora_dropout: float = 0.2  # ViT LoRA dropout
+    vit_lora_alpha: int = 64  # ViT LoRA alpha (alpha / r = 2, as the LLM's: one merge scale)
+    vit_lora_dropout: float = 0.2  # ViT LoRA dropout in stage 1 (train.py:1170, hard-coded)
     sft_lr: float = -1  # LLM learning rate; -1 = 2e-4 (spec), or 1e-3 for --model tiny
     projector_lr: float = -1  # cluster projector learning rate; -1 = 2e-5 (mm_projector_lr), or 1e-3 for --model tiny
     vit_lr: float = 5e-5  # ViT LoRA learning rate (vision_tower_lr)
     sft_epochs: float = 3  # passes over the stage-1 conversations (sqllava_med.sh: 3)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
-    micro_batch_size: int = 8  # samples per forward on one rank
-    warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
-    grad_clip: float = 1.0  # max gradient norm (0 = off)
-    activation_checkpointing: bool = False  # recompute decoder layers in backward
+    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
+    # optimisation (both stages)
+    warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0 (both scripts)
+    weight_decay: float = 0.0  # AdamW weight decay (both scripts: 0)
+    grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     # preference generation
-    prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = the
-    #                          stage-1 records (their answers serve the reference judge)
+    prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = the stage-1 records (their answers serve the reference judge)
     prefs_limit: int = -1  # first N images; -1 = all, or 120 for --model tiny
-    n_questions: int = 5  # self-generated questions per image (n_shot)
+    n_questions: int = 5  # self-generated questions per image (visual_sq.py n_shot)
     describe_prompt: str = "Can you describe the image in detail?"  # the first turn of self-questioning (greedy answer)
     describe_max_new_tokens: int = -1  # -1 = 1024 (released), or 32 for --model tiny
-    q_temperature: float = 1.2  # question sampling (visual_sq.py)
-    q_top_k: int = 300
-    q_top_p: float = 0.95
+    q_temperature: float = 1.2  # question sampling temperature (visual_sq.py)
+    q_top_k: int = 300  # question sampling top-k (visual_sq.py)
+    q_top_p: float = 0.95  # question sampling top-p (visual_sq.py)
     q_max_new_tokens: int = -1  # -1 = 300 (released), or 24 for --model tiny
-    a_temperature: float = 1.2  # answer sampling (model_collectA.py)
-    a_top_k: int = 100
-    a_top_p: float = 0.95
+    a_temperature: float = 1.2  # answer sampling temperature (model_collectA.py)
+    a_top_k: int = 100  # answer sampling top-k (model_collectA.py)
+    a_top_p: float = 0.95  # answer sampling top-p (model_collectA.py)
     a_max_new_tokens: int = -1  # -1 = 1024 (released), or 16 for --model tiny
-    answer_seeds: str = "40,42"  # the seeds of answer 1 and answer 2
+    answer_seeds: str = "40,42"  # the seeds of answer 1 and answer 2 (model_collectA.py set_seed)
     judge: str = "reference"  # "reference" (offline: token F1 against the data's answer) or a judge VLM checkpoint folder
     judge_temperature: float = 0.2  # judge sampling (eval_gpt4v_review.py)
-    judge_max_new_tokens: int = 64
-    ties: str = "answer2"  # equal scores: "answer2" = chosen is answer 2 (the released rule), or "skip"
-    gen_batch_size: int = 16  # prompts per generate call on one rank
-    prefs_out: str = ""  # where the DPO json goes ("" = <out>/stllava_med_dpo.json)
+    judge_max_new_tokens: int = 64  # judge reply length cap (the scores are on its first line)
+    ties: Literal["answer2", "skip"] = "answer2"  # equal scores: chosen is answer 2 (the released rule), or skip the pair
+    gen_batch_size: int = 16  # prompts per generate call on one rank (batch b samples with seed + b)
+    prefs_out: str = ""  # the pairs as an STLLaVA-Med DPO json ("" = <out>/stllava_med_dpo.json); fields above key the pair cache
     # stage 2: DPO
-    dpo_data: str = ""  # STLLaVA-Med DPO json ("" = the file written by the prefs stage)
+    dpo_data: str = ""  # STLLaVA-Med DPO json to train on ("" = the pairs of the prefs stage)
+    dpo_system: Literal["auto", "llava_v1", "v1", "v1_sq"] = "auto"  # system prompt of the DPO pairs: auto = v1 (dpo_finetune.sh --version v1), v1_sq for --model tiny
     dpo_lr: float = -1  # -1 = 5e-6 (dpo_finetune.sh), or 1e-5 for --model tiny
-    dpo_vit_lr: float = 2e-5  # ViT LoRA learning rate in stage 2
+    dpo_vit_lr: float = 2e-5  # ViT LoRA learning rate in stage 2 (vision_tower_lr)
+    dpo_projector_lr: float = 2e-5  # projector learning rate in stage 2 (dpo_finetune.sh --mm_projector_lr)
+    dpo_freeze_projector: bool = False  # keep the projector frozen in DPO (the release trains it, see add_adapters)
+    dpo_lora_dropout: float = 0.05  # LLM LoRA dropout in DPO: on, as released (no disable_dropout in base_dpo_trainer.py); 0 = TRL's disable_dropout
+    dpo_vit_lora_dropout: float = 0.1  # ViT LoRA dropout in DPO (train_dpo.py:1194, hard-coded)
     beta: float = 0.1  # DPO temperature (BaseDPOTrainer default, not overridden)
     dpo_epochs: float = -1  # -1 = 1 (spec), or 3 for --model tiny
     dpo_batch_size: int = 16  # pairs per optimizer step over all ranks
     dpo_micro_batch_size: int = 8  # pairs per forward on one rank
-    seed: int = 0  # same seed + same data = same run
-    dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
-    # output
-    out: str = "runs/stllava_med"  # checkpoints, metrics.jsonl, stage models, DPO json, predictions, results.json
+    # run and output
+    stages: str = "sft,prefs,dpo,eval"  # comma list: sft (stage 1), prefs (preference data), dpo (stage 2), eval
+    out: str = "runs/stllava_med"  # checkpoints (out/stage1, out/dpo), metrics.jsonl, stage models, pairs, predictions
     save_every: int = 0  # checkpoint every N steps within a stage (0 = at the end of the stage)
     resume: bool = True  # continue a stage from its newest complete checkpoint
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
+    dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # evaluation
+    eval_only: bool = False  # only evaluate --model on --eval-data (no training data is read, nothing is trained)
     eval_data: str = "data/toy/test_vqa.json"  # toy test_vqa.json, VQA-RAD testset.json, SLAKE test.json
     eval_image_folder: str = ""  # images of --eval-data ("" = next to it)
     eval_before: bool = True  # also evaluate the starting model (the "base" row)
     eval_limit: int = 0  # first N questions (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 16  # answer length cap (VQA answers are short)
-    closed_scoring: str = "strict"  # "strict": first yes/no word; "llava_med": GT substring of the answer
+    closed_scoring: Literal["strict", "llava_med", "llava_med_batch"] = "strict"  # strict (ours); llava_med|llava_med_batch add run_eval(_batch).py's numbers (lm.score_vqa)
 
 
 # Copied from dpo.py: parse_args
 def parse_args(cls, argv=None):
-    """argparse generated from the Args dataclass: --field-name value; booleans take --flag / --no-flag."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0])
+    """argparse generated from the Args dataclass: --field-name, with the field's comment in Args as its help, its
+    default, and for a Literal type its allowed values; booleans take --flag / --no-flag."""
+    comments = dict(re.findall(r"^    (\w+):[^\n]*?  # (.*)$", inspect.getsource(cls), re.M))
+    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": comments.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"}
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.type.startswith("Literal["):
+            kw["choices"] = ast.literal_eval(f.type[len("Literal"):])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, default=f.default)
+            kw["type"] = {"int": int, "float": float, "str": str}[f.type]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+# Copied from dpo.py: cache_key
+def cache_key(args, before: str, *content) -> str:
+    """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
+    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    names = [f.name for f in dataclasses.fields(args)]
+    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Copied from dpo.py: cli
+def cli(main):
+    """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except lm.DataError as e:
+        kind = "bad model" if isinstance(e, lm.ModelError) else "bad data"
+        hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
+        print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)
 
 
 # Copied from dpo.py: setup_distributed
@@ -180,6 +225,17 @@ def setup_distributed(timeout_s: int = 1800):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# Copied from dpo.py: jsonl_logger
+def jsonl_logger(path: Path, rank: int):
+    """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
+    def log(row: dict):
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
+
+
 def resolve_defaults(args: Args) -> Args:
     """-1 / "auto" fields: the spec's values, or values that make the tiny random model learn in minutes on a CPU."""
     tiny = args.model == "tiny"
@@ -193,15 +249,17 @@ def resolve_defaults(args: Args) -> Args:
     args.dpo_lr = pick(args.dpo_lr, 5e-6, 1e-5)
     args.dpo_epochs = pick(args.dpo_epochs, 1.0, 3.0)
     if args.answer_system == "auto":
-        args.answer_system = "v1_sq" if tiny else "v1"
-    if args.answer_system not in ("v1", "v1_sq"):
-        raise ValueError(f"--answer-system {args.answer_system!r}: expected v1, v1_sq or auto")
+        args.answer_system = "v1_sq" if tiny else "llava_v1"
+    if args.dpo_system == "auto":
+        args.dpo_system = "v1_sq" if tiny else "v1"
     if args.train_llm == "auto":
         args.train_llm = "full" if tiny else "lora"
-    if args.train_llm not in ("lora", "full"):
-        raise ValueError(f"--train-llm {args.train_llm!r}: expected lora, full or auto")
-    if args.ties not in ("answer2", "skip"):
-        raise ValueError(f"--ties {args.ties!r}: expected answer2 or skip")
+    stages = ["eval"] if args.eval_only else [s.strip() for s in args.stages.split(",") if s.strip()]
+    if set(stages) - {"sft", "prefs", "dpo", "eval"}:
+        raise ValueError(f"--stages {args.stages!r}: expected a comma list of sft, prefs, dpo, eval")
+    args.stages = ",".join(stages)
+    if len(args.answer_seeds.split(",")) != 2:
+        raise ValueError(f"--answer-seeds {args.answer_seeds!r}: expected two seeds, e.g. 40,42")
     return args
 
 
@@ -214,11 +272,11 @@ SQ_SYSTEM = (lm.VICUNA_SYSTEM + "Also, the artificial intelligence assistant is 
              "asks complex questions that are relevant to the content in the image, for example, asking about background "
              "knowledge of the objects in the image, asking to discuss about events happening in the image, etc. Again, "
              "do not ask about uncertain details.")
-
-
-def answer_system(args: Args) -> str | None:
-    """System prompt of the answer template (None = the template's own: vicuna v1's)."""
-    return SQ_SYSTEM if args.answer_system == "v1_sq" else None
+# conversation.py's conv_llava_v1, the --conv-mode default of model_collectA.py and model_vqa.py: v1's prompt with
+# "human" where conv_vicuna_v1 (v1, used by dpo_finetune.sh --version v1) says "user"
+LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                   "helpful, detailed, and polite answers to the human's questions.")
+SYSTEMS = {"v1": None, "llava_v1": LLAVA_V1_SYSTEM, "v1_sq": SQ_SYSTEM}  # None: the template's own (vicuna v1's)
 
 
 def draw_vuser_turns(n_turns: int, sq_r: float, rng: random.Random) -> set[int]:
@@ -250,10 +308,6 @@ def sq_segments(turns: list[tuple[str, str]], vuser: set[int], eos: str = "</s>"
     if add_vuser_prompt:
         segs.append(("VUSER:", False))
     return segs
-
-
-def render_sq(turns, vuser: set[int], eos: str = "</s>", add_vuser_prompt: bool = False) -> str:
-    return "".join(text for text, _ in sq_segments(turns, vuser, eos, add_vuser_prompt))
 
 
 def tokenize_sq(tokenizer, segments, num_image_tokens: int, image_token_id: int, max_length: int | None = None,
@@ -353,27 +407,10 @@ class SQData:
         return {**self.tokenized(item, draw_vuser_turns(len(item["turns"]), self.args.sq_r, rng)), "images": item["images"]}
 
     def batch(self, samples: list[dict], pad_id: int) -> dict:
-        cfg = self.cfg
         b = lm.collate(samples, pad_id)
-        pix = [lm.preprocess_image(lm.load_image(p), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                   pad=cfg.image_aspect_ratio == "pad") for s in samples for p in s["images"]]
+        pix = [lm.image_tensor(self.cfg, p) for s in samples for p in s["images"]]
         b["pixel_values"] = torch.stack(pix) if pix else None
         return b
-
-
-# Copied from huatuo_vision.py: sft_loss_sum
-def sft_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy over answer tokens, and their count. The step divides the sum by the number of
-    answer tokens in the whole global batch (all ranks, all micro-batches), so every answer token weighs the same
-    whatever the batch split (a per-micro-batch mean would over-weight short answers; LLaVA averages per micro-batch)."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = targets != lm.IGNORE_INDEX
-    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
-                   logits_mask=mask).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[mask[:, :-1]], reduction="sum")
-    return loss, mask.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,7 +465,7 @@ def reference_judge(question: str, answer1: str, answer2: str, refs: dict[str, s
     ref = refs.get(normalize_question(question))
     if ref is None:
         return ""
-    s1, s2 = (round(10 * token_recall(a, ref)[2]) for a in (answer1, answer2))
+    s1, s2 = (round(10 * lm.token_recall(a, ref)[2]) for a in (answer1, answer2))
     return f"{s1} {s2}\nreference-answer scorer: token F1 against {ref!r}"
 
 
@@ -438,21 +475,19 @@ def preference_pair(question: str, answers: tuple[str, str], reply: str, ties: s
     --ties skip; identical answers -> skipped (a pair with chosen == rejected has zero DPO gradient); empty text or a
     literal '<image>' -> skipped."""
     a1, a2 = answers
+    reason = None
     if not question.strip() or not a1.strip() or not a2.strip():
-        stats["empty question or answer"] = stats.get("empty question or answer", 0) + 1
+        reason = "empty question or answer"
+    elif any(lm.IMAGE_MARKER in t for t in (question, a1, a2)):  # would tokenise to an image token with no image
+        reason = "'<image>' in generated text"
+    elif a1.strip() == a2.strip():
+        reason = "identical answers"
+    elif parse_scores(reply) is None:
+        reason = "no reference answer" if reply == "" else "unparsable judge reply"
+    if reason:
+        stats[reason] = stats.get(reason, 0) + 1
         return None
-    if any(lm.IMAGE_MARKER in t for t in (question, a1, a2)):  # would tokenise to an image token with no image
-        stats["'<image>' in generated text"] = stats.get("'<image>' in generated text", 0) + 1
-        return None
-    if a1.strip() == a2.strip():
-        stats["identical answers"] = stats.get("identical answers", 0) + 1
-        return None
-    scores = parse_scores(reply)
-    if scores is None:
-        key = "no reference answer" if reply == "" else "unparsable judge reply"
-        stats[key] = stats.get(key, 0) + 1
-        return None
-    s1, s2 = scores
+    s1, s2 = scores = parse_scores(reply)
     if s1 == s2:
         stats["tie"] = stats.get("tie", 0) + 1
         if ties == "skip":
@@ -473,99 +508,112 @@ def image_sources(args: Args) -> tuple[list[dict], Path]:
     path = Path(args.prefs_images or (TOY_TRAIN if args.sft_data == "toy" else args.sft_data))
     if path.is_dir():
         files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".tga"))
-        rows = [{"id": f, "image": f, "refs": {}} for f in files]
-        folder = path
-    else:
-        folder = Path(args.image_folder or path.parent) if not args.prefs_images else path.parent
-        rows, seen = [], set()
-        for where, rec in lm.read_records(path):
-            for img in lm.record_images(rec, where)[:1]:
-                if img not in seen:
-                    seen.add(img)
-                    rows.append({"id": rec.get("id", where), "image": img, "refs": reference_answers(rec, where)})
+        return [{"id": f, "image": f, "refs": {}} for f in files][: args.prefs_limit or None], path
+    folder = Path(args.image_folder or path.parent) if not args.prefs_images else path.parent
+    rows, seen = [], set()
+    for where, rec in lm.read_records(path):
+        for img in lm.record_images(rec, where)[:1]:
+            if img not in seen:
+                seen.add(img)
+                rows.append({"id": rec.get("id", where), "image": img, "refs": reference_answers(rec, where)})
     return rows[: args.prefs_limit or None], folder
 
 
-def sampled(model, tokenizer, prompts, pix, max_new_tokens, temperature, top_k, top_p, seed):
-    return lm.generate(model, tokenizer, prompts, pix, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, seed=seed, sync=False)
+def stream_seed(args: Args, stream: str) -> int:
+    """The sampling seed of one generation pass (batch b of it samples with this + b): distinct per pass and --seed."""
+    return int(hashlib.sha256(f"{args.seed}-{stream}".encode()).hexdigest()[:12], 16)
 
 
-def generate_preferences(args: Args, model, tokenizer, rank: int, world: int, stats: dict, judge=None) -> list[dict]:
-    """Steps 2-4 of spec 4.6 with the (unsharded) stage-1 model; each rank takes every world-th image, the pairs are
-    gathered in image order. Batched generation: one seeded generator per batch (rows draw different samples; the
-    released code seeds each question's generate call instead)."""
-    cfg = model.config
-    rows, folder = image_sources(args)
-    mine = list(enumerate(rows))[rank::world]  # (index in rows, row)
-    seeds = [int(s) for s in args.answer_seeds.split(",")]
-    pixel = lambda r: lm.preprocess_image(lm.load_image(lm.resolve_image(folder, r["image"], r["id"])), cfg.image_size,
-                                          cfg.image_mean, cfg.image_std, pad=cfg.image_aspect_ratio == "pad")
-    ids = lambda segs: tokenize_sq(tokenizer, segs, cfg.num_image_tokens, cfg.image_token_id, prompt=True)["input_ids"]
-    first = lm.IMAGE_MARKER + "\n" + args.describe_prompt
+def generate_sharded_ids(model, tokenizer, jobs: list[dict], batch_size: int, rank: int, world: int, desc: str,
+                         seed: int | None = None, **gen_kwargs) -> list[str]:
+    """lm.generate_sharded for jobs whose prompt is already token ids ({"prompt", "images"}): the v1_sq prompts
+    (USER / ASSISTANT / VUSER) are not one of llava_med's chat templates. The same fixed batches, batch b on rank
+    b % world with seed + b, gathered on every rank (so the result does not depend on the number of ranks)."""
+    batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
+    answers = {}
     model.eval()
-    pairs = []
-    bs = max(1, args.gen_batch_size // args.n_questions)  # images per batch: n_questions rows each
-    for b in tqdm(range(0, len(mine), bs), desc="preferences", disable=rank != 0, leave=False):
-        chunk = mine[b:b + bs]
-        pix = torch.stack([pixel(r) for _, r in chunk])
-        # self-questioning: greedy description, then the VUSER prompt sampled n times (visual_sq.py)
-        describe = [ids(sq_segments([("user", first)], set(), tokenizer.eos_token)) for _ in chunk]
-        descriptions = lm.generate(model, tokenizer, describe, pix, max_new_tokens=args.describe_max_new_tokens, sync=False)
-        q_prompts = [ids(sq_segments([("user", first), ("assistant", d or ".")], set(), tokenizer.eos_token, True))
-                     for d in descriptions for _ in range(args.n_questions)]
-        q_pix = pix.repeat_interleave(args.n_questions, dim=0)
-        questions = sampled(model, tokenizer, q_prompts, q_pix, args.q_max_new_tokens, args.q_temperature,
-                            args.q_top_k, args.q_top_p, seed=args.seed * 100003 + rank * 1009 + b)
-        # two answers per question with the answer template (model_collectA.py: llava_v1, seeds 40 and 42)
-        a_prompts = [lm.tokenize_prompt(tokenizer, [("user", lm.IMAGE_MARKER + "\n" + q)], cfg.template,
-                                        cfg.num_image_tokens, cfg.image_token_id, system=answer_system(args))
-                     for q in questions]
-        answers = [sampled(model, tokenizer, a_prompts, q_pix, args.a_max_new_tokens, args.a_temperature, args.a_top_k,
-                           args.a_top_p, seed=s + 1000 * (b + 1) * (rank + 1)) for s in seeds]
-        for k, q in enumerate(questions):
-            row_index, r = chunk[k // args.n_questions]
-            a1, a2 = answers[0][k], answers[1][k]
-            if judge is None:
-                reply = reference_judge(q, a1, a2, r["refs"])
-            else:
-                reply = judge(pixel(r), q, a1, a2)
-            pair = preference_pair(q, (a1, a2), reply, args.ties, stats)
-            if pair is not None:
-                pairs.append((row_index, k % args.n_questions,
-                              dpo_record(f"{r['id']}_sq{k % args.n_questions}", r["image"], q, *pair)))
-    stats["images"] = len(mine)
-    stats["questions"] = len(mine) * args.n_questions
-    gathered = [None] * world
-    dist.all_gather_object(gathered, (pairs, stats))
-    merged = sorted((p for part, _ in gathered for p in part), key=lambda t: (t[0], t[1]))
-    totals = {}
-    for _, s in gathered:
-        for key, v in s.items():
-            totals[key] = totals.get(key, 0) + v
-    stats.clear()
-    stats.update(totals)
-    return [p for _, _, p in merged], folder
+    for r in tqdm(range(-(-len(batches) // world)), desc=desc, disable=rank != 0, leave=False):
+        b = r * world + rank
+        idx = batches[min(b, len(batches) - 1)]  # a rank with fewer batches repeats one: the same forwards on all
+        pix = [lm.image_tensor(model.config, im) for i in idx for im in jobs[i]["images"]]
+        out = lm.generate(model, tokenizer, [jobs[i]["prompt"] for i in idx], torch.stack(pix) if pix else None,
+                          seed=None if seed is None else seed + b, **gen_kwargs)
+        answers.update(zip(idx, out) if b < len(batches) else ())
+    parts = [None] * world
+    dist.all_gather_object(parts, answers)
+    merged = {i: a for part in parts for i, a in part.items()}
+    return [merged[i] for i in range(len(jobs))]
 
 
-def model_judge(judge_model, tokenizer, args: Args):
-    """A local judge VLM (any checkpoint llava_med.load reads) in place of GPT-4o: image + judge_content, sampled at
-    the released temperature 0.2, seeded."""
-    cfg = judge_model.config
-    calls = [0]
+def judge_replies(args: Args, items: list[tuple], rank: int, world: int, device) -> list[str]:
+    """A reply per (image, question, answer 1, answer 2, reference answers): the offline reference judge, or a local
+    judge VLM (any checkpoint llava_med.load reads, in place of GPT-4o) given the image and judge_content, sampled
+    at the released temperature 0.2 (eval_gpt4v_review.py)."""
+    if args.judge == "reference":
+        return [reference_judge(q, a1, a2, refs) for _, q, a1, a2, refs in items]
+    judge, tokenizer = lm.load(args.judge, dtype=args.dtype, device=device)
+    jobs = [{"turns": [("user", judge_content(q, a1, a2))], "images": [im]} for im, q, a1, a2, _ in items]
+    return lm.generate_sharded(judge, tokenizer, jobs, args.gen_batch_size, rank, world, "judge",
+                               stream_seed(args, "judge"), max_new_tokens=args.judge_max_new_tokens,
+                               temperature=args.judge_temperature)
 
-    def judge(pixel_values, question, answer1, answer2) -> str:
-        turns = lm.place_image_markers([("user", judge_content(question, answer1, answer2))], 1)
-        prompt = lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id)
-        calls[0] += 1
-        return lm.generate(judge_model, tokenizer, [prompt], pixel_values[None], max_new_tokens=args.judge_max_new_tokens,
-                           temperature=args.judge_temperature, seed=args.seed + calls[0], sync=False)[0]
 
-    return judge
+def generate_preferences(args: Args, model, tokenizer, rows: list[dict], folder: Path, rank: int, world: int):
+    """Spec 4.6 steps 2-4 with the (unsharded) stage-1 model: describe each image (greedy), sample n questions after
+    an empty VUSER turn (visual_sq.py, v1_sq), answer each twice with the answer template (model_collectA.py), judge
+    the two answers. Every pass is batched and shared out by rank (the same pairs for any number of ranks); each
+    batch has its own seeded generator (the released scripts seed each call). Returns (pairs, stats)."""
+    cfg, n = model.config, args.n_questions
+    images = [lm.resolve_image(folder, r["image"], r["id"]) for r in rows]
+    first = lm.IMAGE_MARKER + "\n" + args.describe_prompt
+    sq = lambda turns, vuser: tokenize_sq(tokenizer, sq_segments(turns, set(), tokenizer.eos_token, vuser),
+                                          cfg.num_image_tokens, cfg.image_token_id, prompt=True)["input_ids"]
+    described = generate_sharded_ids(model, tokenizer, [{"prompt": sq([("user", first)], False), "images": [im]}
+                                                        for im in images], args.gen_batch_size, rank, world,
+                                     "describe", max_new_tokens=args.describe_max_new_tokens)
+    jobs = [{"prompt": sq([("user", first), ("assistant", d.replace(lm.IMAGE_MARKER, "") or ".")], True),
+             "images": [im]} for d, im in zip(described, images) for _ in range(n)]
+    questions = generate_sharded_ids(model, tokenizer, jobs, args.gen_batch_size, rank, world, "questions",
+                                     stream_seed(args, "questions"), max_new_tokens=args.q_max_new_tokens,
+                                     temperature=args.q_temperature, top_k=args.q_top_k, top_p=args.q_top_p)
+    jobs = [{"turns": [("user", q.replace(lm.IMAGE_MARKER, ""))], "images": [images[k // n]],
+             "system": SYSTEMS[args.answer_system]} for k, q in enumerate(questions)]
+    a1, a2 = (lm.generate_sharded(model, tokenizer, jobs, args.gen_batch_size, rank, world, f"answers (seed {s})",
+                                  stream_seed(args, f"answer{s}"), max_new_tokens=args.a_max_new_tokens,
+                                  temperature=args.a_temperature, top_k=args.a_top_k, top_p=args.a_top_p)
+              for s in args.answer_seeds.split(","))
+    replies = judge_replies(args, [(images[k // n], q, a1[k], a2[k], rows[k // n]["refs"])
+                                   for k, q in enumerate(questions)], rank, world, next(model.parameters()).device)
+    stats, pairs = {"images": len(rows), "questions": len(questions)}, []
+    for k, (q, reply) in enumerate(zip(questions, replies)):
+        pair = preference_pair(q, (a1[k], a2[k]), reply, args.ties, stats)
+        if pair is not None:
+            pairs.append(dpo_record(f"{rows[k // n]['id']}_sq{k % n}", rows[k // n]["image"], q, *pair))
+    return pairs, stats
+
+
+def preference_pairs(args: Args, model, tokenizer, rank: int, world: int, from_stage1: bool):
+    """(pairs, stats, image folder, the cache file if it was reused): from out/prefs_<key>.json (key: every Args field
+    above prefs_out, the image rows, and what made the model: this run's stage 1, or --model's files as they are now)
+    or generated and cached. Rank 0 reads the cache and sends it to the others, and the pairs stay in memory for
+    stage 2: no rank reads a file that another one is still writing (issue 15, bug 7)."""
+    rows, folder = image_sources(args)
+    files = [] if from_stage1 or args.model == "tiny" else sorted(p for p in Path(args.model).iterdir() if p.is_file())
+    made_by = "stage 1" if from_stage1 else [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    cache = Path(args.out) / f"prefs_{cache_key(args, 'prefs_out', made_by, rows)}.json"
+    found = [json.loads(cache.read_text()) if rank == 0 and cache.exists() else None]
+    dist.broadcast_object_list(found, src=0)
+    if found[0] is not None:
+        return found[0]["pairs"], found[0]["stats"], folder, cache
+    pairs, stats = generate_preferences(args, model, tokenizer, rows, folder, rank, world)
+    if rank == 0:  # written under a temporary name, then renamed: never a half cache
+        cache.with_suffix(".tmp").write_text(json.dumps({"pairs": pairs, "stats": stats}, ensure_ascii=False))
+        os.replace(cache.with_suffix(".tmp"), cache)
+    return pairs, stats, folder, None
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. DPO data and loss (blocks of dpo.py)
+# 3. DPO data and losses (blocks of dpo.py)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -592,6 +640,7 @@ class PairData:
                 self.items.append(self._tokenize(where, rec, tokenizer, max_length))
             except lm.DataError as e:
                 if not skip_bad:
+                    e.skippable = True  # cli() then suggests --skip-bad-samples
                     raise
                 msg = str(e)[len(where) + 2:] if str(e).startswith(where) else str(e)
                 reason = re.sub(r"\S*/\S*|\S+\.(png|jpe?g|gif|bmp|tiff?)\b", "<path>", msg).split(" (")[0][:70]
@@ -655,9 +704,21 @@ def collate_pairs(data: PairData, idx: list[int], pad_id: int) -> dict:
     return batch
 
 
+def dpo_records(args: Args, pairs, prefs_folder, prefs_path: Path) -> tuple[list[tuple[str, dict]], Path]:
+    """Stage 2's records and their image folder: --dpo-data, or this run's pairs, or those that an earlier prefs run
+    wrote to prefs_path (their images are relative to the prefs images' folder)."""
+    if args.dpo_data:
+        return lm.read_records(args.dpo_data), Path(args.image_folder or Path(args.dpo_data).parent)
+    if pairs is None:
+        return lm.read_records(prefs_path), image_sources(args)[1]
+    if not pairs:
+        raise lm.DataError("the prefs stage produced no preference pair (see its counts above); stage 2 has no data")
+    return [(f"{prefs_path}[{i}]", r) for i, r in enumerate(pairs)], prefs_folder
+
+
 class AnswerPairData(PairData):
-    """dpo.py's PairData (validation, images opened once, skips counted) with the pairs tokenised under the answer
-    template's system prompt when it is not the template's own."""
+    """dpo.py's PairData (validation, images opened once, skips counted) with the pairs tokenised under the DPO
+    system prompt when it is not the template's own."""
 
     def __init__(self, records, image_folder: Path, tokenizer, cfg, max_length: int, skip_bad: bool, system=None):
         self.system = system
@@ -715,70 +776,34 @@ def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> t
     return sums, counts
 
 
+# Copied from dpo.py: sft_loss_sum
+def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over the supervised (answer) tokens, and their count. The training loop divides
+    the sum by the count of the whole global batch (all ranks, all micro-batches), so every answer token weighs the
+    same whatever the split (a per-micro-batch mean, as LLaVA's trainer takes, over-weights short answers)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = targets != lm.IGNORE_INDEX
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                   logits_mask=mask).logits.float()
+    return F.cross_entropy(logits, targets[mask[:, :-1]], reduction="sum"), mask.sum().float()
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 4. Model setup: cluster projector, LoRA on the LLM and on the ViT, FSDP2
+# 4. Model setup: the cluster projector, what each stage trains, FSDP2
 # ----------------------------------------------------------------------------------------------------------
 
 
-# Copied from dpo.py: LORA_TARGETS
-LORA_TARGETS = r".*language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-# every linear layer of CLIP's encoder (find_all_linear_names on the tower: q/k/v/out_proj, fc1, fc2)
-VIT_LORA_TARGETS = r".*vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
-
-
-# Copied from dpo.py: add_lora
-def add_lora(model, r: int, alpha: int, dropout: float):
-    """LoRA (peft) on every linear layer of the language model's decoder (attention + MLP), nothing in the vision
-    tower, projector or lm_head (MMed-RAG / MMedPO / STLLaVA-Med: all LM linear layers)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    inject_adapter_in_model(config, model)
-    model.lora_config = config
-    return model
-
-
-def add_vit_lora(model, r: int, alpha: int, dropout: float):
-    """LoRA on the vision tower (spec 4.4). merged_copy merges every LoRA layer with the one scale alpha / r of
-    model.lora_config, so the ViT adapter must share it with the LLM's (32/64 and 128/256 both give 2)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=VIT_LORA_TARGETS, bias="none")
-    llm = getattr(model, "lora_config", None)
-    if llm is not None and llm.lora_alpha / llm.r != alpha / r:
-        raise ValueError(f"ViT LoRA scale {alpha}/{r} differs from the LLM's {llm.lora_alpha}/{llm.r}")
-    with warnings.catch_warnings():  # peft warns that a second injection adds adapters: that is the point
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(config, model)
-    model.lora_config = llm or config
-    return model
-
-
-# Copied from dpo.py: adapters_off
-class adapters_off:
-    """Context: LoRA layers skip their adapters, so the model is the reference (what peft's disable_adapter does,
-    without toggling requires_grad, which FSDP2 has already recorded)."""
-
-    def __init__(self, model):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m._disable_adapters = True
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m._disable_adapters = False
-
-
-def use_cluster_projector(args: Args, model):
-    """Put the cluster projector in (a new one, optionally with SQ-LLaVA's pretrained weights), or keep the model's."""
+def use_cluster_projector(args: Args, model, stage1: bool):
+    """Put the cluster projector in (a new one, optionally with SQ-LLaVA's pretrained weights), or keep the model's.
+    auto: a new one only when stage 1 runs on a checkpoint without a cluster projector (later stages and evaluation
+    keep what the checkpoint has)."""
     cfg = model.config
     kind = args.projector
     if kind == "auto":
-        kind = "keep" if cfg.projector_type.startswith("cluster") else ("cluster8" if args.model == "tiny" else "cluster")
+        new = stage1 and not cfg.projector_type.startswith("cluster")
+        kind = ("cluster8" if args.model == "tiny" else "cluster") if new else "keep"
     if kind != "keep":
         dtype = next(model.projector.parameters()).dtype
         torch.manual_seed(args.seed)
@@ -796,18 +821,27 @@ def use_cluster_projector(args: Args, model):
     return model
 
 
-def set_trainable_stage1(model, args: Args):
-    """Stage 1 trains the LLM (full or its LoRA), the whole projector, and the ViT LoRA; trained weights in fp32."""
+def add_adapters(args: Args, model, stage: int):
+    """What each stage trains (in fp32). Stage 1 (train.py): the LLM (its LoRA, or all of it with --train-llm full),
+    the whole projector and the ViT LoRA. Stage 2 (train_dpo.py): a new LoRA on the LLM and the ViT of the merged
+    stage-1 model, and the projector, which the release trains: get_peft_model freezes it, initialize_vision_modules
+    unfreezes it ("In case it is frozen by LoRA", llava_arch.py) and dpo_finetune.sh gives it --mm_projector_lr 2e-5.
+    Returns the frozen copy of the projector that the reference uses when it trains in stage 2 (else None)."""
+    torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
+    model.requires_grad_(False)
+    lora = stage == 2 or args.train_llm == "lora"
+    if lora:
+        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout if stage == 1 else args.dpo_lora_dropout)
+    if args.vit_lora:
+        lm.add_lora(model, args.vit_lora_r, args.vit_lora_alpha,
+                    args.vit_lora_dropout if stage == 1 else args.dpo_vit_lora_dropout, targets=lm.VIT_LORA_TARGETS)
+    projector = stage == 1 or not args.dpo_freeze_projector
+    ref_projector = copy.deepcopy(model.projector) if stage == 2 and projector else None
     for n, p in model.named_parameters():
-        if n.startswith("projector."):
-            train = True
-        elif n.startswith("vision_tower."):
-            train = "lora_" in n
-        else:
-            train = ("lora_" in n) if args.train_llm == "lora" else True
-        p.requires_grad_(train)
-        if train:
-            p.data = p.data.float()
+        p.requires_grad_("lora_" in n or (projector and n.startswith("projector."))
+                         or (not lora and n.startswith("language_model.")))
+        p.data = p.data.float() if p.requires_grad else p.data
+    return ref_projector
 
 
 # Copied from dpo.py: shard
@@ -837,77 +871,42 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
     return model
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 5. The training loop (dpo.py's, copied): global batches -> micro-batches -> step_fn -> AdamW; checkpoints, resume
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from dpo.py: cosine_schedule
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# Copied from dpo.py: global_batches
+def global_batches(n: int, batch_size: int, epoch: int, seed: int):
+    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
+    last partial batch is dropped so every step has the same size."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+# Copied from dpo.py: my_micro_batches
+def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
+    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return chunks[rank::world]
+
+
 # Copied from dpo.py: full_tensor
 def full_tensor(t):
     """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-# Copied from dpo.py: merged_copy
-def merged_copy(model, state: dict):
-    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from gathered
-    tensors; parameters are assigned, not initialised first (a 7B model is not built twice)."""
-    cfg = model.config
-    with lm._params_on_meta():
-        plain = lm.LlavaMed(cfg)
-    base = {}
-    for n, t in state.items():
-        if "lora_" in n:
-            continue
-        base[n.replace(".base_layer.", ".")] = t
-    lcfg = getattr(model, "lora_config", None)
-    if lcfg is not None:
-        scale = lcfg.lora_alpha / lcfg.r
-        for n, t in state.items():
-            if n.endswith("lora_A.default.weight"):
-                prefix = n[: -len(".lora_A.default.weight")]
-                B = state[prefix + ".lora_B.default.weight"]
-                W = base[prefix + ".weight"]
-                base[prefix + ".weight"] = (W.float() + scale * (B.float() @ t.float())).to(W.dtype)
-    plain.load_state_dict(base, strict=True, assign=True)
-    return plain
-
-
-def save_llava_original(model, tokenizer, out_dir) -> Path:
-    """The model in the original LLaVA layout (config model_type llava_<lm>, mm_projector_type, keys
-    model.mm_projector.*, model.vision_tower.vision_tower.vision_model.*, model.*, lm_head.*), which
-    llava_med.load reads back. llava-hf has no cluster projector, so this is how a stage-1 model is kept."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.endswith(("position_ids", "inv_freq")):
-            continue
-        if k.startswith("vision_tower."):
-            name = "model.vision_tower.vision_tower.vision_model." + k[len("vision_tower."):].removeprefix("vision_model.")
-        elif k.startswith("projector."):
-            name = "model.mm_projector." + k[len("projector."):]
-        elif k.startswith("language_model.model."):
-            name = "model." + k[len("language_model.model."):]
-        else:
-            name = k[len("language_model."):]
-        sd[name] = v.detach().to("cpu").contiguous()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    text = cfg.text_config.to_dict()
-    for key in ("_attn_implementation", "_attn_implementation_autoset", "architectures", "model_type"):
-        text.pop(key, None)
-    base = cfg.text_config.model_type
-    raw = {**text, "model_type": f"llava_{base}", "architectures": [f"Llava{base.capitalize()}ForCausalLM"],
-           "mm_projector_type": cfg.projector_type, "mm_vision_tower": "vision_tower",
-           "mm_hidden_size": cfg.vision_config.hidden_size, "mm_vision_select_layer": cfg.vision_feature_layer,
-           "mm_vision_select_feature": "patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
-           "image_aspect_ratio": cfg.image_aspect_ratio, "tokenizer_model_max_length": cfg.max_length,
-           "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
-    (out / "config.json").write_text(json.dumps(raw, indent=1, default=str))
-    cfg.vision_config.save_pretrained(out / "vision_tower")
-    tokenizer.save_pretrained(out)
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 5. Checkpoints and batching (blocks of dpo.py)
-# ----------------------------------------------------------------------------------------------------------
 
 
 # Copied from dpo.py: file_sha256
@@ -1009,31 +1008,97 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
     return state
 
 
-# Copied from dpo.py: cosine_schedule
-def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
+# Copied from dpo.py: train
+def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+    """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
+    batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
+    (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
+    returns summed statistics with their graph in "loss" (a SUM over the units the loss averages: pairs, tokens)
+    and "n" (how many units). The loop runs backward, reduces gradients once per step, scales them by ranks / n of
+    the whole global batch (FSDP2 averages over ranks), so the update follows the global mean whatever the split,
+    clips, and steps AdamW (one group per name prefix in lr_groups; "" = the rest) on a warmup + cosine schedule.
+    A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
+    update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
+    checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
+    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    master = rank == 0
+    if batch_size % (micro_batch_size * world):
+        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
+                         f"({micro_batch_size} x {world})")
+    steps_per_epoch = n_items // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {n_items} items is less than one global batch ({batch_size})")
+    total = max_steps if max_steps >= 0 else max(1, int(steps_per_epoch * epochs))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in params.items() if n.startswith(prefix) and (prefix or not any(
+        n.startswith(q) for q in lr_groups if q))], "lr": lr} for prefix, lr in lr_groups.items()]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999), fused=True)
+    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
+    step, nonfinite = 0, 0
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
+        if master:
+            print(f"{name}: resumed from {resume_from} (step {step})")
+    trainable = list(params.values())
+    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
+    t0, tokens = time.time(), 0.0
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        model.train()
+        micro = my_micro_batches(global_batches(n_items, batch_size, epoch, args.seed)[k], micro_batch_size, rank, world)
+        sums = {}
+        for m, idx in enumerate(micro):
+            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
+            stats = step_fn(idx, epoch)
+            stats["loss"].backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys])
+        dist.all_reduce(totals)
+        sums = dict(zip(keys, totals.tolist()))
+        n = sums.pop("n")
+        for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
+            if p.grad is not None:
+                p.grad.mul_(world / n)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        step += 1
+        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
+               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            row["skipped_nonfinite"] = nonfinite
+            if master:
+                print(f"warning: {name} step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)",
+                      file=sys.stderr)
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sums.get("tokens", 0.0)
+        if tokens:
+            row["tokens_per_s"] = tokens / (time.time() - t0)
+        log(row)
+        bar.update(1)
+        bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    bar.close()
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    return {"steps": step, "nonfinite_skipped": nonfinite}
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# Copied from dpo.py: global_batches
-def global_batches(n: int, batch_size: int, epoch: int, seed: int):
-    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
-    last partial batch is dropped so every step has the same size."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-# Copied from dpo.py: my_micro_batches
-def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
-    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
-    return chunks[rank::world]
+# ----------------------------------------------------------------------------------------------------------
+# 6. The steps: stage 1 (self-questioning SFT) and stage 2 (DPO against the frozen stage-1 model)
+# ----------------------------------------------------------------------------------------------------------
 
 
 # Copied from dpo.py: to_device
@@ -1041,329 +1106,116 @@ def to_device(batch, device):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def make_optimizer(model, groups: dict[str, float], device):
-    """AdamW with one parameter group per part (name prefix -> lr), as LLaVA's trainer does for mm_projector_lr and
-    vision_tower_lr; prefix "" catches the rest."""
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    out = []
-    for prefix, lr in groups.items():
-        if prefix:
-            names = [n for n in params if n.startswith(prefix)]
-        else:
-            names = [n for n in params if not any(n.startswith(q) for q in groups if q)]
-        if names:
-            out.append({"params": [params[n] for n in names], "lr": lr})
-    return torch.optim.AdamW(out, weight_decay=0.0, betas=(0.9, 0.999), fused=device.type == "cuda")
+def sft_step(model, tokenizer, data: SQData, idx: list[int], epoch: int, device) -> dict:
+    """One stage-1 micro-batch: token cross-entropy summed over answer AND VUSER-question tokens, and their count
+    (the loop divides by the count of the whole global batch; LLaVA averages per micro-batch)."""
+    batch = data.batch([data.sample(i, epoch) for i in idx], tokenizer.pad_token_id)
+    loss, n_tokens = sft_loss_sum(model, to_device(batch, device))
+    return {"loss": loss, "n": n_tokens, "tokens": batch["attention_mask"].sum().float()}
 
 
-def run_steps(args: Args, name: str, model, n_items: int, batch_size: int, micro: int, epochs: float, optimizer,
-              step_fn, rank: int, world: int, log) -> None:
-    """The loop both stages share: global batches of a seeded shuffle, this rank's micro-batches, gradient sync on
-    the last one, clipping, a non-finite check (same verdict on every rank), resumable checkpoints in out/<name>.
-    step_fn(idx list per micro-batch, epoch) runs forward + backward of all micro-batches and returns summed stats."""
-    out = Path(args.out) / name
-    steps_per_epoch = n_items // batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{name}: {n_items} samples is less than one global batch ({batch_size})")
-    if batch_size % (micro * world):
-        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of {micro} x {world} ranks")
-    total = max(1, int(steps_per_epoch * epochs))
-    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
-    step = 0
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer, scheduler, rank)["step"]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total, initial=step, desc=name, disable=rank != 0)
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        batch_idx = global_batches(n_items, batch_size, epoch, args.seed + len(name))[k]
-        model.train()
-        stats = step_fn(my_micro_batches(batch_idx, micro, rank, world), epoch)
-        keys = sorted(stats)
-        totals = torch.stack([stats[key].detach().float().cpu() for key in keys])
-        dist.all_reduce(totals)
-        stats = dict(zip(keys, totals.tolist()))
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(grad_norm) or not all(math.isfinite(v) for v in stats.values()):
-            raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step + 1}: {stats}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        n = stats.pop("n")
-        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in stats.items()},
-               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
-        log(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
-    bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. Stage 1: self-questioning SFT
-# ----------------------------------------------------------------------------------------------------------
-
-
-def train_sft(args: Args, model, tokenizer, data: SQData, device, rank: int, world: int, log) -> None:
-    """Token cross-entropy over answer AND VUSER-question tokens, summed and divided by the number of target tokens
-    in the whole global batch (every target token weighs the same however the batch is split; LLaVA averages per
-    micro-batch)."""
-    optimizer = make_optimizer(model, {"projector.": args.projector_lr, "vision_tower.": args.vit_lr, "": args.sft_lr},
-                               device)
-
-    def step_fn(micro: list[list[int]], epoch: int) -> dict:
-        samples = [[data.sample(i, epoch) for i in idx] for idx in micro]
-        n_tokens = torch.tensor(float(sum(sum(t != lm.IGNORE_INDEX for t in s["labels"][1:]) for mb in samples for s in mb)))
-        dist.all_reduce(n_tokens)  # target tokens of the global batch
-        loss_sum = torch.zeros(())
-        for m, mb in enumerate(samples):
-            model.set_requires_gradient_sync(m == len(samples) - 1)  # reduce gradients once per step
-            loss, _ = sft_loss_sum(model, to_device(data.batch(mb, tokenizer.pad_token_id), device))
-            (loss * world / n_tokens.item()).backward()  # FSDP averages over ranks: x world makes it the global mean
-            loss_sum += loss.detach().float().cpu()
-        return {"loss": loss_sum, "n": n_tokens / world}  # summed over ranks: n_tokens once
-
-    run_steps(args, "stage1", model, len(data), args.batch_size, args.micro_batch_size, args.sft_epochs, optimizer,
-              step_fn, rank, world, log)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Stage 2: DPO against the frozen stage-1 model
-# ----------------------------------------------------------------------------------------------------------
-
-
-def policy_and_reference_features(model, pixel_values, vit_adapted: bool):
-    """Projected image features for the policy and for the reference. Each distinct image is encoded once for the
-    policy; with ViT LoRA the reference needs its own tower pass with the adapters off (the stage-1 ViT), without it
-    the frozen tower and projector give the reference the same features."""
+def policy_and_reference_features(model, ref_projector, pixel_values, vit_lora: bool):
+    """Projected image features of the policy and of the reference (the stage-1 model). Each distinct image is encoded
+    once for the policy; with ViT LoRA the reference runs its own tower pass with the adapters off, and a projector
+    that trains has a frozen copy for the reference (dpo.py's image_features_for shares one tower pass)."""
     if pixel_values is None:
         return None, None
-    if vit_adapted:
-        with torch.no_grad(), adapters_off(model):
-            ref = model.encode_images(pixel_values)
-    policy = model.encode_images(pixel_values)
-    return policy, (ref if vit_adapted else policy.detach())
+    with torch.no_grad(), lm.adapters_off(model):
+        vis_ref = model.vision_features(pixel_values) if vit_lora else None
+    vis = model.vision_features(pixel_values)
+    policy = model.projector(vis)
+    with torch.no_grad():
+        vis_ref = vis if vis_ref is None else vis_ref
+        if ref_projector is None:
+            return policy, (model.projector(vis_ref) if vit_lora else policy.detach())
+        return policy, ref_projector(vis_ref)
 
 
-def train_dpo(args: Args, model, tokenizer, data: PairData, device, rank: int, world: int, log) -> None:
-    optimizer = make_optimizer(model, {"vision_tower.": args.dpo_vit_lr, "": args.dpo_lr}, device)
-    vit_adapted = any(p.requires_grad for n, p in model.named_parameters() if n.startswith("vision_tower."))
+# Copied from dpo.py: reference_logps
+def reference_logps(model, ref_model, batch, ref_feats):
+    with torch.no_grad():
+        if ref_model is not None and hasattr(ref_model, "language_model"):  # full fine-tuning: frozen copy
+            return sequence_logps(ref_model, batch, ref_feats)
+        with lm.adapters_off(model):
+            return sequence_logps(model, batch, ref_feats)
 
-    def step_fn(micro: list[list[int]], epoch: int) -> dict:
-        sums = {}
-        for m, idx in enumerate(micro):
-            model.set_requires_gradient_sync(m == len(micro) - 1)
-            batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id), device)
-            feats, ref_feats = policy_and_reference_features(model, batch["pixel_values"], vit_adapted)
-            logps, _ = sequence_logps(model, batch, feats)
-            with torch.no_grad(), adapters_off(model):  # the reference: the frozen stage-1 weights
-                ref, _ = sequence_logps(model, batch, ref_feats)
-            B = len(idx)
-            losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta)
-            (losses.sum() * world / args.dpo_batch_size).backward()  # the mean over the global batch after FSDP's average
-            for key, v in {"loss": losses.detach().sum(), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
-                           "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(), "n": torch.tensor(float(B))}.items():
-                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
-        return sums
 
-    run_steps(args, "stage2_dpo", model, len(data), args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs,
-              optimizer, step_fn, rank, world, log)
+def sq_dpo_step(args: Args, model, ref_projector, data: PairData, idx: list[int], tokenizer, device) -> dict:
+    """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
+    batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id), device)
+    feats, ref_feats = policy_and_reference_features(model, ref_projector, batch["pixel_values"], args.vit_lora)
+    logps, _ = sequence_logps(model, batch, feats)
+    ref, _ = reference_logps(model, None, batch, ref_feats)  # adapters off: the stage-1 weights
+    B = len(idx)
+    losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta)
+    return {"loss": losses.sum(), "n": torch.tensor(float(B)), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
+            "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(),
+            "tokens": batch["attention_mask"].sum().float()}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Evaluation (blocks of dpo.py: LLaVA-Med's normalisation, closed accuracy, open recall; greedy decoding)
+# 7. Evaluation and saving
 # ----------------------------------------------------------------------------------------------------------
 
 
-# Copied from dpo.py: CONTRACTIONS
-CONTRACTIONS = {  # word -> contraction, LLaVA-Med v1.0.0 glossary.py's VQA-eval table (exact key set checked by tests)
-    # Not listed: the released entries "Im", "Ive", "Id've", "I'dve" (never matched: the lookup runs on lower-cased
-    # words), and "let's", "she's" (mapped to themselves).
-    form[:i] + form[i + 1:]: form  # each form is looked up by every spelling that leaves out one of its apostrophes
-    for form in (
-        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
-        "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
-        "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
-        "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
-        "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've "
-        "we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
-        "you'll you're you've").split()
-    for i, c in enumerate(form) if c == "'"
-} | {"somebody'd": "somebodyd"}  # quirk kept: the released table maps this entry backwards
+def evaluate_answers(args: Args, model, tokenizer, rows: list[dict], rank: int, world: int, desc: str):
+    """Greedy answers with the answer template and --answer-system's prompt (model_vqa.py: llava_v1), shared out to
+    the ranks by lm.generate_sharded, scored by lm.score_vqa (LLaVA-Med's normaliser; closed accuracy, open recall)."""
+    jobs = [{"turns": [("user", r["question"])], "images": [r["image"]], "system": SYSTEMS[args.answer_system]}
+            for r in rows]
+    preds = lm.generate_sharded(model, tokenizer, jobs, args.eval_batch_size, rank, world, desc,
+                                max_new_tokens=args.eval_max_new_tokens)
+    results = [dict(r, prediction=p) for r, p in zip(rows, preds)]
+    return lm.score_vqa(results, args.closed_scoring), results
 
 
-# Copied from dpo.py: normalize_answer
-def normalize_answer(text: str) -> str:
-    """The one answer normaliser of every method: LLaVA-Med's released normalize_word (v1.0.0
-    llava/eval/eval_metrics/glossary.py), rule for rule, quirks included; tests/test_scorers.py checks it against
-    that function's outputs (tests/fixtures/llava_med_eval_cases.json).
-    "Left-sided (pleural) effusion!" -> "left sided pleural effusion"; "three" -> "3"; "1,000" -> "1000"."""
-    # 1. Each of these marks becomes a space ("t1/t2" -> "t1 t2"), but is deleted everywhere instead when it
-    #    touches a space anywhere in the text ("x - ray" -> "x ray"; so "left-sided, x - ray" -> "leftsided x ray"),
-    #    or when the text holds a digit-comma-digit anywhere ("1,000 x-ray" -> "1000 xray"). Both tests look at the
-    #    original text, not at the text as marks are replaced. Not in the list: ':', "'", '%', '#', '*', '&'.
-    glued = re.search(r"\d,\d", text) is not None
-    s = text
-    for mark in ';/[]"{}()=+\\_-><@`,?!':
-        s = s.replace(mark, "" if glued or mark + " " in text or " " + mark in text else " ")
-    # 2. Periods not followed by a digit are deleted ("2." -> "2", "e.g." -> "eg"; "3.5", ".5" stay). The released
-    #    pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but is a look-ahead that always holds, and it passes
-    #    re.UNICODE (= 32) as the count: only the first 32 such periods go.
-    s = re.sub(r"\.(?!\d)", "", s, count=32)
-    # 3. Lower-case, split on whitespace; number words zero..ten and "none" become digits ("none" -> "0"); then the
-    #    articles a/an/the are dropped (after the number words, so "one" stays as "1"); then contractions.
-    #    (The released final comma removal is left out: step 1 has already replaced every comma.)
-    numbers = dict(zip("none zero one two three four five six seven eight nine ten".split(),
-                       "0 0 1 2 3 4 5 6 7 8 9 10".split()))
-    words = [numbers.get(w, w) for w in s.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
-
-
-# Copied from dpo.py: token_recall
-def token_recall(prediction: str, reference: str, compat: bool = False) -> tuple[float, float, float]:
-    """(precision, recall, f1) over normalised whitespace tokens.
-    Default: a reference token is matched at most as often as it occurs (clipped counts, as SQuAD's token F1), so
-    "effusion effusion" recalls 1/2 of "pleural effusion".
-    compat=True: LLaVA-Med's calculate_f1score (eval_metrics/evaluate_metrics.py) as run_eval.py calls it, quirks
-    included: (1) the answers are normalised twice (evaluate() normalises them, calculate_f1score again; only an
-    answer with more than 32 periods notices); (2) true positives are counted on the prediction side, so a repeated
-    matching word counts every time ("effusion effusion" recalls 2/3 of "pleural effusion"); (3) all zero when
-    either side is empty or nothing matches."""
-    from collections import Counter
-    if compat:
-        cand = Counter(normalize_answer(normalize_answer(prediction)).split())
-        ref = Counter(normalize_answer(normalize_answer(reference)).split())
-        tp = sum(c for w, c in cand.items() if w in ref)
-        if not cand or not ref or tp == 0:
-            return 0.0, 0.0, 0.0
-        p = tp / sum(cand.values())
-        r = tp / (tp + sum(c for w, c in ref.items() if w not in cand))
-        return p, r, 2 * p * r / (p + r)
-    cand, ref = Counter(normalize_answer(prediction).split()), Counter(normalize_answer(reference).split())
-    tp = sum((cand & ref).values())
-    p = tp / sum(cand.values()) if cand else 0.0
-    r = tp / sum(ref.values()) if ref else 0.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
-# Copied from dpo.py: yes_no
-def yes_no(prediction: str) -> str | None:
-    """The first word of the normalised answer that is 'yes' or 'no' ("Answer:no" counts; 'normal', 'note' or
-    'know' never count as 'no'), else None."""
-    for w in re.findall(r"\w+", normalize_answer(prediction)):
-        if w in ("yes", "no"):
-            return w
-    return None
-
-
-# Copied from dpo.py: score_vqa
-def score_vqa(rows: list[dict], closed_scoring: str = "strict") -> dict:
-    """rows: {"answer", "prediction", "answer_type"}. Our scorer (always): closed questions (GT yes/no, or
-    answer_type CLOSED) by accuracy -- for a yes/no GT the answer's first yes/no word must be the GT -- and F1
-    with 'yes' as the positive class (an answer that is neither counts as wrong, and as not 'yes'); open questions
-    by mean token recall (clipped counts) and exact match after normalisation.
-    closed_scoring="llava_med" / "llava_med_batch" also returns the released LLaVA-Med v1.0.0 numbers under
-    "compat_*" keys, quirks included, to compare with published tables: which rows count follows answer_type exactly
-    ("CLOSED" / "OPEN"; other rows are skipped, as there); open = calculate_f1score's recall (token_recall
-    compat=True); closed = the GT as a substring of the normalised answer ('no' is in 'normal' and 'cannot', 'yes'
-    in 'eyes': LLaVA-Med issue #12), where run_eval.py ("llava_med") also needs the letters 'yes' or 'no'
-    somewhere in the answer (so a closed non-yes/no question such as 'left' never scores) and run_eval_batch.py
-    ("llava_med_batch") does not."""
-    if closed_scoring not in ("strict", "llava_med", "llava_med_batch"):
-        raise ValueError(f"closed_scoring must be strict, llava_med or llava_med_batch, not {closed_scoring!r}")
-    closed, opened, compat_closed, compat_open, tp, fp, fn = [], [], [], [], 0, 0, 0
-    for r in rows:
-        gt, answer = normalize_answer(r["answer"]), normalize_answer(r["prediction"])
-        is_closed = gt in ("yes", "no") or str(r.get("answer_type", "")).upper() == "CLOSED"
-        if is_closed:
-            pred = yes_no(r["prediction"]) if gt in ("yes", "no") else answer
-            closed.append(float(pred == gt))
-            tp += pred == "yes" and gt == "yes"
-            fp += pred == "yes" and gt != "yes"
-            fn += pred != "yes" and gt == "yes"
+def save_llava_original(model, tokenizer, out_dir) -> Path:
+    """The model in the original LLaVA layout (config model_type llava_<lm>, mm_projector_type, keys
+    model.mm_projector.*, model.vision_tower.vision_tower.vision_model.*, model.*, lm_head.*), which
+    llava_med.load reads back. llava-hf has no cluster projector, so this is how a stage model is kept."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("position_ids", "inv_freq")):
+            continue
+        if k.startswith("vision_tower."):
+            name = "model.vision_tower.vision_tower.vision_model." + k[len("vision_tower."):].removeprefix("vision_model.")
+        elif k.startswith("projector."):
+            name = "model.mm_projector." + k[len("projector."):]
+        elif k.startswith("language_model.model."):
+            name = "model." + k[len("language_model.model."):]
         else:
-            opened.append((token_recall(r["prediction"], r["answer"])[1], float(answer == gt)))
-        if closed_scoring != "strict" and r.get("answer_type") == "CLOSED":
-            needs_yes_no = closed_scoring == "llava_med"
-            compat_closed.append(float(gt in answer and (not needs_yes_no or "yes" in answer or "no" in answer)))
-        elif closed_scoring != "strict" and r.get("answer_type") == "OPEN":
-            compat_open.append(token_recall(r["prediction"], r["answer"], compat=True)[1])
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    out = {"closed_accuracy": sum(closed) / len(closed) if closed else None, "closed_f1": f1 if closed else None,
-           "open_recall": sum(o[0] for o in opened) / len(opened) if opened else None,
-           "open_exact": sum(o[1] for o in opened) / len(opened) if opened else None,
-           "n_closed": len(closed), "n_open": len(opened)}
-    if closed_scoring != "strict":
-        out.update(compat=closed_scoring, compat_n_closed=len(compat_closed), compat_n_open=len(compat_open),
-                   compat_closed_accuracy=sum(compat_closed) / len(compat_closed) if compat_closed else None,
-                   compat_open_recall=sum(compat_open) / len(compat_open) if compat_open else None)
+            name = k[len("language_model."):]
+        sd[name] = v.detach().to("cpu").contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    text = cfg.text_config.to_dict()
+    for key in ("_attn_implementation", "_attn_implementation_autoset", "architectures", "model_type"):
+        text.pop(key, None)
+    base = cfg.text_config.model_type
+    raw = {**text, "model_type": f"llava_{base}", "architectures": [f"Llava{base.capitalize()}ForCausalLM"],
+           "mm_projector_type": cfg.projector_type, "mm_vision_tower": "vision_tower",
+           "mm_hidden_size": cfg.vision_config.hidden_size, "mm_vision_select_layer": cfg.vision_feature_layer,
+           "mm_vision_select_feature": "patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
+           "image_aspect_ratio": cfg.image_aspect_ratio, "tokenizer_model_max_length": cfg.max_length,
+           "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+    (out / "config.json").write_text(json.dumps(raw, indent=1, default=str))
+    cfg.vision_config.save_pretrained(out / "vision_tower")
+    tokenizer.save_pretrained(out)
     return out
 
 
-# Copied from dpo.py: read_vqa
-def read_vqa(path: str, image_folder: str = "") -> list[dict]:
-    """One reader for the VQA test sets users have; returns [{"id","image","question","answer","answer_type"}]
-    with absolute image paths. Formats: LLaVA-Med test.json / toy test_vqa.json ("conversations" + answer_type),
-    VQA-RAD (MEVF testset.json, or the OSF public json: its test_freeform/test_para rows), SLAKE (English rows)."""
-    path = Path(path)
-    rows = []
-    for where, rec in lm.read_records(path):
-        if "conversations" in rec or "conversatons" in rec:
-            turns = lm.record_turns(rec, where)
-            folder = Path(image_folder or path.parent)
-            rows.append({"id": rec.get("id", where), "image": str(folder / rec["image"]),
-                         "question": turns[0][1].replace(lm.IMAGE_MARKER, "").strip(), "answer": turns[1][1],
-                         "answer_type": rec.get("answer_type", "")})
-        elif "image_name" in rec:  # VQA-RAD
-            if "phrase_type" in rec and "qid_linked_id" in rec and not str(rec["phrase_type"]).startswith("test"):
-                continue  # the OSF public json holds train and test; keep the official test rows
-            folder = Path(image_folder or path.parent / "images")
-            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["image_name"]),
-                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
-        elif "img_name" in rec:  # SLAKE
-            if rec.get("q_lang", "en") != "en":
-                continue
-            folder = Path(image_folder or path.parent / "imgs")
-            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["img_name"]),
-                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
-        else:
-            raise lm.DataError(f"{where}: unknown VQA record (expected conversations, image_name or img_name)")
-    return rows
-
-
-def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
-                 device, closed_scoring: str = "strict", desc: str = "eval", system=None) -> tuple[dict, list[dict]]:
-    """dpo.py's evaluate_vqa with the answer template's system prompt: greedy answers for every row (ranks take
-    interleaved shares, padded to equal batch counts so sharded forwards stay in step), gathered and scored."""
-    cfg = model.config
-    model.eval()
-    mine = list(range(rank, len(rows), world))
-    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
-    preds = {}
-    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0, leave=False):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(chunk)
-        chunk = chunk or [0]
-        prompts, pix = [], []
-        for i in chunk:
-            turns = lm.place_image_markers([("user", rows[i]["question"])], 1)
-            prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id,
-                                              system=system))
-            pix.append(lm.preprocess_image(lm.load_image(rows[i]["image"]), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                           pad=cfg.image_aspect_ratio == "pad"))
-        answers = lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens)
-        preds.update({i: a for i, a in zip(chunk[:real], answers[:real])})
-    model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
-    gathered = [None] * world
-    dist.all_gather_object(gathered, preds)
-    merged = {i: a for part in gathered for i, a in part.items()}
-    results = [dict(rows[i], prediction=merged[i]) for i in range(len(rows))]
-    return score_vqa(results, closed_scoring), results
+def save_stage_model(model, tokenizer, out_dir: Path, rank: int):
+    """The trained model, LoRA merged (gathered on every rank), written by rank 0 under a temporary name and renamed
+    (a crash never leaves half a model). Returns the merged, unsharded model."""
+    merged = lm.merge_lora(model, lm.full_state_dict(model))
+    if rank == 0:
+        tmp = save_llava_original(merged, tokenizer, out_dir.with_name(f".{out_dir.name}.tmp"))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+        print(f"{out_dir.name}: {out_dir}")
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1375,109 +1227,70 @@ def main(argv=None):
     args = resolve_defaults(parse_args(Args, argv))
     t_start = time.time()
     rank, world, device = setup_distributed(args.dist_timeout_s)
-    master = rank == 0
-    out = Path(args.out)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = set(stages) - {"sft", "prefs", "dpo", "eval"}
-    if unknown:
-        raise ValueError(f"--stages: unknown {sorted(unknown)} (sft, prefs, dpo, eval)")
+    out, master = Path(args.out), rank == 0
+    stages = args.stages.split(",")
+    log = jsonl_logger(out / "metrics.jsonl", rank)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"stllava_med.py: {world} rank(s) on {device.type}; stages {stages}; args in {out / 'args.json'}")
-
-    def log(row: dict):
-        if master:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
     torch.manual_seed(args.seed)
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, seed=args.seed)
-    model.config.template = args.template
-    use_cluster_projector(args, model)
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
+    use_cluster_projector(args, model, "sft" in stages)
     frozen_dtype = next(model.vision_tower.parameters()).dtype
-    eval_rows = read_vqa(args.eval_data, args.eval_image_folder)[: args.eval_limit or None] if "eval" in stages else []
-    results = {}
+    eval_rows = lm.read_vqa(args.eval_data, args.eval_image_folder)[: args.eval_limit or None] if "eval" in stages else []
+    results, pairs, prefs_folder, prefs_path = {"train": {}}, None, None, Path(args.prefs_out or out / "stllava_med_dpo.json")
 
     def evaluate(name: str):
-        results[name], preds = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
-                                            rank, world, device, args.closed_scoring, f"eval {name}", answer_system(args))
+        results[name], preds = evaluate_answers(args, model, tokenizer, eval_rows, rank, world, f"eval {name}")
         log({"phase": f"eval_{name}", **results[name]})
         if master:
             print(f"{name}:", json.dumps(results[name]))
             (out / f"predictions_{name}.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
 
-    # ---- stage 1: visual self-questioning SFT
-    if "sft" in stages:
+    if "sft" in stages:  # ---- stage 1: visual self-questioning SFT
         data = SQData(*sft_records(args), tokenizer, model.config, args)
         if master:
             print(f"stage 1: {len(data)} conversations, sq_r {args.sq_r}" + (f", skipped {data.skipped}" if data.skipped else ""))
-        if args.train_llm == "lora":
-            add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        if args.vit_lora:
-            add_vit_lora(model, args.vit_lora_r, args.vit_lora_alpha, args.vit_lora_dropout)
-        set_trainable_stage1(model, args)
+        add_adapters(args, model, stage=1)
+        torch.manual_seed(args.seed + rank)  # dropout differs per rank
         shard(model, device, args.activation_checkpointing)
-        if eval_rows and args.eval_before:
+        if eval_rows and args.eval_before and latest_checkpoint(out / "stage1") is None:
             evaluate("base")
-        train_sft(args, model, tokenizer, data, device, rank, world, log)
+        results["train"]["stage1"] = train(
+            args, "stage1", model, len(data), lambda idx, epoch: sft_step(model, tokenizer, data, idx, epoch, device),
+            out / "stage1", rank, world, log, {"projector.": args.projector_lr, "vision_tower.": args.vit_lr, "": args.sft_lr},
+            args.batch_size, args.micro_batch_size, args.sft_epochs)
         if eval_rows:
             evaluate("sft")
-        # the stage-1 model, LoRA merged, unsharded: the preference generator, DPO's start and its reference
-        state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}  # every rank gathers
-        model = merged_copy(model, state).to(device=device, dtype=frozen_dtype)
-        if master:
-            save_llava_original(model, tokenizer, out / "stage1_model")
-            print(f"stage-1 model: {out / 'stage1_model'}")
-
-    # ---- preference data from the stage-1 model
-    prefs_path = Path(args.prefs_out or out / "stllava_med_dpo.json")
-    dpo_folder = None
-    if "prefs" in stages:
-        judge = None
-        if args.judge != "reference":
-            judge_model, judge_tok = lm.load(args.judge, dtype=args.dtype, device=device)
-            judge = model_judge(judge_model.eval(), judge_tok, args)
-        stats = {}
-        pairs, folder = generate_preferences(args, model.eval(), tokenizer, rank, world, stats, judge)
+        # the stage-1 model, unsharded: the preference generator, DPO's start and its reference
+        model = save_stage_model(model, tokenizer, out / "stage1_model", rank).to(device=device, dtype=frozen_dtype)
+    if "prefs" in stages:  # ---- preference data from the stage-1 model
+        pairs, stats, prefs_folder, cached = preference_pairs(args, model, tokenizer, rank, world, "sft" in stages)
         results["prefs"] = {"pairs": len(pairs), **stats}
-        log({"phase": "prefs", **results["prefs"]})
+        log({"phase": "prefs", "cached": cached is not None, **results["prefs"]})
         if master:
             prefs_path.parent.mkdir(parents=True, exist_ok=True)
             prefs_path.write_text(json.dumps(pairs, indent=1, ensure_ascii=False))
-            print(f"preference pairs: {len(pairs)} -> {prefs_path}; {json.dumps(stats)}")
-        if not pairs and "dpo" in stages and not args.dpo_data:
-            raise lm.DataError(f"the prefs stage produced no preference pair ({json.dumps(stats)}); stage 2 has no data")
-        if not args.dpo_data:
-            dpo_folder = folder  # the generated pairs name images relative to the prefs images' folder
-
-    # ---- stage 2: DPO (policy = stage-1 model + new LoRA; reference = the same with adapters off)
-    if "dpo" in stages:
-        dpo_path = Path(args.dpo_data or prefs_path)
-        records = lm.read_records(dpo_path)
-        folder = dpo_folder or Path(args.image_folder or dpo_path.parent)
-        model.requires_grad_(False)
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        if args.vit_lora:
-            add_vit_lora(model, args.vit_lora_r, args.vit_lora_alpha, args.vit_lora_dropout)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
-            if p.requires_grad:
-                p.data = p.data.float()
-        data = AnswerPairData(records, folder, tokenizer, model.config, args.max_length, args.skip_bad_samples,
-                              answer_system(args))
+            print(f"preference pairs: {len(pairs)} -> {prefs_path}" + (f" (cached: {cached})" if cached else "")
+                  + f"; {json.dumps(stats)}")
+    if "dpo" in stages:  # ---- stage 2: DPO (policy = stage-1 model + new LoRA; reference = the same, adapters off)
+        data = AnswerPairData(*dpo_records(args, pairs, prefs_folder, prefs_path), tokenizer, model.config,
+                              args.max_length, args.skip_bad_samples, SYSTEMS[args.dpo_system])
         if master:
             print(f"stage 2: {len(data)} preference pairs" + (f", skipped {data.skipped}" if data.skipped else ""))
+        ref_projector = add_adapters(args, model, stage=2)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         shard(model, device, args.activation_checkpointing)
-        if eval_rows and args.eval_before and "sft" not in stages:
+        if eval_rows and args.eval_before and "sft" not in stages and latest_checkpoint(out / "dpo") is None:
             evaluate("sft")  # the policy before DPO is the stage-1 model (LoRA B = 0)
-        train_dpo(args, model, tokenizer, data, device, rank, world, log)
+        results["train"]["dpo"] = train(
+            args, "dpo", model, len(data), lambda idx, epoch: sq_dpo_step(args, model, ref_projector, data, idx, tokenizer, device),
+            out / "dpo", rank, world, log, {"projector.": args.dpo_projector_lr, "vision_tower.": args.dpo_vit_lr, "": args.dpo_lr},
+            args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs)
         if eval_rows:
             evaluate("dpo")
-        state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}
-        if master:
-            save_llava_original(merged_copy(model, state), tokenizer, out / "stage2_model")
+        save_stage_model(model, tokenizer, out / "stage2_model", rank)
     elif eval_rows and "sft" not in stages:  # evaluation only
         model.requires_grad_(False)
         shard(model, device)
@@ -1491,8 +1304,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lm.DataError as e:  # bad data: say which file and record, without a traceback through torch
-        print(f"stllava_med.py: bad data: {e}\n(--skip-bad-samples counts and skips such records)", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -1,8 +1,14 @@
-"""stllava_med.py: the v1_sq template (exact strings, targets, seeded VUSER draws), the cluster projector (formula,
-checkpoint names, load round trip), ViT LoRA training through the tower, the judge rules and DPO records, and the
-script end to end: torchrun 2 ranks == 1 rank x 2 accumulation for stage 1, then DPO from the saved stage-1 model."""
+"""stllava_med.py: the v1_sq template (exact strings, targets, seeded VUSER draws), the system prompts, the cluster
+projector (formula, checkpoint names, load round trip), what each stage trains (ViT LoRA through the tower, the
+projector in DPO against a frozen copy, the released dropouts), the judges and DPO records, the preference cache, and
+the script: the complete pipeline on 2 ranks from an empty --out (== 1 rank for stage 1 and the pairs), evaluation
+only, and the fault suite (kill and resume, non-finite steps, a dead or stalled rank, bad inputs)."""
 
+import copy
+import dataclasses
 import json
+import math
+import os
 import random
 import subprocess
 import sys
@@ -12,11 +18,18 @@ import torch
 from safetensors.torch import load_file
 
 import dpo
+import faults
 import llava_med as lm
 import stllava_med as st
 from conftest import ROOT
 
 TOY = ROOT / "data" / "toy"
+FIX = ROOT / "tests" / "fixtures"
+CPU = torch.device("cpu")
+
+
+def render(turns, vuser, eos="</s>", add_vuser_prompt=False):
+    return "".join(text for text, _ in st.sq_segments(turns, vuser, eos, add_vuser_prompt))
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
           "and polite answers to the user's questions.Also, the artificial intelligence assistant is a curious virtual "
@@ -32,15 +45,30 @@ TURNS = [("user", "<image>\nQ1?"), ("assistant", "A1."), ("user", "Q2?"), ("assi
 
 def test_v1_sq_rendered_strings():
     assert st.SQ_SYSTEM == SYSTEM  # the released "questions.Also" without a space
-    assert st.render_sq(TURNS[:4], {2}) == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>VUSER: Q2?</s> ASSISTANT: A2.</s>"
-    assert st.render_sq(TURNS[:4], set()) == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
-    assert st.render_sq(TURNS, {4}) == (SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
+    assert render(TURNS[:4], {2}) == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>VUSER: Q2?</s> ASSISTANT: A2.</s>"
+    assert render(TURNS[:4], set()) == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
+    assert render(TURNS, {4}) == (SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? ASSISTANT: A2.</s>"
                                         "VUSER: Q3?</s> ASSISTANT: A3.</s>")
     # the self-questioning prompt (visual_sq.py: description answered, then an empty VUSER message)
-    assert st.render_sq(TURNS[:2], set(), add_vuser_prompt=True) == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>VUSER:"
-    assert st.render_sq(TURNS[:1], set()) == SYSTEM + " USER: <image>\nQ1? ASSISTANT:"
+    assert render(TURNS[:2], set(), add_vuser_prompt=True) == SYSTEM + " USER: <image>\nQ1? ASSISTANT: A1.</s>VUSER:"
+    assert render(TURNS[:1], set()) == SYSTEM + " USER: <image>\nQ1? ASSISTANT:"
     # the v1 template of stage 2 / evaluation: vicuna_v1, whose system prompt the v1_sq one extends
-    assert lm.render_chat("vicuna_v1", [("user", "Q1?"), ("assistant", "A1.")]) == SYSTEM.split("Also,")[0] + " USER: Q1? ASSISTANT: A1.</s>"
+    v1 = SYSTEM.split("Also,")[0]
+    assert lm.render_chat("vicuna_v1", [("user", "Q1?"), ("assistant", "A1.")]) == v1 + " USER: Q1? ASSISTANT: A1.</s>"
+    # llava_v1 (conversation.py conv_llava_v1, the --conv-mode default of model_collectA.py / model_vqa.py) is v1's
+    # prompt with "human" for "user"; v1 (conv_vicuna_v1) is the template's own
+    assert st.SYSTEMS["llava_v1"] == v1.replace("curious user", "curious human").replace("user's", "human's")
+    assert st.SYSTEMS["llava_v1"] != v1 and st.SYSTEMS["v1"] is None and st.SYSTEMS["v1_sq"] == SYSTEM
+    assert (lm.render_chat("vicuna_v1", [("user", "Q1?")], add_generation_prompt=True, system=st.SYSTEMS["llava_v1"])
+            == "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+               "detailed, and polite answers to the human's questions. USER: Q1? ASSISTANT:")
+    real = st.resolve_defaults(st.Args(model="/ckpt/x"))
+    assert (real.answer_system, real.dpo_system, real.train_llm) == ("llava_v1", "v1", "lora")  # as released
+    toy = st.resolve_defaults(st.Args())
+    assert (toy.answer_system, toy.dpo_system, toy.train_llm) == ("v1_sq", "v1_sq", "full")
+    assert st.resolve_defaults(st.Args(eval_only=True)).stages == "eval"
+    with pytest.raises(ValueError, match="--stages"):
+        st.resolve_defaults(st.Args(stages="sft,rl"))
 
 
 def test_v1_sq_targets_are_answers_and_vuser_questions():
@@ -49,7 +77,7 @@ def test_v1_sq_targets_are_answers_and_vuser_questions():
     s = st.tokenize_sq(tok, st.sq_segments(TURNS, {4}, tok.eos_token), 3, img)
     ids, labels = s["input_ids"], s["labels"]
     assert ids[0] == tok.bos_token_id and ids.count(img) == 3
-    assert tok.decode(ids[1:]).replace("<image>" * 3, "<image>") == st.render_sq(TURNS, {4})
+    assert tok.decode(ids[1:]).replace("<image>" * 3, "<image>") == render(TURNS, {4})
     runs, cur = [], []
     for t, l in zip(ids, labels):
         if l != lm.IGNORE_INDEX:
@@ -147,7 +175,9 @@ def test_cluster_projector_matches_the_spec_formula():
 def test_cluster_checkpoint_saves_in_llava_layout_and_loads(tmp_path):
     args = st.resolve_defaults(st.Args())
     model, tok = lm.load("tiny")
-    st.use_cluster_projector(args, model)
+    st.use_cluster_projector(args, model, stage1=False)  # later stages keep the checkpoint's projector
+    assert model.config.projector_type == "mlp2x_gelu"
+    st.use_cluster_projector(args, model, stage1=True)
     assert model.config.projector_type == "cluster8" and isinstance(model.projector, lm.ClusterProjector)
     st.save_llava_original(model, tok, tmp_path / "ckpt")
     keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()
@@ -166,22 +196,53 @@ def test_cluster_checkpoint_saves_in_llava_layout_and_loads(tmp_path):
         lm.save_llava_hf(model, tok, tmp_path / "hf")
 
 
-# ---------------------------------------------------------------- ViT LoRA
+# ---------------------------------------------------------------- the released prompts, from the upstream code
+
+# Produced by running heliossun/STLLaVA-Med llava/conversation.py (commit 9113c41f13de3234d13db3ca154b2cb9b9e3779a):
+# conv_templates[name].copy(), append_message per turn (None for the open one), get_prompt().
+UPSTREAM_PROMPTS = {
+    "llava_v1": "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+                "detailed, and polite answers to the human's questions. USER: <image>\nIs there a nodule? ASSISTANT:",
+    "v1": "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
+          "and polite answers to the user's questions. USER: <image>\nIs there a nodule? ASSISTANT:",
+    "v1_sq": SYSTEM + " USER: <image>\nIs there a nodule? ASSISTANT:",
+    "v1_sq vuser": SYSTEM + " USER: <image>\nCan you describe the image in detail? ASSISTANT: A chest x-ray.</s>VUSER:",
+}
 
 
-def test_vit_lora_weights_change_after_a_step():
+def test_answer_and_self_questioning_prompts_equal_the_released_ones():
+    for name in ("llava_v1", "v1", "v1_sq"):  # answers (model_collectA.py, model_vqa.py: llava_v1), DPO (v1)
+        prompt = lm.render_chat("vicuna_v1", [("user", "<image>\nIs there a nodule?")], add_generation_prompt=True,
+                                system=st.SYSTEMS[name])
+        assert prompt == UPSTREAM_PROMPTS[name], name
+    describe = [("user", "<image>\nCan you describe the image in detail?"), ("assistant", "A chest x-ray.")]
+    assert render(describe, set(), add_vuser_prompt=True) == UPSTREAM_PROMPTS["v1_sq vuser"]  # visual_sq.py
+
+
+# ---------------------------------------------------------------- what each stage trains
+
+
+def lora_dropouts(model):
+    """{"vision_tower" | "language_model": set of LoRA dropout probabilities}."""
+    out = {}
+    for n, m in model.named_modules():
+        if hasattr(m, "lora_dropout") and "default" in m.lora_dropout:
+            d = m.lora_dropout["default"]
+            out.setdefault(n.split(".")[0], set()).add(d.p if isinstance(d, torch.nn.Dropout) else 0.0)
+    return out
+
+
+def test_stage1_trains_llm_projector_and_vit_lora_through_the_tower():
     """The released tower forward is @torch.no_grad, so its ViT LoRA never receives a gradient; here it must."""
     args = st.resolve_defaults(st.Args(train_llm="lora", lora_r=8, lora_alpha=16))
     model, tok = lm.load("tiny")
-    st.use_cluster_projector(args, model)
-    st.add_lora(model, args.lora_r, args.lora_alpha, 0.0)
-    st.add_vit_lora(model, args.vit_lora_r, args.vit_lora_alpha, 0.0)
-    st.set_trainable_stage1(model, args)
+    st.use_cluster_projector(args, model, stage1=True)
+    assert st.add_adapters(args, model, stage=1) is None
     assert model.lora_config.r == 8
+    assert lora_dropouts(model) == {"language_model": {0.05}, "vision_tower": {0.2}}  # train.py: 0.05, 0.2
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(n.startswith("vision_tower.") and "lora_A" in n for n in trainable)
-    assert not any(n.startswith("vision_tower.") and "lora_" not in n for n in trainable)  # the ViT base stays frozen
-    assert not any(n.startswith("language_model.") and "lora_" not in n for n in trainable)
+    assert {n for n in trainable if "lora_" not in n} == {n for n, _ in model.projector.named_parameters(prefix="projector")}
     data = st.SQData(lm.read_records(TOY / "train.json")[:4], TOY, tok, model.config, args)
     batch = data.batch([data.sample(i, 0) for i in range(4)], tok.pad_token_id)
     assert model.vision_features(batch["pixel_values"]).requires_grad
@@ -189,28 +250,63 @@ def test_vit_lora_weights_change_after_a_step():
     params = dict(model.named_parameters())
     lora_a = name.replace("lora_B", "lora_A")
     before = {n: params[n].detach().clone() for n in (name, lora_a, "projector.c.weight")}
-    opt = st.make_optimizer(model, {"projector.": 1e-3, "vision_tower.": 5e-3, "": 1e-3}, torch.device("cpu"))
-    assert [g["lr"] for g in opt.param_groups] == [1e-3, 5e-3, 1e-3]
-    loss, n = st.sft_loss_sum(model, batch)
-    (loss / n).backward()
-    assert params[name].grad.abs().sum() > 0
-    opt.step()
-    for k in (name, "projector.c.weight"):
+    opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=5e-3, weight_decay=0.0)
+    for step in range(2):
+        stats = st.sft_step(model, tok, data, [0, 1, 2, 3], 0, CPU)
+        (stats["loss"] / stats["n"]).backward()
+        if step == 0:
+            assert params[name].grad.abs().sum() > 0
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            assert torch.equal(params[lora_a], before[lora_a])  # B was 0, so A had no gradient yet (LoRA's init)
+    for k in (name, lora_a, "projector.c.weight"):  # lora_B != 0 after step 1: lora_A moves in step 2
         assert (params[k] - before[k]).abs().max() > 0, k
-    assert torch.equal(params[lora_a], before[lora_a])  # B was 0, so A had no gradient yet (LoRA's init)
-    opt.zero_grad()
-    loss, n = st.sft_loss_sum(model, batch)
-    (loss / n).backward()  # lora_B != 0 now: lora_A gets a gradient and moves too
-    opt.step()
-    assert (params[lora_a] - before[lora_a]).abs().max() > 0
     with pytest.raises(ValueError, match="differs"):
-        st.add_vit_lora(model, 32, 32, 0.0)
+        lm.add_lora(model, 32, 32, 0.0, targets=lm.VIT_LORA_TARGETS)
 
 
-# ---------------------------------------------------------------- judge and preference records
+def test_stage2_trains_the_projector_against_the_frozen_stage1_model():
+    """DPO as released: a new LoRA (LLM dropout 0.05, ViT 0.1) and the projector train (mm_projector_lr); the reference
+    stays exactly the stage-1 model (a frozen projector copy, the ViT with adapters off), also after updates."""
+    args = st.resolve_defaults(st.Args(lora_r=8, lora_alpha=16))
+    model, tok = lm.load("tiny")
+    st.use_cluster_projector(args, model, stage1=True)
+    model.config.template = "vicuna_v1"
+    stage1 = copy.deepcopy(model).eval()
+    recs = [r for _, r in lm.read_records(TOY / "train.json")[:3]]
+    pairs = [(f"mem[{i}]", st.dpo_record(r["id"], r["image"], "Is there a nodule?", "yes", "no", (9, 1)))
+             for i, r in enumerate(recs)]
+    data = st.AnswerPairData(pairs, TOY, tok, model.config, 512, False, st.SQ_SYSTEM)
+    frozen = st.add_adapters(dataclasses.replace(args, dpo_freeze_projector=True), copy.deepcopy(model), stage=2)
+    assert frozen is None
+    ref_projector = st.add_adapters(args, model, stage=2)
+    assert lora_dropouts(model) == {"language_model": {0.05}, "vision_tower": {0.1}}  # train_dpo.py: 0.05, 0.1
+    assert not any(p.requires_grad for p in ref_projector.parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n in trainable if "lora_" not in n} == {n for n, _ in model.projector.named_parameters(prefix="projector")}
+    opt = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    stats = st.sq_dpo_step(args, model, ref_projector, data, [0, 1, 2], tok, CPU)
+    assert abs(float(stats["loss"].detach()) / 3 - math.log(2)) < 1e-6  # LoRA B = 0 and the same projector: policy == reference
+    stats["loss"].backward()
+    opt.step()
+    model.eval()
+    batch = st.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
+    with torch.no_grad():
+        feats, ref_feats = st.policy_and_reference_features(model, ref_projector, batch["pixel_values"], True)
+        ref, _ = st.reference_logps(model, None, batch, ref_feats)
+        want, _ = st.sequence_logps(stage1, batch, stage1.encode_images(batch["pixel_values"]))
+        policy, _ = st.sequence_logps(model, batch, feats)
+    torch.testing.assert_close(ref, want, atol=1e-5, rtol=0)  # the reference did not move
+    assert (policy - want).abs().max() > 1e-3  # the policy did
+    assert (model.projector.c.weight - stage1.projector.c.weight).abs().max() > 0  # the projector trained
 
 
-def test_judge_rules_and_dpo_records(monkeypatch):
+# ---------------------------------------------------------------- judges, preference records, the pair cache
+
+
+def test_judge_rules_and_dpo_records(monkeypatch, tmp_path):
     assert st.parse_scores("8 6\nAnswer 1 is better.") == (8.0, 6.0)
     assert st.parse_scores("7, 7") == (7.0, 7.0)
     for bad in ["", "Answer 1: 8, Answer 2: 6", "8\n6", "eight six", "8 6 5"]:
@@ -240,24 +336,28 @@ def test_judge_rules_and_dpo_records(monkeypatch):
     chosen, rejected = dpo.pair_turns(r, "mem")
     assert chosen[0] == rejected[0] == ("user", "<image>\nWhere is the nodule located?")
     assert chosen[1] == ("assistant", "right upper lung") and rejected[1] == ("assistant", "left upper lung")
+    # a judge VLM by path: any checkpoint llava_med reads, given the image and the judge message, sampled at T 0.2
     model, tok = lm.load("tiny")
-    model.config.template = "vicuna_v1"
-    # a judge VLM by path: any llava_med model, given the image and the judge message (here the random tiny one)
-    judge = st.model_judge(model.eval(), tok, st.resolve_defaults(st.Args(judge_max_new_tokens=4)))
-    pix = lm.preprocess_image(lm.load_image(TOY / rec["image"]), 64)
-    assert isinstance(judge(pix, "Where is the nodule located?", "left upper lung", "right upper lung"), str)
+    lm.save_llava_hf(model, tok, tmp_path / "judge")
+    args = st.resolve_defaults(st.Args(judge=str(tmp_path / "judge"), judge_max_new_tokens=4, gen_batch_size=2))
+    items = [(TOY / rec["image"], f"Question {k}?", "left upper lung", "right upper lung", refs) for k in range(3)]
+    real = st.judge_replies(args, items, 0, 1, CPU)
+    assert len(real) == 3 and real == st.judge_replies(args, items, 0, 1, CPU)  # seeded
+    assert st.judge_replies(dataclasses.replace(args, judge="reference"), items, 0, 1, CPU) == [""] * 3
     seen = []
 
     def scripted(m, t, prompts, pixel_values, **kw):
-        seen.append((t.decode(prompts[0]), pixel_values.shape, kw["temperature"]))
-        return ["8 3\nAnswer 1 names the right lobe."]
+        seen.append(([t.decode(p) for p in prompts], pixel_values.shape, kw["temperature"], kw["seed"]))
+        return ["8 3\nAnswer 1 names the right lobe."] * len(prompts)
 
     monkeypatch.setattr(st.lm, "generate", scripted)
-    reply = judge(pix, "Where is the nodule located?", "left upper lung", "right upper lung")
-    assert st.parse_scores(reply) == (8.0, 3.0)
-    assert st.judge_content("Where is the nodule located?", "left upper lung", "right upper lung").strip() in seen[0][0]
-    assert seen[0][1] == (1, 3, 64, 64) and seen[0][2] == 0.2
+    replies = st.judge_replies(args, items, 0, 1, CPU)
+    assert [st.parse_scores(x) for x in replies] == [(8.0, 3.0)] * 3
+    assert [len(s[0]) for s in seen] == [2, 1] and seen[0][1] == (2, 3, 64, 64) and seen[0][2] == 0.2
+    assert seen[1][3] == seen[0][3] + 1  # batch b samples with the pass's seed + b
+    assert all(st.judge_content(q, a1, a2).strip() in p for (_, q, a1, a2, _), p in zip(items, seen[0][0] + seen[1][0]))
     monkeypatch.undo()
+    model.config.template = "vicuna_v1"
     data = st.AnswerPairData([("mem", r)], TOY, tok, model.config, 512, False)
     batch = st.collate_pairs(data, [0], tok.pad_token_id)
     assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 2  # one image for both rows
@@ -268,49 +368,136 @@ def test_judge_rules_and_dpo_records(monkeypatch):
     assert tok.decode([t for t in sq.items[0]["chosen"]["labels"] if t != lm.IGNORE_INDEX]) == " right upper lung</s>"
 
 
+PREFS = ["--stages", "prefs", "--prefs-limit", "2", "--n-questions", "2", "--gen-batch-size", "2",
+         "--describe-max-new-tokens", "2", "--q-max-new-tokens", "4", "--a-max-new-tokens", "2"]
+
+
+def test_preference_cache_is_keyed_on_the_args_that_change_the_pairs(tmp_path):
+    """The pairs are cached under a key of every Args field above prefs_out (and the image rows): a rerun reuses them,
+    a stage-2 flag does not change the key, --template does (the pairs are rebuilt)."""
+    out = ["--out", str(tmp_path)]
+    prefs = lambda: [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["phase"] == "prefs"]
+    faults._in_process(st, PREFS + out)
+    faults._in_process(st, PREFS + out + ["--dpo-lr", "1e-3"])
+    assert [r["cached"] for r in prefs()] == [False, True] and len(list(tmp_path.glob("prefs_*.json"))) == 1
+    faults._in_process(st, PREFS + out + ["--template", "mistral_instruct"])
+    assert [r["cached"] for r in prefs()] == [False, True, False] and len(list(tmp_path.glob("prefs_*.json"))) == 2
+    rows = prefs()
+    assert rows[0]["images"] == 2 and rows[0]["questions"] == 4
+    # a --model folder (e.g. runs/stllava_med/stage1_model) keys by its files: rewritten weights rebuild the pairs
+    lm.save_llava_hf(*lm.load("tiny"), tmp_path / "m")
+    folder = PREFS + out + ["--model", str(tmp_path / "m")]
+    faults._in_process(st, folder)
+    faults._in_process(st, folder)
+    weights = tmp_path / "m" / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    faults._in_process(st, folder)
+    assert [r["cached"] for r in prefs()][3:] == [False, True, False]
+
+
 # ---------------------------------------------------------------- the script
+
+SQ_CONV = [{"from": "human", "value": "<image>\nCan you describe the image in detail?"},
+           {"from": "gpt", "value": "a chest x-ray"}, {"from": "human", "value": "Is there a nodule?"},
+           {"from": "gpt", "value": "yes"}]
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Stage-1 data the tiny model memorises in a few dozen steps (8 images, one conversation; with --sq-r 1 its
+    second question is a VUSER target), so the self-asked questions hit the reference answers and the reference judge
+    yields pairs; and 12 hand-made DPO pairs."""
+    d = tmp_path_factory.mktemp("stllava")
+    recs = [r for _, r in lm.read_records(TOY / "train.json")[:8]]
+    (d / "sq.json").write_text(json.dumps([{"id": r["id"], "image": r["image"], "conversations": SQ_CONV} for r in recs]))
+    pairs = [st.dpo_record(r["id"], r["image"], qa["question"], qa["answer"], "no" if qa["answer"] == "yes" else "yes",
+                           (9, 1)) for r in recs[:6] for qa in r["qa"][:2]]
+    (d / "pairs.json").write_text(json.dumps(pairs))
+    return d
+
+
+def sft_args(small, epochs):
+    return ["--sft-data", str(small / "sq.json"), "--image-folder", str(TOY), "--sq-r", "1", "--sft-epochs", str(epochs),
+            "--sft-lr", "3e-3", "--projector-lr", "3e-3", "--batch-size", "8", "--micro-batch-size", "4"]
 
 
 def _run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=400)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=faults.ENV)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
-def test_all_stages_and_torchrun_two_ranks_equal_one_rank(tmp_path):
-    """One process runs every stage: stage 1 (full LLM + cluster projector + ViT LoRA), preference generation, DPO on
-    STLLaVA-Med-format pairs, evaluation. Stage 1 on 2 ranks x 1 micro-batch == 1 rank x 2 micro-batches (losses and
-    the saved stage-1 model, atol 1e-5); the ViT really trained in both stages."""
-    recs = [r for _, r in lm.read_records(TOY / "train.json")[:8]]
-    pairs = [st.dpo_record(r["id"], r["image"], qa["question"], qa["answer"], "no" if qa["answer"] == "yes" else "yes", (9, 1))
-             for r in recs for qa in r["qa"][:2]]
-    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
-    stage1 = ["--sft-epochs", "0.015", "--batch-size", "8", "--micro-batch-size", "4", "--vit-lora-dropout", "0"]
-    _run([sys.executable, "stllava_med.py", "--out", str(tmp_path / "one"), "--no-eval-before"] + stage1 +
-         ["--prefs-limit", "4", "--n-questions", "2", "--gen-batch-size", "4", "--describe-max-new-tokens", "4",
-          "--q-max-new-tokens", "8", "--a-max-new-tokens", "4", "--dpo-data", str(tmp_path / "pairs.json"),
-          "--image-folder", str(TOY), "--dpo-batch-size", "8", "--dpo-micro-batch-size", "8", "--dpo-epochs", "1",
-          "--dpo-lr", "1e-3", "--eval-limit", "4", "--eval-max-new-tokens", "4"])
+def test_complete_pipeline_on_two_ranks_from_an_empty_out(small, tmp_path):
+    """Every default stage under torchrun with 2 ranks from an empty --out (issue 15 bug 7: rank 1 read the pairs
+    file before rank 0 had written it). On 1 rank, stage 1 with 2 micro-batches accumulated gives the same first
+    losses (later ones drift by float reassociation, amplified by training), and preference generation from the same
+    stage-1 model gives exactly the same pairs (fixed batches and seeds, whatever the number of ranks)."""
+    gen = ["--n-questions", "3", "--gen-batch-size", "4", "--describe-max-new-tokens", "8", "--q-max-new-tokens", "8",
+           "--q-temperature", "0.7", "--a-max-new-tokens", "4", "--a-temperature", "5", "--vit-lora-dropout", "0"]
+    two, one, again = tmp_path / "two", tmp_path / "one", tmp_path / "again"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "stllava_med.py",
-          "--stages", "sft", "--out", str(tmp_path / "two")] + stage1)
-    rows = [json.loads(line) for line in open(tmp_path / "one" / "metrics.jsonl")]
-    assert [r["phase"] for r in rows] == ["stage1"] * 2 + ["eval_sft", "prefs"] + ["stage2_dpo"] * 2 + ["eval_dpo"]
-    two = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
-    torch.testing.assert_close(torch.tensor([r["loss"] for r in rows[:2]]), torch.tensor([r["loss"] for r in two]),
-                               atol=1e-5, rtol=0)
-    a = load_file(str(tmp_path / "one" / "stage1_model" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "stage1_model" / "model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+          "--out", str(two), "--dpo-batch-size", "2", "--dpo-micro-batch-size", "1", "--dpo-epochs", "1",
+          "--eval-limit", "4", "--eval-max-new-tokens", "4"] + sft_args(small, 60) + gen)
+    _run([sys.executable, "stllava_med.py", "--stages", "sft", "--out", str(one)] + sft_args(small, 2) + gen)
+    _run([sys.executable, "stllava_med.py", "--stages", "prefs", "--model", str(two / "stage1_model"), "--answer-system",
+          "v1_sq", "--sft-data", str(small / "sq.json"), "--image-folder", str(TOY), "--out", str(again)] + gen)
+    rows = [json.loads(line) for line in open(two / "metrics.jsonl")]
+    phases = [r["phase"] for r in rows]
+    n_dpo = phases.count("dpo")
+    assert phases == ["eval_base"] + ["stage1"] * 60 + ["eval_sft", "prefs"] + ["dpo"] * n_dpo + ["eval_dpo"]
+    res = json.loads((two / "results.json").read_text())
+    prefs_stats = res["prefs"]
+    assert prefs_stats["images"] == 8 and prefs_stats["questions"] == 24 and prefs_stats["pairs"] >= 4
+    assert prefs_stats["pairs"] + sum(v for k, v in prefs_stats.items() if k not in ("pairs", "images", "questions", "tie")) == 24
+    assert len(json.loads((two / "stllava_med_dpo.json").read_text())) == prefs_stats["pairs"]
+    assert set(res) == {"train", "base", "sft", "prefs", "dpo", "wall_s"}
+    assert n_dpo == res["prefs"]["pairs"] // 2 and res["train"]["dpo"]["steps"] == n_dpo
+    assert res["dpo"]["n_closed"] + res["dpo"]["n_open"] == 4
+    assert abs(rows[phases.index("dpo")]["loss"] - math.log(2)) < 1e-5  # DPO step 1: policy == the stage-1 reference
+    ones = [json.loads(line) for line in open(one / "metrics.jsonl")]
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in ones]), torch.tensor([r["loss"] for r in rows[1:3]]),
+                               atol=1e-5, rtol=0)  # step 2's loss follows the first update (the same lr in both runs)
+    assert json.loads((again / "stllava_med_dpo.json").read_text()) == json.loads((two / "stllava_med_dpo.json").read_text())
     base, _ = lm.load("tiny")
+    a = load_file(str(two / "stage1_model" / "model.safetensors"))
     q0 = "model.vision_tower.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight"
-    assert (a[q0] - base.vision_tower.encoder.layers[0].self_attn.q_proj.weight).abs().max() > 1e-7  # ViT LoRA merged in
-    res = json.loads((tmp_path / "one" / "results.json").read_text())
-    prefs = res["prefs"]
-    assert prefs["images"] == 4 and prefs["questions"] == 8
-    assert prefs["pairs"] + sum(v for k, v in prefs.items() if k not in ("pairs", "images", "questions", "tie")) == 8
-    assert len(json.loads((tmp_path / "one" / "stllava_med_dpo.json").read_text())) == prefs["pairs"]
-    assert set(res) == {"sft", "prefs", "dpo", "wall_s"} and res["dpo"]["n_closed"] + res["dpo"]["n_open"] == 4
-    assert abs(rows[4]["loss"] - 0.693147) < 1e-4  # DPO step 1: policy == reference (the frozen stage-1 model)
-    c = load_file(str(tmp_path / "one" / "stage2_model" / "model.safetensors"))
+    assert (a[q0] - base.vision_tower.encoder.layers[0].self_attn.q_proj.weight).abs().max() > 1e-7  # ViT LoRA merged
+    c = load_file(str(two / "stage2_model" / "model.safetensors"))
     assert (c[q0] - a[q0]).abs().max() > 0  # stage 2's new ViT LoRA trained and merged
+    assert (c["model.mm_projector.c.weight"] - a["model.mm_projector.c.weight"]).abs().max() > 0  # projector trained
+
+
+def test_eval_only_reads_no_training_data(tmp_path):
+    model, tok = lm.load("tiny")
+    st.use_cluster_projector(st.resolve_defaults(st.Args()), model, stage1=True)
+    st.save_llava_original(model, tok, tmp_path / "ckpt")
+    missing = str(tmp_path / "missing.json")
+    res = faults._in_process(st, ["--eval-only", "--model", str(tmp_path / "ckpt"), "--sft-data", missing,
+                                  "--prefs-images", missing, "--dpo-data", missing, "--eval-limit", "6",
+                                  "--eval-max-new-tokens", "2", "--out", str(tmp_path / "out")])
+    assert set(res) == {"train", "model", "wall_s"} and res["train"] == {}
+    assert res["model"]["n_closed"] + res["model"]["n_open"] == 6
+    assert [json.loads(line)["phase"] for line in open(tmp_path / "out" / "metrics.jsonl")] == ["eval_model"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["args.json", "metrics.jsonl", "predictions_model.json",
+                                                                    "results.json"]
+
+
+def test_kill_and_resume_gives_the_same_weights(small, tmp_path):
+    """SIGKILL during DPO: the rerun reloads stage 1 from its last checkpoint and resumes DPO, bit-identical."""
+    faults.check_kill_and_resume("stllava_med.py", sft_args(small, 2) + [
+        "--stages", "sft,dpo", "--dpo-data", str(small / "pairs.json"), "--dpo-batch-size", "2",
+        "--dpo-micro-batch-size", "2", "--dpo-epochs", "1", "--save-every", "1"], "dpo", tmp_path)
+
+
+def test_nonfinite_step_stops_or_is_skipped(small, monkeypatch, tmp_path):
+    faults.check_nonfinite(st, sft_args(small, 3) + ["--stages", "sft"], "stage1", tmp_path, monkeypatch, call=3)
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_stalled_rank_makes_the_other_exit(small, tmp_path, fault):
+    faults.check_dead_rank("stllava_med.py", sft_args(small, 500) + ["--stages", "sft"], "stage1", tmp_path, fault)
+
+
+def test_bad_data_and_bad_model_exit_2_with_one_line(small, tmp_path):
+    faults.check_bad_inputs("stllava_med.py", sft_args(small, 1) + ["--stages", "sft"],
+                            ["--sft-data", str(FIX / "missing_image.jsonl"), "--image-folder", str(FIX)], tmp_path)
