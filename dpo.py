@@ -253,8 +253,8 @@ class PairData:
     or, with skip_bad, are counted per reason and reported."""
 
     def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool,
-                 allow_outside: bool = False, skipped: dict | None = None):
-        self.image_folder, self.cfg, self.items = image_folder, cfg, []
+                 allow_outside: bool = False, skipped: dict | None = None, system: str | None = None):
+        self.image_folder, self.cfg, self.items, self.system = image_folder, cfg, [], system  # system prompt (None: the template's)
         self.skipped, self.examples = dict(skipped or {}), []  # reason -> count; the first messages, for the log
         self.allow_outside, self._opened = allow_outside, set()
         for where, rec in records:
@@ -282,7 +282,8 @@ class PairData:
             rejected_images = ["noise:" + p for p in images]  # MMed-RAG cross-modality pairs: a noise image
         cfg = self.cfg
         tok = lambda turns, n: lm.tokenize_conversation(tokenizer, lm.place_image_markers(turns, n, where), cfg.template,
-                                                        cfg.num_image_tokens, cfg.image_token_id, max_length, where)
+                                                        cfg.num_image_tokens, cfg.image_token_id, max_length, where,
+                                                        self.system)
         c, r = tok(chosen_turns, len(images)), tok(rejected_turns, len(rejected_images))
         for p in images + rejected_images:
             if p.startswith("noise:"):
@@ -722,17 +723,21 @@ def to_device(batch, device):
 
 
 def image_features_for(model, ref_model, pixel_values, device):
-    """Encode each distinct image once; the projected features serve the policy and, when the projector is
-    frozen, the reference too. Returns (policy features, reference features)."""
+    """Encode each distinct image once; the projected features serve the policy and, when the tower and projector
+    are frozen, the reference too. A trained projector has a frozen copy for the reference (ref_model, or its
+    .projector); a ViT with LoRA (STLLaVA-Med) runs a second tower pass with the adapters off. Returns (policy
+    features, reference features)."""
     if pixel_values is None:
         return None, None
     vis = model.vision_features(pixel_values.to(device))
     policy = model.projector(vis)
-    if ref_model is None:
+    vit_lora = any(p.requires_grad for p in model.vision_tower.parameters())
+    if ref_model is None and not vit_lora:
         return policy, policy.detach()
-    ref_proj = ref_model.projector if hasattr(ref_model, "projector") else ref_model
-    with torch.no_grad():
-        return policy, ref_proj(vis)
+    with torch.no_grad(), lm.adapters_off(model):
+        ref_vis = model.vision_features(pixel_values.to(device)) if vit_lora else vis
+        ref_proj = model.projector if ref_model is None else getattr(ref_model, "projector", ref_model)
+        return policy, ref_proj(ref_vis)
 
 
 def reference_logps(model, ref_model, batch, ref_feats):
@@ -820,11 +825,7 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
         micro = max(1, 16 // world)  # a global batch of 16 samples (or the nearest multiple of the ranks)
         train(args, "sft_warmup", model, max(len(items), micro * world), step, out / "sft_warmup", rank, world, log, {"": args.sft_lr},
               batch_size=micro * world, micro_batch_size=micro, max_steps=args.sft_warmup_steps)
-        state = lm.full_state_dict(model)
-        if rank == 0:  # written under a temporary name, then renamed: a crash never leaves half a checkpoint
-            tmp = lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / ".base_llava_hf.tmp")
-            shutil.rmtree(base, ignore_errors=True)
-            os.replace(tmp, base)
+        lm.save_merged(model, tokenizer, base, rank)
         dist.barrier()
     return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None,
                    attn_implementation=args.attn_implementation)[0]

@@ -105,15 +105,20 @@ class Args:
 
 # Copied from dpo.py: parse_args
 def parse_args(cls, argv=None):
-    """argparse generated from the Args dataclass: --field-name value; booleans take --flag / --no-flag."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0])
+    """argparse generated from the Args dataclass: --field-name, with the field's comment in Args as its help, its
+    default, and for a Literal type its allowed values; booleans take --flag / --no-flag."""
+    comments = dict(re.findall(r"^    (\w+):[^\n]*?  # (.*)$", inspect.getsource(cls), re.M))
+    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": comments.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"}
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.type.startswith("Literal["):
+            kw["choices"] = ast.literal_eval(f.type[len("Literal"):])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, default=f.default)
+            kw["type"] = {"int": int, "float": float, "str": str}[f.type]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
 
 

@@ -33,7 +33,9 @@ import contextlib
 import inspect
 import json
 import math
+import os
 import re
+import shutil
 import sys
 import warnings
 from collections import Counter, OrderedDict
@@ -787,8 +789,8 @@ def image_tensor(cfg: LlavaMedConfig, image) -> torch.Tensor:
 
 def generate_sharded(model, tokenizer, jobs: list[dict], batch_size: int = 16, rank: int = 0, world: int = 1,
                      desc: str = "generate", seed: int | None = None, **gen_kwargs) -> list[str]:
-    """Answers for every job {"turns": [(role, text), ...] ending with a user turn, "images": [path | PIL | tensor],
-    "system"?: str}. The jobs are cut into fixed batches (the same for any number of ranks, so the answers and the
+    """Answers for every job {"turns": [(role, text), ...] ending with a user turn (or "prompt": token ids with the
+    image tokens expanded), "images": [path | PIL | tensor], "system"?: str}. The jobs are cut into fixed batches (the same for any number of ranks, so the answers and the
     sampling seeds, seed + batch number, do not depend on it); batch b runs on rank b % world, a rank with fewer
     batches repeats one so every rank makes the same forwards (FSDP2's collectives stay in step); the answers are
     gathered on every rank. For a sharded or a plain model, in one process or under torchrun."""
@@ -802,9 +804,9 @@ def generate_sharded(model, tokenizer, jobs: list[dict], batch_size: int = 16, r
     for r in tqdm(range(-(-len(batches) // world)), desc=desc, disable=rank != 0, leave=False):
         b = r * world + rank
         idx = batches[min(b, len(batches) - 1)]
-        prompts = [tokenize_prompt(tokenizer, place_image_markers(jobs[i]["turns"], len(jobs[i]["images"])),
-                                   cfg.template, cfg.num_image_tokens, cfg.image_token_id, jobs[i].get("system"))
-                   for i in idx]
+        prompts = [jobs[i]["prompt"] if "prompt" in jobs[i] else tokenize_prompt(  # token ids, or turns to render
+            tokenizer, place_image_markers(jobs[i]["turns"], len(jobs[i]["images"])), cfg.template,
+            cfg.num_image_tokens, cfg.image_token_id, jobs[i].get("system")) for i in idx]
         pix = [image_tensor(cfg, im) for i in idx for im in jobs[i]["images"]]
         out = generate(model, tokenizer, prompts, torch.stack(pix) if pix else None,
                        seed=None if seed is None else seed + b, **gen_kwargs)
@@ -1119,6 +1121,56 @@ def save_llava_hf(model: LlavaMed, tokenizer, out_dir, max_shard_bytes: int = 5 
         "vision_feature_select_strategy": cfg.vision_feature_select_strategy, "image_token": IMAGE_MARKER,
         "num_additional_image_tokens": 1}, indent=2))
     return out
+
+
+def save_llava_original(model, tokenizer, out_dir) -> Path:
+    """The model in the original LLaVA layout (config model_type llava_<lm>, mm_projector_type, keys
+    model.mm_projector.*, model.vision_tower.vision_tower.vision_model.*, model.*, lm_head.*), which
+    llava_med.load reads back. llava-hf has no cluster projector, so this is how a stage model is kept."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.endswith(("position_ids", "inv_freq")):
+            continue
+        if k.startswith("vision_tower."):
+            name = "model.vision_tower.vision_tower.vision_model." + k[len("vision_tower."):].removeprefix("vision_model.")
+        elif k.startswith("projector."):
+            name = "model.mm_projector." + k[len("projector."):]
+        elif k.startswith("language_model.model."):
+            name = "model." + k[len("language_model.model."):]
+        else:
+            name = k[len("language_model."):]
+        sd[name] = v.detach().to("cpu").contiguous()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    text = cfg.text_config.to_dict()
+    for key in ("_attn_implementation", "_attn_implementation_autoset", "architectures", "model_type"):
+        text.pop(key, None)
+    base = cfg.text_config.model_type
+    raw = {**text, "model_type": f"llava_{base}", "architectures": [f"Llava{base.capitalize()}ForCausalLM"],
+           "mm_projector_type": cfg.projector_type, "mm_vision_tower": "vision_tower",
+           "mm_hidden_size": cfg.vision_config.hidden_size, "mm_vision_select_layer": cfg.vision_feature_layer,
+           "mm_vision_select_feature": "patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
+           "image_aspect_ratio": cfg.image_aspect_ratio, "tokenizer_model_max_length": cfg.max_length,
+           "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
+    (out / "config.json").write_text(json.dumps(raw, indent=1, default=str))
+    cfg.vision_config.save_pretrained(out / "vision_tower")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def save_merged(model: LlavaMed, tokenizer, out_dir, rank: int = 0, layout: str = "llava-hf") -> LlavaMed:
+    """The model with its LoRA merged (whole tensors gathered: every rank calls), written by rank 0 as a llava-hf
+    checkpoint or in the original LLaVA layout (the one that holds a cluster projector) under a temporary name and
+    renamed, so a crash never leaves half a model. Returns the merged plain model."""
+    merged = merge_lora(model, full_state_dict(model))
+    if rank == 0:
+        out = Path(out_dir)
+        tmp = (save_llava_hf if layout == "llava-hf" else save_llava_original)(merged, tokenizer, out.with_name(f".{out.name}.tmp"))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -160,15 +160,20 @@ class Args:
 
 # Copied from dpo.py: parse_args
 def parse_args(cls, argv=None):
-    """argparse generated from the Args dataclass: --field-name value; booleans take --flag / --no-flag."""
-    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0])
+    """argparse generated from the Args dataclass: --field-name, with the field's comment in Args as its help, its
+    default, and for a Literal type its allowed values; booleans take --flag / --no-flag."""
+    comments = dict(re.findall(r"^    (\w+):[^\n]*?  # (.*)$", inspect.getsource(cls), re.M))
+    p = argparse.ArgumentParser(description=(sys.modules["__main__"].__doc__ or "").split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(cls):
-        name = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default)
+        kw = {"default": f.default, "help": comments.get(f.name, "").replace("%", "%%") + f" (default: {f.default!r})"}
+        if f.type == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif f.type.startswith("Literal["):
+            kw["choices"] = ast.literal_eval(f.type[len("Literal"):])
         else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            p.add_argument(name, type=typ, default=f.default)
+            kw["type"] = {"int": int, "float": float, "str": str}[f.type]
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
 
 
@@ -829,18 +834,80 @@ class SFTItems:
 
 
 # Copied from dpo.py: collate_pairs
-def collate_pairs(data: PairData, idx: list[int], pad_id: int) -> dict:
-    """Rows [chosen...; rejected...]; `pixel_values` holds each distinct image once and `row_images[i]` lists the
-    indices of row i's images in it, so the vision tower runs once per image, not once per row."""
+def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: bool = True) -> dict:
+    """One micro-batch of pairs as model inputs. Every distinct image is in `pixel_values` once and `row_images`
+    lists, row by row, which of them each row's image tokens show (the vision tower runs once per image).
+
+    A pair whose chosen and rejected answers follow the same images and prompt is ONE row (prefix sharing, Wang &
+    Hegde 2024, arXiv 2410.20305): the shared prefix, then the chosen answer, then the rejected answer, whose
+    position ids restart where the prompt ends, under an attention mask in which the rejected answer sees the prompt
+    but not the chosen answer, as the paper's figure draws it (p prompt, c chosen, r rejected; 1 = may attend):
+                 p p p c c r r
+              p  1 . . . . . .
+              p  1 1 . . . . .
+              p  1 1 1 . . . .
+              c  1 1 1 1 . . .
+              c  1 1 1 1 1 . .
+              r  1 1 1 . . 1 .
+              r  1 1 1 . . 1 1
+    so the prompt (576 image tokens and the question, for LLaVA-Med) runs through the model once instead of twice.
+    Other pairs (a rejected image, as MMed-RAG's noise image or MMedPO's noised lesion; or share_prefix=False)
+    take two causal rows, TRL's layout. "score" lists every scored token as (row, position, target, answer): the
+    logit at (row, position) predicts `target`, a token of answer `answer` (0..B-1 chosen, B..2B-1 rejected)."""
     items = [data.items[i] for i in idx]
-    seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-    row_keys = [it["images"] for it in items] + [it["rejected_images"] for it in items]
-    distinct = list(dict.fromkeys(k for keys in row_keys for k in keys))
-    batch = lm.collate(seqs, pad_id)
-    batch["pixel_values"] = torch.stack([data.pixel(k) for k in distinct]) if distinct else None
-    pos = {k: i for i, k in enumerate(distinct)}
-    batch["row_images"] = torch.tensor([pos[k] for keys in row_keys for k in keys], dtype=torch.long)
-    return batch
+    B = len(items)
+    rows, keys, score = [], [], ([], [], [], [])  # a row: (token ids, position ids, segment: 0 shared, 1 c, 2 r)
+
+    def add_scores(row, seq, to_pos, answer):
+        ids, labels = seq["input_ids"], seq["labels"]
+        for t in range(len(ids) - 1):
+            if labels[t + 1] != lm.IGNORE_INDEX:  # the logit at t predicts token t + 1 (the causal shift)
+                for column, v in zip(score, (row, to_pos(t), ids[t + 1], answer)):
+                    column.append(v)
+
+    unshared = []
+    for j, it in enumerate(items):
+        c, r = it["chosen"]["input_ids"], it["rejected"]["input_ids"]
+        s = 0
+        if share_prefix and it["images"] == it["rejected_images"]:
+            while s < min(len(c), len(r)) - 1 and c[s] == r[s]:
+                s += 1  # the longest common prefix, leaving each answer at least one token of its own
+        if s == 0:
+            unshared.append(j)
+            continue
+        rows.append((c + r[s:], list(range(len(c))) + list(range(s, len(r))), [0] * s + [1] * (len(c) - s) + [2] * (len(r) - s)))
+        keys.append(it["images"])
+        add_scores(len(rows) - 1, it["chosen"], lambda t: t, j)
+        add_scores(len(rows) - 1, it["rejected"], lambda t, s=s, n=len(c): t if t < s else n + t - s, B + j)
+    for side, images, offset in (("chosen", "images", 0), ("rejected", "rejected_images", B)):
+        for j in unshared:
+            ids = items[j][side]["input_ids"]
+            rows.append((ids, list(range(len(ids))), [0] * len(ids)))
+            keys.append(items[j][images])
+            add_scores(len(rows) - 1, items[j][side], lambda t: t, offset + j)
+    T = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    real = torch.zeros(len(rows), T, dtype=torch.bool)
+    position_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    segment = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (ids, pos, seg) in enumerate(rows):  # right padding
+        input_ids[i, :len(ids)], real[i, :len(ids)] = torch.tensor(ids), True
+        position_ids[i, :len(ids)], segment[i, :len(ids)] = torch.tensor(pos), torch.tensor(seg)
+    extra = {}
+    if len(unshared) == B:  # nothing shared: a padding mask, the model's own causal attention, TRL's rows and labels
+        attention_mask, position_ids = real.long(), None
+        extra["labels"] = lm.collate([items[j][side] for side in ("chosen", "rejected") for j in range(B)], pad_id)["labels"]
+    else:  # causal, except rejected tokens never see chosen ones; a padding position sees itself (no empty row)
+        hide = (segment[:, :, None] == 2) & (segment[:, None, :] == 1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        attention_mask = ((causal & ~hide & real[:, None, :]) | torch.eye(T, dtype=torch.bool))[:, None]
+    distinct = list(dict.fromkeys(k for ks in keys for k in ks))
+    where = {k: i for i, k in enumerate(distinct)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "pixel_values": torch.stack([data.pixel(k) for k in distinct]) if distinct else None,
+            "row_images": torch.tensor([where[k] for ks in keys for k in ks], dtype=torch.long),
+            "score": tuple(torch.tensor(column, dtype=torch.long) for column in score), "n_answers": 2 * B,
+            "n_tokens": torch.tensor(float(real.sum())), **extra}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -860,20 +927,17 @@ def weighted_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, 
 
 # Copied from dpo.py: sequence_logps
 def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the supervised tokens of each row, and their counts. Logits are formed only at the
-    positions that predict a supervised token (the shift by one of every causal LM), in fp32."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = targets != lm.IGNORE_INDEX
+    """Summed log-probs of the supervised tokens of each answer [2B] (chosen answers, then rejected ones), and
+    their counts, from collate_pairs' "score" list. Logits are formed only where a scored token is predicted, in
+    fp32 (prompt and image tokens are never scored)."""
+    rows, positions, targets, answers = (t.to(batch["input_ids"].device) for t in batch["score"])
     feats = image_features[batch["row_images"]] if image_features is not None else None
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], image_features=feats,
-                   logits_mask=mask).logits.float()  # [n_supervised, V]
-    token_logps = torch.gather(logits, -1, targets[mask[:, :-1]].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    rows = mask.nonzero()[:, 0]
-    B = labels.shape[0]
-    sums = torch.zeros(B, device=logits.device, dtype=torch.float32).index_add(0, rows, token_logps)
-    counts = torch.zeros(B, device=logits.device, dtype=torch.float32).index_add(0, rows, torch.ones_like(token_logps))
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   image_features=feats, logits_mask=(rows, positions)).logits.float()  # [n_scored, V]
+    token_logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    n = batch["n_answers"]
+    sums = torch.zeros(n, device=logits.device, dtype=torch.float32).index_add(0, answers, token_logps)
+    counts = torch.zeros(n, device=logits.device, dtype=torch.float32).index_add(0, answers, torch.ones_like(token_logps))
     return sums, counts
 
 
@@ -945,7 +1009,8 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
 
 # Copied from dpo.py: build_models
 def build_models(args: Args, model, device):
-    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA) or a frozen copy (full)."""
+    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
+    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
     import copy
 
     model.requires_grad_(False)
@@ -954,7 +1019,7 @@ def build_models(args: Args, model, device):
         ref_model = copy.deepcopy(model).eval()
         model.language_model.requires_grad_(True)
     else:
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
     if args.tune_projector:
@@ -1171,17 +1236,21 @@ def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> lis
 
 # Copied from dpo.py: image_features_for
 def image_features_for(model, ref_model, pixel_values, device):
-    """Encode each distinct image once; the projected features serve the policy and, when the projector is
-    frozen, the reference too. Returns (policy features, reference features)."""
+    """Encode each distinct image once; the projected features serve the policy and, when the tower and projector
+    are frozen, the reference too. A trained projector has a frozen copy for the reference (ref_model, or its
+    .projector); a ViT with LoRA (STLLaVA-Med) runs a second tower pass with the adapters off. Returns (policy
+    features, reference features)."""
     if pixel_values is None:
         return None, None
     vis = model.vision_features(pixel_values.to(device))
     policy = model.projector(vis)
-    if ref_model is None:
+    vit_lora = any(p.requires_grad for p in model.vision_tower.parameters())
+    if ref_model is None and not vit_lora:
         return policy, policy.detach()
-    ref_proj = ref_model.projector if hasattr(ref_model, "projector") else ref_model
-    with torch.no_grad():
-        return policy, ref_proj(vis)
+    with torch.no_grad(), lm.adapters_off(model):
+        ref_vis = model.vision_features(pixel_values.to(device)) if vit_lora else vis
+        ref_proj = model.projector if ref_model is None else getattr(ref_model, "projector", ref_model)
+        return policy, ref_proj(ref_vis)
 
 
 # Copied from dpo.py: reference_logps
@@ -1189,7 +1258,7 @@ def reference_logps(model, ref_model, batch, ref_feats):
     with torch.no_grad():
         if ref_model is not None and hasattr(ref_model, "language_model"):  # full fine-tuning: frozen copy
             return sequence_logps(ref_model, batch, ref_feats)
-        with adapters_off(model):
+        with lm.adapters_off(model):
             return sequence_logps(model, batch, ref_feats)
 
 
@@ -1467,32 +1536,12 @@ def read_vqa(path: str, image_folder: str = "") -> list[dict]:
 
 # Copied from dpo.py: evaluate_vqa
 def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
-                 device, closed_scoring: str = "strict", desc: str = "eval") -> tuple[dict, list[dict]]:
-    """Greedy answers for every row (ranks take interleaved shares, padded to equal batch counts so sharded
-    forwards stay in step), gathered on every rank and scored."""
-    cfg = model.config
-    model.eval()
-    mine = list(range(rank, len(rows), world))
-    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
-    preds = {}
-    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0, leave=False):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(chunk)
-        chunk = chunk or [0]
-        prompts, pix = [], []
-        for i in chunk:
-            turns = lm.place_image_markers([("user", rows[i]["question"])], 1)
-            prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id))
-            pix.append(lm.preprocess_image(lm.load_image(rows[i]["image"]), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                           pad=cfg.image_aspect_ratio == "pad"))
-        answers = lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens)
-        preds.update({i: a for i, a in zip(chunk[:real], answers[:real])})
-    model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
-    gathered = [None] * world
-    dist.all_gather_object(gathered, preds)
-    merged = {i: a for part in gathered for i, a in part.items()}
-    results = [dict(rows[i], prediction=merged[i]) for i in range(len(rows))]
-    return score_vqa(results, closed_scoring), results
+                 closed_scoring: str = "strict", desc: str = "eval") -> tuple[dict, list[dict]]:
+    """Greedy answers for every row (lm.generate_sharded shares them out to the ranks and gathers them), scored."""
+    jobs = [{"turns": [("user", r["question"])], "images": [r["image"]]} for r in rows]
+    preds = lm.generate_sharded(model, tokenizer, jobs, batch_size, rank, world, desc, max_new_tokens=max_new_tokens)
+    results = [dict(r, prediction=p) for r, p in zip(rows, preds)]
+    return lm.score_vqa(results, closed_scoring), results
 
 
 # Copied from mmed_rag.py: report_tokens

@@ -134,6 +134,10 @@ class Args:
     dpo_lora_dropout: float = 0.05  # LLM LoRA dropout in DPO: on, as released (no disable_dropout in base_dpo_trainer.py); 0 = TRL's disable_dropout
     dpo_vit_lora_dropout: float = 0.1  # ViT LoRA dropout in DPO (train_dpo.py:1194, hard-coded)
     beta: float = 0.1  # DPO temperature (BaseDPOTrainer default, not overridden)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO (the release); ipo = Azar et al. 2023
+    label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
+    reference_free: bool = False  # reference log-probs = 0
+    prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
     dpo_epochs: float = -1  # -1 = 1 (spec), or 3 for --model tiny
     dpo_batch_size: int = 16  # pairs per optimizer step over all ranks
     dpo_micro_batch_size: int = 8  # pairs per forward on one rank
@@ -524,27 +528,6 @@ def stream_seed(args: Args, stream: str) -> int:
     return int(hashlib.sha256(f"{args.seed}-{stream}".encode()).hexdigest()[:12], 16)
 
 
-def generate_sharded_ids(model, tokenizer, jobs: list[dict], batch_size: int, rank: int, world: int, desc: str,
-                         seed: int | None = None, **gen_kwargs) -> list[str]:
-    """lm.generate_sharded for jobs whose prompt is already token ids ({"prompt", "images"}): the v1_sq prompts
-    (USER / ASSISTANT / VUSER) are not one of llava_med's chat templates. The same fixed batches, batch b on rank
-    b % world with seed + b, gathered on every rank (so the result does not depend on the number of ranks)."""
-    batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
-    answers = {}
-    model.eval()
-    for r in tqdm(range(-(-len(batches) // world)), desc=desc, disable=rank != 0, leave=False):
-        b = r * world + rank
-        idx = batches[min(b, len(batches) - 1)]  # a rank with fewer batches repeats one: the same forwards on all
-        pix = [lm.image_tensor(model.config, im) for i in idx for im in jobs[i]["images"]]
-        out = lm.generate(model, tokenizer, [jobs[i]["prompt"] for i in idx], torch.stack(pix) if pix else None,
-                          seed=None if seed is None else seed + b, **gen_kwargs)
-        answers.update(zip(idx, out) if b < len(batches) else ())
-    parts = [None] * world
-    dist.all_gather_object(parts, answers)
-    merged = {i: a for part in parts for i, a in part.items()}
-    return [merged[i] for i in range(len(jobs))]
-
-
 def judge_replies(args: Args, items: list[tuple], rank: int, world: int, device) -> list[str]:
     """A reply per (image, question, answer 1, answer 2, reference answers): the offline reference judge, or a local
     judge VLM (any checkpoint llava_med.load reads, in place of GPT-4o) given the image and judge_content, sampled
@@ -568,12 +551,12 @@ def generate_preferences(args: Args, model, tokenizer, rows: list[dict], folder:
     first = lm.IMAGE_MARKER + "\n" + args.describe_prompt
     sq = lambda turns, vuser: tokenize_sq(tokenizer, sq_segments(turns, set(), tokenizer.eos_token, vuser),
                                           cfg.num_image_tokens, cfg.image_token_id, prompt=True)["input_ids"]
-    described = generate_sharded_ids(model, tokenizer, [{"prompt": sq([("user", first)], False), "images": [im]}
+    described = lm.generate_sharded(model, tokenizer, [{"prompt": sq([("user", first)], False), "images": [im]}
                                                         for im in images], args.gen_batch_size, rank, world,
                                      "describe", max_new_tokens=args.describe_max_new_tokens)
     jobs = [{"prompt": sq([("user", first), ("assistant", d.replace(lm.IMAGE_MARKER, "") or ".")], True),
              "images": [im]} for d, im in zip(described, images) for _ in range(n)]
-    questions = generate_sharded_ids(model, tokenizer, jobs, args.gen_batch_size, rank, world, "questions",
+    questions = lm.generate_sharded(model, tokenizer, jobs, args.gen_batch_size, rank, world, "questions",
                                      stream_seed(args, "questions"), max_new_tokens=args.q_max_new_tokens,
                                      temperature=args.q_temperature, top_k=args.q_top_k, top_p=args.q_top_p)
     jobs = [{"turns": [("user", q.replace(lm.IMAGE_MARKER, ""))], "images": [images[k // n]],
@@ -631,8 +614,8 @@ class PairData:
     or, with skip_bad, are counted per reason and reported."""
 
     def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool,
-                 allow_outside: bool = False, skipped: dict | None = None):
-        self.image_folder, self.cfg, self.items = image_folder, cfg, []
+                 allow_outside: bool = False, skipped: dict | None = None, system: str | None = None):
+        self.image_folder, self.cfg, self.items, self.system = image_folder, cfg, [], system  # system prompt (None: the template's)
         self.skipped, self.examples = dict(skipped or {}), []  # reason -> count; the first messages, for the log
         self.allow_outside, self._opened = allow_outside, set()
         for where, rec in records:
@@ -660,7 +643,8 @@ class PairData:
             rejected_images = ["noise:" + p for p in images]  # MMed-RAG cross-modality pairs: a noise image
         cfg = self.cfg
         tok = lambda turns, n: lm.tokenize_conversation(tokenizer, lm.place_image_markers(turns, n, where), cfg.template,
-                                                        cfg.num_image_tokens, cfg.image_token_id, max_length, where)
+                                                        cfg.num_image_tokens, cfg.image_token_id, max_length, where,
+                                                        self.system)
         c, r = tok(chosen_turns, len(images)), tok(rejected_turns, len(rejected_images))
         for p in images + rejected_images:
             if p.startswith("noise:"):
@@ -690,18 +674,80 @@ class PairData:
 
 
 # Copied from dpo.py: collate_pairs
-def collate_pairs(data: PairData, idx: list[int], pad_id: int) -> dict:
-    """Rows [chosen...; rejected...]; `pixel_values` holds each distinct image once and `row_images[i]` lists the
-    indices of row i's images in it, so the vision tower runs once per image, not once per row."""
+def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: bool = True) -> dict:
+    """One micro-batch of pairs as model inputs. Every distinct image is in `pixel_values` once and `row_images`
+    lists, row by row, which of them each row's image tokens show (the vision tower runs once per image).
+
+    A pair whose chosen and rejected answers follow the same images and prompt is ONE row (prefix sharing, Wang &
+    Hegde 2024, arXiv 2410.20305): the shared prefix, then the chosen answer, then the rejected answer, whose
+    position ids restart where the prompt ends, under an attention mask in which the rejected answer sees the prompt
+    but not the chosen answer, as the paper's figure draws it (p prompt, c chosen, r rejected; 1 = may attend):
+                 p p p c c r r
+              p  1 . . . . . .
+              p  1 1 . . . . .
+              p  1 1 1 . . . .
+              c  1 1 1 1 . . .
+              c  1 1 1 1 1 . .
+              r  1 1 1 . . 1 .
+              r  1 1 1 . . 1 1
+    so the prompt (576 image tokens and the question, for LLaVA-Med) runs through the model once instead of twice.
+    Other pairs (a rejected image, as MMed-RAG's noise image or MMedPO's noised lesion; or share_prefix=False)
+    take two causal rows, TRL's layout. "score" lists every scored token as (row, position, target, answer): the
+    logit at (row, position) predicts `target`, a token of answer `answer` (0..B-1 chosen, B..2B-1 rejected)."""
     items = [data.items[i] for i in idx]
-    seqs = [it["chosen"] for it in items] + [it["rejected"] for it in items]
-    row_keys = [it["images"] for it in items] + [it["rejected_images"] for it in items]
-    distinct = list(dict.fromkeys(k for keys in row_keys for k in keys))
-    batch = lm.collate(seqs, pad_id)
-    batch["pixel_values"] = torch.stack([data.pixel(k) for k in distinct]) if distinct else None
-    pos = {k: i for i, k in enumerate(distinct)}
-    batch["row_images"] = torch.tensor([pos[k] for keys in row_keys for k in keys], dtype=torch.long)
-    return batch
+    B = len(items)
+    rows, keys, score = [], [], ([], [], [], [])  # a row: (token ids, position ids, segment: 0 shared, 1 c, 2 r)
+
+    def add_scores(row, seq, to_pos, answer):
+        ids, labels = seq["input_ids"], seq["labels"]
+        for t in range(len(ids) - 1):
+            if labels[t + 1] != lm.IGNORE_INDEX:  # the logit at t predicts token t + 1 (the causal shift)
+                for column, v in zip(score, (row, to_pos(t), ids[t + 1], answer)):
+                    column.append(v)
+
+    unshared = []
+    for j, it in enumerate(items):
+        c, r = it["chosen"]["input_ids"], it["rejected"]["input_ids"]
+        s = 0
+        if share_prefix and it["images"] == it["rejected_images"]:
+            while s < min(len(c), len(r)) - 1 and c[s] == r[s]:
+                s += 1  # the longest common prefix, leaving each answer at least one token of its own
+        if s == 0:
+            unshared.append(j)
+            continue
+        rows.append((c + r[s:], list(range(len(c))) + list(range(s, len(r))), [0] * s + [1] * (len(c) - s) + [2] * (len(r) - s)))
+        keys.append(it["images"])
+        add_scores(len(rows) - 1, it["chosen"], lambda t: t, j)
+        add_scores(len(rows) - 1, it["rejected"], lambda t, s=s, n=len(c): t if t < s else n + t - s, B + j)
+    for side, images, offset in (("chosen", "images", 0), ("rejected", "rejected_images", B)):
+        for j in unshared:
+            ids = items[j][side]["input_ids"]
+            rows.append((ids, list(range(len(ids))), [0] * len(ids)))
+            keys.append(items[j][images])
+            add_scores(len(rows) - 1, items[j][side], lambda t: t, offset + j)
+    T = max(len(ids) for ids, _, _ in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    real = torch.zeros(len(rows), T, dtype=torch.bool)
+    position_ids = torch.zeros(len(rows), T, dtype=torch.long)
+    segment = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, (ids, pos, seg) in enumerate(rows):  # right padding
+        input_ids[i, :len(ids)], real[i, :len(ids)] = torch.tensor(ids), True
+        position_ids[i, :len(ids)], segment[i, :len(ids)] = torch.tensor(pos), torch.tensor(seg)
+    extra = {}
+    if len(unshared) == B:  # nothing shared: a padding mask, the model's own causal attention, TRL's rows and labels
+        attention_mask, position_ids = real.long(), None
+        extra["labels"] = lm.collate([items[j][side] for side in ("chosen", "rejected") for j in range(B)], pad_id)["labels"]
+    else:  # causal, except rejected tokens never see chosen ones; a padding position sees itself (no empty row)
+        hide = (segment[:, :, None] == 2) & (segment[:, None, :] == 1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        attention_mask = ((causal & ~hide & real[:, None, :]) | torch.eye(T, dtype=torch.bool))[:, None]
+    distinct = list(dict.fromkeys(k for ks in keys for k in ks))
+    where = {k: i for i, k in enumerate(distinct)}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "pixel_values": torch.stack([data.pixel(k) for k in distinct]) if distinct else None,
+            "row_images": torch.tensor([where[k] for ks in keys for k in ks], dtype=torch.long),
+            "score": tuple(torch.tensor(column, dtype=torch.long) for column in score), "n_answers": 2 * B,
+            "n_tokens": torch.tensor(float(real.sum())), **extra}
 
 
 def dpo_records(args: Args, pairs, prefs_folder, prefs_path: Path) -> tuple[list[tuple[str, dict]], Path]:
@@ -714,26 +760,6 @@ def dpo_records(args: Args, pairs, prefs_folder, prefs_path: Path) -> tuple[list
     if not pairs:
         raise lm.DataError("the prefs stage produced no preference pair (see its counts above); stage 2 has no data")
     return [(f"{prefs_path}[{i}]", r) for i, r in enumerate(pairs)], prefs_folder
-
-
-class AnswerPairData(PairData):
-    """dpo.py's PairData (validation, images opened once, skips counted) with the pairs tokenised under the DPO
-    system prompt when it is not the template's own."""
-
-    def __init__(self, records, image_folder: Path, tokenizer, cfg, max_length: int, skip_bad: bool, system=None):
-        self.system = system
-        super().__init__(records, image_folder, tokenizer, cfg, max_length, skip_bad)
-
-    def _tokenize(self, where, rec, tokenizer, max_length):
-        item = super()._tokenize(where, rec, tokenizer, max_length)
-        if self.system is not None:
-            cfg = self.cfg
-            for key, turns, n in zip(("chosen", "rejected"), pair_turns(rec, where),
-                                     (len(item["images"]), len(item["rejected_images"]))):
-                item[key] = lm.tokenize_conversation(tokenizer, lm.place_image_markers(turns, n, where), cfg.template,
-                                                     cfg.num_image_tokens, cfg.image_token_id, max_length, where,
-                                                     system=self.system)
-        return item
 
 
 # Copied from dpo.py: dpo_loss
@@ -759,20 +785,17 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 # Copied from dpo.py: sequence_logps
 def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the supervised tokens of each row, and their counts. Logits are formed only at the
-    positions that predict a supervised token (the shift by one of every causal LM), in fp32."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    mask = torch.zeros_like(labels, dtype=torch.bool)
-    mask[:, :-1] = targets != lm.IGNORE_INDEX
+    """Summed log-probs of the supervised tokens of each answer [2B] (chosen answers, then rejected ones), and
+    their counts, from collate_pairs' "score" list. Logits are formed only where a scored token is predicted, in
+    fp32 (prompt and image tokens are never scored)."""
+    rows, positions, targets, answers = (t.to(batch["input_ids"].device) for t in batch["score"])
     feats = image_features[batch["row_images"]] if image_features is not None else None
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], image_features=feats,
-                   logits_mask=mask).logits.float()  # [n_supervised, V]
-    token_logps = torch.gather(logits, -1, targets[mask[:, :-1]].unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    rows = mask.nonzero()[:, 0]
-    B = labels.shape[0]
-    sums = torch.zeros(B, device=logits.device, dtype=torch.float32).index_add(0, rows, token_logps)
-    counts = torch.zeros(B, device=logits.device, dtype=torch.float32).index_add(0, rows, torch.ones_like(token_logps))
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                   image_features=feats, logits_mask=(rows, positions)).logits.float()  # [n_scored, V]
+    token_logps = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    n = batch["n_answers"]
+    sums = torch.zeros(n, device=logits.device, dtype=torch.float32).index_add(0, answers, token_logps)
+    counts = torch.zeros(n, device=logits.device, dtype=torch.float32).index_add(0, answers, torch.ones_like(token_logps))
     return sums, counts
 
 
@@ -1114,21 +1137,23 @@ def sft_step(model, tokenizer, data: SQData, idx: list[int], epoch: int, device)
     return {"loss": loss, "n": n_tokens, "tokens": batch["attention_mask"].sum().float()}
 
 
-def policy_and_reference_features(model, ref_projector, pixel_values, vit_lora: bool):
-    """Projected image features of the policy and of the reference (the stage-1 model). Each distinct image is encoded
-    once for the policy; with ViT LoRA the reference runs its own tower pass with the adapters off, and a projector
-    that trains has a frozen copy for the reference (dpo.py's image_features_for shares one tower pass)."""
+# Copied from dpo.py: image_features_for
+def image_features_for(model, ref_model, pixel_values, device):
+    """Encode each distinct image once; the projected features serve the policy and, when the tower and projector
+    are frozen, the reference too. A trained projector has a frozen copy for the reference (ref_model, or its
+    .projector); a ViT with LoRA (STLLaVA-Med) runs a second tower pass with the adapters off. Returns (policy
+    features, reference features)."""
     if pixel_values is None:
         return None, None
-    with torch.no_grad(), lm.adapters_off(model):
-        vis_ref = model.vision_features(pixel_values) if vit_lora else None
-    vis = model.vision_features(pixel_values)
+    vis = model.vision_features(pixel_values.to(device))
     policy = model.projector(vis)
-    with torch.no_grad():
-        vis_ref = vis if vis_ref is None else vis_ref
-        if ref_projector is None:
-            return policy, (model.projector(vis_ref) if vit_lora else policy.detach())
-        return policy, ref_projector(vis_ref)
+    vit_lora = any(p.requires_grad for p in model.vision_tower.parameters())
+    if ref_model is None and not vit_lora:
+        return policy, policy.detach()
+    with torch.no_grad(), lm.adapters_off(model):
+        ref_vis = model.vision_features(pixel_values.to(device)) if vit_lora else vis
+        ref_proj = model.projector if ref_model is None else getattr(ref_model, "projector", ref_model)
+        return policy, ref_proj(ref_vis)
 
 
 # Copied from dpo.py: reference_logps
@@ -1140,17 +1165,24 @@ def reference_logps(model, ref_model, batch, ref_feats):
             return sequence_logps(model, batch, ref_feats)
 
 
-def sq_dpo_step(args: Args, model, ref_projector, data: PairData, idx: list[int], tokenizer, device) -> dict:
+# Copied from dpo.py: dpo_step
+def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=None) -> dict:
     """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
-    batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id), device)
-    feats, ref_feats = policy_and_reference_features(model, ref_projector, batch["pixel_values"], args.vit_lora)
-    logps, _ = sequence_logps(model, batch, feats)
-    ref, _ = reference_logps(model, None, batch, ref_feats)  # adapters off: the stage-1 weights
+    batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id, args.prefix_sharing), device)
+    feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
+    logps, counts = sequence_logps(model, batch, feats)
     B = len(idx)
-    losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta)
+    if args.reference_free:
+        ref = torch.zeros_like(logps)
+    elif ref_table is not None:
+        ref = torch.cat([ref_table[idx, 0], ref_table[idx, 1]]).to(device)
+    else:
+        ref, _ = reference_logps(model, ref_model, batch, ref_feats)
+    losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], args.beta, args.loss_type, args.label_smoothing,
+                              counts[:B], counts[B:])
     return {"loss": losses.sum(), "n": torch.tensor(float(B)), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
             "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(),
-            "tokens": batch["attention_mask"].sum().float()}
+            "tokens": batch["n_tokens"]}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1167,55 +1199,6 @@ def evaluate_answers(args: Args, model, tokenizer, rows: list[dict], rank: int, 
                                 max_new_tokens=args.eval_max_new_tokens)
     results = [dict(r, prediction=p) for r, p in zip(rows, preds)]
     return lm.score_vqa(results, args.closed_scoring), results
-
-
-def save_llava_original(model, tokenizer, out_dir) -> Path:
-    """The model in the original LLaVA layout (config model_type llava_<lm>, mm_projector_type, keys
-    model.mm_projector.*, model.vision_tower.vision_tower.vision_model.*, model.*, lm_head.*), which
-    llava_med.load reads back. llava-hf has no cluster projector, so this is how a stage model is kept."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    sd = {}
-    for k, v in model.state_dict().items():
-        if k.endswith(("position_ids", "inv_freq")):
-            continue
-        if k.startswith("vision_tower."):
-            name = "model.vision_tower.vision_tower.vision_model." + k[len("vision_tower."):].removeprefix("vision_model.")
-        elif k.startswith("projector."):
-            name = "model.mm_projector." + k[len("projector."):]
-        elif k.startswith("language_model.model."):
-            name = "model." + k[len("language_model.model."):]
-        else:
-            name = k[len("language_model."):]
-        sd[name] = v.detach().to("cpu").contiguous()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    text = cfg.text_config.to_dict()
-    for key in ("_attn_implementation", "_attn_implementation_autoset", "architectures", "model_type"):
-        text.pop(key, None)
-    base = cfg.text_config.model_type
-    raw = {**text, "model_type": f"llava_{base}", "architectures": [f"Llava{base.capitalize()}ForCausalLM"],
-           "mm_projector_type": cfg.projector_type, "mm_vision_tower": "vision_tower",
-           "mm_hidden_size": cfg.vision_config.hidden_size, "mm_vision_select_layer": cfg.vision_feature_layer,
-           "mm_vision_select_feature": "patch" if cfg.vision_feature_select_strategy == "default" else "cls_patch",
-           "image_aspect_ratio": cfg.image_aspect_ratio, "tokenizer_model_max_length": cfg.max_length,
-           "mm_use_im_start_end": False, "mm_use_im_patch_token": False}
-    (out / "config.json").write_text(json.dumps(raw, indent=1, default=str))
-    cfg.vision_config.save_pretrained(out / "vision_tower")
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def save_stage_model(model, tokenizer, out_dir: Path, rank: int):
-    """The trained model, LoRA merged (gathered on every rank), written by rank 0 under a temporary name and renamed
-    (a crash never leaves half a model). Returns the merged, unsharded model."""
-    merged = lm.merge_lora(model, lm.full_state_dict(model))
-    if rank == 0:
-        tmp = save_llava_original(merged, tokenizer, out_dir.with_name(f".{out_dir.name}.tmp"))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-        print(f"{out_dir.name}: {out_dir}")
-    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1264,7 +1247,7 @@ def main(argv=None):
         if eval_rows:
             evaluate("sft")
         # the stage-1 model, unsharded: the preference generator, DPO's start and its reference
-        model = save_stage_model(model, tokenizer, out / "stage1_model", rank).to(device=device, dtype=frozen_dtype)
+        model = lm.save_merged(model, tokenizer, out / "stage1_model", rank, "original").to(device=device, dtype=frozen_dtype)
     if "prefs" in stages:  # ---- preference data from the stage-1 model
         pairs, stats, prefs_folder, cached = preference_pairs(args, model, tokenizer, rank, world, "sft" in stages)
         results["prefs"] = {"pairs": len(pairs), **stats}
@@ -1275,8 +1258,8 @@ def main(argv=None):
             print(f"preference pairs: {len(pairs)} -> {prefs_path}" + (f" (cached: {cached})" if cached else "")
                   + f"; {json.dumps(stats)}")
     if "dpo" in stages:  # ---- stage 2: DPO (policy = stage-1 model + new LoRA; reference = the same, adapters off)
-        data = AnswerPairData(*dpo_records(args, pairs, prefs_folder, prefs_path), tokenizer, model.config,
-                              args.max_length, args.skip_bad_samples, SYSTEMS[args.dpo_system])
+        data = PairData(*dpo_records(args, pairs, prefs_folder, prefs_path), tokenizer, model.config, args.max_length,
+                        args.skip_bad_samples, system=SYSTEMS[args.dpo_system])
         if master:
             print(f"stage 2: {len(data)} preference pairs" + (f", skipped {data.skipped}" if data.skipped else ""))
         ref_projector = add_adapters(args, model, stage=2)
@@ -1285,12 +1268,12 @@ def main(argv=None):
         if eval_rows and args.eval_before and "sft" not in stages and latest_checkpoint(out / "dpo") is None:
             evaluate("sft")  # the policy before DPO is the stage-1 model (LoRA B = 0)
         results["train"]["dpo"] = train(
-            args, "dpo", model, len(data), lambda idx, epoch: sq_dpo_step(args, model, ref_projector, data, idx, tokenizer, device),
+            args, "dpo", model, len(data), lambda idx, epoch: dpo_step(args, model, ref_projector, data, idx, tokenizer, device),
             out / "dpo", rank, world, log, {"projector.": args.dpo_projector_lr, "vision_tower.": args.dpo_vit_lr, "": args.dpo_lr},
             args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs)
         if eval_rows:
             evaluate("dpo")
-        save_stage_model(model, tokenizer, out / "stage2_model", rank)
+        lm.save_merged(model, tokenizer, out / "stage2_model", rank, "original")
     elif eval_rows and "sft" not in stages:  # evaluation only
         model.requires_grad_(False)
         shard(model, device)

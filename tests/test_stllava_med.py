@@ -179,7 +179,7 @@ def test_cluster_checkpoint_saves_in_llava_layout_and_loads(tmp_path):
     assert model.config.projector_type == "mlp2x_gelu"
     st.use_cluster_projector(args, model, stage1=True)
     assert model.config.projector_type == "cluster8" and isinstance(model.projector, lm.ClusterProjector)
-    st.save_llava_original(model, tok, tmp_path / "ckpt")
+    lm.save_llava_original(model, tok, tmp_path / "ckpt")
     keys = load_file(str(tmp_path / "ckpt" / "model.safetensors")).keys()
     assert {"model.mm_projector.sim_alpha", "model.mm_projector.sim_beta", "model.mm_projector.c.weight",
             "model.mm_projector.ln_1.weight", "model.mm_projector.mlp.0.weight", "model.mm_projector.mlp.2.bias"} <= set(keys)
@@ -470,7 +470,7 @@ def test_complete_pipeline_on_two_ranks_from_an_empty_out(small, tmp_path):
 def test_eval_only_reads_no_training_data(tmp_path):
     model, tok = lm.load("tiny")
     st.use_cluster_projector(st.resolve_defaults(st.Args()), model, stage1=True)
-    st.save_llava_original(model, tok, tmp_path / "ckpt")
+    lm.save_llava_original(model, tok, tmp_path / "ckpt")
     missing = str(tmp_path / "missing.json")
     res = faults._in_process(st, ["--eval-only", "--model", str(tmp_path / "ckpt"), "--sft-data", missing,
                                   "--prefs-images", missing, "--dpo-data", missing, "--eval-limit", "6",
