@@ -154,7 +154,6 @@ def parse_args(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
-
 # Copied from dpo.py: cli
 def cli(main):
     """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
@@ -174,7 +173,6 @@ def cli(main):
         print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
               f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
         sys.exit(1)
-
 
 
 # Copied from dpo.py: setup_distributed
@@ -197,7 +195,6 @@ def setup_distributed(timeout_s: int = 1800):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-
 # Copied from dpo.py: jsonl_logger
 def jsonl_logger(path: Path, rank: int):
     """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
@@ -207,7 +204,6 @@ def jsonl_logger(path: Path, rank: int):
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
     return log
-
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -700,7 +696,6 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
     return model
 
 
-
 # Copied from dpo.py: cosine_schedule
 def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     warmup = max(1, int(total_steps * warmup_ratio))
@@ -713,14 +708,12 @@ def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-
 # Copied from dpo.py: global_batches
 def global_batches(n: int, batch_size: int, epoch: int, seed: int):
     """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
     last partial batch is dropped so every step has the same size."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
 
 
 # Copied from dpo.py: my_micro_batches
@@ -730,12 +723,10 @@ def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> lis
     return chunks[rank::world]
 
 
-
 # Copied from dpo.py: full_tensor
 def full_tensor(t):
     """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
-
 
 
 # Copied from dpo.py: file_sha256
@@ -745,7 +736,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
 
 
 # Copied from dpo.py: save_checkpoint
@@ -787,7 +777,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     return final
 
 
-
 # Copied from dpo.py: latest_checkpoint
 def latest_checkpoint(out: Path):
     """The newest checkpoint whose state.json exists and whose files match the checksums it lists; a damaged one
@@ -802,7 +791,6 @@ def latest_checkpoint(out: Path):
             return p
         print(f"warning: checkpoint {p} is damaged ({', '.join(bad)}); trying an older one", file=sys.stderr)
     return None
-
 
 
 # Copied from dpo.py: load_checkpoint
@@ -838,7 +826,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
-
 
 
 # Copied from dpo.py: train
@@ -929,11 +916,9 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
-
 # Copied from dpo.py: to_device
 def to_device(batch, device):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
 
 
 def region_sft_step(model, data: RegionSFTData, idx: list[int], epoch: int, weights, device) -> dict:
@@ -1062,24 +1047,28 @@ def score_t2r(rows: list[dict], match_iou: float = 0.5, scoring: str = "default"
     return out
 
 
+def answer_scores(texts: list[str], rows: list[dict], match_iou: float = 0.5, scoring: str = "default") -> dict:
+    """The Text-to-Region metrics (acc@t, mean IoU, multi-box) of the answers `texts` to the evaluated `rows`."""
+    fake = [{"score": score_t2r_row(t, r["answer"], r["width"], r["height"], match_iou, scoring)} for t, r in zip(texts, rows)]
+    return {k: v for k, v in score_t2r(fake, match_iou, scoring).items() if k.startswith(("acc@", "mean_iou", "multi_"))}
+
+
 def random_box_baseline(rows: list[dict], draws: int = 100, seed: int = 0, match_iou: float = 0.5,
                         scoring: str = "default") -> dict:
     """The same metrics for uniformly random boxes (x1 < x2 and y1 < y2 drawn from 0..999), averaged over draws."""
     rng = random.Random(seed)
     acc = {}
     for _ in range(draws):
-        fake = []
+        texts = []
         for r in rows:
             boxes = []
             for _ in range(r["score"]["n_gt"]):
                 x1, x2 = sorted(rng.sample(range(BBOX_SCALE + 1), 2))
                 y1, y2 = sorted(rng.sample(range(BBOX_SCALE + 1), 2))
                 boxes.append([x1, y1, x2, y2])
-            text = format_region("x", boxes)
-            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou, scoring)})
-        for k, v in score_t2r(fake, match_iou, scoring).items():
-            if k.startswith(("acc@", "mean_iou", "multi_")):
-                acc[k] = acc.get(k, 0.0) + v / draws
+            texts.append(format_region("x", boxes))
+        for k, v in answer_scores(texts, rows, match_iou, scoring).items():
+            acc[k] = acc.get(k, 0.0) + v / draws
     return acc
 
 
@@ -1096,15 +1085,8 @@ def prior_box_baselines(train_samples: list[dict], rows: list[dict], match_iou: 
     answers = {"mean_box": {n: [round(sum(b[k] for b in bs) / len(bs)) for k in range(4)] for n, bs in by_name.items()},
                "best_constant_box": {n: max(bs, key=lambda c: sum(box_iou(c, b) > 0.5 for b in bs))
                                      for n, bs in by_name.items()}}
-    out = {}
-    for kind, box_of in answers.items():
-        fake = []
-        for r in rows:
-            names = [n for n, _ in parse_regions(r["answer"])]
-            text = "".join(format_region(n, [box_of[n]]) for n in names if n in box_of)
-            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou, scoring)})
-        out[kind] = {k: v for k, v in score_t2r(fake, match_iou, scoring).items() if k.startswith(("acc@", "mean_iou", "multi_"))}
-    return out
+    return {kind: answer_scores(["".join(format_region(n, [box_of[n]]) for n, _ in parse_regions(r["answer"]) if n in box_of)
+                                 for r in rows], rows, match_iou, scoring) for kind, box_of in answers.items()}
 
 
 PUNCT = ".,;:!?\"'()[]。，、；：？！（）“”"
@@ -1362,10 +1344,11 @@ def main(argv=None):
     shard(model, device, args.activation_checkpointing)
     results, preds = {}, {}
     if rows and (args.eval_only or args.eval_before and latest_checkpoint(out / "sft") is None):
-        results["before"], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval before", cot)
-        log({"phase": "eval_before", **results["before"]})
+        key = "eval" if args.eval_only else "before"
+        results[key], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval " + key, cot)
+        log({"phase": "eval_" + key, **results[key]})
         if master:
-            print("before:", json.dumps(results["before"], ensure_ascii=False))
+            print(f"{key}:", json.dumps(results[key], ensure_ascii=False))
     if not args.eval_only:  # ---- SFT, evaluation, export
         weights = position_token_weights(tokenizer, args.position_weight)
         results["summary"] = train(args, "sft", model, len(data),

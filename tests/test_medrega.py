@@ -557,11 +557,11 @@ def test_eval_only_on_the_export_gives_the_runs_numbers(tmp_path):
     res = faults._in_process(mr, ["--eval-only", "--model", str(tmp_path / "run" / "llava_hf"), "--template", "chatml",
                                   "--base-prompt", "none", "--data", str(tmp_path / "none.jsonl"),
                                   "--out", str(tmp_path / "eval")] + eval_args)
-    assert set(res) == {"before", "random_box_baseline"} and res["before"]["t2r"]["n"] == 4
+    assert set(res) == {"eval", "random_box_baseline"} and res["eval"]["t2r"]["n"] == 4
     assert not (tmp_path / "eval" / "sft").exists() and not (tmp_path / "eval" / "llava_hf").exists()
     answers = [[p["prediction"] for p in json.loads((tmp_path / d / "predictions.json").read_text())["t2r"]]
                for d in ("run", "eval")]
-    assert answers[0] == answers[1] and res["before"] == run["after"]
+    assert answers[0] == answers[1] and res["eval"] == run["after"]
 
 
 def test_kill_and_resume_gives_the_same_weights(tmp_path):
