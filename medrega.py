@@ -15,6 +15,9 @@ format, the training and the evaluation).
         --lr 1e-5 --epochs 1 --batch-size 128 --micro-batch-size 4 --max-length 2048 --activation-checkpointing
     # SLAKE boxes (imgs/*/detection.json) and bilingual questions as region + VQA tasks; LoRA instead of full
     python medrega.py --data ../shared/realdata/slake --eval-data ../shared/realdata/slake --tasks t2r,r2t,vqa --lora
+    # evaluate a checkpoint only (no training data is read), e.g. the export of a run: runs/medrega/llava_hf
+    python medrega.py --eval-only --model runs/medrega/llava_hf --eval-data /data/MedRegInstruct/test/text2region.jsonl
+    # every flag: python medrega.py --help
 
 The method, as in the paper and the released code (spec section 5):
   1. Boxes are text: `<ref>name</ref><box>[[x1, y1, x2, y2], ...]</box>`, integers 0-999 (round(x / W * 999);
@@ -25,8 +28,9 @@ The method, as in the paper and the released code (spec section 5):
      "<image>\\n" + base_prompt + " " + question): Region-to-Text (name the boxed object), Text-to-Region (box the
      named object), grounded report (box an organ/lesion and describe it), image-level VQA and report, in English
      and Chinese.
-  3. Training: plain next-token cross-entropy on the answers (no box-regression loss), full LLM or LoRA; optionally
-     the released position-word re-weighting (digits and left/right/center/upper/lower answer tokens count twice).
+  3. Training: plain next-token cross-entropy on the answers (no box-regression loss), full LLM or LoRA, through the
+     training loop copied from dpo.py; optionally the released position-word re-weighting (digits and
+     left/right/center/upper/lower answer tokens count twice):  L = sum_t w_t * CE_t / sum_t w_t  over the global batch.
      Box-aware augmentation: the released code applies RandomResizedCrop to region samples without moving the
      boxes; here a crop always keeps every box whole and the coordinates are re-encoded for the crop.
   4. Evaluation: Text-to-Region acc@0.25/0.5/0.75 (IoU > t) and mean IoU; several boxes are matched one-to-one by
@@ -40,16 +44,18 @@ Template: MedRegA's InternVL "Hermes-2" = llava_med's `chatml` for --model tiny;
 SLAKE data: Liu et al., "SLAKE: A Semantically-Labeled Knowledge-Enhanced Dataset for Medical VQA", ISBI 2021,
 CC BY 4.0 (https://www.med-vqa.com/slake/).
 
-File layout: Args -> boxes and tokens -> tasks and readers -> augmentation -> data and loss -> training loop ->
-evaluation -> main().
+File layout: Args -> copied CLI blocks -> boxes and tokens -> tasks and readers -> augmentation -> data and loss ->
+the copied training loop and the step -> evaluation -> main().
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -62,6 +68,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -82,47 +89,49 @@ class Args:
     eval_data: str = ""  # same kinds as --data ("" = data/toy/test.json when --data is the toy folder)
     eval_image_folder: str = ""  # images of --eval-data ("" = as for --data)
     max_length: int = 512  # tokens per sample, image tokens included (released: 2048)
-    base_prompt: str = "auto"  # full (MedRegA's per-task base prompts) / none (question only) / auto = none for tiny (~6x shorter samples on CPU)
+    base_prompt: Literal["auto", "full", "none"] = "auto"  # full = MedRegA's per-task base prompts, none = the question only; auto = none for tiny (~6x shorter samples on CPU)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
     allow_images_outside_folder: bool = False  # accept absolute / '..' image paths that leave the image folder
     # model
     model: str = "tiny"  # "tiny" (random, offline) or a checkpoint folder (LLaVA-Med v1.5, llava-hf, HuatuoGPT-Vision)
     template: str = ""  # chat template ("" = chatml (MedRegA's Hermes-2) for tiny, else the checkpoint's own)
-    dtype: str = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
     lora: bool = False  # LoRA on the LLM (+ embeddings and lm_head, which hold the new tokens) instead of the full LLM
     lora_r: int = 128  # LoRA rank (InternVL's wrap_llm_lora default is 128 with alpha 2r)
     lora_alpha: int = 256  # LoRA alpha
     lora_dropout: float = 0.05  # LoRA dropout
-    train_projector: str = "auto"  # yes / no / auto (= yes for tiny, whose projector is random; no = released --freeze_mlp)
-    new_token_init: str = "release"  # new <ref>/<box> input rows: release = N(0, initializer_range), or mean (lm_head: mean)
+    train_projector: Literal["auto", "yes", "no"] = "auto"  # auto = yes for tiny, whose projector is random; no = released --freeze_mlp
+    new_token_init: Literal["release", "mean"] = "release"  # new <ref>/<box> input rows: release = N(0, initializer_range), or mean (lm_head: mean)
     # loss
     position_weight: float = 1.0  # weight of digit and left/right/center/upper/lower answer tokens (released weightloss: 2)
     # augmentation
-    augment: str = "auto"  # box-preserving random resized crop: yes / no / auto (= yes, released data_augment=true; no for tiny)
+    augment: Literal["auto", "yes", "no"] = "auto"  # box-preserving random resized crop; auto = yes (released data_augment=true), no for tiny
     crop_scale_min: float = 0.8  # smallest crop area fraction (RandomResizedCrop scale=(0.8, 1))
     # optimisation
     lr: float = -1  # peak learning rate; -1 = 1e-5 (released), or 1e-3 for --model tiny (random weights)
     epochs: float = -1  # passes over the training samples; -1 = 1 (released), or 40 for --model tiny
     batch_size: int = 16  # samples per optimizer step over all ranks (released: 128)
-    micro_batch_size: int = 8  # samples per forward on one rank
+    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine to 0 (released: 3 %)
     weight_decay: float = 0.05  # AdamW weight decay (released: 0.05)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    activation_checkpointing: bool = False  # recompute decoder layers in backward
-    seed: int = 0  # same seed + same data = same run
-    dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
+    seed: int = 0  # same seed + same data = same run (bit-identical on CPU)
+    dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # output
-    out: str = "runs/medrega"  # checkpoints, metrics.jsonl, predictions, results.json, llava_hf/ export
+    out: str = "runs/medrega"  # sft/checkpoints, metrics.jsonl, predictions.json, results.json, llava_hf/ export
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
     resume: bool = True  # continue from the newest complete checkpoint in --out
     # evaluation
-    eval: bool = True  # evaluate Text-to-Region and Region-to-Text at the end
+    eval: bool = True  # evaluate Text-to-Region, Region-to-Text and VQA at the end
+    eval_only: bool = False  # only evaluate --model on --eval-data (no training data is read, nothing is trained)
     eval_before: bool = True  # also evaluate the starting model
     eval_limit: int = 0  # first N rows per task (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 48  # answer length cap (a box answer is ~25 tokens)
     multi_box_iou: float = 0.5  # IoU of a matched pair in multi-box scoring (released, used by --scoring medrega: 0.75 one object, 0.5 several)
-    scoring: str = "default"  # default, or medrega = the released evaluators' rules (differences: score_t2r_row / _r2t / _vqa)
+    scoring: Literal["default", "medrega"] = "default"  # medrega = the released evaluators' rules (differences: score_t2r_row / _r2t / score_region_vqa)
     regional_cot: bool = False  # also answer the VQA rows with regional chain-of-thought (detect, then answer)
 
 
@@ -145,6 +154,27 @@ def parse_args(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+# Copied from dpo.py: cli
+def cli(main):
+    """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except lm.DataError as e:
+        kind = "bad model" if isinstance(e, lm.ModelError) else "bad data"
+        hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
+        print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)
+
+
 # Copied from dpo.py: setup_distributed
 def setup_distributed(timeout_s: int = 1800):
     """Returns (rank, world_size, device). Outside torchrun a one-process group is created, so the training
@@ -163,6 +193,17 @@ def setup_distributed(timeout_s: int = 1800):
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+# Copied from dpo.py: jsonl_logger
+def jsonl_logger(path: Path, rank: int):
+    """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
+    def log(row: dict):
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -429,7 +470,9 @@ def medreginstruct_samples(path: Path, image_folder: str, task: str, skipped: di
             out.append(s)
         except (lm.DataError, IndexError) as e:
             if skipped is None:
-                raise lm.DataError(str(e) if isinstance(e, lm.DataError) else f"{where}: no image") from None
+                err = lm.DataError(str(e) if isinstance(e, lm.DataError) else f"{where}: no image")
+                err.skippable = True  # cli() then suggests --skip-bad-samples
+                raise err from None
             skipped["bad record"] = skipped.get("bad record", 0) + 1
     return out
 
@@ -534,13 +577,12 @@ def position_token_weights(tokenizer, weight: float) -> torch.Tensor | None:
     return table
 
 
-def model_pixels(image: Image.Image, cfg) -> torch.Tensor:
+def model_image(image: Image.Image, size: int) -> Image.Image:
     """Plain bicubic resize to the square input, no padding (InternVL's build_transform(pad2square=False), the released
     setting): boxes are fractions of W and H, so they stay on their pixels; llava_med's square padding would letterbox
-    a non-square image or crop and move every box (issue 15). preprocess_image then only normalises."""
-    size = cfg.image_size
-    return lm.preprocess_image(image.convert("RGB").resize((size, size), Image.BICUBIC), size, cfg.image_mean,
-                               cfg.image_std, pad=False)
+    a non-square image or crop and move every box (issue 15). lm.image_tensor then only normalises it (a square image
+    of the input size is neither padded nor resized again), in training and in evaluation."""
+    return image.convert("RGB").resize((size, size), Image.BICUBIC)
 
 
 class RegionSFTData:
@@ -561,6 +603,7 @@ class RegionSFTData:
                 self.items.append(s)
             except lm.DataError as e:
                 if not skip_bad:
+                    e.skippable = True  # cli() then suggests --skip-bad-samples
                     raise
                 reason = str(e)[len(s["where"]) + 2:].split(" (")[0][:60] if str(e).startswith(s["where"]) else str(e)[:60]
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -585,16 +628,17 @@ class RegionSFTData:
             if self.augment and s["task"] in REGION_TASKS:
                 image, turns = augment_sample(image, turns, random.Random(f"{self.seed}-{epoch}-{i}"), self.scale_min)
             items.append(self.tokenize(turns, s["where"]))
-            pix.append(model_pixels(image, cfg))
+            pix.append(lm.image_tensor(cfg, model_image(image, cfg.image_size)))
         b = lm.collate(items, self.tokenizer.pad_token_id)
         b["pixel_values"] = torch.stack(pix)
         return b
 
 
 def weighted_sft_loss_sum(model, batch, weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed (weighted) token cross-entropy over answer tokens and the summed weight. The step divides by the weight
-    of the whole global batch, so with weights None (all 1) this is huatuo_vision.py's global answer-token mean (the
-    released forward: plain CE), and with position weights the weighted mean sum(w * ce) / sum(w)."""
+    """Summed (weighted) token cross-entropy over answer tokens and the summed weight. The training loop divides the
+    sum by the weight of the whole global batch, so with weights None (all 1) this is dpo.py's sft_loss_sum, the
+    global answer-token mean (the released forward: plain CE), and with position weights the weighted mean
+    sum(w * ce) / sum(w)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     mask = torch.zeros_like(labels, dtype=torch.bool)
@@ -607,31 +651,10 @@ def weighted_sft_loss_sum(model, batch, weights: torch.Tensor | None) -> tuple[t
     return (ce * w).sum(), w.sum()
 
 
-def batch_weight(batch, weights: torch.Tensor | None) -> float:
-    tgt = batch["labels"][:, 1:]
-    tgt = tgt[tgt != lm.IGNORE_INDEX]
-    return float(tgt.numel()) if weights is None else float(weights[tgt].sum())
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 5. Model setup and the training loop (FSDP2)
+# 5. Model setup, the training loop (copied from dpo.py: FSDP2, accumulation, clipping, schedule, non-finite
+#    stop/skip, checkpoints and resume) and the SFT step it runs
 # ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from dpo.py: LORA_TARGETS
-LORA_TARGETS = r".*language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-# Copied from dpo.py: add_lora
-def add_lora(model, r: int, alpha: int, dropout: float):
-    """LoRA (peft) on every linear layer of the language model's decoder (attention + MLP), nothing in the vision
-    tower, projector or lm_head (MMed-RAG / MMedPO / STLLaVA-Med: all LM linear layers)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    inject_adapter_in_model(config, model)
-    model.lora_config = config
-    return model
 
 
 def set_trainable(model, lora: bool, train_projector: bool):
@@ -673,10 +696,46 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
     return model
 
 
+# Copied from dpo.py: cosine_schedule
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# Copied from dpo.py: global_batches
+def global_batches(n: int, batch_size: int, epoch: int, seed: int):
+    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
+    last partial batch is dropped so every step has the same size."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+# Copied from dpo.py: my_micro_batches
+def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
+    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return chunks[rank::world]
+
+
 # Copied from dpo.py: full_tensor
 def full_tensor(t):
     """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# Copied from dpo.py: file_sha256
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # Copied from dpo.py: save_checkpoint
@@ -716,15 +775,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
         os.replace(tmp, final)
     dist.barrier()
     return final
-
-
-# Copied from dpo.py: file_sha256
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Copied from dpo.py: latest_checkpoint
@@ -778,31 +828,92 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
     return state
 
 
-# Copied from dpo.py: cosine_schedule
-def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# Copied from dpo.py: global_batches
-def global_batches(n: int, batch_size: int, epoch: int, seed: int):
-    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
-    last partial batch is dropped so every step has the same size."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-# Copied from dpo.py: my_micro_batches
-def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
-    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
-    return chunks[rank::world]
+# Copied from dpo.py: train
+def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+    """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
+    batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
+    (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
+    returns summed statistics with their graph in "loss" (a SUM over the units the loss averages: pairs, tokens)
+    and "n" (how many units). The loop runs backward, reduces gradients once per step, scales them by ranks / n of
+    the whole global batch (FSDP2 averages over ranks), so the update follows the global mean whatever the split,
+    clips, and steps AdamW (one group per name prefix in lr_groups; "" = the rest) on a warmup + cosine schedule.
+    A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
+    update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
+    checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
+    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    master = rank == 0
+    if batch_size % (micro_batch_size * world):
+        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
+                         f"({micro_batch_size} x {world})")
+    steps_per_epoch = n_items // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {n_items} items is less than one global batch ({batch_size})")
+    total = max_steps if max_steps >= 0 else max(1, int(steps_per_epoch * epochs))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in params.items() if n.startswith(prefix) and (prefix or not any(
+        n.startswith(q) for q in lr_groups if q))], "lr": lr} for prefix, lr in lr_groups.items()]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999), fused=True)
+    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
+    step, nonfinite = 0, 0
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
+        if master:
+            print(f"{name}: resumed from {resume_from} (step {step})")
+    trainable = list(params.values())
+    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
+    t0, tokens = time.time(), 0.0
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        model.train()
+        micro = my_micro_batches(global_batches(n_items, batch_size, epoch, args.seed)[k], micro_batch_size, rank, world)
+        sums = {}
+        for m, idx in enumerate(micro):
+            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
+            stats = step_fn(idx, epoch)
+            stats["loss"].backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys])
+        dist.all_reduce(totals)
+        sums = dict(zip(keys, totals.tolist()))
+        n = sums.pop("n")
+        for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
+            if p.grad is not None:
+                p.grad.mul_(world / n)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        step += 1
+        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
+               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            row["skipped_nonfinite"] = nonfinite
+            if master:
+                print(f"warning: {name} step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)",
+                      file=sys.stderr)
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sums.get("tokens", 0.0)
+        if tokens:
+            row["tokens_per_s"] = tokens / (time.time() - t0)
+        log(row)
+        bar.update(1)
+        bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    bar.close()
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
 # Copied from dpo.py: to_device
@@ -810,85 +921,12 @@ def to_device(batch, device):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-# Copied from dpo.py: merged_copy
-def merged_copy(model, state: dict):
-    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from gathered
-    tensors; parameters are assigned, not initialised first (a 7B model is not built twice)."""
-    cfg = model.config
-    with lm._params_on_meta():
-        plain = lm.LlavaMed(cfg)
-    base = {}
-    for n, t in state.items():
-        if "lora_" in n:
-            continue
-        base[n.replace(".base_layer.", ".")] = t
-    lcfg = getattr(model, "lora_config", None)
-    if lcfg is not None:
-        scale = lcfg.lora_alpha / lcfg.r
-        for n, t in state.items():
-            if n.endswith("lora_A.default.weight"):
-                prefix = n[: -len(".lora_A.default.weight")]
-                B = state[prefix + ".lora_B.default.weight"]
-                W = base[prefix + ".weight"]
-                base[prefix + ".weight"] = (W.float() + scale * (B.float() @ t.float())).to(W.dtype)
-    plain.load_state_dict(base, strict=True, assign=True)
-    return plain
-
-
-def train(args: Args, model, tokenizer, data: RegionSFTData, weights, device, rank: int, world: int, log) -> int:
-    """SFT with FSDP2 (huatuo_vision.py's train_stage with augmentation and token weights): each step's micro-batches
-    are built first, their answer-token weight summed over all ranks, and every token's loss divided by that sum."""
-    out = Path(args.out)
-    steps_per_epoch = len(data) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data)} samples is less than one global batch ({args.batch_size})")
-    if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of {args.micro_batch_size} x {world} ranks")
-    total = max(1, int(steps_per_epoch * args.epochs))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                  weight_decay=args.weight_decay, fused=device.type == "cuda")
-    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
-    step = 0
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer, scheduler, rank)["step"]
-        if rank == 0:
-            print(f"resumed from {resume_from} (step {step})")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total, initial=step, desc="medrega sft", disable=rank != 0)
-    t0, seen = time.time(), 0.0
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        batch_idx = global_batches(len(data), args.batch_size, epoch, args.seed)[k]
-        batches = [data.batch(idx, epoch) for idx in my_micro_batches(batch_idx, args.micro_batch_size, rank, world)]
-        denom = torch.tensor(sum(batch_weight(b, weights) for b in batches), device=device)  # nccl reduces device tensors
-        dist.all_reduce(denom)
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        for m, b in enumerate(batches):
-            model.set_requires_gradient_sync(m == len(batches) - 1)
-            loss, _ = weighted_sft_loss_sum(model, to_device(b, device), weights)
-            (loss * world / denom.item()).backward()  # FSDP averages over ranks: x world makes it a global mean
-            loss_sum += loss.detach().float()
-        dist.all_reduce(loss_sum)
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(grad_norm) or not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"non-finite loss or gradient at step {step + 1}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += denom.item()
-        row = {"phase": "sft", "step": step, "epoch": epoch, "loss": loss_sum.item() / denom.item(),
-               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "answer_tokens_per_s": seen / (time.time() - t0)}
-        log(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
-    bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
-    return step
+def region_sft_step(model, data: RegionSFTData, idx: list[int], epoch: int, weights, device) -> dict:
+    """One micro-batch (crops seeded per sample and epoch): the weighted answer-token cross-entropy SUM and the weight
+    total as "n" (the loop divides by the global batch's total: sum(w * ce) / sum(w)), and the tokens processed."""
+    batch = to_device(data.batch(idx, epoch), device)
+    loss, weight = weighted_sft_loss_sum(model, batch, weights)
+    return {"loss": loss, "n": weight, "tokens": batch["attention_mask"].sum().float()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1009,24 +1047,28 @@ def score_t2r(rows: list[dict], match_iou: float = 0.5, scoring: str = "default"
     return out
 
 
+def answer_scores(texts: list[str], rows: list[dict], match_iou: float = 0.5, scoring: str = "default") -> dict:
+    """The Text-to-Region metrics (acc@t, mean IoU, multi-box) of the answers `texts` to the evaluated `rows`."""
+    fake = [{"score": score_t2r_row(t, r["answer"], r["width"], r["height"], match_iou, scoring)} for t, r in zip(texts, rows)]
+    return {k: v for k, v in score_t2r(fake, match_iou, scoring).items() if k.startswith(("acc@", "mean_iou", "multi_"))}
+
+
 def random_box_baseline(rows: list[dict], draws: int = 100, seed: int = 0, match_iou: float = 0.5,
                         scoring: str = "default") -> dict:
     """The same metrics for uniformly random boxes (x1 < x2 and y1 < y2 drawn from 0..999), averaged over draws."""
     rng = random.Random(seed)
     acc = {}
     for _ in range(draws):
-        fake = []
+        texts = []
         for r in rows:
             boxes = []
             for _ in range(r["score"]["n_gt"]):
                 x1, x2 = sorted(rng.sample(range(BBOX_SCALE + 1), 2))
                 y1, y2 = sorted(rng.sample(range(BBOX_SCALE + 1), 2))
                 boxes.append([x1, y1, x2, y2])
-            text = format_region("x", boxes)
-            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou, scoring)})
-        for k, v in score_t2r(fake, match_iou, scoring).items():
-            if k.startswith(("acc@", "mean_iou", "multi_")):
-                acc[k] = acc.get(k, 0.0) + v / draws
+            texts.append(format_region("x", boxes))
+        for k, v in answer_scores(texts, rows, match_iou, scoring).items():
+            acc[k] = acc.get(k, 0.0) + v / draws
     return acc
 
 
@@ -1043,15 +1085,8 @@ def prior_box_baselines(train_samples: list[dict], rows: list[dict], match_iou: 
     answers = {"mean_box": {n: [round(sum(b[k] for b in bs) / len(bs)) for k in range(4)] for n, bs in by_name.items()},
                "best_constant_box": {n: max(bs, key=lambda c: sum(box_iou(c, b) > 0.5 for b in bs))
                                      for n, bs in by_name.items()}}
-    out = {}
-    for kind, box_of in answers.items():
-        fake = []
-        for r in rows:
-            names = [n for n, _ in parse_regions(r["answer"])]
-            text = "".join(format_region(n, [box_of[n]]) for n in names if n in box_of)
-            fake.append({"score": score_t2r_row(text, r["answer"], r["width"], r["height"], match_iou, scoring)})
-        out[kind] = {k: v for k, v in score_t2r(fake, match_iou, scoring).items() if k.startswith(("acc@", "mean_iou", "multi_"))}
-    return out
+    return {kind: answer_scores(["".join(format_region(n, [box_of[n]]) for n, _ in parse_regions(r["answer"]) if n in box_of)
+                                 for r in rows], rows, match_iou, scoring) for kind, box_of in answers.items()}
 
 
 PUNCT = ".,;:!?\"'()[]。，、；：？！（）“”"
@@ -1119,8 +1154,8 @@ def score_r2t(rows: list[dict], scoring: str = "default") -> dict:
             "recall": sum(x[1] for x in prf) / len(rows), "f1": sum(x[2] for x in prf) / len(rows), "bleu1": bleu}
 
 
-def score_vqa(rows: list[dict], scoring: str = "default") -> dict:
-    """Image-level VQA, the released evaluator's core: closed iff the answer is yes/no (or 是/否), correct when token
+def score_region_vqa(rows: list[dict], scoring: str = "default") -> dict:
+    """Image-level VQA as MedRegA scores it (lm.score_vqa is LLaVA-Med's scorer), the released evaluator's core: closed iff the answer is yes/no (or 是/否), correct when token
     recall >= 0.8; open: mean token recall and accuracy = recall >= 0.75. scoring "medrega", English rows = the
     released VQAEvaluator: clean_str, whitespace token sets, closed iff the cleaned GT is yes/no. Chinese rows =
     VQAEvaluatorChinese: no cleaning, ZH_SPLIT tokens (released: jieba words), closed iff the *prediction* is "yes" or
@@ -1144,31 +1179,20 @@ def score_vqa(rows: list[dict], scoring: str = "default") -> dict:
             "open_accuracy": sum(x >= 0.75 for x in opened) / len(opened) if opened else None}
 
 
-def generate_answers(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
-                     desc: str = "eval", hints: dict | None = None, base_prompt: bool = True) -> list[str]:
-    """Greedy answers for every row (interleaved shares per rank, padded to equal batch counts so sharded forwards
-    stay in step), gathered on every rank. hints: row index -> text put before the question (regional CoT)."""
-    cfg = model.config
-    model.eval()
-    mine = list(range(rank, len(rows), world))
-    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
-    preds = {}
-    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0, leave=False):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real, chunk = len(chunk), chunk or [0]
-        prompts, pix = [], []
-        for i in chunk:
-            r = rows[i]
-            turns = prompt_turns({**r, "turns": r["turns"][:1]}, (hints or {}).get(i, ""), base_prompt)
-            prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id))
-            pix.append(model_pixels(lm.load_image(r["image"]), cfg))
-        answers = lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens)
-        preds.update(dict(zip(chunk[:real], answers[:real])))
-    model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
-    gathered = [None] * world
-    dist.all_gather_object(gathered, preds)
-    merged = {i: a for part in gathered for i, a in part.items()}
-    return [merged[i] for i in range(len(rows))]
+def region_answers(model, tokenizer, rows: list[dict], args: Args, rank: int, world: int, desc: str,
+                   hints: dict | None = None) -> list[str]:
+    """Greedy answers to the rows' first questions (with their base prompt, and a regional-CoT hint before the question
+    where `hints` has one for the row index) through lm.generate_sharded, each image resized as in training
+    (model_image). The jobs are built a few batches per rank at a time, so a test set of thousands of images is never
+    in memory at once; the batches are those of a single call (chunks are whole batches)."""
+    chunk, answers = args.eval_batch_size * world * 4, []
+    for start in range(0, len(rows), chunk):
+        jobs = [{"turns": prompt_turns({**r, "turns": r["turns"][:1]}, (hints or {}).get(i, ""), args.base_prompt == "full"),
+                 "images": [model_image(lm.load_image(r["image"]), model.config.image_size)]}
+                for i, r in enumerate(rows[start:start + chunk], start)]
+        answers += lm.generate_sharded(model, tokenizer, jobs, args.eval_batch_size, rank, world, desc,
+                                       max_new_tokens=args.eval_max_new_tokens)
+    return answers
 
 
 def regional_cot_hints(model, tokenizer, rows, candidates: dict, args: Args, rank: int, world: int) -> dict:
@@ -1180,14 +1204,22 @@ def regional_cot_hints(model, tokenizer, rows, candidates: dict, args: Args, ran
         for name in candidates.get(r["modality"], []):
             asks.append({**r, "task": "t2r", "lang": "en", "turns": [("user", t2r_question(name, r["modality"]))]})
             owner.append(i)
-    answers = generate_answers(model, tokenizer, asks, args.eval_batch_size, args.eval_max_new_tokens, rank, world,
-                               "regional cot", base_prompt=args.base_prompt == "full")
     found = {}
-    for i, a in zip(owner, answers):
+    for i, a in zip(owner, region_answers(model, tokenizer, asks, args, rank, world, "regional cot")):
         for name, boxes in parse_regions(a):
             if boxes:
                 found.setdefault(i, []).append(format_region(name, boxes))
     return {i: "Regions: " + ", ".join(v) + ". " for i, v in found.items()}
+
+
+def cot_candidates(samples: list[dict]) -> dict:
+    """Regional-CoT candidates per modality: every object name the samples' Text-to-Region answers box for it."""
+    cot = {}
+    for s in samples:
+        if s["task"] == "t2r":
+            names = cot.setdefault(s["modality"], [])
+            names += [n for n, _ in parse_regions(s["turns"][1][1]) if n not in names]
+    return cot
 
 
 def evaluate(model, tokenizer, rows_by_task: dict, args: Args, rank: int, world: int, tag: str,
@@ -1197,8 +1229,7 @@ def evaluate(model, tokenizer, rows_by_task: dict, args: Args, rank: int, world:
     for task, rows in rows_by_task.items():
         if not rows:
             continue
-        answers = generate_answers(model, tokenizer, rows, args.eval_batch_size, args.eval_max_new_tokens, rank, world,
-                                   f"{tag} {task}", base_prompt=args.base_prompt == "full")
+        answers = region_answers(model, tokenizer, rows, args, rank, world, f"{tag} {task}")
         done = [dict(r, prediction=a, answer=r["turns"][1][1]) for r, a in zip(rows, answers)]
         if task == "t2r":
             for r in done:
@@ -1208,16 +1239,15 @@ def evaluate(model, tokenizer, rows_by_task: dict, args: Args, rank: int, world:
         elif task == "r2t":
             scores[task] = score_r2t(done, args.scoring)
         else:
-            scores[task] = score_vqa(done, args.scoring)
+            scores[task] = score_region_vqa(done, args.scoring)
         preds[task] = done
     if cot_candidates is not None and rows_by_task.get("vqa"):
         rows = rows_by_task["vqa"]
         hints = regional_cot_hints(model, tokenizer, rows, cot_candidates, args, rank, world)
-        answers = generate_answers(model, tokenizer, rows, args.eval_batch_size, args.eval_max_new_tokens, rank, world,
-                                   f"{tag} vqa+cot", hints, args.base_prompt == "full")
+        answers = region_answers(model, tokenizer, rows, args, rank, world, f"{tag} vqa+cot", hints)
         done = [dict(r, prediction=a, answer=r["turns"][1][1], regions=hints.get(i, "")) for i, (r, a) in
                 enumerate(zip(rows, answers))]
-        scores["vqa_regional_cot"] = {**score_vqa(done, args.scoring), "rows_with_regions": len(hints)}
+        scores["vqa_regional_cot"] = {**score_region_vqa(done, args.scoring), "rows_with_regions": len(hints)}
         preds["vqa_regional_cot"] = done
     return scores, preds
 
@@ -1231,110 +1261,115 @@ def eval_rows(samples: list[dict], limit: int) -> dict:
     return {k: v[:limit or None] for k, v in by.items()}
 
 
+def box_baselines(train_samples: list[dict], t2r_rows: list[dict], args: Args) -> dict:
+    """Image-blind and random answers to the evaluated Text-to-Region rows (what a model must beat to localise): random
+    boxes always; the mean and best constant training box of each named object when there is training data."""
+    out = {"random_box_baseline": random_box_baseline(t2r_rows, 100, args.seed, args.multi_box_iou, args.scoring)}
+    if train_samples:
+        out.update({f"{k}_baseline": v for k, v in
+                    prior_box_baselines(train_samples, t2r_rows, args.multi_box_iou, args.scoring).items()})
+    return out
+
+
+def export_llava_hf(model, tokenizer, out: Path, rank: int):
+    """The trained weights (LoRA merged), in the frozen weights' dtype, as a llava-hf checkpoint in out/llava_hf with
+    the four region tokens in its tokenizer and vocabulary. Every rank gathers the shards; rank 0 writes."""
+    state = lm.full_state_dict(model)
+    if rank == 0:
+        frozen_dtype = next(p for n, p in model.named_parameters() if n.startswith("vision_tower.")).dtype
+        lm.save_llava_hf(lm.merge_lora(model, state).to(dtype=frozen_dtype), tokenizer, out / "llava_hf")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None):
-    args = parse_args(Args, argv)
-    rank, world, device = setup_distributed(args.dist_timeout_s)
-    master = rank == 0
-    out = Path(args.out)
+def resolve_defaults(args: Args) -> Args:
+    """The "auto", "" and -1 defaults: the released values for a checkpoint; for the random --model tiny lr 1e-3, 40
+    epochs (440 steps), Text-to-Region only, no crops, no base prompts, a trained projector. Measured on the shared
+    2-core machine: 450 steps of T2R + R2T + grounded reports with crops left the random model writing one box per
+    lesion name whatever the image; T2R alone without crops localises (README). Which factor matters was not separated."""
     tiny = args.model == "tiny"
-    args.lr = args.lr if args.lr > 0 else (1e-3 if tiny else 1e-5)
-    args.epochs = args.epochs if args.epochs > 0 else (40.0 if tiny else 1.0)
-    train_projector = {"yes": True, "no": False, "auto": tiny}[args.train_projector]
-    args.base_prompt = {"full": "full", "none": "none", "auto": "none" if tiny else "full"}[args.base_prompt]
-    # the tiny toy default: Text-to-Region only, no crops, 40 epochs (440 steps). Measured on the shared 2-core machine:
-    # 450 steps of T2R + R2T + grounded reports with crops left the random model writing one box per lesion name
-    # whatever the image; T2R alone without crops localises (README). Which of the two factors matters was not separated.
-    args.tasks = args.tasks or ("t2r" if tiny else "t2r,r2t,grounded,vqa,report")
-    augment = {"yes": True, "no": False, "auto": not tiny}[args.augment]
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    return dataclasses.replace(
+        args, lr=args.lr if args.lr > 0 else (1e-3 if tiny else 1e-5),
+        epochs=args.epochs if args.epochs > 0 else (40.0 if tiny else 1.0),
+        tasks=args.tasks or ("t2r" if tiny else "t2r,r2t,grounded,vqa,report"),
+        base_prompt={"auto": "none" if tiny else "full"}.get(args.base_prompt, args.base_prompt),
+        train_projector={"auto": "yes" if tiny else "no"}.get(args.train_projector, args.train_projector),
+        augment={"auto": "no" if tiny else "yes"}.get(args.augment, args.augment))
+
+
+def main(argv=None):
+    args = resolve_defaults(parse_args(Args, argv))
+    rank, world, device = setup_distributed(args.dist_timeout_s)
+    out, master = Path(args.out), rank == 0
+    log = jsonl_logger(out / "metrics.jsonl", rank)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"medrega.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
-
-    def log(row):
-        if master:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-    torch.manual_seed(args.seed)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    torch.manual_seed(args.seed)  # same initial weights on every rank
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, seed=args.seed,
-                               template=args.template or ("chatml" if tiny else None))
+                               template=args.template or ("chatml" if args.model == "tiny" else None))
     n_new = add_region_tokens(model, tokenizer, args.new_token_init, args.seed)
-
-    # ---- data
-    skipped = {} if args.skip_bad_samples else None
-    train_samples = load_samples(args.data, args.image_folder, args.task, tasks, "train", skipped,
-                                 args.allow_images_outside_folder)
-    data = RegionSFTData(train_samples, tokenizer, model.config, args.max_length, args.skip_bad_samples, augment,
-                         args.crop_scale_min, args.seed, args.base_prompt == "full")
-    if skipped:
-        data.skipped.update(skipped)
     eval_path = args.eval_data or (args.data if Path(args.data).is_dir() else "")
-    rows = {}
-    if args.eval and eval_path:
-        rows = eval_rows(load_samples(eval_path, args.eval_image_folder, args.task, tasks, "test", None,
-                                      args.allow_images_outside_folder), args.eval_limit)
-    cot = None
-    if args.regional_cot:  # candidate objects per modality: every object name the training data boxes for it
-        cot = {}
-        for s in train_samples:
-            if s["task"] == "t2r":
-                names = cot.setdefault(s["modality"], [])
-                names += [n for n, _ in parse_regions(s["turns"][1][1]) if n not in names]
+    eval_samples = load_samples(eval_path, args.eval_image_folder, args.task, tasks, "test", None,
+                                args.allow_images_outside_folder) if args.eval and eval_path else []
+    rows, train_samples = eval_rows(eval_samples, args.eval_limit), []
+    if not args.eval_only:  # ---- training data
+        skipped = {} if args.skip_bad_samples else None
+        train_samples = load_samples(args.data, args.image_folder, args.task, tasks, "train", skipped,
+                                     args.allow_images_outside_folder)
+        data = RegionSFTData(train_samples, tokenizer, model.config, args.max_length, args.skip_bad_samples,
+                             args.augment == "yes", args.crop_scale_min, args.seed, args.base_prompt == "full")
+        data.skipped.update(skipped or {})
+        if master:
+            counts = {}
+            for s in data.items:
+                counts[f"{s['task']}_{s['lang']}"] = counts.get(f"{s['task']}_{s['lang']}", 0) + 1
+            print(f"added {n_new} token rows for {REGION_TOKENS}; train samples {len(data)} {counts}"
+                  + (f"; skipped {data.skipped}" if data.skipped else ""))
     if master:
-        counts = {}
-        for s in data.items:
-            counts[f"{s['task']}_{s['lang']}"] = counts.get(f"{s['task']}_{s['lang']}", 0) + 1
-        print(f"added {n_new} token rows for {REGION_TOKENS}; train samples {len(data)} {counts}; eval rows "
-              + str({k: len(v) for k, v in rows.items()}) + (f"; skipped {data.skipped}" if data.skipped else ""))
-
-    # ---- model: LoRA or full, shard
-    if args.lora:
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-    set_trainable(model, args.lora, train_projector)
+        print("eval rows", {k: len(v) for k, v in rows.items()})
+    # regional-CoT candidates from the training boxes; with --eval-only, the evaluation set's object names (not boxes)
+    cot = cot_candidates(train_samples or eval_samples) if args.regional_cot else None
+    if not args.eval_only:  # ---- model: LoRA or full
+        if args.lora:
+            torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
+            lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        set_trainable(model, args.lora, args.train_projector == "yes")
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank (CleanRL's "CRUCIAL" seed offset)
     shard(model, device, args.activation_checkpointing)
-    weights = position_token_weights(tokenizer, args.position_weight)
-    results = {}
-    resumed = args.resume and latest_checkpoint(out) is not None
-    if rows and args.eval_before and not resumed:
-        results["before"], _ = evaluate(model, tokenizer, rows, args, rank, world, "eval before", cot)
-        log({"phase": "eval_before", **results["before"]})
+    results, preds = {}, {}
+    if rows and (args.eval_only or args.eval_before and latest_checkpoint(out / "sft") is None):
+        key = "eval" if args.eval_only else "before"
+        results[key], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval " + key, cot)
+        log({"phase": "eval_" + key, **results[key]})
         if master:
-            print("before:", json.dumps(results["before"]))
-
-    steps = train(args, model, tokenizer, data, weights, device, rank, world, log)
-
-    if rows:
-        results["after"], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval after", cot)
-        log({"phase": "eval_after", **results["after"]})
-        if rows.get("t2r"):
-            results["random_box_baseline"] = random_box_baseline(preds["t2r"], 100, args.seed, args.multi_box_iou, args.scoring)
-            results.update({f"{k}_baseline": v for k, v in
-                            prior_box_baselines(train_samples, preds["t2r"], args.multi_box_iou, args.scoring).items()})
-        if master:
+            print(f"{key}:", json.dumps(results[key], ensure_ascii=False))
+    if not args.eval_only:  # ---- SFT, evaluation, export
+        weights = position_token_weights(tokenizer, args.position_weight)
+        results["summary"] = train(args, "sft", model, len(data),
+                                   lambda idx, epoch: region_sft_step(model, data, idx, epoch, weights, device),
+                                   out / "sft", rank, world, log, {"": args.lr}, args.batch_size,
+                                   args.micro_batch_size, args.epochs)
+        results["summary"].update(train_samples=len(data), skipped=data.skipped)
+        if rows:
+            results["after"], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval after", cot)
+            log({"phase": "eval_after", **results["after"]})
+        export_llava_hf(model, tokenizer, out, rank)
+    if preds.get("t2r"):
+        results.update(box_baselines(train_samples, preds["t2r"], args))
+    if master:
+        if preds:
             (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False, default=str))
-    # the trained weights (LoRA merged), unsharded: a llava-hf checkpoint with the four region tokens
-    state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}  # every rank gathers
-    if master:
-        frozen_dtype = next(p for n, p in model.named_parameters() if n.startswith("vision_tower.")).dtype
-        lm.save_llava_hf(merged_copy(model, state).to(dtype=frozen_dtype), tokenizer, out / "llava_hf")
-    results["summary"] = {"steps": steps, "train_samples": len(data), "skipped": data.skipped}
-    if master:
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-        print(json.dumps(results, indent=1))
+        (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        print(json.dumps(results, indent=1, ensure_ascii=False))
     dist.destroy_process_group()
     return results
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lm.DataError as e:  # bad data: say which file and record, without a traceback through torch
-        print(f"medrega.py: bad data: {e}\n(--skip-bad-samples counts and skips such records)", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -2,8 +2,9 @@
 prompts (the Chinese report prompt against the released demo data), toy / SLAKE / MedRegInstruct readers,
 box-preserving crops, boxes on the pixels the model receives, IoU on hand-computed cases, the Hungarian matcher against
 brute force, Text-to-Region / Region-to-Text / VQA scoring (BLEU-1 against sacrebleu; --scoring medrega against the
-released evaluators' outputs), the weighted loss, regional CoT hints, and torchrun 2 ranks == 1 rank x 2 micro-batches
-with augmentation on."""
+released evaluators' outputs), the weighted loss, regional CoT hints, generation in chunks, the complete default
+pipeline under torchrun (2 ranks == 1 rank x 2 micro-batches, augmentation on), --eval-only on the export, and the
+fault suite (tests/faults.py)."""
 
 import copy
 import itertools
@@ -18,12 +19,14 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+import faults
 import llava_med as lm
 import medrega as mr
 from conftest import ROOT
 
 REAL = ROOT.parent / "shared" / "realdata"
 TOY = ROOT / "data" / "toy"
+FIX = ROOT / "tests" / "fixtures"
 TASKS = ["t2r", "r2t", "grounded", "vqa", "report"]
 RELEASED = json.loads((ROOT / "tests" / "fixtures" / "medrega_released_scores.json").read_text())  # xmed-lab/MedRegA outputs
 
@@ -386,15 +389,15 @@ def test_medrega_scoring_reproduces_the_released_text_scorers():
         rows = [dict(r, lang=lang) for r in d[key]["rows"]]
         pad = {"prediction": d[key]["pad"]["pred_answer"], "answer": d[key]["pad"]["gt_answer"], "lang": lang}
         for i, (case, exp) in enumerate(list(zip([[r, pad] for r in rows], d[key]["per_row" + seg])) + [(rows, d[key]["all" + seg])]):
-            got = mr.score_vqa(case, "medrega")
+            got = mr.score_region_vqa(case, "medrega")
             for k, kk in VQA_KEYS:
                 _close(got[k], exp[kk], 1e-9, f"{key} {i} {k}")
     # the default rules really differ: punctuation stripped, tags removed, corpus BLEU, 是/否 closed, no cleanStr
     ours, rel = mr.score_r2t(r2t["rows"]), r2t["all"]
     assert ours["recall"] > rel["recall"] + 0.1 and abs(ours["bleu1"] - rel["bleu1"]) > 0.05
-    assert mr.score_vqa([{"prediction": "Yes.", "answer": "yes", "lang": "en"}])["closed_accuracy"] == 1.0
-    assert mr.score_vqa([{"prediction": "Yes.", "answer": "yes", "lang": "en"}], "medrega")["closed_accuracy"] == 0.0
-    assert mr.score_vqa([{"prediction": "是", "answer": "是", "lang": "zh"}], "medrega")["closed_accuracy"] is None
+    assert mr.score_region_vqa([{"prediction": "Yes.", "answer": "yes", "lang": "en"}])["closed_accuracy"] == 1.0
+    assert mr.score_region_vqa([{"prediction": "Yes.", "answer": "yes", "lang": "en"}], "medrega")["closed_accuracy"] == 0.0
+    assert mr.score_region_vqa([{"prediction": "是", "answer": "是", "lang": "zh"}], "medrega")["closed_accuracy"] is None
 
 
 def test_medrega_scoring_reproduces_the_released_box_scorers():
@@ -439,10 +442,15 @@ def test_position_weights_and_weighted_loss():
     ref = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"]).loss  # plain mean CE over answer tokens
     torch.testing.assert_close(loss / n, ref)
-    assert n == mr.batch_weight(batch, None)
+    targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != lm.IGNORE_INDEX]  # the supervised (answer) tokens
+    assert n == len(targets)
     wl, wn = mr.weighted_sft_loss_sum(model, batch, table)
-    assert wn == mr.batch_weight(batch, table) and n < wn < 2 * n  # digits weigh 2, tags and names 1
+    assert wn == table[targets].sum() and n < wn < 2 * n  # digits weigh 2, tags and names 1
     assert not torch.allclose(wl / wn, loss / n)
+    # the step hands the loop the weighted sum and the weight total (the loop divides by the global batch's total)
+    step = mr.region_sft_step(model, data, [0, 1, 2, 3], 0, table, torch.device("cpu"))
+    torch.testing.assert_close(step["loss"], wl)
+    torch.testing.assert_close(step["n"], wn)
 
 
 def test_regional_cot_hints(monkeypatch):
@@ -454,7 +462,7 @@ def test_regional_cot_hints(monkeypatch):
         asked.extend(asks)
         return ["<ref>nodule</ref><box>[[1, 2, 3, 4]]</box>", "no box here"][:len(asks)]
 
-    monkeypatch.setattr(mr, "generate_answers", scripted)
+    monkeypatch.setattr(mr, "region_answers", scripted)
     hints = mr.regional_cot_hints(None, None, rows, {"chest x-ray": ["nodule"], "histopathology": ["tumor cluster"]},
                                   mr.Args(), 0, 1)
     assert [a["turns"][0][1] for a in asked] == ["Please locate <ref>nodule</ref> in this chest x-ray."]
@@ -467,7 +475,7 @@ def test_regional_cot_hints(monkeypatch):
 def test_lora_trains_adapters_and_the_grown_embeddings():
     model, tok = lm.load("tiny")
     mr.add_region_tokens(model, tok)
-    mr.add_lora(model, 8, 16, 0.0)
+    lm.add_lora(model, 8, 16, 0.0)
     mr.set_trainable(model, lora=True, train_projector=False)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trained) and "language_model.lm_head.weight" in trained
@@ -479,23 +487,52 @@ def test_lora_trains_adapters_and_the_grown_embeddings():
     assert "projector.0.weight" in trained and not any(n.startswith("vision_tower.") for n in trained)
 
 
-# ---- distributed ------------------------------------------------------------------------------------------
+def test_region_answers_in_chunks_equal_one_call_on_the_training_pixels():
+    """Evaluation builds its jobs a few batches at a time (region_answers): the same answers as one
+    lm.generate_sharded call over all rows, whose images are exactly the pixels training gives the model."""
+    model, tok = lm.load("tiny", template="chatml")
+    mr.add_region_tokens(model, tok)
+    rows = mr.eval_rows(mr.toy_samples(TOY / "test.json", ["t2r"]), 7)["t2r"]
+    args = mr.Args(eval_batch_size=1, eval_max_new_tokens=6, base_prompt="none")  # chunks of 4 rows: 4 + 3
+    data = mr.RegionSFTData(rows, tok, model.config, 512, False, False, 0.8, 0, base_prompt=False)
+    jobs = [{"turns": mr.prompt_turns({**r, "turns": r["turns"][:1]}, base_prompt=False),
+             "images": [data.batch([i], 0)["pixel_values"][0]]} for i, r in enumerate(rows)]
+    whole = lm.generate_sharded(model, tok, jobs, 1, max_new_tokens=6)
+    assert mr.region_answers(model, tok, rows, args, 0, 1, "eval") == whole and len(set(whole)) > 1
+
+
+# ---- the complete pipeline, --eval-only, and the fault suite (tests/faults.py) ---------------------------------
 
 def _run(cmd):
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=500)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=500, env=faults.ENV)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
-def test_torchrun_two_ranks_equal_one_rank(tmp_path):
-    """Augmented crops and the weighted global mean do not depend on the split: 2 ranks x 1 micro-batch ==
-    1 rank x 2 micro-batches (losses and exported weights, atol 1e-5); the export carries the region tokens."""
-    args = ["--tasks", "t2r,grounded", "--epochs", "0.03", "--batch-size", "8", "--micro-batch-size", "4",
-            "--position-weight", "2", "--augment", "yes", "--no-eval"]
+FAST = ["--epochs", "0.2", "--batch-size", "8", "--micro-batch-size", "4", "--no-eval"]  # 4 steps of Text-to-Region
+
+
+def test_complete_pipeline_torchrun_two_ranks_equals_one_rank(tmp_path):
+    """Every stage of the default pipeline (evaluation before, SFT, evaluation after, box baselines, llava-hf export)
+    from an empty --out under torchrun with 2 ranks, and on one rank with 2 micro-batches of accumulation, with crops,
+    position weights, VQA and regional CoT on: equal losses and exported weights (atol 1e-5), the same answers
+    (lm.generate_sharded's batches do not depend on the number of ranks); the export carries the region tokens."""
+    args = ["--tasks", "t2r,grounded,vqa", "--regional-cot", "--epochs", "0.015", "--batch-size", "8",
+            "--micro-batch-size", "4", "--position-weight", "2", "--augment", "yes", "--eval-limit", "4",
+            "--eval-batch-size", "2", "--eval-max-new-tokens", "24"]
     _run([sys.executable, "medrega.py", "--out", str(tmp_path / "one")] + args)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "medrega.py",
           "--out", str(tmp_path / "two")] + args)
-    curves = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl"))] for d in ("one", "two")]
+    res = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]
+    assert res[0]["summary"]["steps"] == 2 and res[0]["summary"]["train_samples"] == 1260
+    for key in ("before", "after"):
+        assert set(res[0][key]) == {"t2r", "vqa", "vqa_regional_cot"} and res[0][key] == res[1][key]
+    assert {"random_box_baseline", "mean_box_baseline", "best_constant_box_baseline"} <= set(res[0])
+    preds = [json.loads((tmp_path / d / "predictions.json").read_text()) for d in ("one", "two")]
+    for task in ("t2r", "vqa", "vqa_regional_cot"):
+        assert [p["prediction"] for p in preds[0][task]] == [p["prediction"] for p in preds[1][task]]
+    curves = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if r["phase"] == "sft"]
+              for d in ("one", "two")]
     assert len(curves[0]) == 2
     torch.testing.assert_close(torch.tensor(curves[0]), torch.tensor(curves[1]), atol=1e-5, rtol=0)
     a = load_file(str(tmp_path / "one" / "llava_hf" / "model.safetensors"))
@@ -505,3 +542,49 @@ def test_torchrun_two_ranks_equal_one_rank(tmp_path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tmp_path / "one" / "llava_hf")
     assert a["lm_head.weight"].shape[0] == len(tok) and all(t in tok.get_vocab() for t in mr.REGION_TOKENS)
+    base, _ = lm.load("tiny")  # the full LLM trained (its FSDP root parameters included), the ViT stayed frozen
+    assert (a["model.language_model.layers.0.mlp.up_proj.weight"] - base.language_model.model.layers[0].mlp.up_proj.weight).abs().max() > 1e-6
+    assert torch.equal(a["model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"],
+                       base.vision_tower.encoder.layers[0].mlp.fc1.weight)
+
+
+def test_eval_only_on_the_export_gives_the_runs_numbers(tmp_path):
+    """--eval-only reads no training data (--data names a missing file), trains and writes no weights, and on the
+    llava-hf export of a run (its tokenizer already holds the region tokens) gives that run's after-training answers."""
+    eval_args = ["--tasks", "t2r", "--eval-data", str(TOY), "--eval-limit", "4", "--eval-batch-size", "2"]
+    run = faults._in_process(mr, ["--epochs", "0.05", "--batch-size", "8", "--micro-batch-size", "8",
+                                  "--no-eval-before", "--out", str(tmp_path / "run")] + eval_args)
+    res = faults._in_process(mr, ["--eval-only", "--model", str(tmp_path / "run" / "llava_hf"), "--template", "chatml",
+                                  "--base-prompt", "none", "--data", str(tmp_path / "none.jsonl"),
+                                  "--out", str(tmp_path / "eval")] + eval_args)
+    assert set(res) == {"eval", "random_box_baseline"} and res["eval"]["t2r"]["n"] == 4
+    assert not (tmp_path / "eval" / "sft").exists() and not (tmp_path / "eval" / "llava_hf").exists()
+    answers = [[p["prediction"] for p in json.loads((tmp_path / d / "predictions.json").read_text())["t2r"]]
+               for d in ("run", "eval")]
+    assert answers[0] == answers[1] and res["eval"] == run["after"]
+
+
+def test_kill_and_resume_gives_the_same_weights(tmp_path):
+    """With crops and position weights: the resumed run re-draws the same crops (seeded by seed, epoch, sample)."""
+    faults.check_kill_and_resume("medrega.py", FAST + ["--augment", "yes", "--position-weight", "2", "--save-every", "1"],
+                                 "sft", tmp_path, kill_at=2)
+
+
+def test_nonfinite_step_stops_or_is_skipped(monkeypatch, tmp_path):
+    faults.check_nonfinite(mr, FAST, "sft", tmp_path, monkeypatch, call=3)  # 3rd micro-batch = step 2
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
+    faults.check_dead_rank("medrega.py", ["--epochs", "5", "--batch-size", "8", "--micro-batch-size", "4", "--no-eval"],
+                           "sft", tmp_path, fault)
+
+
+def test_bad_data_and_bad_model_exit_2_with_one_line(tmp_path):
+    """A MedRegInstruct record whose image is missing, and a model folder without config.json."""
+    bad = tmp_path / "bad" / "text2region.jsonl"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({"id": "a", "image": "nowhere.png", "width": 64, "height": 64, "conversations": [
+        {"from": "human", "value": "<image>\nPlease locate <ref>nodule</ref>."},
+        {"from": "gpt", "value": "<ref>nodule</ref><box>[[1, 2, 3, 4]]</box>"}]}) + "\n")
+    faults.check_bad_inputs("medrega.py", FAST, ["--data", str(bad)], tmp_path)
