@@ -632,16 +632,18 @@ def relevance_key(report: str) -> str:
 def sweep_gamma(gammas: list[float], score_rows: list[np.ndarray], relevant: list[np.ndarray], k_max: int,
                 score_fn=None) -> tuple[float, list[dict]]:
     """Evaluate every gamma on the validation queries and return (best gamma, table). score_rows[q]: the sorted
-    positive similarities of query q's top-k_max; relevant[q]: bool, whether each candidate is relevant.
-    Default criterion: F1 of the kept set (precision of the kept reports, recall against the relevant candidates
-    in the top k_max); `score_fn(gamma, ks) -> float` replaces it (mmed_rag.py passes validation VQA accuracy)."""
+    positive similarities of query q's top-k_max; relevant[q]: bool, whether each candidate is relevant (None:
+    only score_fn). Default criterion: F1 of the kept set (precision of the kept reports, recall against the
+    relevant candidates in the top k_max), a retrieval-only proxy; `score_fn(gamma, ks) -> float` replaces it
+    (mmed_rag.py passes validation VQA accuracy, spec A5)."""
     table = []
     for g in gammas:
         ks = [adaptive_k_paper(s, g, k_max) for s in score_rows]
-        prec = float(np.mean([rel[:k].mean() for rel, k in zip(relevant, ks)]))
-        rec = float(np.mean([rel[:k].sum() / max(1, rel.sum()) for rel, k in zip(relevant, ks)]))
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        row = {"gamma": g, "mean_k": float(np.mean(ks)), "precision": prec, "recall": rec, "f1": f1}
+        row = {"gamma": g, "mean_k": float(np.mean(ks))}
+        if relevant is not None:
+            prec = float(np.mean([rel[:k].mean() for rel, k in zip(relevant, ks)]))
+            rec = float(np.mean([rel[:k].sum() / max(1, rel.sum()) for rel, k in zip(relevant, ks)]))
+            row.update(precision=prec, recall=rec, f1=2 * prec * rec / (prec + rec) if prec + rec else 0.0)
         if score_fn is not None:
             row["score"] = float(score_fn(g, ks))
         table.append(row)
@@ -755,6 +757,10 @@ class DomainRAG:
         indexes = {d: ReportIndex.load(folder / d) for d in router.domains}
         return cls(router, towers, indexes, config)
 
+    def kb_images(self) -> set[str]:
+        """The image of every knowledge-base report, all domains (to keep RAG-PT and test data disjoint from it)."""
+        return {s for index in self.indexes.values() for s in index.sources if s}
+
     def retrieve(self, paths: list[str], k_max: int | None = None, rule: str | None = None, gamma: float | None = None,
                  domains: list[str] | None = None, exclude: list[str] | None = None) -> list[dict]:
         """For each image: {"domain", "reports" (kept, best first), "scores" (positive similarities of the top
@@ -828,12 +834,14 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
                   f"fine-tuned {_fmt(results['recall_after'].get(d))}")
         log({"phase": "recall", "domain": d, "before": results["recall_before"].get(d),
              "after": results["recall_after"].get(d)})
-    # ---- 4. gamma on the validation split (paper rule), by F1 of the kept set
+    # ---- 4. gamma on the validation split (paper rule), by F1 of the kept set (mmed_rag.py re-tunes it by VQA
+    # accuracy over the same grid, which rag_config.json keeps)
     gammas = [float(g) for g in args.gammas.split(",")]
     gamma = gammas[0]
+    config = {"k_max": args.k_max, "rule": args.rule, "gamma": gamma, "code_threshold": args.code_threshold,
+              "gammas": gammas}
     if master:
-        (out / "rag_config.json").write_text(json.dumps({"k_max": args.k_max, "rule": args.rule, "gamma": gamma,
-                                                         "code_threshold": args.code_threshold}))
+        (out / "rag_config.json").write_text(json.dumps(config))
     dist.barrier()
     if val:
         rag = DomainRAG.load(out)
@@ -845,8 +853,7 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
         if master:
             print_sweep(table, f"gamma sweep on {len(val)} validation images (paper rule, k_max {args.k_max}):")
             print(f"chosen gamma {gamma}")
-            (out / "rag_config.json").write_text(json.dumps({"k_max": args.k_max, "rule": args.rule, "gamma": gamma,
-                                                             "code_threshold": args.code_threshold}))
+            (out / "rag_config.json").write_text(json.dumps({**config, "gamma": gamma}))
     dist.barrier()
     return results
 
