@@ -14,12 +14,12 @@ LLaVA-style medical VLM (Xia et al., ICLR 2025, arXiv 2410.13085; spec part A).
         --batch-size 4 --micro-batch-size 1 --max-length 1024 --val-data vqa_val.json
     # one image with retrieval (MMed-RAG issue #45): prints the routed domain, the retrieved reports, the prompt and
     # the answer (no --question: a report); a trained run's model is OUT/llava_hf (--export-merged)
-    python mmed_rag.py --image x.png --question "Is there a pleural effusion?" --retriever runs/mmed_rag/retriever \
+    python mmed_rag.py --image x.png --question "Is there a pleural effusion?" --retriever runs/mmed_rag/retriever \\
         --model runs/mmed_rag/llava_hf
 
 The algorithm (spec A1, A7, A8):
 
-    inference   d = router(x_v) (--oracle-domain: the record's domain); candidates = R_d top-k_max; keep the top k by the adaptive rule; prompt A6
+    inference   d = router(x_v) (--oracle-domain: the record's); candidates = R_d top-k_max; adaptive k; prompt A6
     RAG-PT      with the model M before tuning and greedy decoding, for each training (x_v, x_t, y) with reports x_r:
       D_cm      M(x_v*, x_t, x_r) correct although x_v* is noise / an unrelated image  ("copied the homework"):
                 chosen (x_v, x_t, x_r) -> y,   rejected (x_v*, x_t, x_r) -> M(x_v*, x_t, x_r)
@@ -33,31 +33,24 @@ The algorithm (spec A1, A7, A8):
 
 Decisions on what the spec lists as not found (part D), each also commented where it is used:
   - gamma and k: k_max 3 for toy prompts (--k-max; 5-10 for real data); gamma: retrieve.py's grid scored by the
-    validation VQA accuracy of the model before RAG-PT (spec A5, printed sweep; --gamma-tune f1: retrieve.py's pick
-    by F1 of the kept reports, which also sets the toy warm start's prompts); RAG-PT prompts use the top-1 report
-    (--pt-k 1), as every released pair has exactly one.
+    validation VQA accuracy of the model before RAG-PT (spec A5; --gamma-tune f1: retrieve.py's pick by F1 of the
+    kept reports, also the toy warm start's); RAG-PT prompts: the top-1 report (--pt-k 1), as in every released pair.
   - domain router: linear probe on frozen image features (retrieve.py), not a fine-tuned BiomedCLIP.
-  - noisy image: the released one (noise_png: N(0,1) clipped to [0,1] as an 8-bit image, then preprocessed; one
-    fixed image per source where the release draws anew), written under OUT/noise/ and named by rejected_image next
-    to the released rejected_noised: 1; an unrelated image of another domain as the second variant (--cm-image
-    unrelated, or both).
+  - noisy image: the released pure noise (noise_png), one fixed file per image under OUT/noise/; --cm-image
+    unrelated (an image of another domain) or both.
   - DPO temperature: beta 0.1 (TRL default, what the released code runs).
   - two stages (released train_dpo_2stages.py) by default; --stages merged trains on D_cm + D_oa in one stage.
   - pathology wording: "a pathology image" / "professional pathologist" (inferred, like the spec).
-  - generation: greedy, capped at 1024 new tokens as RULE's eval scripts; truncated rejected answers make no pair.
-  - BLEU: the average of BLEU-1..4 (MMedPO, same group), with BLEU-1..4 also written. METEOR: the exact-match
-    stage only (no stemmer / WordNet here), named meteor_exact; it runs below pycocoevalcap's METEOR 1.5.
-    ROUGE-L: beta 1 (rouge-score); --rouge-beta 1.2 is pycocoevalcap's.
+  - generation: greedy, at most 1024 new tokens (RULE's eval scripts); a truncated rejected answer makes no pair.
+  - BLEU: the average of BLEU-1..4 (MMedPO, same group), BLEU-1..4 also written; METEOR: exact matches only
+    (meteor_exact, below pycocoevalcap's METEOR 1.5); ROUGE-L beta 1 (rouge-score), --rouge-beta 1.2 pycocoevalcap's.
   - report "correct" (the authors' judge is not released): ROUGE-L against the reference >= --report-correct-rouge.
-  - copy-reference rate: of all test questions, the share answered correctly with the noise image and the real
-    image's reports (the paper's, spec A7); also among those answered correctly with the real image and RAG
-    (copy_reference_rate_of_correct); over-reliance rate: of those answered correctly without retrieval, the share
-    answered wrongly with it (RULE's definition).
-  - data: RAG-PT, validation and test images must not be in the knowledge base (RULE): exit 2, or with
-    --skip-bad-samples a counted skip (compared by resolved path).
+  - copy-reference rate: the share of all test questions answered right on the noise image with the real image's
+    reports (the paper's, spec A7; also among those right with the real image); over-reliance: of those right
+    without retrieval, the share wrong with it (RULE). RAG-PT / validation / test images in the knowledge base: exit 2.
 
-Files written to --out: retriever/ (retrieve.py output), noise/ (noise images), retrieved_test.jsonl (test items + reference_reports +
-retrieve_k, as the released retrieval scripts write), rag_pt.json (the preference set, released format),
+Files written to --out: retriever/ (retrieve.py output), noise/, retrieved_test.jsonl (test items + reference_reports
++ retrieve_k, as the released retrieval scripts write), rag_pt.json (the preference set, released format),
 stage1/ stage2/ (checkpoints), adapter/ (PEFT), metrics.jsonl, results.json with the comparison table.
 
 File layout: Args -> data (items, splits) -> prompts -> RAG-PT pair building -> DPO (copied from dpo.py) ->
@@ -116,8 +109,7 @@ class Args:
     k_max: int = 3  # candidates before the adaptive cut (not found in the paper; spec A5: 5 or 10; 3 keeps toy prompts short)
     rule: str = "paper"  # adaptive k: "paper" (log-ratio gap > gamma), "code" (top-1 ratio < threshold), "fixed"
     gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says)
-    gamma_tune: str = "accuracy"  # "accuracy": retrieve.py's gamma grid scored by validation VQA accuracy of the model
-    # before RAG-PT (spec A5; needs --val-data outside the toy); "f1": retrieve.py's pick (F1 of the kept reports)
+    gamma_tune: str = "accuracy"  # "accuracy": by validation VQA accuracy (spec A5); "f1": retrieve.py's pick
     val_data: str = ""  # closed VQA validation set for that sweep ("" = the toy validation split)
     code_threshold: float = 1.5  # released rule's threshold
     pt_k: int = 1  # reports in RAG-PT prompts (every released pair has exactly 1); 0 = adaptive as at inference
@@ -164,10 +156,8 @@ class Args:
     eval_batch_size: int = 32  # prompts per generate call on one rank
     vqa_max_new_tokens: int = 1024  # generation cap, as RULE's eval scripts (model_vqa_iuxray.py: max_new_tokens=1024);
     report_max_new_tokens: int = 1024  # an answer reaching the cap is counted as truncated and never made a rejected answer
-    # one image (MMed-RAG issue #45): retrieve for --image, answer --question (closed VQA prompt) or, without one, write
-    # a report; prints the routed domain, the retrieved reports, the prompt and the answer, and trains nothing
-    image: str = ""  # the image file ("" = the full pipeline)
-    question: str = ""  # its question ("" = report generation)
+    image: str = ""  # answer this one image with retrieval and exit, training nothing (MMed-RAG issue #45)
+    question: str = ""  # --image's closed question ("" = write a report)
 
 
 # Copied from dpo.py: parse_args
@@ -245,17 +235,9 @@ def toy_splits(folder: Path, val_fraction: float, pt_fraction: float):
     the rest is the RAG-PT source; the first part is the retrievers' training set and knowledge base (kept disjoint
     from RAG-PT, as RULE requires, so retrieval on RAG-PT images can fail as it does at test time).
     Returns (kb record ids, pt record ids, val record ids)."""
-    records = [rec for _, rec in lm.read_records(folder / "train.json")]
-    kb, pt, val = [], [], []
-    for d in dict.fromkeys(r["domain"] for r in records):
-        mine = [r["id"] for r in records if r["domain"] == d]
-        n_val = int(round(len(mine) * val_fraction))
-        rest, v = mine[:len(mine) - n_val], mine[len(mine) - n_val:]
-        n_pt = int(round(len(rest) * pt_fraction))
-        kb += rest[:len(rest) - n_pt]
-        pt += rest[len(rest) - n_pt:]
-        val += v
-    return set(kb), set(pt), set(val)
+    rest, val = retrieve.split_validation([rec for _, rec in lm.read_records(folder / "train.json")], val_fraction)
+    kb, pt = retrieve.split_validation(rest, pt_fraction)  # the last part of each domain's list, in file order
+    return {r["id"] for r in kb}, {r["id"] for r in pt}, {r["id"] for r in val}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -357,11 +339,10 @@ def training_pair(pair: dict) -> dict:
 def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report_threshold: float = 40.0,
                  seed: int = 0) -> tuple[list[dict], dict]:
     """Build D_cm, D_oa1, D_oa2 (spec A7) from greedy answers. items carry "reports" (retrieved with the real
-    image) and "noise" (noise_png). generate_fn(jobs) -> answers, job = {"task", "image", "prompt"}, and may set
-    job["truncated"]; the model behind it is the one before tuning. Returns (pairs in the released json format,
-    subset sizes). Chosen and rejected share the RAG prompt in every subset (as in every released pair); a rejected
-    answer that is empty ("skipped_empty") or was cut by the token cap ("skipped_truncated": it would look like a
-    complete answer) is counted and makes no pair."""
+    image) and "noise" (noise_png). generate_fn(jobs) -> answers, job = {"task", "image", "prompt"} (it may set
+    job["truncated"]); the model behind it is the one before tuning. Returns (pairs in the released json format,
+    subset sizes). Chosen and rejected share the RAG prompt in every subset (as in every released pair); an empty
+    rejected answer, or one cut by the token cap (it would look complete), makes no pair and is counted."""
     variants = {"noise": ["noise"], "unrelated": ["unrelated"], "both": ["noise", "unrelated"]}[cm_image]
     jobs = []
     for it in items:
@@ -493,16 +474,8 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average rank over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, the average over each group of ties
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -1074,14 +1047,12 @@ def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
 
 
 def meteor_exact(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
-    """METEOR's exact-match stage only (Banerjee & Lavie 2005, their parameters) in %: no Porter-stem, WordNet
-    synonym or paraphrase stages, so it is NOT the METEOR 1.5 of pycocoevalcap that papers report; it scores
-    below it whenever words differ in form ("nodules"/"nodule": 48.1 where NLTK's stem stage gives 75.5).
-    Fmean = PR / (αP + (1-α)R) (α = 0.9: 10PR/(R+9P)); penalty = γ (chunks/matches)^β; score = Fmean (1 - penalty).
-    The alignment maps each hypothesis word to an unused identical reference word, preferring the one that extends
-    the current chunk. Equals NLTK's single_meteor_score with stemming and WordNet switched off, except when a
-    reference word repeats: NLTK takes its last free occurrence, here the one giving fewer chunks (METEOR's
-    alignment rule), so the score is higher (tests/fixtures/meteor_nltk.json)."""
+    """METEOR's exact-match stage only (Banerjee & Lavie 2005 parameters) in %: no stem, synonym or paraphrase
+    stage, so NOT pycocoevalcap's METEOR 1.5 that papers report, and below it when word forms differ ("nodules" /
+    "nodule": 48.1 where NLTK with its stemmer gives 75.5). Fmean = PR / (αP + (1-α)R); penalty = γ (chunks /
+    matches)^β; score = Fmean (1 - penalty). Each hypothesis word takes an unused identical reference word, the one
+    extending the current chunk if any: NLTK's exact stage, but for repeated reference words, where NLTK takes the
+    last free one and this gives fewer chunks (tests/fixtures/meteor_nltk.json)."""
     h, r = report_tokens(hypothesis), report_tokens(reference)
     positions: dict[str, list[int]] = {}
     for j, w in enumerate(r):
@@ -1308,27 +1279,6 @@ def format_table(before: dict, after: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def attach_reports(items: list[dict], rag, k_max: int, rule: str, gamma: float, threshold: float,
-                   fixed_k: int = 0, exclude_own: set | None = None, oracle: bool = False) -> int:
-    """Route each image (with oracle: take the record's domain), retrieve, cut by the adaptive rule (or keep
-    fixed_k). Sets each item's "domain" (the routed one, which the prompt names), "reports" and "scores" (of all
-    k_max candidates). Returns how many images the router sent elsewhere than their record's domain."""
-    paths = sorted({it["path"] for it in items})
-    known = {it["path"]: it["domain"] for it in items}
-    if oracle and not all(known.values()):
-        raise lm.DataError(f"--oracle-domain: {next(it['id'] for it in items if not it['domain'])} has no domain field")
-    exclude = [p if p in exclude_own else "" for p in paths] if exclude_own else None
-    rag.config["code_threshold"] = threshold
-    got = rag.retrieve(paths, k_max=k_max, rule="fixed" if fixed_k else rule, gamma=gamma,
-                       domains=[known[p] for p in paths] if oracle else None, exclude=exclude)
-    by_path = dict(zip(paths, got))
-    for it in items:
-        g = by_path[it["path"]]
-        it["domain"], it["scores"] = g["domain"], g["scores"]
-        it["reports"] = g["reports"][:fixed_k] if fixed_k else g["reports"]
-    return sum(known[p] is not None and known[p] != g["domain"] for p, g in zip(paths, got))
-
-
 def tune_gamma(gammas: list[float], items: list[dict], generate_fn) -> tuple[float, list[dict]]:
     """Spec A5: gamma by validation VQA accuracy. items carry their top-k_max "reports" and "scores"; each question
     is answered once per prefix k = 1..k_max (not once per gamma), then each gamma scores the accuracy of the
@@ -1340,19 +1290,6 @@ def tune_gamma(gammas: list[float], items: list[dict], generate_fn) -> tuple[flo
     accuracy = lambda g, ks: 100 * float(np.mean([o[k - 1] for o, k in zip(ok, ks)]))  # noqa: E731
     k_max = max(len(it["reports"]) for it in items)
     return retrieve.sweep_gamma(gammas, [np.asarray(it["scores"]) for it in items], None, k_max, accuracy)
-
-
-def drop_kb_images(items: list[dict], kb_images: set, what: str, skip: bool) -> list[dict]:
-    """RULE keeps the retriever's data disjoint from the preference and test data (an image in the knowledge base
-    retrieves its own report). Items whose image path is in the knowledge base stop the run (exit 2) or, with
-    --skip-bad-samples, are counted and skipped. Compared by resolved path: the same file under another path passes."""
-    bad = [it for it in items if it["path"] in kb_images]
-    if bad and not skip:
-        raise lm.DataError(f"{bad[0]['id']}: image {bad[0]['path']} is in the retriever's knowledge base, as are the "
-                           f"images of {len(bad)} {what} items (RULE keeps them disjoint; --skip-bad-samples skips them)")
-    if bad:
-        print(f"{what}: {len(bad)} items skipped, their images are in the knowledge base", file=sys.stderr)
-    return [it for it in items if it["path"] not in kb_images]
 
 
 def answer_one(args: Args) -> dict:
@@ -1442,13 +1379,12 @@ def main(argv=None):
         if master:
             (rdir / "results.json").write_text(json.dumps(res, indent=1))
     rag = retrieve.DomainRAG.load(rdir)
-    kb_images = rag.kb_images()
-    pt_items, val_items, test_items = [drop_kb_images(x, kb_images, what, args.skip_bad_samples) for x, what in
+    pt_items, val_items, test_items = [rag.drop_kb_images(x, what, args.skip_bad_samples) for x, what in
                                        ((pt_items, "RAG-PT"), (val_items, "validation"), (test_items, "test"))]
     gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma  # retrieve.py's (F1): the warm start's prompts
     own = {it["path"] for it in kb_items}  # a KB image must not retrieve its own entry
-    attach = lambda items, gamma, **kw: attach_reports(items, rag, args.k_max, args.rule, gamma,  # noqa: E731
-                                                       args.code_threshold, oracle=args.oracle_domain, **kw)
+    attach = lambda items, gamma, **kw: rag.attach(items, args.k_max, args.rule, gamma, args.code_threshold,  # noqa: E731
+                                                   oracle=args.oracle_domain, **kw)
     misrouted = {"kb": attach(kb_items, gamma, exclude_own=own) if kb_items else 0}
 
     # ---- 2. the Med-LVLM (warm-started when it is the tiny random model)

@@ -757,9 +757,44 @@ class DomainRAG:
         indexes = {d: ReportIndex.load(folder / d) for d in router.domains}
         return cls(router, towers, indexes, config)
 
+    def attach(self, items: list[dict], k_max: int, rule: str, gamma: float, threshold: float, fixed_k: int = 0,
+               exclude_own: set | None = None, oracle: bool = False) -> int:
+        """mmed_rag.py's items {"id", "path", "domain" (None: unknown)}: route each image (with oracle: take the
+        record's domain), retrieve, cut by the rule (or keep fixed_k). Sets each item's "domain" (the routed one,
+        which the prompt names), "reports" and "scores" (of all k_max candidates). Returns how many images the
+        router sent elsewhere than their record's domain."""
+        paths = sorted({it["path"] for it in items})
+        known = {it["path"]: it["domain"] for it in items}
+        if oracle and not all(known.values()):
+            raise lm.DataError(f"--oracle-domain: {next(it['id'] for it in items if not it['domain'])} has no domain")
+        exclude = [p if p in exclude_own else "" for p in paths] if exclude_own else None
+        self.config["code_threshold"] = threshold
+        got = self.retrieve(paths, k_max=k_max, rule="fixed" if fixed_k else rule, gamma=gamma,
+                            domains=[known[p] for p in paths] if oracle else None, exclude=exclude)
+        by_path = dict(zip(paths, got))
+        for it in items:
+            g = by_path[it["path"]]
+            it["domain"], it["scores"] = g["domain"], g["scores"]
+            it["reports"] = g["reports"][:fixed_k] if fixed_k else g["reports"]
+        return sum(known[p] is not None and known[p] != g["domain"] for p, g in zip(paths, got))
+
     def kb_images(self) -> set[str]:
-        """The image of every knowledge-base report, all domains (to keep RAG-PT and test data disjoint from it)."""
+        """The image of every knowledge-base report, all domains."""
         return {s for index in self.indexes.values() for s in index.sources if s}
+
+    def drop_kb_images(self, items: list[dict], what: str, skip: bool) -> list[dict]:
+        """RULE keeps the retriever's data disjoint from the preference and test data (an image in the knowledge
+        base retrieves its own report). Items whose image path is in a knowledge base stop the run (exit 2) or, with
+        skip (--skip-bad-samples), are counted and skipped. Compared by resolved path: a copy elsewhere passes."""
+        kb = self.kb_images()
+        bad = [it for it in items if it["path"] in kb]
+        if bad and not skip:
+            raise lm.DataError(f"{bad[0]['id']}: image {bad[0]['path']} is in the retriever's knowledge base, as are "
+                               f"the images of {len(bad)} {what} items (RULE keeps them disjoint; --skip-bad-samples "
+                               f"skips them)")
+        if bad:
+            print(f"{what}: {len(bad)} items skipped, their images are in the knowledge base", file=sys.stderr)
+        return [it for it in items if it["path"] not in kb]
 
     def retrieve(self, paths: list[str], k_max: int | None = None, rule: str | None = None, gamma: float | None = None,
                  domains: list[str] | None = None, exclude: list[str] | None = None) -> list[dict]:

@@ -326,25 +326,26 @@ def test_routing_by_default_oracle_by_flag(retriever):
     img = sub[0]["image"]  # a radiology image whose record claims pathology
     item = lambda: [{"id": "x", "path": img, "domain": "pathology", "task": "vqa"}]  # noqa: E731
     routed = item()
-    assert mr.attach_reports(routed, rag, 3, "fixed", 0.1, 1.5) == 1  # one image sent elsewhere than its record says
+    assert rag.attach(routed, 3, "fixed", 0.1, 1.5) == 1  # one image sent elsewhere than its record says
     assert routed[0]["domain"] == "radiology" and set(routed[0]["reports"]) <= set(rag.indexes["radiology"].reports)
     oracle = item()
-    assert mr.attach_reports(oracle, rag, 3, "fixed", 0.1, 1.5, oracle=True) == 0
+    assert rag.attach(oracle, 3, "fixed", 0.1, 1.5, oracle=True) == 0
     assert oracle[0]["domain"] == "pathology" and set(oracle[0]["reports"]) <= set(rag.indexes["pathology"].reports)
     assert len(oracle[0]["scores"]) == 3
     with pytest.raises(lm.DataError, match="oracle-domain"):
-        mr.attach_reports([{"id": "y", "path": img, "domain": None}], rag, 3, "fixed", 0.1, 1.5, oracle=True)
+        rag.attach([{"id": "y", "path": img, "domain": None}], 3, "fixed", 0.1, 1.5, oracle=True)
 
 
 def test_knowledge_base_images_are_refused(retriever, capsys):
     import retrieve
     folder, sub = retriever
-    kb = retrieve.DomainRAG.load(folder).kb_images()
+    rag = retrieve.DomainRAG.load(folder)
+    kb = rag.kb_images()
     assert kb == {str(lm.resolve_image(ROOT, r["image"], "", True)) for r in sub}
     items = [{"id": "a", "path": sorted(kb)[0]}, {"id": "b", "path": str(ROOT / "data" / "toy" / "images" / "test_x.png")}]
     with pytest.raises(lm.DataError, match="in the retriever's knowledge base"):
-        mr.drop_kb_images(items, kb, "test", skip=False)
-    assert mr.drop_kb_images(items, kb, "test", skip=True) == items[1:]
+        rag.drop_kb_images(items, "test", skip=False)
+    assert rag.drop_kb_images(items, "test", skip=True) == items[1:]
     assert "test: 1 items skipped" in capsys.readouterr().err
 
 
