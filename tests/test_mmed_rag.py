@@ -378,7 +378,8 @@ def test_default_pipeline_end_to_end_small(tmp_path):
            str(ROOT / "mmed_rag.py"), "--out", str(out), "--retriever-epochs", "2", "--epochs", "1",
            "--sft-warmup-steps", "2", "--sft-rag-steps", "2", "--eval-limit", "4", "--micro-batch-size", "2", "--batch-size", "4",
            "--lora-r", "4", "--lora-alpha", "8", "--rag-pt-data", str(tmp_path / "pt.json"),
-           "--report-max-new-tokens", "4", "--vqa-max-new-tokens", "4", "--pt-fraction", "0.05"]
+           "--report-max-new-tokens", "4", "--vqa-max-new-tokens", "4", "--pt-fraction", "0.05",
+           "--val-fraction", "0.05"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -400,7 +401,7 @@ def test_default_pipeline_end_to_end_small(tmp_path):
     r = res["retrieval"]
     assert r["routing"] == "router" and set(r["misrouted"]) == {"kb", "val", "pt", "test"}
     assert r["gamma"] in [row["gamma"] for row in r["gamma_sweep"]] and "score" in r["gamma_sweep"][0]
-    pt_ids = mr.toy_splits(ROOT / "data" / "toy", 0.15, 0.05)[1]
+    pt_ids = mr.toy_splits(ROOT / "data" / "toy", 0.05, 0.05)[1]
     images = {test[p["id"]]["image"] for p in preds["before"]} | {r["image"] for r in json.loads(
         (ROOT / "data" / "toy" / "train.json").read_text()) if r["id"] in pt_ids}
     assert len(list((out / "noise").glob("*.png"))) == len(images)  # one noise image per RAG-PT and test image
