@@ -301,9 +301,8 @@ def unrelated_image(item: dict, items: list[dict], seed: int) -> str:
 
 
 def release_noise(width: int, height: int, rng) -> Image.Image:
-    """MMed-RAG's cross-modality image x_v* (train_dpo_2stages.py: generate_gaussian_noise(image, 0, 1)): pure noise
-    of the image's shape, N(0, 1) clipped to [0, 1] as 8-bit RGB (about half the pixels black), not noise added to
-    the image; the release's processor then pads, resizes and normalises it like any image."""
+    """MMed-RAG's x_v* (train_dpo_2stages.py: generate_gaussian_noise(image, 0, 1)): pure noise of the image's shape,
+    N(0, 1) clipped to [0, 1] as 8-bit RGB (half the pixels black), then preprocessed like any image."""
     noise = rng.normal(0.0, 1.0, (height, width, 3)).astype(np.float32)
     return Image.fromarray((np.clip(noise, 0.0, 1.0) * 255).astype(np.uint8))
 
@@ -1260,7 +1259,6 @@ def evaluate(args: Args, model, tokenizer, items: list[dict], pixel, rank: int, 
 
 
 def format_table(before: dict, after: dict) -> str:
-    """Base (no retrieval), + RAG, + RAG-PT (with RAG) as a markdown table."""
     head = ("| model | VQA acc | VQA F1 | VQA AUROC | BLEU (avg 1-4) | ROUGE-L | METEOR (exact) | copy-reference | "
             "copy-ref. of correct | over-reliance |\n|---|---|---|---|---|---|---|---|---|---|")
     f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
@@ -1296,6 +1294,8 @@ def answer_one(args: Args) -> dict:
     """--image: route, retrieve, cut, prompt (spec A6) and answer one image, with no process group and no training.
     Gamma: --gamma, else the retriever's (retrieve.py's F1 pick; a full run prints the one it tunes by accuracy and
     keeps it in results.json["retrieval"]["gamma"])."""
+    if not (Path(args.retriever) / "rag_config.json").exists():
+        raise FileNotFoundError(f"--image needs --retriever, a retrieve.py output folder ({args.retriever!r} is not one)")
     rag = retrieve.DomainRAG.load(args.retriever)
     gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma
     rag.config["code_threshold"] = args.code_threshold
@@ -1419,6 +1419,8 @@ def main(argv=None):
     gen = lambda jobs, desc="RAG-PT": generate_jobs(model, tokenizer, jobs, pixel, rank, world,  # noqa: E731
                                                     args.eval_batch_size, tokens, desc)
     sweep = None
+    if args.gamma_tune not in ("accuracy", "f1"):
+        raise ValueError(f"--gamma-tune {args.gamma_tune!r}: accuracy or f1")
     if args.gamma < 0 and args.gamma_tune == "accuracy" and val_items and "vqa" in tasks:
         misrouted["val"] = attach(val_items, gamma, fixed_k=args.k_max)
         gamma, sweep = tune_gamma(rag.config.get("gammas", [gamma]), val_items, lambda j: gen(j, "gamma sweep"))
