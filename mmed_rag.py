@@ -2,8 +2,8 @@
 LLaVA-style medical VLM (Xia et al., ICLR 2025, arXiv 2410.13085; spec part A).
 
     # embedded default: toy data, tiny random LLaVA. Trains the router + 3 retrievers (retrieve.py), warm-starts the
-    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT. About 8 min of CPU
-    # time (OMP_NUM_THREADS=1 is faster than 2 threads on a shared 2-core machine; README).
+    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT. 13 min of CPU time
+    # measured on a busy 2-core machine (OMP_NUM_THREADS=1 is faster than 2 threads there; README).
     python mmed_rag.py
     torchrun --nproc-per-node=2 mmed_rag.py                      # same run on 2 CPU processes (gloo)
     # real data: retrievers built first with retrieve.py on image-report pairs, then LLaVA-Med v1.5 on 8 GPUs
