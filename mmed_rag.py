@@ -2,8 +2,8 @@
 LLaVA-style medical VLM (Xia et al., ICLR 2025, arXiv 2410.13085; spec part A).
 
     # embedded default: toy data, tiny random LLaVA. Trains the router + 3 retrievers (retrieve.py), warm-starts the
-    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT. About 8 min of CPU
-    # time (OMP_NUM_THREADS=1 is faster than 2 threads on a shared 2-core machine; README).
+    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT. 13 min of CPU time
+    # measured on a busy 2-core machine (OMP_NUM_THREADS=1 is faster than 2 threads there; README).
     python mmed_rag.py
     torchrun --nproc-per-node=2 mmed_rag.py                      # same run on 2 CPU processes (gloo)
     # real data: retrievers built first with retrieve.py on image-report pairs, then LLaVA-Med v1.5 on 8 GPUs
@@ -11,11 +11,15 @@ LLaVA-style medical VLM (Xia et al., ICLR 2025, arXiv 2410.13085; spec part A).
         --out runs/retrieve
     torchrun --nproc-per-node=8 mmed_rag.py --model /ckpt/llava-med-v1.5-mistral-7b --retriever runs/retrieve \\
         --pt-data vqa_train.json --test-data vqa_test.json --image-folder /data/images --lr 1e-7 --epochs 3 \\
-        --batch-size 4 --micro-batch-size 1 --max-length 1024
+        --batch-size 4 --micro-batch-size 1 --max-length 1024 --val-data vqa_val.json
+    # one image with retrieval (MMed-RAG issue #45): prints the routed domain, the retrieved reports, the prompt and
+    # the answer (no --question: a report); a trained run's model is OUT/llava_hf (--export-merged)
+    python mmed_rag.py --image x.png --question "Is there a pleural effusion?" --retriever runs/mmed_rag/retriever \\
+        --model runs/mmed_rag/llava_hf
 
 The algorithm (spec A1, A7, A8):
 
-    inference   d = router(x_v); candidates = R_d top-k_max; keep the top k by the adaptive rule; prompt A6
+    inference   d = router(x_v) (--oracle-domain: the record's); candidates = R_d top-k_max; adaptive k; prompt A6
     RAG-PT      with the model M before tuning and greedy decoding, for each training (x_v, x_t, y) with reports x_r:
       D_cm      M(x_v*, x_t, x_r) correct although x_v* is noise / an unrelated image  ("copied the homework"):
                 chosen (x_v, x_t, x_r) -> y,   rejected (x_v*, x_t, x_r) -> M(x_v*, x_t, x_r)
@@ -28,22 +32,25 @@ The algorithm (spec A1, A7, A8):
                 stage-1 adapter (reference still the base, as released), or all merged in one stage (--stages merged)
 
 Decisions on what the spec lists as not found (part D), each also commented where it is used:
-  - gamma and k: k_max 3 for toy prompts (--k-max; 5-10 for real data), gamma tuned on the validation split by retrieve.py (printed sweep,
-    F1 of the kept reports); RAG-PT prompts use the top-1 report (--pt-k 1), as every released pair has exactly one.
+  - gamma and k: k_max 3 for toy prompts (--k-max; 5-10 for real data); gamma: retrieve.py's grid scored by the
+    validation VQA accuracy of the model before RAG-PT (spec A5; --gamma-tune f1: retrieve.py's pick by F1 of the
+    kept reports, also the toy warm start's); RAG-PT prompts: the top-1 report (--pt-k 1), as in every released pair.
   - domain router: linear probe on frozen image features (retrieve.py), not a fine-tuned BiomedCLIP.
-  - noisy image: the released pure Gaussian noise (dpo.py's "noise:" images, --cm-image noise); an unrelated
-    image of another domain as the second variant (--cm-image unrelated, or both).
+  - noisy image: the released pure noise (noise_png), one fixed file per image under OUT/noise/; --cm-image
+    unrelated (an image of another domain) or both.
   - DPO temperature: beta 0.1 (TRL default, what the released code runs).
   - two stages (released train_dpo_2stages.py) by default; --stages merged trains on D_cm + D_oa in one stage.
   - pathology wording: "a pathology image" / "professional pathologist" (inferred, like the spec).
-  - BLEU: the average of BLEU-1..4 (MMedPO, same group), with BLEU-1..4 also written.
+  - generation: greedy, at most 1024 new tokens (RULE's eval scripts); a truncated rejected answer makes no pair.
+  - BLEU: the average of BLEU-1..4 (MMedPO, same group), BLEU-1..4 also written; METEOR: exact matches only
+    (meteor_exact, below pycocoevalcap's METEOR 1.5); ROUGE-L beta 1 (rouge-score), --rouge-beta 1.2 pycocoevalcap's.
   - report "correct" (the authors' judge is not released): ROUGE-L against the reference >= --report-correct-rouge.
-  - copy-reference rate: of the test questions answered correctly with the real image and RAG, the share still
-    answered correctly with the noise image; over-reliance rate: of those answered correctly without retrieval,
-    the share answered wrongly with it (RULE's definition).
+  - copy-reference rate: the share of all test questions answered right on the noise image with the real image's
+    reports (the paper's, spec A7; also among those right with the real image); over-reliance: of those right
+    without retrieval, the share wrong with it (RULE). RAG-PT / validation / test images in the knowledge base: exit 2.
 
-Files written to --out: retriever/ (retrieve.py output), retrieved_test.jsonl (test items + reference_reports +
-retrieve_k, as the released retrieval scripts write), rag_pt.json (the preference set, released format),
+Files written to --out: retriever/ (retrieve.py output), noise/, retrieved_test.jsonl (test items + reference_reports
++ retrieve_k, as the released retrieval scripts write), rag_pt.json (the preference set, released format),
 stage1/ stage2/ (checkpoints), adapter/ (PEFT), metrics.jsonl, results.json with the comparison table.
 
 File layout: Args -> data (items, splits) -> prompts -> RAG-PT pair building -> DPO (copied from dpo.py) ->
@@ -74,6 +81,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -97,14 +105,18 @@ class Args:
     # retrieval
     retriever: str = ""  # a retrieve.py --out folder ("" = train one into OUT/retriever from the toy split)
     retriever_epochs: int = 30  # retrieve.py --epochs when training it here
+    oracle_domain: bool = False  # use each record's "domain" instead of the router (oracle routing; the paper routes)
     k_max: int = 3  # candidates before the adaptive cut (not found in the paper; spec A5: 5 or 10; 3 keeps toy prompts short)
     rule: str = "paper"  # adaptive k: "paper" (log-ratio gap > gamma), "code" (top-1 ratio < threshold), "fixed"
-    gamma: float = -1.0  # paper rule threshold (-1 = the value tuned on the validation split by retrieve.py)
+    gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says)
+    gamma_tune: str = "accuracy"  # "accuracy": by validation VQA accuracy (spec A5); "f1": retrieve.py's pick
+    val_data: str = ""  # closed VQA validation set for that sweep ("" = the toy validation split)
     code_threshold: float = 1.5  # released rule's threshold
     pt_k: int = 1  # reports in RAG-PT prompts (every released pair has exactly 1); 0 = adaptive as at inference
     # RAG-PT
     cm_image: str = "noise"  # D_cm rejected image: "noise" (released: pure Gaussian noise), "unrelated" or "both"
     report_correct_rouge: float = 40.0  # a generated report counts as correct at ROUGE-L >= this (judge not released)
+    rouge_beta: float = 1.0  # ROUGE-L F-measure beta: 1 = rouge-score's fmeasure, 1.2 = pycocoevalcap's
     rag_pt_data: str = ""  # train on this preference json (e.g. a released MMed-RAG file) instead of building one
     stages: str = "two"  # "two": D_cm, then D_oa from the stage-1 adapter (released); "merged": all in one stage
     # model
@@ -142,8 +154,10 @@ class Args:
     export_merged: bool = False  # also write the merged model as a llava-hf checkpoint
     eval_limit: int = 0  # evaluate on the first N test items per task (0 = all)
     eval_batch_size: int = 32  # prompts per generate call on one rank
-    vqa_max_new_tokens: int = 8  # yes/no answers
-    report_max_new_tokens: int = 48  # reports (toy reports are about 35 tokens)
+    vqa_max_new_tokens: int = 1024  # generation cap, as RULE's eval scripts (model_vqa_iuxray.py: max_new_tokens=1024);
+    report_max_new_tokens: int = 1024  # an answer reaching the cap is counted as truncated and never made a rejected answer
+    image: str = ""  # answer this one image with retrieval and exit, training nothing (MMed-RAG issue #45)
+    question: str = ""  # --image's closed question ("" = write a report)
 
 
 # Copied from dpo.py: parse_args
@@ -226,17 +240,9 @@ def toy_splits(folder: Path, val_fraction: float, pt_fraction: float):
     the rest is the RAG-PT source; the first part is the retrievers' training set and knowledge base (kept disjoint
     from RAG-PT, as RULE requires, so retrieval on RAG-PT images can fail as it does at test time).
     Returns (kb record ids, pt record ids, val record ids)."""
-    records = [rec for _, rec in lm.read_records(folder / "train.json")]
-    kb, pt, val = [], [], []
-    for d in dict.fromkeys(r["domain"] for r in records):
-        mine = [r["id"] for r in records if r["domain"] == d]
-        n_val = int(round(len(mine) * val_fraction))
-        rest, v = mine[:len(mine) - n_val], mine[len(mine) - n_val:]
-        n_pt = int(round(len(rest) * pt_fraction))
-        kb += rest[:len(rest) - n_pt]
-        pt += rest[len(rest) - n_pt:]
-        val += v
-    return set(kb), set(pt), set(val)
+    rest, val = retrieve.split_validation([rec for _, rec in lm.read_records(folder / "train.json")], val_fraction)
+    kb, pt = retrieve.split_validation(rest, pt_fraction)  # the last part of each domain's list, in file order
+    return {r["id"] for r in kb}, {r["id"] for r in pt}, {r["id"] for r in val}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -299,13 +305,48 @@ def unrelated_image(item: dict, items: list[dict], seed: int) -> str:
     return others[h % len(others)]
 
 
+def release_noise(width: int, height: int, rng) -> Image.Image:
+    """MMed-RAG's x_v* (train_dpo_2stages.py: generate_gaussian_noise(image, 0, 1)): pure noise of the image's shape,
+    N(0, 1) clipped to [0, 1] as 8-bit RGB (half the pixels black), then preprocessed like any image."""
+    noise = rng.normal(0.0, 1.0, (height, width, 3)).astype(np.float32)
+    return Image.fromarray((np.clip(noise, 0.0, 1.0) * 255).astype(np.uint8))
+
+
+def noise_png(folder: Path, image_path: str, cfg, seed: int) -> str:
+    """release_noise for image_path, padded, resized and cropped as lm.preprocess_image does and written once as
+    folder/<hash>.png (size x size, lossless): loading it like any image gives the pixels the release feeds the
+    model (tested against CLIPImageProcessor), and PairData needs no special case. One fixed image per source
+    (seeded) where the release draws a new one at each access, so runs repeat. Any rank may call it."""
+    key = f"{seed}:{Path(image_path).resolve()}:{cfg.image_size}:{cfg.image_aspect_ratio}:{cfg.image_mean}"
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    path = Path(folder).resolve() / f"{digest[:20]}.png"
+    if not path.exists():
+        im = release_noise(*lm.load_image(image_path).size, np.random.default_rng(int(digest[:8], 16)))
+        if cfg.image_aspect_ratio == "pad":
+            im = lm.expand2square(im, tuple(int(x * 255) for x in cfg.image_mean))
+        s, (w, h) = cfg.image_size, im.size  # short side to s (bicubic), centre crop: lm.preprocess_image's numbers
+        w, h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        im = im.resize((w, h), resample=Image.BICUBIC).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)  # atomic: ranks writing the same file at once leave one whole copy
+    return str(path)
+
+
+def training_pair(pair: dict) -> dict:
+    """The record PairData trains on: the noise image is the file in rejected_image, so rejected_noised (which
+    would make PairData draw dpo.py's own noise) is dropped when rejected_image is there."""
+    return {k: v for k, v in pair.items() if k != "rejected_noised" or not pair.get("rejected_image")}
+
+
 def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report_threshold: float = 40.0,
                  seed: int = 0) -> tuple[list[dict], dict]:
     """Build D_cm, D_oa1, D_oa2 (spec A7) from greedy answers. items carry "reports" (retrieved with the real
-    image). generate_fn(jobs) -> answers, job = {"task", "image" (path or "noise:<path>"), "prompt"}; the
-    model behind it is the one before tuning. Returns (pairs in the released json format, subset sizes).
-    Chosen and rejected share the RAG prompt in every subset (as in every released pair); a rejected answer that
-    is empty is counted under "skipped_empty" (no pair with an empty response)."""
+    image) and "noise" (noise_png). generate_fn(jobs) -> answers, job = {"task", "image", "prompt"} (it may set
+    job["truncated"]); the model behind it is the one before tuning. Returns (pairs in the released json format,
+    subset sizes). Chosen and rejected share the RAG prompt in every subset (as in every released pair); an empty
+    rejected answer, or one cut by the token cap (it would look complete), makes no pair and is counted."""
     variants = {"noise": ["noise"], "unrelated": ["unrelated"], "both": ["noise", "unrelated"]}[cm_image]
     jobs = []
     for it in items:
@@ -314,28 +355,30 @@ def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report
         jobs.append({"task": it["task"], "image": it["image"], "prompt": plain_prompt(it["task"], it["domain"], it["question"])})
         jobs.append({"task": it["task"], "image": it["image"], "prompt": rag})
         for v in variants:
-            star = "noise:" + it["image"] if v == "noise" else unrelated_image(it, items, seed)
-            it["_" + v] = star
-            jobs.append({"task": it["task"], "image": star, "prompt": rag})
+            it["_" + v] = it["noise"] if v == "noise" else unrelated_image(it, items, seed)
+            jobs.append({"task": it["task"], "image": it["_" + v], "prompt": rag})
     answers = generate_fn(jobs)
     per = 2 + len(variants)
-    pairs, sizes = [], {"cm": 0, "oa1": 0, "oa2": 0, "skipped_empty": 0, "candidates": len(items)}
+    pairs = []
+    sizes = {"cm": 0, "oa1": 0, "oa2": 0, "skipped_empty": 0, "skipped_truncated": 0, "candidates": len(items)}
     for n, it in enumerate(items):
         plain, with_rag, *starred = answers[n * per:(n + 1) * per]
         ok_plain, ok_rag = is_correct(it, plain, report_threshold), is_correct(it, with_rag, report_threshold)
-        found = []
-        for v, ans in zip(variants, starred):
+        found = []  # (subset, index of the rejected answer's job, extra fields, variant)
+        for m, (v, ans) in enumerate(zip(variants, starred)):
             if is_correct(it, ans, report_threshold):  # the image did not matter: copied from the reports
-                extra = {"rejected_noised": 1} if v == "noise" else {"rejected_image": it["_" + v]}
-                found.append(("cm", ans, extra, v))
+                found.append(("cm", n * per + 2 + m, {"rejected_noised": 1} if v == "noise" else {}, v))
         if not ok_plain and ok_rag:
-            found.append(("oa1", plain, {}, None))  # learn to use retrieval: reject the no-retrieval answer
+            found.append(("oa1", n * per, {}, None))  # learn to use retrieval: reject the no-retrieval answer
         if ok_plain and not ok_rag:
-            found.append(("oa2", with_rag, {}, None))  # retrieval misled: reject the answer it produced
-        for subset, rejected, extra, variant in found:
-            if not rejected.strip():
-                sizes["skipped_empty"] += 1
+            found.append(("oa2", n * per + 1, {}, None))  # retrieval misled: reject the answer it produced
+        for subset, j, extra, variant in found:
+            rejected = answers[j]
+            if not rejected.strip() or jobs[j].get("truncated"):
+                sizes["skipped_empty" if not rejected.strip() else "skipped_truncated"] += 1
                 continue
+            if variant:  # released files mark the noise pair with rejected_noised only; the file is named too
+                extra["rejected_image"] = it["_" + variant]
             human = {"from": "human", "value": lm.IMAGE_MARKER + "\n" + it["_rag"]}
             pairs.append({"id": f"{it['id']}_{subset}" + (f"_{variant}" if variant and len(variants) > 1 else ""),
                           "image": it["image"], "domain": it["domain"], "task": it["task"], "subset": subset,
@@ -351,8 +394,7 @@ def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report
 
 
 def pixel_loader(cfg, image_folder: Path, allow_outside: bool = True):
-    """Image key -> pixel tensor, with dpo.py's PairData.pixel, so a "noise:" image is the very noise image that
-    DPO trains on (a fixed Gaussian image per source path)."""
+    """Image key -> pixel tensor, with dpo.py's PairData.pixel, so generation sees exactly what DPO trains on."""
     holder = SimpleNamespace(cfg=cfg, image_folder=image_folder, allow_outside=allow_outside)
     return lambda key: PairData.pixel(holder, key)
 
@@ -360,7 +402,9 @@ def pixel_loader(cfg, image_folder: Path, allow_outside: bool = True):
 def generate_jobs(model, tokenizer, jobs: list[dict], pixel, rank: int, world: int, batch_size: int,
                   max_new_tokens: dict, desc: str = "generate") -> list[str]:
     """Greedy answers for every job; ranks take interleaved shares (padded to equal batch counts), the answers are
-    gathered on every rank. Jobs of one task are batched together (VQA stops after a few tokens)."""
+    gathered on every rank. Jobs of one task are batched together (VQA stops after a few tokens). Sets
+    job["truncated"]: lm.generate does not say why it stopped, so an answer whose re-encoded length reaches the cap
+    counts as cut (re-encoding can differ from the generated ids by a token or so)."""
     cfg = model.config
     model.eval()
     answers = {}
@@ -382,6 +426,8 @@ def generate_jobs(model, tokenizer, jobs: list[dict], pixel, rank: int, world: i
     gathered = [None] * world
     dist.all_gather_object(gathered, answers)
     merged = {i: a for part in gathered for i, a in part.items()}
+    for i, j in enumerate(jobs):
+        j["truncated"] = len(tokenizer.encode(merged[i], add_special_tokens=False)) >= max_new_tokens[j["task"]]
     return [merged[i] for i in range(len(jobs))]
 
 
@@ -432,16 +478,8 @@ def auroc(scores: list[float], labels: list[bool]) -> float | None:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):  # average rank over ties
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, the average over each group of ties
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -1045,7 +1083,7 @@ def yes_no(prediction: str) -> str | None:
 # ----------------------------------------------------------------------------------------------------------
 # Report-generation metrics, written by hand (no pycocoevalcap / Java here). MMed-RAG releases no metric code
 # (spec A, issue #24); MMedPO reports BLEU as the average of BLEU-1..4 with ROUGE-L and METEOR. Verified in
-# tests/test_mmed_rag.py against sacrebleu (BLEU) and rouge-score (ROUGE-L); METEOR on hand-computed cases.
+# tests/test_mmed_rag.py against sacrebleu (BLEU), rouge-score (ROUGE-L) and NLTK's METEOR (exact stage, a fixture).
 # ----------------------------------------------------------------------------------------------------------
 
 def report_tokens(text: str) -> list[str]:
@@ -1093,8 +1131,8 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 
 def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
-    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 matches
-    rouge-score's fmeasure (tested); pycocoevalcap uses β = 1.2, pass beta=1.2 to compare with papers using it."""
+    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 is
+    rouge-score's fmeasure (tested); pycocoevalcap's Rouge uses β = 1.2 (--rouge-beta 1.2), which weighs recall more."""
     h, r = report_tokens(hypothesis), report_tokens(reference)
     lcs = lcs_length(h, r)
     if lcs == 0:
@@ -1103,12 +1141,13 @@ def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
     return 100 * (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
 
 
-def meteor(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
-    """METEOR (Banerjee & Lavie 2005) in %, exact-match stage only (no stemmer or WordNet synonyms: those need
-    data we do not ship, so scores run a little below pycocoevalcap's METEOR 1.5 on paraphrases).
-    Fmean = PR / (αP + (1-α)R) (α = 0.9 gives the paper's 10PR/(R+9P)); penalty = γ (chunks/matches)^β;
-    score = Fmean (1 - penalty). The alignment maps each hypothesis word to an unused identical reference word,
-    preferring the one that extends the current chunk, so a copied phrase is one chunk."""
+def meteor_exact(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
+    """METEOR's exact-match stage only (Banerjee & Lavie 2005 parameters) in %: no stem, synonym or paraphrase
+    stage, so NOT pycocoevalcap's METEOR 1.5 that papers report, and below it when word forms differ ("nodules" /
+    "nodule": 48.1 where NLTK with its stemmer gives 75.5). Fmean = PR / (αP + (1-α)R); penalty = γ (chunks /
+    matches)^β; score = Fmean (1 - penalty). Each hypothesis word takes an unused identical reference word, the one
+    extending the current chunk if any: NLTK's exact stage, but for repeated reference words, where NLTK takes the
+    last free one and this gives fewer chunks (tests/fixtures/meteor_nltk.json)."""
     h, r = report_tokens(hypothesis), report_tokens(reference)
     positions: dict[str, list[int]] = {}
     for j, w in enumerate(r):
@@ -1136,14 +1175,14 @@ def meteor(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.
     return 100 * fmean * (1 - gamma * (chunks / matches) ** beta)
 
 
-def report_scores(hypotheses: list[str], references: list[str]) -> dict:
+def report_scores(hypotheses: list[str], references: list[str], rouge_beta: float = 1.0) -> dict:
     """The report columns of MMed-RAG Table 2 / MMedPO Table 1: BLEU-1..4, their average ("BLEU" in MMedPO), and
-    sentence ROUGE-L and METEOR averaged over reports. All in %."""
+    sentence ROUGE-L (β = rouge_beta) and exact-match METEOR averaged over reports. All in %."""
     b = corpus_bleu(hypotheses, references)
     n = max(len(hypotheses), 1)
     return {"bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3], "bleu": sum(b) / 4,
-            "rouge_l": sum(rouge_l(h, r) for h, r in zip(hypotheses, references)) / n,
-            "meteor": sum(meteor(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
+            "rouge_l": sum(rouge_l(h, r, rouge_beta) for h, r in zip(hypotheses, references)) / n,
+            "meteor_exact": sum(meteor_exact(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1265,9 +1304,26 @@ def dpo_stage(args: Args, name: str, model, ref_model, data, tokenizer, device, 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def rates(items: list[dict], plain: list[str], rag: list[str], noise: list[str]) -> dict:
+    """Closed-VQA rates in % (None without a denominator) from the answers without retrieval, with it, and with it
+    on the noise image. copy_reference_rate (the paper's, spec A7: 55 -> 28 %): of all questions, the share answered
+    right on the noise image, i.e. from the reports alone; copy_reference_rate_of_correct: the same share among the
+    questions answered right with the real image (this file's earlier figure). over_reliance_rate (RULE; 43 -> 8 %):
+    of the questions answered right without retrieval, the share answered wrongly with it."""
+    ok = lambda answers: [is_correct(it, a, 0) for it, a in zip(items, answers, strict=True)]  # noqa: E731
+    ok_plain, ok_rag, ok_noise = ok(plain), ok(rag), ok(noise)
+
+    def share(hit, among):  # % of the questions in `among` that are in `hit`
+        return 100 * sum(h and a for h, a in zip(hit, among)) / sum(among) if any(among) else None
+
+    return {"copy_reference_rate": share(ok_noise, [True] * len(items)),
+            "copy_reference_rate_of_correct": share(ok_noise, ok_rag),
+            "over_reliance_rate": share([not x for x in ok_rag], ok_plain)}
+
+
 def evaluate(args: Args, model, tokenizer, items: list[dict], pixel, rank: int, world: int, desc: str) -> dict:
     """Without and with retrieval on the test items (each carries its retrieved "reports"); VQA also with the noise
-    image under RAG (copy-reference rate). Returns {"plain": {...}, "rag": {...}, rates, predictions}."""
+    image under RAG (copy-reference rate). Returns {"plain": {...}, "rag": {...}, rates, truncated, predictions}."""
     vqa = [it for it in items if it["task"] == "vqa"]
     rep = [it for it in items if it["task"] == "report"]
     jobs = []
@@ -1275,57 +1331,40 @@ def evaluate(args: Args, model, tokenizer, items: list[dict], pixel, rank: int, 
         jobs.append({"task": it["task"], "image": it["image"], "prompt": plain_prompt(it["task"], it["domain"], it["question"])})
         jobs.append({"task": it["task"], "image": it["image"], "prompt": rag_prompt(it["task"], it["domain"], it["reports"], it["question"])})
     for it in vqa:
-        jobs.append({"task": "vqa", "image": "noise:" + it["image"],
-                     "prompt": rag_prompt("vqa", it["domain"], it["reports"], it["question"])})
+        jobs.append({"task": "vqa", "image": it["noise"], "prompt": rag_prompt("vqa", it["domain"], it["reports"], it["question"])})
     tokens = {"vqa": args.vqa_max_new_tokens, "report": args.report_max_new_tokens}
     answers = generate_jobs(model, tokenizer, jobs, pixel, rank, world, args.eval_batch_size, tokens, desc)
     n2 = 2 * len(vqa)
     plain_v, rag_v, noise_v = answers[0:n2:2], answers[1:n2:2], answers[n2 + 2 * len(rep):]
     plain_r, rag_r = answers[n2:n2 + 2 * len(rep):2], answers[n2 + 1:n2 + 2 * len(rep):2]
-    res = {"plain": {}, "rag": {}}
+    res = {"plain": {}, "rag": {}, "truncated": dict(Counter(j["task"] for j in jobs if j["truncated"]))}
     if vqa:
         sc = yes_scores(model, tokenizer, jobs[:n2], pixel, rank, world, args.eval_batch_size)
         res["plain"]["vqa"] = vqa_metrics(vqa, plain_v, sc[0::2])
         res["rag"]["vqa"] = vqa_metrics(vqa, rag_v, sc[1::2])
-        ok_plain = [is_correct(it, a, 0) for it, a in zip(vqa, plain_v)]
-        ok_rag = [is_correct(it, a, 0) for it, a in zip(vqa, rag_v)]
-        ok_noise = [is_correct(it, a, 0) for it, a in zip(vqa, noise_v)]
-        # copy-reference: correct with the real image and RAG, still correct with a noise image (paper: 55 -> 28 %)
-        base = [i for i, ok in enumerate(ok_rag) if ok]
-        res["copy_reference_rate"] = 100 * sum(ok_noise[i] for i in base) / max(1, len(base))
-        res["noise_rag_acc"] = 100 * sum(ok_noise) / len(vqa)
-        # over-reliance: correct without retrieval, wrong with it (RULE; paper: 43 -> 8 %)
-        right = [i for i, ok in enumerate(ok_plain) if ok]
-        res["over_reliance_rate"] = 100 * sum(not ok_rag[i] for i in right) / max(1, len(right))
+        res.update(rates(vqa, plain_v, rag_v, noise_v))
+        res["mean_k_vqa"] = float(np.mean([len(it["reports"]) for it in vqa]))
     if rep:
         refs = [it["answer"] for it in rep]
-        res["plain"]["report"] = report_scores(plain_r, refs)
-        res["rag"]["report"] = report_scores(rag_r, refs)
+        res["plain"]["report"] = report_scores(plain_r, refs, args.rouge_beta)
+        res["rag"]["report"] = report_scores(rag_r, refs, args.rouge_beta)
         res["mean_k_report"] = float(np.mean([len(it["reports"]) for it in rep]))
-    if vqa:
-        res["mean_k_vqa"] = float(np.mean([len(it["reports"]) for it in vqa]))
-    res["predictions"] = [{"id": it["id"], "answer": it["answer"], "plain": p, "rag": r}
-                          for it, p, r in zip(vqa + rep, plain_v + plain_r, rag_v + rag_r)]
+    res["predictions"] = [{"id": it["id"], "answer": it["answer"], "plain": p, "rag": r, **({"noise": z} if z is not None else {})}
+                          for it, p, r, z in zip(vqa + rep, plain_v + plain_r, rag_v + rag_r, noise_v + [None] * len(rep))]
     return res
 
 
-def table_rows(before: dict, after: dict) -> list[tuple[str, dict, dict | None]]:
-    """(name, metrics, rates) for base, +RAG, +RAG-PT (with RAG)."""
-    rates = lambda r: {k: r.get(k) for k in ("copy_reference_rate", "over_reliance_rate")}  # noqa: E731
-    return [("base (no retrieval)", before["plain"], None), ("+ RAG", before["rag"], rates(before)),
-            ("+ RAG-PT (with RAG)", after["rag"], rates(after))]
-
-
 def format_table(before: dict, after: dict) -> str:
-    head = ("| model | VQA acc | VQA F1 | VQA AUROC | BLEU (avg 1-4) | ROUGE-L | METEOR | copy-reference | "
-            "over-reliance |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| model | VQA acc | VQA F1 | VQA AUROC | BLEU (avg 1-4) | ROUGE-L | METEOR (exact) | copy-reference | "
+            "copy-ref. of correct | over-reliance |\n|---|---|---|---|---|---|---|---|---|---|")
     f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     lines = [head]
-    for name, m, r in table_rows(before, after):
+    for name, m, r in [("base (no retrieval)", before["plain"], {}), ("+ RAG", before["rag"], before),
+                       ("+ RAG-PT (with RAG)", after["rag"], after)]:
         v, rp = m.get("vqa", {}), m.get("report", {})
-        lines.append(f"| {name} | {f(v.get('acc'))} | {f(v.get('f1'))} | {f(v.get('auroc'))} | {f(rp.get('bleu'))} | "
-                     f"{f(rp.get('rouge_l'))} | {f(rp.get('meteor'))} | {f((r or {}).get('copy_reference_rate'))} | "
-                     f"{f((r or {}).get('over_reliance_rate'))} |")
+        cells = [v.get("acc"), v.get("f1"), v.get("auroc"), rp.get("bleu"), rp.get("rouge_l"), rp.get("meteor_exact")]
+        cells += [r.get(k) for k in ("copy_reference_rate", "copy_reference_rate_of_correct", "over_reliance_rate")]
+        lines.append(f"| {name} | " + " | ".join(f(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -1334,25 +1373,47 @@ def format_table(before: dict, after: dict) -> str:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def attach_reports(items: list[dict], rag, k_max: int, rule: str, gamma: float, threshold: float,
-                   fixed_k: int = 0, exclude_own: set | None = None):
-    """Route each image (unless its domain is known), retrieve, cut by the adaptive rule (or keep fixed_k)."""
-    paths = sorted({it["path"] for it in items})
-    known = {it["path"]: it["domain"] for it in items}
-    domains = [known[p] for p in paths] if all(known[p] for p in paths) else None
-    exclude = [p if p in exclude_own else "" for p in paths] if exclude_own else None
-    rag.config["code_threshold"] = threshold
-    got = rag.retrieve(paths, k_max=k_max, rule="fixed" if fixed_k else rule, gamma=gamma, domains=domains,
-                       exclude=exclude)
-    by_path = dict(zip(paths, got))
-    for it in items:
-        g = by_path[it["path"]]
-        it["domain"] = it["domain"] or g["domain"]
-        it["reports"] = g["reports"][:fixed_k] if fixed_k else g["reports"]
+def tune_gamma(gammas: list[float], items: list[dict], generate_fn) -> tuple[float, list[dict]]:
+    """Spec A5: gamma by validation VQA accuracy. items carry their top-k_max "reports" and "scores"; each question
+    is answered once per prefix k = 1..k_max (not once per gamma), then each gamma scores the accuracy of the
+    answers at the k its rule keeps (retrieve.sweep_gamma; ties go to the smaller mean k)."""
+    jobs = [{"task": "vqa", "image": it["image"], "prompt": rag_prompt("vqa", it["domain"], it["reports"][:k], it["question"])}
+            for it in items for k in range(1, len(it["reports"]) + 1)]
+    answers = iter(generate_fn(jobs))
+    ok = [[is_correct(it, next(answers), 0) for _ in it["reports"]] for it in items]
+    accuracy = lambda g, ks: 100 * float(np.mean([o[k - 1] for o, k in zip(ok, ks)]))  # noqa: E731
+    k_max = max(len(it["reports"]) for it in items)
+    return retrieve.sweep_gamma(gammas, [np.asarray(it["scores"]) for it in items], None, k_max, accuracy)
+
+
+def answer_one(args: Args) -> dict:
+    """--image: route, retrieve, cut, prompt (spec A6) and answer one image, with no process group and no training.
+    Gamma: --gamma, else the retriever's (retrieve.py's F1 pick; a full run prints the one it tunes by accuracy and
+    keeps it in results.json["retrieval"]["gamma"])."""
+    if not (Path(args.retriever) / "rag_config.json").exists():
+        raise FileNotFoundError(f"--image needs --retriever, a retrieve.py output folder ({args.retriever!r} is not one)")
+    rag = retrieve.DomainRAG.load(args.retriever)
+    gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma
+    rag.config["code_threshold"] = args.code_threshold
+    got = rag.retrieve([args.image], k_max=args.k_max, rule=args.rule, gamma=gamma)[0]
+    task = "vqa" if args.question else "report"
+    prompt = rag_prompt(task, got["domain"], got["reports"], args.question)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
+    cap = args.vqa_max_new_tokens if task == "vqa" else args.report_max_new_tokens
+    answer = lm.ask(model.eval(), tokenizer, [lm.load_image(args.image)], prompt, max_new_tokens=cap)
+    print(f"domain: {got['domain']} (router)\nretrieved reports (rule {args.rule}, gamma {gamma}: {got['k']} of "
+          f"{len(got['candidates'])} kept):")
+    for i, (r, sc) in enumerate(zip(got["candidates"], got["scores"]), 1):
+        print(f"  {'kept' if i <= got['k'] else 'cut '} {sc:.4f}  {r}")
+    print(f"prompt:\n{lm.IMAGE_MARKER}\n{prompt}\nanswer:\n{answer}")
+    return {"domain": got["domain"], "reports": got["reports"], "prompt": prompt, "answer": answer}
 
 
 def main(argv=None):
     args = parse_args(Args, argv)
+    if args.image:
+        return answer_one(args)
     rank, world, device = setup_distributed(args.dist_timeout_s)
     out = Path(args.out)
     master = rank == 0
@@ -1382,13 +1443,15 @@ def main(argv=None):
         kb_items = [it for it in all_train if owner(it) in kb_ids]
         pt_items = [it for it in all_train if owner(it) in pt_ids]
         test_items = read_items(args.test_data or data / "test.json", str(folder), tasks)
+        val_items = [it for it in read_items(data / "train.json", str(folder), ("vqa",)) if owner(it) in val_ids]
     else:
         if not args.retriever or not args.pt_data or not args.test_data:
             raise ValueError("outside the toy folder pass --retriever (a retrieve.py --out), --pt-data and --test-data")
         kb_items = []
         pt_items = read_items(args.pt_data, str(folder), tasks)
         test_items = read_items(args.test_data, args.image_folder or str(Path(args.test_data).parent), tasks)
-    for it in kb_items + pt_items:
+        val_items = read_items(args.val_data, str(folder), ("vqa",)) if args.val_data else []
+    for it in kb_items + pt_items + val_items:
         it["path"] = str(lm.resolve_image(folder, it["image"], it["id"], args.allow_images_outside_folder))
     test_folder = folder if toy or args.image_folder else Path(args.test_data).parent
     for it in test_items:
@@ -1412,20 +1475,13 @@ def main(argv=None):
         if master:
             (rdir / "results.json").write_text(json.dumps(res, indent=1))
     rag = retrieve.DomainRAG.load(rdir)
-    gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma
-    if master:
-        print(f"retrieval: rule {args.rule}, gamma {gamma}, k_max {args.k_max}; RAG-PT prompts: "
-              f"{'top-' + str(args.pt_k) if args.pt_k else 'adaptive'}")
+    pt_items, val_items, test_items = [rag.drop_kb_images(x, what, args.skip_bad_samples) for x, what in
+                                       ((pt_items, "RAG-PT"), (val_items, "validation"), (test_items, "test"))]
+    gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma  # retrieve.py's (F1): the warm start's prompts
     own = {it["path"] for it in kb_items}  # a KB image must not retrieve its own entry
-    if kb_items:
-        attach_reports(kb_items, rag, args.k_max, args.rule, gamma, args.code_threshold, exclude_own=own)
-    attach_reports(pt_items, rag, args.k_max, args.rule, gamma, args.code_threshold, fixed_k=args.pt_k)
-    attach_reports(test_items, rag, args.k_max, args.rule, gamma, args.code_threshold)
-    if master:  # the released retrieve_clip_*.py output: the item's fields + reference_reports + retrieve_k
-        with open(out / "retrieved_test.jsonl", "w") as f:
-            for it in test_items:
-                f.write(json.dumps({**{k: v for k, v in it.items() if k != "reports"}, "reference_reports": it["reports"],
-                                    "retrieve_k": len(it["reports"])}, ensure_ascii=False) + "\n")
+    attach = lambda items, gamma, **kw: rag.attach(items, args.k_max, args.rule, gamma, args.code_threshold,  # noqa: E731
+                                                   oracle=args.oracle_domain, **kw)
+    misrouted = {"kb": attach(kb_items, gamma, exclude_own=own) if kb_items else 0}
 
     # ---- 2. the Med-LVLM (warm-started when it is the tiny random model)
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
@@ -1454,21 +1510,51 @@ def main(argv=None):
     if ref_model is not None and hasattr(ref_model, "language_model"):
         shard(ref_model, device)
 
-    # ---- 3. evaluation before RAG-PT: base without and with retrieval (LoRA B = 0: the policy is the base)
-    results = {"retrieval": {"gamma": gamma, "rule": args.rule, "k_max": args.k_max}}
+    # ---- 3. gamma by validation accuracy (spec A5), retrieval for RAG-PT and test, noise images (the base model)
+    tokens = {"vqa": args.vqa_max_new_tokens, "report": args.report_max_new_tokens}
+    gen = lambda jobs, desc="RAG-PT": generate_jobs(model, tokenizer, jobs, pixel, rank, world,  # noqa: E731
+                                                    args.eval_batch_size, tokens, desc)
+    sweep = None
+    if args.gamma_tune not in ("accuracy", "f1"):
+        raise ValueError(f"--gamma-tune {args.gamma_tune!r}: accuracy or f1")
+    if args.gamma < 0 and args.gamma_tune == "accuracy" and val_items and "vqa" in tasks:
+        misrouted["val"] = attach(val_items, gamma, fixed_k=args.k_max)
+        gamma, sweep = tune_gamma(rag.config.get("gammas", [gamma]), val_items, lambda j: gen(j, "gamma sweep"))
+        if master:
+            retrieve.print_sweep(sweep, f"gamma by VQA accuracy on {len(val_items)} validation questions:")
+    elif args.gamma < 0 and args.gamma_tune == "accuracy" and master:
+        print("warning: no validation questions (--val-data): gamma is retrieve.py's F1 pick", file=sys.stderr)
+    misrouted["pt"] = attach(pt_items, gamma, fixed_k=args.pt_k)
+    misrouted["test"] = attach(test_items, gamma)
+    for it in pt_items + test_items:
+        it["noise"] = noise_png(out / "noise", it["path"], model.config, args.seed)
+    if master:
+        print(f"retrieval: rule {args.rule}, gamma {gamma}, k_max {args.k_max}, routing "
+              f"{'oracle' if args.oracle_domain else 'router'} (misrouted images: {misrouted}); RAG-PT prompts: "
+              f"{'top-' + str(args.pt_k) if args.pt_k else 'adaptive'}")
+        with open(out / "retrieved_test.jsonl", "w") as f:  # as the released retrieve_clip_*.py: + reference_reports, retrieve_k
+            for it in test_items:
+                f.write(json.dumps({**{k: v for k, v in it.items() if k not in ("reports", "scores", "noise")},
+                                    "reference_reports": it["reports"], "retrieve_k": len(it["reports"])},
+                                   ensure_ascii=False) + "\n")
+
+    # ---- 4. evaluation before RAG-PT: base without and with retrieval (LoRA B = 0: the policy is the base)
+    results = {"retrieval": {"gamma": gamma, "gamma_sweep": sweep, "rule": args.rule, "k_max": args.k_max,
+                             "routing": "oracle" if args.oracle_domain else "router", "misrouted": misrouted}}
     results["before"] = evaluate(args, model, tokenizer, test_items, pixel, rank, world, "eval before")
     log({"phase": "eval_before", **{k: v for k, v in results["before"].items() if k != "predictions"}})
 
-    # ---- 4. RAG-PT preference set from the model before tuning (greedy)
-    tokens = {"vqa": args.vqa_max_new_tokens, "report": args.report_max_new_tokens}
-    gen = lambda jobs: generate_jobs(model, tokenizer, jobs, pixel, rank, world, args.eval_batch_size, tokens, "RAG-PT")  # noqa: E731
+    # ---- 5. RAG-PT preference set from the model before tuning (greedy)
     if args.rag_pt_data:  # released files mark cross-modality pairs with rejected_noised / rejected_image only
         pairs = [p for _, p in lm.read_records(args.rag_pt_data)]
         for p in pairs:
             p.setdefault("subset", "cm" if p.get("rejected_noised") or p.get("rejected_image") else "oa")
             p.setdefault("task", "vqa" if "Question:" in p["conversations"][0]["value"] else "report")
+            if p.get("rejected_noised") and not p.get("rejected_image"):  # the release draws it while training
+                src = lm.resolve_image(folder, lm.record_images(p, p.get("id", ""))[0], p.get("id", ""), True)
+                p["rejected_image"] = noise_png(out / "noise", src, model.config, args.seed)
         sizes = {s: sum(p["subset"] == s for p in pairs) for s in ("cm", "oa1", "oa2", "oa")}
-        sizes.update(candidates=0, skipped_empty=0)
+        sizes.update(candidates=0, skipped_empty=0, skipped_truncated=0)
     else:
         pairs, sizes = rag_pt_pairs(pt_items, gen, args.cm_image, args.report_correct_rouge, args.seed)
     results["rag_pt_sizes"] = {t: {s: sum(p["subset"] == s and p["task"] == t for p in pairs) for s in ("cm", "oa1", "oa2", "oa")}
@@ -1478,14 +1564,15 @@ def main(argv=None):
         if not args.rag_pt_data:
             (out / "rag_pt.json").write_text(json.dumps(pairs, indent=1, ensure_ascii=False))
         print(f"RAG-PT set from {sizes['candidates']} items: cross-modality {sizes['cm']}, overall (a) retrieval "
-              f"helps {sizes['oa1']}, overall (b) retrieval hurts {sizes['oa2']}; per task "
+              f"helps {sizes['oa1']}, overall (b) retrieval hurts {sizes['oa2']}; skipped: {sizes['skipped_empty']} "
+              f"empty, {sizes['skipped_truncated']} cut by the token cap; per task "
               f"{json.dumps({t: results['rag_pt_sizes'][t] for t in tasks})}; written to {out / 'rag_pt.json'}")
     log({"phase": "rag_pt", **sizes})
 
-    # ---- 5. DPO: two stages (D_cm, then D_oa from the stage-1 adapter) or merged
+    # ---- 6. DPO: two stages (D_cm, then D_oa from the stage-1 adapter) or merged
     def pair_data(subsets):
         src = args.rag_pt_data or out / "rag_pt.json"
-        recs = [(f"{src} pair {p.get('id', n)}", p) for n, p in enumerate(pairs) if p["subset"] in subsets]
+        recs = [(f"{src} pair {p.get('id', n)}", training_pair(p)) for n, p in enumerate(pairs) if p["subset"] in subsets]
         if not recs:
             return None
         return PairData(recs, folder, tokenizer, model.config, args.max_length, args.skip_bad_samples, True)
@@ -1498,7 +1585,7 @@ def main(argv=None):
                                          world, log)
     save_adapter_or_model(args, model, tokenizer, out, rank)
 
-    # ---- 6. evaluation after RAG-PT
+    # ---- 7. evaluation after RAG-PT
     results["after"] = evaluate(args, model, tokenizer, test_items, pixel, rank, world, "eval after")
     log({"phase": "eval_after", **{k: v for k, v in results["after"].items() if k != "predictions"}})
     results["table"] = format_table(results["before"], results["after"])

@@ -637,16 +637,18 @@ def relevance_key(report: str) -> str:
 def sweep_gamma(gammas: list[float], score_rows: list[np.ndarray], relevant: list[np.ndarray], k_max: int,
                 score_fn=None) -> tuple[float, list[dict]]:
     """Evaluate every gamma on the validation queries and return (best gamma, table). score_rows[q]: the sorted
-    positive similarities of query q's top-k_max; relevant[q]: bool, whether each candidate is relevant.
-    Default criterion: F1 of the kept set (precision of the kept reports, recall against the relevant candidates
-    in the top k_max); `score_fn(gamma, ks) -> float` replaces it (mmed_rag.py passes validation VQA accuracy)."""
+    positive similarities of query q's top-k_max; relevant[q]: bool, whether each candidate is relevant (None:
+    only score_fn). Default criterion: F1 of the kept set (precision of the kept reports, recall against the
+    relevant candidates in the top k_max), a retrieval-only proxy; `score_fn(gamma, ks) -> float` replaces it
+    (mmed_rag.py passes validation VQA accuracy, spec A5)."""
     table = []
     for g in gammas:
         ks = [adaptive_k_paper(s, g, k_max) for s in score_rows]
-        prec = float(np.mean([rel[:k].mean() for rel, k in zip(relevant, ks)]))
-        rec = float(np.mean([rel[:k].sum() / max(1, rel.sum()) for rel, k in zip(relevant, ks)]))
-        f1 = 2 * prec * rec / (prec + rec) if prec + rec else 0.0
-        row = {"gamma": g, "mean_k": float(np.mean(ks)), "precision": prec, "recall": rec, "f1": f1}
+        row = {"gamma": g, "mean_k": float(np.mean(ks))}
+        if relevant is not None:
+            prec = float(np.mean([rel[:k].mean() for rel, k in zip(relevant, ks)]))
+            rec = float(np.mean([rel[:k].sum() / max(1, rel.sum()) for rel, k in zip(relevant, ks)]))
+            row.update(precision=prec, recall=rec, f1=2 * prec * rec / (prec + rec) if prec + rec else 0.0)
         if score_fn is not None:
             row["score"] = float(score_fn(g, ks))
         table.append(row)
@@ -760,6 +762,45 @@ class DomainRAG:
         indexes = {d: ReportIndex.load(folder / d) for d in router.domains}
         return cls(router, towers, indexes, config)
 
+    def attach(self, items: list[dict], k_max: int, rule: str, gamma: float, threshold: float, fixed_k: int = 0,
+               exclude_own: set | None = None, oracle: bool = False) -> int:
+        """mmed_rag.py's items {"id", "path", "domain" (None: unknown)}: route each image (with oracle: take the
+        record's domain), retrieve, cut by the rule (or keep fixed_k). Sets each item's "domain" (the routed one,
+        which the prompt names), "reports" and "scores" (of all k_max candidates). Returns how many images the
+        router sent elsewhere than their record's domain."""
+        paths = sorted({it["path"] for it in items})
+        known = {it["path"]: it["domain"] for it in items}
+        if oracle and not all(known.values()):
+            raise lm.DataError(f"--oracle-domain: {next(it['id'] for it in items if not it['domain'])} has no domain")
+        exclude = [p if p in exclude_own else "" for p in paths] if exclude_own else None
+        self.config["code_threshold"] = threshold
+        got = self.retrieve(paths, k_max=k_max, rule="fixed" if fixed_k else rule, gamma=gamma,
+                            domains=[known[p] for p in paths] if oracle else None, exclude=exclude)
+        by_path = dict(zip(paths, got))
+        for it in items:
+            g = by_path[it["path"]]
+            it["domain"], it["scores"] = g["domain"], g["scores"]
+            it["reports"] = g["reports"][:fixed_k] if fixed_k else g["reports"]
+        return sum(known[p] is not None and known[p] != g["domain"] for p, g in zip(paths, got))
+
+    def kb_images(self) -> set[str]:
+        """The image of every knowledge-base report, all domains."""
+        return {s for index in self.indexes.values() for s in index.sources if s}
+
+    def drop_kb_images(self, items: list[dict], what: str, skip: bool) -> list[dict]:
+        """RULE keeps the retriever's data disjoint from the preference and test data (an image in the knowledge
+        base retrieves its own report). Items whose image path is in a knowledge base stop the run (exit 2) or, with
+        skip (--skip-bad-samples), are counted and skipped. Compared by resolved path: a copy elsewhere passes."""
+        kb = self.kb_images()
+        bad = [it for it in items if it["path"] in kb]
+        if bad and not skip:
+            raise lm.DataError(f"{bad[0]['id']}: image {bad[0]['path']} is in the retriever's knowledge base, as are "
+                               f"the images of {len(bad)} {what} items (RULE keeps them disjoint; --skip-bad-samples "
+                               f"skips them)")
+        if bad:
+            print(f"{what}: {len(bad)} items skipped, their images are in the knowledge base", file=sys.stderr)
+        return [it for it in items if it["path"] not in kb]
+
     def retrieve(self, paths: list[str], k_max: int | None = None, rule: str | None = None, gamma: float | None = None,
                  domains: list[str] | None = None, exclude: list[str] | None = None) -> list[dict]:
         """For each image: {"domain", "reports" (kept, best first), "scores" (positive similarities of the top
@@ -833,12 +874,14 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
                   f"fine-tuned {_fmt(results['recall_after'].get(d))}")
         log({"phase": "recall", "domain": d, "before": results["recall_before"].get(d),
              "after": results["recall_after"].get(d)})
-    # ---- 4. gamma on the validation split (paper rule), by F1 of the kept set
+    # ---- 4. gamma on the validation split (paper rule), by F1 of the kept set (mmed_rag.py re-tunes it by VQA
+    # accuracy over the same grid, which rag_config.json keeps)
     gammas = [float(g) for g in args.gammas.split(",")]
     gamma = gammas[0]
+    config = {"k_max": args.k_max, "rule": args.rule, "gamma": gamma, "code_threshold": args.code_threshold,
+              "gammas": gammas}
     if master:
-        (out / "rag_config.json").write_text(json.dumps({"k_max": args.k_max, "rule": args.rule, "gamma": gamma,
-                                                         "code_threshold": args.code_threshold}))
+        (out / "rag_config.json").write_text(json.dumps(config))
     dist.barrier()
     if val:
         rag = DomainRAG.load(out)
@@ -850,8 +893,7 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
         if master:
             print_sweep(table, f"gamma sweep on {len(val)} validation images (paper rule, k_max {args.k_max}):")
             print(f"chosen gamma {gamma}")
-            (out / "rag_config.json").write_text(json.dumps({"k_max": args.k_max, "rule": args.rule, "gamma": gamma,
-                                                             "code_threshold": args.code_threshold}))
+            (out / "rag_config.json").write_text(json.dumps({**config, "gamma": gamma}))
     dist.barrier()
     return results
 

@@ -57,6 +57,8 @@ def test_positive_similarity_and_gamma_sweep():
     assert row[2.0]["mean_k"] == 3 and row[2.0]["precision"] == pytest.approx((2 / 3 + 1 / 3) / 2)
     best, table = R.sweep_gamma([0.01, 2.0], rows, rel, 3, score_fn=lambda g, ks: sum(ks))  # caller's criterion
     assert best == 2.0 and table[1]["score"] == 6
+    best, table = R.sweep_gamma([0.01, 2.0], rows, None, 3, score_fn=lambda g, ks: -sum(ks))  # no relevance labels
+    assert best == 0.01 and set(table[0]) == {"gamma", "mean_k", "score"}
     assert R.relevance_key("Nodule, 13 pixels.") == R.relevance_key("nodule,  9 pixels.")
 
 
@@ -164,6 +166,7 @@ def test_toy_run_router_recall_index(tmp_path):
     assert after > before + 10, (res["recall_before"], res["recall_after"])
     cfg = json.loads((out / "rag_config.json").read_text())
     assert cfg["gamma"] in [r["gamma"] for r in res["gamma_sweep"]]
+    assert cfg["gammas"] == [r["gamma"] for r in res["gamma_sweep"]]  # the grid mmed_rag.py re-scores by accuracy
     rag = R.DomainRAG.load(out)  # router + towers + indexes from disk
     test = R.read_pairs(ROOT / "data" / "toy" / "test.json")[::15]
     got = rag.retrieve([p["image"] for p in test], k_max=4, rule="fixed")
@@ -173,6 +176,7 @@ def test_toy_run_router_recall_index(tmp_path):
     kb = sub[0]
     idx = rag.indexes[kb["domain"]]
     assert idx.sources[0] == kb["image"] and idx.reports[0] == kb["report"]  # the index knows each report's image
+    assert rag.kb_images() == {p["image"] for p in R.split_validation(sub, 0.15)[0]}  # validation images are not in it
     excl = rag.retrieve([kb["image"]], k_max=5, rule="fixed", exclude=[kb["image"]])[0]
     assert len(excl["candidates"]) == 5
     kept = rag.retrieve([kb["image"]], k_max=len(idx.reports), rule="fixed", exclude=[kb["image"]])[0]["candidates"]
