@@ -53,9 +53,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -278,8 +280,8 @@ class PairData:
         if chosen_turns[:-1] != rejected_turns[:-1]:
             raise lm.DataError(f"{where}: chosen and rejected prompts differ; DPO compares answers to one prompt")
         rejected_images = lm.record_images({"image": rec["rejected_image"]}, where) if rec.get("rejected_image") else images
-        if rec.get("rejected_noised"):
-            rejected_images = ["noise:" + p for p in images]  # MMed-RAG cross-modality pairs: a noise image
+        if rec.get("rejected_noised") and not rec.get("rejected_image"):  # MMed-RAG's released cross-modality pairs
+            rejected_images = ["noise:" + p for p in images]
         cfg = self.cfg
         tok = lambda turns, n: lm.tokenize_conversation(tokenizer, lm.place_image_markers(turns, n, where), cfg.template,
                                                         cfg.num_image_tokens, cfg.image_token_id, max_length, where,
@@ -305,11 +307,11 @@ class PairData:
 
     def pixel(self, key: str) -> torch.Tensor:
         cfg = self.cfg
-        if key.startswith("noise:"):  # a fixed Gaussian-noise image per source image (deterministic)
-            g = torch.Generator().manual_seed(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
-            return torch.randn(3, cfg.image_size, cfg.image_size, generator=g)
-        return lm.preprocess_image(lm.load_image(lm.resolve_image(self.image_folder, key, key, self.allow_outside)), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                   pad=cfg.image_aspect_ratio == "pad")
+        image = lm.load_image(lm.resolve_image(self.image_folder, key.removeprefix("noise:"), key, self.allow_outside))
+        if key.startswith("noise:"):  # MMed-RAG's generate_gaussian_noise: N(0, 1) of the image's shape, clipped to
+            rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))  # [0, 1], 8-bit
+            image = Image.fromarray((np.clip(rng.normal(0, 1, (image.height, image.width, 3)), 0, 1) * 255).astype(np.uint8))
+        return lm.image_tensor(cfg, image)  # (one fixed noise image per source, seeded; the release draws anew)
 
 
 def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: bool = True) -> dict:

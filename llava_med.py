@@ -1379,8 +1379,8 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 
 def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
-    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 matches
-    rouge-score's fmeasure (tested); pycocoevalcap uses β = 1.2, pass beta=1.2 to compare with papers using it."""
+    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 is
+    rouge-score's fmeasure (tested); pycocoevalcap's Rouge uses β = 1.2 (--rouge-beta 1.2), which weighs recall more."""
     h, r = report_tokens(hypothesis), report_tokens(reference)
     lcs = lcs_length(h, r)
     if lcs == 0:
@@ -1389,12 +1389,13 @@ def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
     return 100 * (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
 
 
-def meteor(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
-    """METEOR (Banerjee & Lavie 2005) in %, exact-match stage only (no stemmer or WordNet synonyms: those need
-    data we do not ship, so scores run a little below pycocoevalcap's METEOR 1.5 on paraphrases).
-    Fmean = PR / (αP + (1-α)R) (α = 0.9 gives the paper's 10PR/(R+9P)); penalty = γ (chunks/matches)^β;
-    score = Fmean (1 - penalty). The alignment maps each hypothesis word to an unused identical reference word,
-    preferring the one that extends the current chunk, so a copied phrase is one chunk."""
+def meteor_exact(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
+    """METEOR's exact-match stage only (Banerjee & Lavie 2005 parameters) in %: no stem, synonym or paraphrase
+    stage, so NOT pycocoevalcap's METEOR 1.5 that papers report, and below it when word forms differ ("nodules" /
+    "nodule": 48.1 where NLTK with its stemmer gives 75.5). Fmean = PR / (αP + (1-α)R); penalty = γ (chunks /
+    matches)^β; score = Fmean (1 - penalty). Each hypothesis word takes an unused identical reference word, the one
+    extending the current chunk if any: NLTK's exact stage, but for repeated reference words, where NLTK takes the
+    last free one and this gives fewer chunks (tests/fixtures/meteor_nltk.json)."""
     h, r = report_tokens(hypothesis), report_tokens(reference)
     positions: dict[str, list[int]] = {}
     for j, w in enumerate(r):
@@ -1422,14 +1423,14 @@ def meteor(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.
     return 100 * fmean * (1 - gamma * (chunks / matches) ** beta)
 
 
-def report_scores(hypotheses: list[str], references: list[str]) -> dict:
+def report_scores(hypotheses: list[str], references: list[str], rouge_beta: float = 1.0) -> dict:
     """The report columns of MMed-RAG Table 2 / MMedPO Table 1: BLEU-1..4, their average ("BLEU" in MMedPO), and
-    sentence ROUGE-L and METEOR averaged over reports. All in %."""
+    sentence ROUGE-L (β = rouge_beta) and exact-match METEOR averaged over reports. All in %."""
     b = corpus_bleu(hypotheses, references)
     n = max(len(hypotheses), 1)
     return {"bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3], "bleu": sum(b) / 4,
-            "rouge_l": sum(rouge_l(h, r) for h, r in zip(hypotheses, references)) / n,
-            "meteor": sum(meteor(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
+            "rouge_l": sum(rouge_l(h, r, rouge_beta) for h, r in zip(hypotheses, references)) / n,
+            "meteor_exact": sum(meteor_exact(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1593,8 +1593,8 @@ def lcs_length(a: list[str], b: list[str]) -> int:
 
 # Copied from mmed_rag.py: rouge_l
 def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
-    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 matches
-    rouge-score's fmeasure (tested); pycocoevalcap uses β = 1.2, pass beta=1.2 to compare with papers using it."""
+    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 is
+    rouge-score's fmeasure (tested); pycocoevalcap's Rouge uses β = 1.2 (--rouge-beta 1.2), which weighs recall more."""
     h, r = report_tokens(hypothesis), report_tokens(reference)
     lcs = lcs_length(h, r)
     if lcs == 0:
@@ -1638,14 +1638,14 @@ def meteor(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.
 
 
 # Copied from mmed_rag.py: report_scores
-def report_scores(hypotheses: list[str], references: list[str]) -> dict:
+def report_scores(hypotheses: list[str], references: list[str], rouge_beta: float = 1.0) -> dict:
     """The report columns of MMed-RAG Table 2 / MMedPO Table 1: BLEU-1..4, their average ("BLEU" in MMedPO), and
-    sentence ROUGE-L and METEOR averaged over reports. All in %."""
+    sentence ROUGE-L (β = rouge_beta) and exact-match METEOR averaged over reports. All in %."""
     b = corpus_bleu(hypotheses, references)
     n = max(len(hypotheses), 1)
     return {"bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3], "bleu": sum(b) / 4,
-            "rouge_l": sum(rouge_l(h, r) for h, r in zip(hypotheses, references)) / n,
-            "meteor": sum(meteor(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
+            "rouge_l": sum(rouge_l(h, r, rouge_beta) for h, r in zip(hypotheses, references)) / n,
+            "meteor_exact": sum(meteor_exact(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
 
 
 def read_reports(path: str, image_folder: str = "") -> list[dict]:
