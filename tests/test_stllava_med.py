@@ -277,7 +277,7 @@ def test_stage2_trains_the_projector_against_the_frozen_stage1_model():
     recs = [r for _, r in lm.read_records(TOY / "train.json")[:3]]
     pairs = [(f"mem[{i}]", st.dpo_record(r["id"], r["image"], "Is there a nodule?", "yes", "no", (9, 1)))
              for i, r in enumerate(recs)]
-    data = st.AnswerPairData(pairs, TOY, tok, model.config, 512, False, st.SQ_SYSTEM)
+    data = st.PairData(pairs, TOY, tok, model.config, 512, False, system=st.SQ_SYSTEM)
     frozen = st.add_adapters(dataclasses.replace(args, dpo_freeze_projector=True), copy.deepcopy(model), stage=2)
     assert frozen is None
     ref_projector = st.add_adapters(args, model, stage=2)
@@ -287,14 +287,14 @@ def test_stage2_trains_the_projector_against_the_frozen_stage1_model():
     assert {n for n in trainable if "lora_" not in n} == {n for n, _ in model.projector.named_parameters(prefix="projector")}
     opt = torch.optim.AdamW([p for n, p in model.named_parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    stats = st.sq_dpo_step(args, model, ref_projector, data, [0, 1, 2], tok, CPU)
+    stats = st.dpo_step(args, model, ref_projector, data, [0, 1, 2], tok, CPU)
     assert abs(float(stats["loss"].detach()) / 3 - math.log(2)) < 1e-6  # LoRA B = 0 and the same projector: policy == reference
     stats["loss"].backward()
     opt.step()
     model.eval()
     batch = st.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
     with torch.no_grad():
-        feats, ref_feats = st.policy_and_reference_features(model, ref_projector, batch["pixel_values"], True)
+        feats, ref_feats = st.image_features_for(model, ref_projector, batch["pixel_values"], CPU)
         ref, _ = st.reference_logps(model, None, batch, ref_feats)
         want, _ = st.sequence_logps(stage1, batch, stage1.encode_images(batch["pixel_values"]))
         policy, _ = st.sequence_logps(model, batch, feats)
@@ -358,11 +358,11 @@ def test_judge_rules_and_dpo_records(monkeypatch, tmp_path):
     assert all(st.judge_content(q, a1, a2).strip() in p for (_, q, a1, a2, _), p in zip(items, seen[0][0] + seen[1][0]))
     monkeypatch.undo()
     model.config.template = "vicuna_v1"
-    data = st.AnswerPairData([("mem", r)], TOY, tok, model.config, 512, False)
+    data = st.PairData([("mem", r)], TOY, tok, model.config, 512, False)
     batch = st.collate_pairs(data, [0], tok.pad_token_id)
     assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 2  # one image for both rows
     assert "questions. USER:" in tok.decode(data.items[0]["chosen"]["input_ids"])  # vicuna v1's system prompt
-    sq = st.AnswerPairData([("mem", r)], TOY, tok, model.config, 512, False, system=st.SQ_SYSTEM)
+    sq = st.PairData([("mem", r)], TOY, tok, model.config, 512, False, system=st.SQ_SYSTEM)
     text = tok.decode(sq.items[0]["rejected"]["input_ids"])
     assert "questions.Also," in text and text.endswith("ASSISTANT: left upper lung</s>")
     assert tok.decode([t for t in sq.items[0]["chosen"]["labels"] if t != lm.IGNORE_INDEX]) == " right upper lung</s>"
