@@ -509,7 +509,8 @@ def choose_rejected(judge, gts: list[str], candidates: list[list[str]], threshol
     "the response with the most hallucination"). Otherwise the judge writes a wrong answer ("judge_written"), and if
     that is empty or the ground truth, corrupt_ground_truth ("rule_corruption")."""
     norm = lm.normalize_answer
-    real = [[c for c in dict.fromkeys(cs) if c.strip() and norm(c) != norm(g)] for g, cs in zip(gts, candidates, strict=True)]
+    real = [[c for c in dict.fromkeys(cs) if c.strip() and norm(c) != norm(g)]
+            for g, cs in zip(gts, candidates, strict=True)]
     flat = [(i, c) for i, cs in enumerate(real) for c in cs]
     degrees = judge.hallucination([gts[i] for i, _ in flat], [c for _, c in flat]) if flat else []
     out = [None] * len(gts)
@@ -741,8 +742,8 @@ def preference_records(args: Args, model, tokenizer, raw, samples, out: Path, de
     out/prefs/mmedpo_dpo_weighted.json (+ curation.json, statistics) and reused while their key holds: every Args
     field above --rejected-image-folder and a digest of the ground-truth records. Returns (records, stats)."""
     prefs = out / "prefs"
-    key = cache_key(args, "rejected_image_folder", hashlib.sha256(json.dumps([r for _, r in raw], sort_keys=True)
-                                                                  .encode()).hexdigest())
+    digest = hashlib.sha256(json.dumps([r for _, r in raw], sort_keys=True).encode()).hexdigest()
+    key = cache_key(args, "rejected_image_folder", digest)
     stats_file = prefs / "curation.json"
     cached = args.resume and stats_file.exists() and json.loads(stats_file.read_text()).get("key") == key
     dist.barrier()  # every rank has decided before rank 0 may rewrite the cache
@@ -776,10 +777,12 @@ def training_data(args: Args, model, tokenizer, arms: list[str], device, rank: i
     raw = lm.read_records(gt_file)
     is_prefs = bool(raw) and "rejected_conversations" in raw[0][1]
     all_samples = [] if is_prefs else gt_samples(raw, image_folder, args.allow_images_outside_folder)
-    n_keep, samples = args.max_samples if args.max_samples >= 0 else (320 if path.is_dir() else 0), all_samples
+    n_keep = args.max_samples if args.max_samples >= 0 else (320 if path.is_dir() else 0)
+    samples = all_samples
     if n_keep and len(samples) > n_keep:
         samples = [samples[i] for i in sorted(random.Random(args.seed).sample(range(len(samples)), n_keep))]
-    warm, base = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0), args.model
+    warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
+    base = args.model
     if warm and is_prefs:
         raise lm.DataError(f"{gt_file}: a preference file; the warm start (--sft-warmup-steps, 1000 by default for "
                            f"--model tiny) needs ground-truth records: pass --sft-warmup-steps 0")
@@ -793,10 +796,11 @@ def training_data(args: Args, model, tokenizer, arms: list[str], device, rank: i
                            lambda key: lm.image_tensor(cfg, key), device, rank, world, out, log)
         base = str(out / "base_llava_hf")
     if is_prefs:
-        records, rejected_folder, stats = raw, Path(args.rejected_image_folder or image_folder), {"read": str(gt_file)}
+        records, stats = raw, {"read": str(gt_file)}
+        rejected_folder = Path(args.rejected_image_folder or image_folder)
     else:
-        (records, stats), rejected_folder = preference_records(args, model, tokenizer, raw, samples, out, device, rank,
-                                                               world), out / "prefs"
+        records, stats = preference_records(args, model, tokenizer, raw, samples, out, device, rank, world)
+        rejected_folder = out / "prefs"
     data = ScoredPairs(records, image_folder, rejected_folder, tokenizer, model.config, args.max_length,
                        args.skip_bad_samples, args.allow_images_outside_folder, "mmedpo" in arms and args.weight_mode != "none")
     if data.skipped and rank == 0:
@@ -921,7 +925,8 @@ class ScoredPairs(PairData):
 
     def __init__(self, records, image_folder: Path, rejected_folder: Path, tokenizer, cfg, max_length: int,
                  skip_bad: bool, allow_outside: bool = False, need_scores: bool = True):
-        self.folders, self.outside, self.need_scores = (Path(image_folder), Path(rejected_folder)), allow_outside, need_scores
+        self.folders = (Path(image_folder), Path(rejected_folder))
+        self.outside, self.need_scores = allow_outside, need_scores
         super().__init__(records, Path(image_folder), tokenizer, cfg, max_length, skip_bad, allow_outside=True)
 
     def _tokenize(self, where, rec, tokenizer, max_length):
