@@ -18,6 +18,8 @@
         --scorers /ckpt/Llama3-Med42-7B,/ckpt/Llama3-Med42-70B,/ckpt/BioMistral-7B --localiser file \\
         --heatmaps medklip_maps.json --arms mmedpo --lr 1e-7 --epochs 3 --batch-size 4 --micro-batch-size 1 \\
         --max-length 1024 --report-data /data/iu_xray/test.json
+    # evaluate a checkpoint only (VQA and reports; no training data is read): every flag: python mmedpo.py --help
+    python mmedpo.py --eval-only --model /ckpt/llava-med-v1.5-mistral-7b --report-data /data/iu_xray/test.json
 
 The algorithm (paper Sec. 3, spec part B):
   1. D_t, text dispreference: sample the target model n times on (image, question); a judge picks the most
@@ -47,17 +49,20 @@ Decisions for what the paper leaves open (spec part D, "not found"):
     A subset whose scores are all equal gets weight 1.
   - candidates per question: 4 (--n-samples), temperature 1.0 (--sample-temperature).
 
-File layout: Args -> data prep (samples, text / visual dispreference, scores, weights) -> loss -> model setup ->
-training loop -> evaluation -> main().
+File layout, as dpo.py's: Args -> data prep (samples, judges, text / visual dispreference, weights, pairs) -> loss ->
+model setup -> training loop -> MMedPO step -> evaluation (VQA, reports) -> main(). The blocks marked
+"# Copied from dpo.py: <name>" are dpo.py's, byte for byte (tests/test_copies.py); the rest is MMedPO.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -71,11 +76,13 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import transformers
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -85,26 +92,19 @@ import llava_med as lm
 
 @dataclass
 class Args:
-    # data
+    # data and model (fields down to --curate-batch-size change the built pairs and key their cache in --out/prefs)
     data: str = "data/toy"  # toy-format folder or ground-truth LLaVA json (pairs are built), or a preference json
     image_folder: str = ""  # image paths are relative to this ("" = the data file's folder)
-    rejected_image_folder: str = ""  # rejected_image paths are relative to this ("" = --image-folder)
-    eval_data: str = ""  # VQA set (toy test_vqa.json, VQA-RAD testset.json, SLAKE test.json); "" = toy test
-    eval_image_folder: str = ""  # images of --eval-data ("" = next to it)
-    report_data: str = ""  # report set, LLaVA json whose last gpt turn is the report ("" = toy test.json)
-    max_length: int = 512  # tokens per sequence, image tokens included
     max_samples: int = -1  # build pairs from N (image, question) samples, a seeded draw (0 = all; -1 = 320 on toy)
-    skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
+    max_length: int = 512  # tokens per sequence, image tokens included
     allow_images_outside_folder: bool = False  # accept absolute / '..' image paths (released rejected_image paths)
-    # model
     model: str = "tiny"  # "tiny" (random, offline) or a checkpoint folder (LLaVA-Med v1.5, llava-hf)
-    template: str = ""  # chat template override ("" = the checkpoint's)
-    dtype: str = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are always fp32
-    full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
-    lora_r: int = 128  # LoRA rank (MMedPO train_dpo_visual-text.sh: 128)
-    lora_alpha: int = 256  # LoRA alpha (256)
-    lora_dropout: float = 0.0  # off, as in the release (dpo_trainer_weighted.py disable_dropout=True, TRL's default)
-    tune_projector: bool = False  # also train the mm projector (mm_projector_lr 2e-5 in the script; ambiguous)
+    template: str = ""  # chat template override ("" = the checkpoint's: mistral_instruct, vicuna_v1, ...)
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel
+    sft_warmup_steps: int = -1  # SFT steps on the ground truth first; -1 = 1000 for --model tiny (random), else 0
+    sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
+    seed: int = 0  # same seed + same data = same run
     # text dispreference D_t (paper 3.1)
     text_pairs: bool = True  # build D_t
     n_samples: int = 4  # candidates sampled from the target model per question (paper: not stated)
@@ -118,44 +118,56 @@ class Args:
     agree_tol: float = 0.05  # two scores agree when they differ by at most this (scores are on a 0.1 grid)
     # visual dispreference D_v (paper 3.1)
     visual_pairs: bool = True  # build D_v
-    localiser: str = "boxes"  # "boxes" (ground-truth findings boxes), "attention" (policy's image-token attention), "file"
+    localiser: Literal["boxes", "attention", "file"] = "boxes"  # ground-truth findings boxes, the policy's image-token attention, or --heatmaps
     heatmaps: str = ""  # --localiser file: json {image: {"heatmap": png (relative to the json), "confidence": s}}
     region_std: float = -1.0  # soft maps: region = h > mean + region_std * std (released code: mean - std)
-    noise: str = "diffusion"  # "diffusion" (paper), "replace" (released code: N(0, 10) pixels), "global" (ablation)
+    noise: Literal["diffusion", "replace", "global"] = "diffusion"  # paper; released code (N(0, 10) pixels); ablation (whole image)
     noise_step: int = 500  # diffusion step k of the paper's blend (POVID schedule, 1000 steps)
-    curate_batch_size: int = 32  # prompts per generate / judge call on one rank
-    # weights and loss
-    weight_mode: str = "paper"  # "paper" (standardise, mean 1, var 0.1, clip [0.75, 1.25]), "raw" (code), "none"
-    weight_scope: str = "subset"  # normalise per subset (D_t, D_v) or "global"
+    curate_batch_size: int = 32  # samples per generate call when building pairs (x --n-samples candidates)
+    # reading pairs (fields from here on leave the built pairs as they are)
+    rejected_image_folder: str = ""  # a preference file's rejected_image paths are relative to this ("" = --image-folder)
+    skip_bad_samples: bool = False  # count and skip bad pairs instead of stopping at the first one
+    # policy, weights and loss
+    full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
+    lora_r: int = 128  # LoRA rank (MMedPO train_dpo_visual-text.sh: 128)
+    lora_alpha: int = 256  # LoRA alpha (256)
+    lora_dropout: float = 0.0  # off, as in the release (dpo_trainer_weighted.py disable_dropout=True, TRL's default)
+    tune_projector: bool = False  # also train the mm projector (mm_projector_lr 2e-5 in the script; ambiguous)
+    weight_mode: Literal["paper", "raw", "none"] = "paper"  # standardise, mean 1, var 0.1, clip [0.75, 1.25]; the released code's raw score; weights 1
+    weight_scope: Literal["subset", "global"] = "subset"  # normalise per subset (D_t, D_v) or over all pairs
     beta: float = 0.1  # DPO temperature (the released trainer's default)
     arms: str = "dpo,mmedpo"  # what to train: "dpo" (same pairs, weights 1) and/or "mmedpo" (weighted)
     # optimisation
     lr: float = 1e-5  # peak learning rate (toy default; the paper uses 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # learning rate of the projector when --tune-projector
-    batch_size: int = 16  # pairs per optimizer step over all ranks (global)
+    batch_size: int = 16  # pairs per optimizer step over all ranks (global; does not depend on the number of ranks)
     micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
     epochs: int = 1  # passes over the preference pairs (paper: 3)
     max_steps: int = -1  # stop after this many optimizer steps (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    activation_checkpointing: bool = False  # recompute decoder layers in backward
-    sft_warmup_steps: int = -1  # SFT steps on the ground truth first; -1 = 1000 for --model tiny (random), else 0
-    sft_lr: float = 1e-3  # learning rate of that warm-up
-    seed: int = 0  # same seed + same data = same run
-    dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    prefix_sharing: bool = True  # one row per text pair: its two answers share image and prompt (exact; Wang & Hegde 2024)
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
+    compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
+    dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # output
-    out: str = "runs/mmedpo"  # prefs/, <arm>/checkpoints, <arm>/adapter, metrics.jsonl, results.json
+    out: str = "runs/mmedpo"  # prefs/, base_llava_hf/, <arm>/checkpoints, <arm>/adapter, metrics.jsonl, results.json
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
     resume: bool = True  # reuse built pairs and continue each arm from its newest complete checkpoint
     export_merged: bool = False  # also write each arm's merged model as a llava-hf checkpoint
     # evaluation
     eval: bool = True  # evaluate base (before training) and every trained arm
+    eval_only: bool = False  # only evaluate --model on the VQA and report sets (no training data is read)
+    eval_data: str = ""  # VQA set (toy test_vqa.json, VQA-RAD testset.json, SLAKE test.json); "" = toy test
+    eval_image_folder: str = ""  # images of --eval-data ("" = next to it)
+    report_data: str = ""  # report set, LLaVA json whose last gpt turn is the report ("" = toy test.json)
     eval_limit: int = 0  # first N questions / reports (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 16  # VQA answer cap
     report_max_new_tokens: int = 64  # report cap
-    closed_scoring: str = "strict"  # "strict": first yes/no word; "llava_med": GT substring (issue #12 bug)
+    closed_scoring: Literal["strict", "llava_med", "llava_med_batch"] = "strict"  # strict (ours); llava_med|llava_med_batch add run_eval(_batch).py's numbers (lm.score_vqa)
 
 
 # Copied from dpo.py: parse_args
@@ -175,6 +187,37 @@ def parse_args(cls, argv=None):
             kw["type"] = {"int": int, "float": float, "str": str}[f.type]
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+# Copied from dpo.py: cache_key
+def cache_key(args, before: str, *content) -> str:
+    """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
+    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    names = [f.name for f in dataclasses.fields(args)]
+    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Copied from dpo.py: cli
+def cli(main):
+    """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except lm.DataError as e:
+        kind = "bad model" if isinstance(e, lm.ModelError) else "bad data"
+        hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
+        print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)
 
 
 # Copied from dpo.py: setup_distributed
@@ -197,19 +240,15 @@ def setup_distributed(timeout_s: int = 1800):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard_map(fn, items: list, batch_size: int, rank: int, world: int, desc: str) -> list:
-    """fn(list of items, batch number) -> list of results, over fixed batches dealt round-robin to the ranks, then
-    gathered on every rank. The batches (and the seeds derived from their numbers) do not depend on the number of
-    ranks, so the built pairs are the same for 1 or 8 processes. Runs on the unsharded model: no collectives inside."""
-    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
-    mine = {}
-    for b in tqdm(range(rank, len(batches), world), desc=desc, disable=rank != 0, leave=False):
-        for i, r in zip(batches[b], fn([items[i] for i in batches[b]], b), strict=True):
-            mine[i] = r
-    gathered = [None] * world
-    dist.all_gather_object(gathered, mine)
-    merged = {i: r for part in gathered for i, r in part.items()}
-    return [merged[i] for i in range(len(items))]
+# Copied from dpo.py: jsonl_logger
+def jsonl_logger(path: Path, rank: int):
+    """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
+    def log(row: dict):
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,19 +274,17 @@ def gt_samples(records: list[tuple[str, dict]], folder: Path, allow_outside: boo
     return samples
 
 
-def pixel_of(cfg: lm.LlavaMedConfig, image) -> torch.Tensor:
-    """A path or a PIL image -> the model's input tensor (LLaVA-1.5 pad-to-square preprocessing)."""
-    im = lm.load_image(image) if not isinstance(image, Image.Image) else image
-    return lm.preprocess_image(im, cfg.image_size, cfg.image_mean, cfg.image_std, pad=cfg.image_aspect_ratio == "pad")
-
-
 def prompt_ids(tokenizer, cfg: lm.LlavaMedConfig, question: str, n_images: int = 1) -> list[int]:
     turns = lm.place_image_markers([("user", question)], n_images)
     return lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id)
 
 
+def _seed_of(*parts) -> int:
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data prep 2: text dispreference D_t -- sample the target model, a judge picks or writes the hallucination
+# Data prep 2: judges -- the offline rule judge, and a language model read through its label probabilities
 # ----------------------------------------------------------------------------------------------------------
 
 # Paper Fig. 8 / 9 show the GPT-4o / Med-LLM prompts only as images (spec B2, B4): these are ours.
@@ -262,29 +299,14 @@ JUDGE_SCORE_PREV = "\nAnother reviewer gave {prev}/10. Repeat that score if you 
 SCORE_LABELS = [str(i) for i in range(11)]
 
 
-def sample_candidates(model, tokenizer, samples: list[dict], n: int, temperature: float, max_new_tokens: int,
-                      seed: int) -> list[list[str]]:
-    """n sampled answers of the target model per sample (one generate call; the seed is the caller's)."""
-    cfg = model.config
-    prompts = [prompt_ids(tokenizer, cfg, s["question"]) for s in samples for _ in range(n)]
-    pix = torch.stack([pixel_of(cfg, s["path"]) for s in samples for _ in range(n)])
-    out = lm.generate(model, tokenizer, prompts, pix, max_new_tokens=max_new_tokens, temperature=temperature,
-                      seed=seed, sync=False)
-    return [out[i * n:(i + 1) * n] for i in range(len(samples))]
-
-
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def _contradicts_yes_no(a: str, b: str) -> bool:
-    wa, wb = _words(a)[:1], _words(b)[:1]
-    return bool(wa and wb) and {wa[0], wb[0]} == {"yes", "no"}
-
-
 def rule_hallucination(gt: str, cand: str) -> float:
     """Offline fallback judge: 1 for a yes/no flip, else 1 - token F1 with the ground truth (0 = same words)."""
-    if _contradicts_yes_no(gt, cand):
+    first = {w[0] for w in (_words(gt)[:1], _words(cand)[:1]) if w}
+    if first == {"yes", "no"}:
         return 1.0
     g, c = Counter(_words(gt)), Counter(_words(cand))
     common = sum((g & c).values())
@@ -343,16 +365,19 @@ class ModelJudge:
     """A language model as judge, text only (the paper's judges see no image). "tiny:SEED" is the tiny random LLaVA
     (offline; its verdicts are noise, which the toy run shows honestly), a folder a LLaVA checkpoint (llava_med.load)
     or any causal LM (transformers, safetensors, no remote code). Decisions are read from next-token probabilities
-    over fixed labels, never parsed from free text."""
+    over fixed labels, never parsed from free text. Every rank holds the whole judge; the prompts are shared out."""
 
-    def __init__(self, spec: str, device, dtype="auto", max_new_tokens: int = 48):
+    def __init__(self, spec: str, device, rank: int = 0, world: int = 1, max_new_tokens: int = 48, batch_size: int = 32):
         self.name, self.device, self.max_new_tokens = spec, device, max_new_tokens
+        self.rank, self.world, self.batch_size = rank, world, batch_size
         if spec.startswith("tiny"):
             seed = int(spec.split(":")[1]) if ":" in spec else 0
-            self.model, self.tok = lm.load("tiny", dtype=dtype, device=device, seed=1000 + seed)
+            self.model, self.tok = lm.load("tiny", device=device, seed=1000 + seed)
             self.llava = True
+        elif not (Path(spec) / "config.json").exists():
+            raise lm.ModelError(f"{spec}: judge folder without config.json (--judge / --scorers: tiny:SEED, rule or a checkpoint)")
         elif json.loads((Path(spec) / "config.json").read_text()).get("model_type", "").startswith("llava"):
-            self.model, self.tok = lm.load(spec, dtype=dtype, device=device)
+            self.model, self.tok = lm.load(spec, device=device)
             self.llava = True
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -363,6 +388,9 @@ class ModelJudge:
             if self.tok.pad_token is None:
                 self.tok.pad_token = self.tok.eos_token
         self.model.eval()
+        # the KV-cache argument of its forward: LlavaMed's past_key_values (it passes the decoder's own name on);
+        # a transformers LM's `cache` from 5.24 (where past_key_values warns, and goes in 5.40), past_key_values before
+        self.cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     def _prompt(self, text: str) -> list[int]:
         if self.llava:
@@ -412,33 +440,38 @@ class ModelJudge:
         """[len(prompts), len(labels)]: log p(label | prompt) = log p(its tokens as the judge writes them after the
         prompt, _label_tails) + log p(a token that ends it, _continues). Without the end term, with digits as single
         tokens (Llama, Mistral), log p("10") = log p("1") + log p("0" | "1") <= log p("1") and a judge meaning 10 is
-        read as 1. The prompt runs once; the label continuations then run on copies of its KV cache."""
+        read as 1. The prompt runs once; the label continuations then run on copies of its KV cache. The prompts go
+        in fixed batches, batch b on rank b % world (the same numbers for any number of ranks), summed over ranks."""
         tails = self._label_tails(prompts[0], labels)  # the answer format does not depend on the prompt's text
         rows = list(dict.fromkeys(tuple(t) for t in tails if not any(len(u) > len(t) and u[:len(t)] == t
                                                                      for u in tails)))  # "1" runs inside "10"
         row_of = [next(r for r, u in enumerate(rows) if list(u[:len(t)]) == t) for t in tails]
         R, L = len(rows), max(map(len, rows))
         tail_ids = torch.tensor([list(r) + [self.tok.pad_token_id] * (L - len(r)) for r in rows], device=self.device)
-        out = torch.empty(len(prompts), len(labels))
+        out = torch.zeros(len(prompts), len(labels), device=self.device)
         step = max(1, 64 // R)
-        for i in range(0, len(prompts), step):
+        for i in range(self.rank * step, len(prompts), self.world * step):
             batch = lm.collate([{"input_ids": self._prompt(p)} for p in prompts[i:i + step]], self.tok.pad_token_id,
                                padding_side="left")
             ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            first = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-            first.past_key_values.batch_repeat_interleave(R)  # row b*R + r: prompt b, continuation r
+            cache = {self.cache_arg: transformers.DynamicCache()}  # ours, filled in place by the decoder
+            first = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                               **cache)
+            cache[self.cache_arg].batch_repeat_interleave(R)  # row b*R + r: prompt b, continuation r
             B = ids.shape[0]
             attn = torch.cat([attn.repeat_interleave(R, 0), attn.new_ones(B * R, L)], -1)
             pos = pos[:, -1:].repeat_interleave(R, 0) + 1 + torch.arange(L, device=self.device)
-            nxt = self.model(input_ids=tail_ids.repeat(B, 1), attention_mask=attn, position_ids=pos,
-                             past_key_values=first.past_key_values, use_cache=True)
+            nxt = self.model(input_ids=tail_ids.repeat(B, 1), attention_mask=attn, position_ids=pos, use_cache=True,
+                             **cache)
             lp = torch.cat([first.logits.float().repeat_interleave(R, 0), nxt.logits.float()], 1).log_softmax(-1)
-            lp = lp.view(B, R, L + 1, -1).cpu()  # lp[b, r, j] predicts token j of continuation r
-            ends = lp[..., ~self._continues(tails[0][-1], lp.shape[-1])].logsumexp(-1)
+            lp = lp.view(B, R, L + 1, -1)  # lp[b, r, j] predicts token j of continuation r
+            ends = lp[..., ~self._continues(tails[0][-1], lp.shape[-1]).to(lp.device)].logsumexp(-1)
             for k, t in enumerate(tails):
                 out[i:i + B, k] = sum(lp[:, row_of[k], j, tok] for j, tok in enumerate(t)) + ends[:, row_of[k], len(t)]
-        return out
+        if self.world > 1:
+            dist.all_reduce(out)  # each row was computed on one rank (zeros elsewhere)
+        return out.cpu()
 
     def hallucination(self, gts, cands):
         prompts = [JUDGE_HALLUCINATION.format(gt=g, cand=c) for g, c in zip(gts, cands)]
@@ -446,11 +479,11 @@ class ModelJudge:
         return lp.softmax(-1)[:, :2].sum(-1).tolist()  # P(yes, it contradicts)
 
     def write_wrong(self, gts, seed):
-        prompts = [self._prompt(JUDGE_WRITE.format(gt=g)) for g in gts]
         if not self.llava:
             return ["" for _ in gts]  # free generation with an arbitrary causal LM: use the rule fallback instead
-        return lm.generate(self.model, self.tok, prompts, None, max_new_tokens=self.max_new_tokens, temperature=0.7,
-                           seed=seed, sync=False)
+        jobs = [{"turns": [("user", JUDGE_WRITE.format(gt=g))], "images": []} for g in gts]
+        return lm.generate_sharded(self.model, self.tok, jobs, self.batch_size, self.rank, self.world, "judge writes",
+                                   seed=seed, max_new_tokens=self.max_new_tokens, temperature=0.7)
 
     def score(self, texts, prevs):
         prompts = [JUDGE_SCORE.format(text=t) + (JUDGE_SCORE_PREV.format(prev=round(10 * p)) if p is not None else "")
@@ -458,8 +491,15 @@ class ModelJudge:
         return [int(k) / 10 for k in self.label_logprobs(prompts, SCORE_LABELS).argmax(-1)]
 
 
-def make_judge(spec: str, device, max_new_tokens: int = 48):
-    return RuleJudge() if spec == "rule" else ModelJudge(spec, device, max_new_tokens=max_new_tokens)
+def make_judge(spec: str, device, rank: int, world: int, args: Args):
+    return RuleJudge() if spec == "rule" else ModelJudge(spec, device, rank, world, args.sample_max_new_tokens,
+                                                         args.curate_batch_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data prep 3: text dispreference D_t -- the judge picks (or writes) the hallucinated answer; clinical relevance
+# scores by a multi-judge debate (paper 3.1, 3.2, App. B)
+# ----------------------------------------------------------------------------------------------------------
 
 
 def choose_rejected(judge, gts: list[str], candidates: list[list[str]], threshold: float, pools: list[list[str]],
@@ -467,8 +507,9 @@ def choose_rejected(judge, gts: list[str], candidates: list[list[str]], threshol
     """(rejected answer, source) per sample. Candidates that say the ground truth (after normalisation) or nothing
     are never picked; of the rest the judge's most hallucinated one is taken if it reaches `threshold` (paper 3.1:
     "the response with the most hallucination"). Otherwise the judge writes a wrong answer ("judge_written"), and if
-    that is empty or the ground truth, corrupt_ground_truth ("rule_corruption"). One judge call per batch."""
-    real = [[c for c in dict.fromkeys(cs) if c.strip() and normalize_answer(c) != normalize_answer(g)]
+    that is empty or the ground truth, corrupt_ground_truth ("rule_corruption")."""
+    norm = lm.normalize_answer
+    real = [[c for c in dict.fromkeys(cs) if c.strip() and norm(c) != norm(g)]
             for g, cs in zip(gts, candidates, strict=True)]
     flat = [(i, c) for i, cs in enumerate(real) for c in cs]
     degrees = judge.hallucination([gts[i] for i, _ in flat], [c for _, c in flat]) if flat else []
@@ -482,16 +523,11 @@ def choose_rejected(judge, gts: list[str], candidates: list[list[str]], threshol
     need = [i for i in range(len(gts)) if out[i] is None]
     written = judge.write_wrong([gts[i] for i in need], seed) if need else []
     for i, w in zip(need, written):
-        if w.strip() and normalize_answer(w) != normalize_answer(gts[i]):
+        if w.strip() and norm(w) != norm(gts[i]):
             out[i] = (w.strip(), "judge_written")
         else:
             out[i] = (corrupt_ground_truth(gts[i], pools[i], random.Random(seed * 7919 + i)), "rule_corruption")
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data prep 3: clinical relevance scores -- multi-judge debate (paper 3.2, App. B)
-# ----------------------------------------------------------------------------------------------------------
 
 
 def debate_scores(texts: list[str], judges: list, max_rounds: int = 5, tol: float = 0.05) -> list[dict]:
@@ -522,6 +558,37 @@ def debate_scores(texts: list[str], judges: list, max_rounds: int = 5, tol: floa
             done[i] = {"score": sum(history[i]) / len(history[i]), "rounds": max_rounds, "agreed": False,
                        "history": history[i]}
     return done
+
+
+def text_dispreference(args: Args, model, tokenizer, samples: list[dict], device, rank: int, world: int):
+    """D_t records and statistics: n sampled candidates per sample (lm.generate_sharded: fixed batches and seeds,
+    the same for any number of ranks), the judge's choice, then the scorers' debate over each distinct rejected text."""
+    pools = {}  # question -> ground-truth answers seen for it: material for the rule corruption
+    for s in samples:
+        pools.setdefault(s["question"], set()).add(s["answer"])
+    jobs = [{"turns": [("user", s["question"])], "images": [s["path"]]} for s in samples for _ in range(args.n_samples)]
+    flat = lm.generate_sharded(model, tokenizer, jobs, args.curate_batch_size * args.n_samples, rank, world,
+                               "candidates", seed=_seed_of(args.seed, "sample"),
+                               max_new_tokens=args.sample_max_new_tokens, temperature=args.sample_temperature)
+    cands = [flat[i * args.n_samples:(i + 1) * args.n_samples] for i in range(len(samples))]
+    judge = make_judge(args.judge, device, rank, world, args)
+    picked = choose_rejected(judge, [s["answer"] for s in samples], cands, args.halluc_threshold,
+                             [sorted(pools[s["question"]]) for s in samples], seed=_seed_of(args.seed, "judge"))
+    del judge
+    scorers = [make_judge(s.strip(), device, rank, world, args) for s in args.scorers.split(",") if s.strip()]
+    distinct = sorted({t for t, _ in picked})  # the judges see the text only: score each distinct answer once
+    verdicts = dict(zip(distinct, debate_scores(distinct, scorers, args.max_rounds, args.agree_tol)))
+    records = []
+    for s, (rej, source) in zip(samples, picked):
+        v, human = verdicts[rej], {"from": "human", "value": "<image>\n" + s["question"]}
+        records.append({"id": s["id"] + "_text", "image": s["image"], "subset": "text",
+                        "conversations": [human, {"from": "gpt", "value": s["answer"]}],
+                        "rejected_conversations": [human, {"from": "gpt", "value": rej}],
+                        "weighted_score": round(v["score"], 4), "rejected_source": source,
+                        "judge": args.judge, "debate_rounds": v["rounds"], "debate_agreed": v["agreed"]})
+    return records, {"text_pairs": len(picked), "text_rejected_source": dict(Counter(src for _, src in picked)),
+                     "debate_agreed": sum(v["agreed"] for v in verdicts.values()), "debate_distinct_texts": len(distinct),
+                     "debate_mean_rounds": sum(v["rounds"] for v in verdicts.values()) / max(len(verdicts), 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -556,7 +623,7 @@ def attention_heatmap(model, tokenizer, path: str, question: str, region_std: fl
     old = lmm.config._attn_implementation
     lmm.config._attn_implementation = "eager"  # sdpa returns no attention weights
     try:
-        embeds = model.embed(ids.to(dev), pixel_of(cfg, im).unsqueeze(0).to(dev))
+        embeds = model.embed(ids.to(dev), lm.image_tensor(cfg, im).unsqueeze(0).to(dev))
         att = lmm(inputs_embeds=embeds, output_attentions=True).attentions
     finally:
         lmm.config._attn_implementation = old
@@ -622,115 +689,124 @@ def local_noise(image: np.ndarray, region: np.ndarray, mode: str, k: int, rng: n
     return out
 
 
-def _seed_of(*parts) -> int:
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data prep 5: build both sets, score them, write the release format
-# ----------------------------------------------------------------------------------------------------------
-
-
-def build_preferences(args: Args, model, tokenizer, samples: list[dict], image_folder: Path, prefs_dir: Path,
-                      device, rank: int, world: int) -> tuple[list[dict], dict]:
-    """D_t and D_v records (release format + bookkeeping) and statistics. Every rank builds its share with the
-    unsharded model; rank 0 writes the json."""
-    model.eval()
-    stats = {"samples": len(samples)}
-    records = []
-    pools = {}  # question -> ground-truth answers seen for it: material for the rule corruption
+def visual_dispreference(args: Args, model, tokenizer, samples: list[dict], prefs_dir: Path, rank: int):
+    """D_v records and statistics: per distinct image, its lesion map (--localiser), the region, the noised copy
+    (seeded by the image) written to prefs_dir/noised by rank 0. Every rank computes every map (one forward per
+    image at most, with --localiser attention): the same records on every rank without communication."""
+    first = {}
     for s in samples:
-        pools.setdefault(s["question"], set()).add(s["answer"])
-    pools = {q: sorted(v) for q, v in pools.items()}
-
-    if args.text_pairs:
-        judge = make_judge(args.judge, device, args.sample_max_new_tokens)
-
-        def text_fn(batch, b):
-            cands = sample_candidates(model, tokenizer, batch, args.n_samples, args.sample_temperature,
-                                      args.sample_max_new_tokens, seed=_seed_of(args.seed, "sample", b))
-            return choose_rejected(judge, [s["answer"] for s in batch], cands, args.halluc_threshold,
-                                   [pools[s["question"]] for s in batch], seed=_seed_of(args.seed, "judge", b))
-
-        picked = shard_map(text_fn, samples, args.curate_batch_size, rank, world, "text dispreference")
-        del judge
-        scorers = [make_judge(s.strip(), device) for s in args.scorers.split(",") if s.strip()]
-        distinct = sorted({t for t, _ in picked})  # the judges see the text only: score each distinct answer once
-        verdicts = shard_map(lambda batch, b: debate_scores(batch, scorers, args.max_rounds, args.agree_tol),
-                             distinct, args.curate_batch_size, rank, world, "clinical relevance")
-        del scorers
-        by_text = dict(zip(distinct, verdicts))
-        for s, (rej, source) in zip(samples, picked):
-            v = by_text[rej]
-            human = {"from": "human", "value": "<image>\n" + s["question"]}
-            records.append({"id": s["id"] + "_text", "image": s["image"], "subset": "text",
-                            "conversations": [human, {"from": "gpt", "value": s["answer"]}],
-                            "rejected_conversations": [human, {"from": "gpt", "value": rej}],
-                            "weighted_score": round(v["score"], 4), "rejected_source": source,
-                            "judge": args.judge, "debate_rounds": v["rounds"], "debate_agreed": v["agreed"]})
-        stats["text_pairs"] = len(picked)
-        stats["text_rejected_source"] = dict(Counter(src for _, src in picked))
-        stats["debate_agreed"] = sum(v["agreed"] for v in verdicts)
-        stats["debate_distinct_texts"] = len(distinct)
-        stats["debate_mean_rounds"] = sum(v["rounds"] for v in verdicts) / max(len(verdicts), 1)
-
-    if args.visual_pairs:
-        images = list(dict.fromkeys(s["image"] for s in samples))
-        first = {}
-        for s in samples:
-            first.setdefault(s["image"], s)
-        index = json.loads(Path(args.heatmaps).read_text()) if args.localiser == "file" else {}
-        noised_dir = prefs_dir / "noised"
-        noised_dir.mkdir(parents=True, exist_ok=True)
-
-        def visual_fn(batch, b):
-            out = []
-            for rel in batch:
-                s = first[rel]
-                im = lm.load_image(s["path"])
-                w, h = im.size
-                if args.localiser == "boxes":
-                    found = box_heatmap(s["record"], w, h)
-                elif args.localiser == "attention":
-                    found = attention_heatmap(model, tokenizer, s["path"], s["question"], args.region_std)
-                elif args.localiser == "file":
-                    found = file_heatmap(index, Path(args.heatmaps).parent, rel, w, h)
-                else:
-                    raise ValueError(f"unknown --localiser {args.localiser!r} (boxes, attention, file)")
-                if found is None:
-                    out.append(None)
-                    continue
-                heat, conf = found
-                region = heat > 0.5 if args.localiser == "boxes" else binarise(heat, args.region_std)
-                rng = np.random.default_rng(_seed_of(args.seed, "noise", rel))
-                noised = local_noise(np.asarray(im), region, args.noise, args.noise_step, rng)
-                name = re.sub(r"[^\w.-]", "_", rel.rsplit(".", 1)[0]) + f"_{args.localiser}_{args.noise}.png"
-                Image.fromarray(noised).save(noised_dir / name)
-                out.append({"rejected_image": "noised/" + name, "confidence": round(conf, 4),
-                            "region_fraction": float(region.mean())})
-            return out
-
-        found = dict(zip(images, shard_map(visual_fn, images, args.curate_batch_size, rank, world, "visual dispreference")))
-        n_visual = 0
-        for s in samples:
-            v = found[s["image"]]
-            if v is None:
-                continue
-            human = {"from": "human", "value": "<image>\n" + s["question"]}
-            gpt = {"from": "gpt", "value": s["answer"]}  # the same ground-truth text on both sides; only the image differs
-            records.append({"id": s["id"] + "_visual", "image": s["image"], "subset": "visual",
-                            "conversations": [human, gpt], "rejected_conversations": [human, gpt],
-                            "rejected_image": v["rejected_image"], "weighted_score": v["confidence"],
-                            "localiser": args.localiser, "noise": args.noise, "region_fraction": v["region_fraction"]})
-            n_visual += 1
-        stats["visual_pairs"] = n_visual
-        stats["images_without_region"] = sum(v is None for v in found.values())
-    return records, stats
+        first.setdefault(s["image"], s)
+    index = json.loads(Path(args.heatmaps).read_text()) if args.localiser == "file" else {}
+    (prefs_dir / "noised").mkdir(parents=True, exist_ok=True)
+    found = {}
+    for rel, s in first.items():
+        im = lm.load_image(s["path"])
+        if args.localiser == "boxes":
+            got = box_heatmap(s["record"], *im.size)
+        elif args.localiser == "attention":
+            got = attention_heatmap(model, tokenizer, s["path"], s["question"], args.region_std)
+        else:
+            got = file_heatmap(index, Path(args.heatmaps).parent, rel, *im.size)
+        if got is None:
+            found[rel] = None
+            continue
+        heat, conf = got
+        region = heat > 0.5 if args.localiser == "boxes" else binarise(heat, args.region_std)
+        noised = local_noise(np.asarray(im.convert("RGB")), region, args.noise, args.noise_step,
+                             np.random.default_rng(_seed_of(args.seed, "noise", rel)))
+        name = re.sub(r"[^\w.-]", "_", rel.rsplit(".", 1)[0]) + f"_{args.localiser}_{args.noise}.png"
+        if rank == 0:  # a grey image stays grey (L): the rejected side is preprocessed (padded) as the chosen one
+            Image.fromarray(noised).convert(im.mode).save(prefs_dir / "noised" / name)
+        found[rel] = {"rejected_image": "noised/" + name, "confidence": round(conf, 4), "region": float(region.mean())}
+    records = []
+    for s in samples:
+        v = found[s["image"]]
+        if v is None:
+            continue
+        human = {"from": "human", "value": "<image>\n" + s["question"]}
+        gpt = {"from": "gpt", "value": s["answer"]}  # the same ground-truth text on both sides; only the image differs
+        records.append({"id": s["id"] + "_visual", "image": s["image"], "subset": "visual",
+                        "conversations": [human, gpt], "rejected_conversations": [human, gpt],
+                        "rejected_image": v["rejected_image"], "weighted_score": v["confidence"],
+                        "localiser": args.localiser, "noise": args.noise, "region_fraction": v["region"]})
+    return records, {"visual_pairs": len(records), "images_without_region": sum(v is None for v in found.values())}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data prep 6: weights
+# Data prep 5: the training pairs (built and cached, or read), their weights
 # ----------------------------------------------------------------------------------------------------------
+
+
+def preference_records(args: Args, model, tokenizer, raw, samples, out: Path, device, rank: int, world: int):
+    """D_t + D_v built from ground-truth `samples` with the (warm-started) model, written in the release format to
+    out/prefs/mmedpo_dpo_weighted.json (+ curation.json, statistics) and reused while their key holds: every Args
+    field above --rejected-image-folder and a digest of the ground-truth records. Returns (records, stats)."""
+    prefs = out / "prefs"
+    digest = hashlib.sha256(json.dumps([r for _, r in raw], sort_keys=True).encode()).hexdigest()
+    key = cache_key(args, "rejected_image_folder", digest)
+    stats_file = prefs / "curation.json"
+    cached = args.resume and stats_file.exists() and json.loads(stats_file.read_text()).get("key") == key
+    dist.barrier()  # every rank has decided before rank 0 may rewrite the cache
+    if not cached:
+        model.eval()
+        t0, built, stats = time.time(), [], {"samples": len(samples)}
+        if args.text_pairs:
+            records, more = text_dispreference(args, model, tokenizer, samples, device, rank, world)
+            built, stats = built + records, {**stats, **more}
+        if args.visual_pairs:
+            records, more = visual_dispreference(args, model, tokenizer, samples, prefs, rank)
+            built, stats = built + records, {**stats, **more}
+        stats.update(key=key, seconds=round(time.time() - t0, 1))
+        if rank == 0:
+            prefs.mkdir(parents=True, exist_ok=True)
+            (prefs / "mmedpo_dpo_weighted.json").write_text(json.dumps(built, indent=1, ensure_ascii=False))
+            stats_file.write_text(json.dumps(stats, indent=1))
+            print("preference pairs:", json.dumps(stats))
+        dist.barrier()
+    return lm.read_records(prefs / "mmedpo_dpo_weighted.json"), json.loads(stats_file.read_text())
+
+
+def training_data(args: Args, model, tokenizer, arms: list[str], device, rank: int, world: int, out: Path, log):
+    """The pairs to train on and the model to train: a preference file read as it is, or ground-truth records from
+    whose samples (a seeded draw of --max-samples, keeping the mix of question kinds) D_t and D_v are built, after
+    the warm start on all of them (the tiny model is random: it must answer before its samples and DPO mean
+    anything). Returns (ScoredPairs, curation statistics, the model, the base its adapters apply to)."""
+    path = Path(args.data)
+    gt_file = path / "train.json" if path.is_dir() else path
+    image_folder = Path(args.image_folder or gt_file.parent)
+    raw = lm.read_records(gt_file)
+    is_prefs = bool(raw) and "rejected_conversations" in raw[0][1]
+    all_samples = [] if is_prefs else gt_samples(raw, image_folder, args.allow_images_outside_folder)
+    n_keep = args.max_samples if args.max_samples >= 0 else (320 if path.is_dir() else 0)
+    samples = all_samples
+    if n_keep and len(samples) > n_keep:
+        samples = [samples[i] for i in sorted(random.Random(args.seed).sample(range(len(samples)), n_keep))]
+    warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
+    base = args.model
+    if warm and is_prefs:
+        raise lm.DataError(f"{gt_file}: a preference file; the warm start (--sft-warmup-steps, 1000 by default for "
+                           f"--model tiny) needs ground-truth records: pass --sft-warmup-steps 0")
+    if warm:
+        cfg, items = model.config, []
+        for s in all_samples:  # single-turn conversations (question, ground truth)
+            turns = lm.place_image_markers([("user", s["question"]), ("assistant", s["answer"])], 1, s["where"])
+            items.append({**lm.tokenize_conversation(tokenizer, turns, cfg.template, cfg.num_image_tokens,
+                                                     cfg.image_token_id, args.max_length, s["where"]), "images": [s["path"]]})
+        model = warm_start(dataclasses.replace(args, sft_warmup_steps=warm), model, tokenizer, items,
+                           lambda key: lm.image_tensor(cfg, key), device, rank, world, out, log)
+        base = str(out / "base_llava_hf")
+    if is_prefs:
+        records, stats = raw, {"read": str(gt_file)}
+        rejected_folder = Path(args.rejected_image_folder or image_folder)
+    else:
+        records, stats = preference_records(args, model, tokenizer, raw, samples, out, device, rank, world)
+        rejected_folder = out / "prefs"
+    data = ScoredPairs(records, image_folder, rejected_folder, tokenizer, model.config, args.max_length,
+                       args.skip_bad_samples, args.allow_images_outside_folder, "mmedpo" in arms and args.weight_mode != "none")
+    if data.skipped and rank == 0:
+        print(f"warning: skipped {sum(data.skipped.values())} bad pairs: {data.skipped}; e.g.\n  " + "\n  ".join(data.examples),
+              file=sys.stderr)
+    return data, stats, model, base
 
 
 def normalize_scores(scores: list[float], subsets: list[str], mode: str = "paper", scope: str = "subset",
@@ -759,78 +835,113 @@ def normalize_scores(scores: list[float], subsets: list[str], mode: str = "paper
     return out.tolist()
 
 
-class PairData:
-    """Tokenised preference pairs with their subset and raw score. Images are resolved to absolute paths here
-    ("image" under image_folder, "rejected_image" under rejected_folder), so collate_pairs needs no folders."""
+def arm_weights(args: Args, data, master: bool) -> dict:
+    """Per-pair weights of each arm: dpo 1, mmedpo the normalised scores (printed per subset)."""
+    subsets = [it["subset"] for it in data.items]
+    w = torch.tensor(normalize_scores([it["score"] for it in data.items], subsets, args.weight_mode, args.weight_scope))
+    for sub in sorted(set(subsets)) if master else []:
+        ws = w[[i for i, s in enumerate(subsets) if s == sub]]
+        print(f"{sub} pairs: {len(ws)}, weights ({args.weight_mode}) mean {ws.mean():.3f} min {ws.min():.3f} max {ws.max():.3f}")
+    return {"dpo": torch.ones(len(data)), "mmedpo": w}
 
-    def __init__(self, records, image_folder: Path, rejected_folder: Path, tokenizer, cfg, max_length: int,
-                 skip_bad: bool, allow_outside: bool = False, need_scores: bool = True):
-        self.cfg, self.items, self.skipped, self._opened = cfg, [], {}, set()
+
+# Copied from dpo.py: pair_turns
+def pair_turns(rec: dict, where: str):
+    """(chosen turns, rejected turns) from either preference format."""
+    if "chosen_conversations" in rec:  # STLLaVA-Med
+        return lm.record_turns(rec, where, "chosen_conversations"), lm.record_turns(rec, where, "reject_conversations")
+    return lm.record_turns(rec, where, "conversations"), lm.record_turns(rec, where, "rejected_conversations")
+
+
+# Copied from dpo.py: PairData
+class PairData:
+    """Tokenises every pair once (small data; for millions of pairs make this lazy). Bad records raise DataError,
+    or, with skip_bad, are counted per reason and reported."""
+
+    def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool,
+                 allow_outside: bool = False, skipped: dict | None = None, system: str | None = None):
+        self.image_folder, self.cfg, self.items, self.system = image_folder, cfg, [], system  # system prompt (None: the template's)
+        self.skipped, self.examples = dict(skipped or {}), []  # reason -> count; the first messages, for the log
+        self.allow_outside, self._opened = allow_outside, set()
         for where, rec in records:
             try:
-                self.items.append(self._tokenize(where, rec, image_folder, rejected_folder, tokenizer, max_length,
-                                                 allow_outside, need_scores))
+                self.items.append(self._tokenize(where, rec, tokenizer, max_length))
             except lm.DataError as e:
                 if not skip_bad:
+                    e.skippable = True  # cli() then suggests --skip-bad-samples
                     raise
-                reason = (str(e)[len(where) + 2:] if str(e).startswith(where) else str(e)).split(" (")[0][:70]
+                msg = str(e)[len(where) + 2:] if str(e).startswith(where) else str(e)
+                reason = re.sub(r"\S*/\S*|\S+\.(png|jpe?g|gif|bmp|tiff?)\b", "<path>", msg).split(" (")[0][:70]
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
+                if len(self.examples) < 5:
+                    self.examples.append(str(e))
         if not self.items:
             raise lm.DataError(f"no usable preference pair (skipped: {self.skipped})")
 
-    def _tokenize(self, where, rec, folder, rej_folder, tokenizer, max_length, allow_outside, need_scores):
+    def _tokenize(self, where, rec, tokenizer, max_length):
         images = lm.record_images(rec, where)
-        chosen = lm.record_turns(rec, where, "conversations")
-        rejected = lm.record_turns(rec, where, "rejected_conversations")
-        if chosen[:-1] != rejected[:-1]:
+        chosen_turns, rejected_turns = pair_turns(rec, where)
+        if chosen_turns[:-1] != rejected_turns[:-1]:
             raise lm.DataError(f"{where}: chosen and rejected prompts differ; DPO compares answers to one prompt")
-        paths = [lm.resolve_image(folder, p, where, allow_outside) for p in images]
-        rej_paths = paths
-        if rec.get("rejected_image"):
-            rej_paths = [lm.resolve_image(rej_folder, p, where, allow_outside or Path(p).is_absolute())
-                         for p in lm.record_images({"image": rec["rejected_image"]}, where)]
-        for p in paths + rej_paths:
-            if p not in self._opened:
-                try:
-                    lm.load_image(p)
-                except lm.DataError as e:
-                    raise lm.DataError(f"{where}: {e}") from None
-                self._opened.add(p)
-        score = rec.get("weighted_score")
-        if need_scores and not isinstance(score, (int, float)):
-            raise lm.DataError(f"{where}: no numeric 'weighted_score' (needed by --weight-mode paper/raw)")
+        rejected_images = lm.record_images({"image": rec["rejected_image"]}, where) if rec.get("rejected_image") else images
+        if rec.get("rejected_noised") and not rec.get("rejected_image"):  # MMed-RAG's released cross-modality pairs
+            rejected_images = ["noise:" + p for p in images]
         cfg = self.cfg
         tok = lambda turns, n: lm.tokenize_conversation(tokenizer, lm.place_image_markers(turns, n, where), cfg.template,
-                                                        cfg.num_image_tokens, cfg.image_token_id, max_length, where)
-        return {"id": rec.get("id", where), "chosen": tok(chosen, len(paths)), "rejected": tok(rejected, len(rej_paths)),
-                "images": [str(p) for p in paths], "rejected_images": [str(p) for p in rej_paths],
+                                                        cfg.num_image_tokens, cfg.image_token_id, max_length, where,
+                                                        self.system)
+        c, r = tok(chosen_turns, len(images)), tok(rejected_turns, len(rejected_images))
+        for p in images + rejected_images:
+            if p.startswith("noise:"):
+                continue
+            path = lm.resolve_image(self.image_folder, p, where, self.allow_outside)
+            if not path.exists():
+                raise lm.DataError(f"{where}: image not found: {path}")
+            if path not in self._opened:  # fail now (or count the skip) rather than mid-training
+                try:
+                    lm.load_image(path)
+                except lm.DataError as e:
+                    raise lm.DataError(f"{where}: {e}") from None
+                self._opened.add(path)
+        return {"id": rec.get("id", where), "chosen": c, "rejected": r, "images": images,
+                "rejected_images": rejected_images, "answer_type": rec.get("answer_type")}
+
+    def __len__(self):
+        return len(self.items)
+
+    def pixel(self, key: str) -> torch.Tensor:
+        cfg = self.cfg
+        image = lm.load_image(lm.resolve_image(self.image_folder, key.removeprefix("noise:"), key, self.allow_outside))
+        if key.startswith("noise:"):  # MMed-RAG's generate_gaussian_noise: N(0, 1) of the image's shape, clipped to
+            rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))  # [0, 1], 8-bit
+            image = Image.fromarray((np.clip(rng.normal(0, 1, (image.height, image.width, 3)), 0, 1) * 255).astype(np.uint8))
+        return lm.image_tensor(cfg, image)  # (one fixed noise image per source, seeded; the release draws anew)
+
+
+class ScoredPairs(PairData):
+    """dpo.py's PairData (tokenised pairs; every image opened once; bad records raised, or counted with skip_bad)
+    with each pair's subset ("text" | "visual") and raw score `weighted_score` kept in its item. Image paths are
+    resolved here against their folders ("image" under image_folder, "rejected_image" under rejected_folder; the
+    release's absolute rejected paths are accepted), so PairData reads checked absolute paths."""
+
+    def __init__(self, records, image_folder: Path, rejected_folder: Path, tokenizer, cfg, max_length: int,
+                 skip_bad: bool, allow_outside: bool = False, need_scores: bool = True):
+        self.folders = (Path(image_folder), Path(rejected_folder))
+        self.outside, self.need_scores = allow_outside, need_scores
+        super().__init__(records, Path(image_folder), tokenizer, cfg, max_length, skip_bad, allow_outside=True)
+
+    def _tokenize(self, where, rec, tokenizer, max_length):
+        score = rec.get("weighted_score")
+        if self.need_scores and not isinstance(score, (int, float)):
+            raise lm.DataError(f"{where}: no numeric 'weighted_score' (needed by --weight-mode paper/raw)")
+        resolve = lambda folder, paths, outside: [str(lm.resolve_image(folder, p, where, outside)) for p in paths]
+        item = {**rec, "image": resolve(self.folders[0], lm.record_images(rec, where), self.outside)}
+        if rec.get("rejected_image"):
+            rejected = lm.record_images({"image": rec["rejected_image"]}, where)
+            item["rejected_image"] = resolve(self.folders[1], rejected, self.outside or all(map(os.path.isabs, rejected)))
+        return {**super()._tokenize(where, item, tokenizer, max_length),
                 "subset": rec.get("subset") or ("visual" if rec.get("rejected_image") else "text"),
                 "score": float(score) if isinstance(score, (int, float)) else 1.0}
-
-    def __len__(self):
-        return len(self.items)
-
-    def pixel(self, key: str) -> torch.Tensor:
-        return pixel_of(self.cfg, key)
-
-
-class SFTItems:
-    """Ground-truth samples as single-turn conversations, for the tiny model's supervised warm start (the interface
-    sft_warmup reads: items[i]["chosen"], items[i]["images"], pixel())."""
-
-    def __init__(self, samples, tokenizer, cfg, max_length):
-        self.cfg, self.items = cfg, []
-        for s in samples:
-            turns = lm.place_image_markers([("user", s["question"]), ("assistant", s["answer"])], 1, s["where"])
-            ids = lm.tokenize_conversation(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id,
-                                           max_length, s["where"])
-            self.items.append({"chosen": ids, "images": [s["path"]]})
-
-    def __len__(self):
-        return len(self.items)
-
-    def pixel(self, key: str) -> torch.Tensor:
-        return pixel_of(self.cfg, key)
 
 
 # Copied from dpo.py: collate_pairs
@@ -917,7 +1028,7 @@ def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: boo
 
 def weighted_dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, weights, beta: float = 0.1):
     """Per-pair losses w * -log sigmoid(beta [(pc - rc) - (pr - rr)]) and the implicit rewards (all [B]). The
-    rejected log-probs are taken on the rejected image x* for visual pairs. The step averages the weighted losses
+    rejected log-probs are taken on the rejected image x* for visual pairs. The loop averages the weighted losses
     over the global batch (sum / B, the released code's losses.mean()), not over the sum of the weights: a batch of
     low-relevance pairs moves the policy less, which is the point."""
     chosen_ratio, rejected_ratio = policy_chosen - ref_chosen, policy_rejected - ref_rejected
@@ -941,43 +1052,48 @@ def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> t
     return sums, counts
 
 
+# Copied from dpo.py: sft_loss_sum
+def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over the supervised (answer) tokens, and their count. The training loop divides
+    the sum by the count of the whole global batch (all ranks, all micro-batches), so every answer token weighs the
+    same whatever the split (a per-micro-batch mean, as LLaVA's trainer takes, over-weights short answers)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = targets != lm.IGNORE_INDEX
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                   logits_mask=mask).logits.float()
+    return F.cross_entropy(logits, targets[mask[:, :-1]], reduction="sum"), mask.sum().float()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Model setup: policy (LoRA or full), reference, FSDP2 sharding
 # ----------------------------------------------------------------------------------------------------------
 
 
-# Copied from dpo.py: LORA_TARGETS
-LORA_TARGETS = r".*language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Copied from dpo.py: build_models
+def build_models(args: Args, model, device):
+    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
+    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
+    import copy
 
-
-# Copied from dpo.py: add_lora
-def add_lora(model, r: int, alpha: int, dropout: float):
-    """LoRA (peft) on every linear layer of the language model's decoder (attention + MLP), nothing in the vision
-    tower, projector or lm_head (MMed-RAG / MMedPO / STLLaVA-Med: all LM linear layers)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    inject_adapter_in_model(config, model)
-    model.lora_config = config
-    return model
-
-
-# Copied from dpo.py: adapters_off
-class adapters_off:
-    """Context: LoRA layers skip their adapters, so the model is the reference (what peft's disable_adapter does,
-    without toggling requires_grad, which FSDP2 has already recorded)."""
-
-    def __init__(self, model):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m._disable_adapters = True
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m._disable_adapters = False
+    model.requires_grad_(False)
+    ref_model = None
+    if args.full_finetune:
+        ref_model = copy.deepcopy(model).eval()
+        model.language_model.requires_grad_(True)
+    else:
+        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    if args.tune_projector:
+        model.projector.requires_grad_(True)
+        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
+            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, ref_model
 
 
 # Copied from dpo.py: shard
@@ -1007,40 +1123,52 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
     return model
 
 
-# Copied from dpo.py: build_models
-def build_models(args: Args, model, device):
-    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
-    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
-    import copy
-
-    model.requires_grad_(False)
-    ref_model = None
-    if args.full_finetune:
-        ref_model = copy.deepcopy(model).eval()
-        model.language_model.requires_grad_(True)
-    else:
-        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
-    if args.tune_projector:
-        model.projector.requires_grad_(True)
-        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
-            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model, ref_model
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Training loop (every recipe's, copied): global batches -> micro-batches per rank -> step_fn -> AdamW; checkpoints
+# (trainable weights + optimizer + schedule + RNG; atomic: written, then renamed) and resume
 # ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from dpo.py: cosine_schedule
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# Copied from dpo.py: global_batches
+def global_batches(n: int, batch_size: int, epoch: int, seed: int):
+    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
+    last partial batch is dropped so every step has the same size."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+# Copied from dpo.py: my_micro_batches
+def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
+    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return chunks[rank::world]
 
 
 # Copied from dpo.py: full_tensor
 def full_tensor(t):
     """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# Copied from dpo.py: file_sha256
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # Copied from dpo.py: save_checkpoint
@@ -1080,15 +1208,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
         os.replace(tmp, final)
     dist.barrier()
     return final
-
-
-# Copied from dpo.py: file_sha256
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Copied from dpo.py: latest_checkpoint
@@ -1142,96 +1261,102 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
     return state
 
 
-# Copied from dpo.py: save_adapter_or_model
-def save_adapter_or_model(args: Args, model, tokenizer, out: Path, rank: int):
-    """LoRA: a PEFT adapter (adapter_config.json + adapter_model.safetensors) whose module names are those of the
-    llava-hf export of the base model, so `PeftModel.from_pretrained(LlavaForConditionalGeneration...)` loads it.
-    --export-merged: the merged model as a llava-hf checkpoint. Both gather full tensors on every rank."""
-    state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}
-    if rank != 0:
-        return
-    if not args.full_finetune:
-        adapter = {}
-        for n, t in state.items():
-            if "lora_A" in n or "lora_B" in n:
-                base = n.replace(".default", "")
-                hf = lm._rename(base.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight"),
-                                lm.TO_LLAVA_HF)
-                suffix = ".lora_A.weight" if "lora_A" in n else ".lora_B.weight"
-                adapter["base_model.model." + hf[:-len(".weight")] + suffix] = t.contiguous()
-        (out / "adapter").mkdir(parents=True, exist_ok=True)
-        save_file(adapter, str(out / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
-        cfg = model.lora_config.to_dict()
-        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        warm_base = out / "base_llava_hf"
-        cfg.update(base_model_name_or_path=str(warm_base) if warm_base.exists() else args.model, peft_type="LORA",
-                   task_type=None,
-                   target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-        if args.tune_projector:  # the trained projector ships beside the adapter (LLaVA's non_lora_trainables)
-            cfg["modules_to_save"] = None
-            save_file({lm._rename(n, lm.TO_LLAVA_HF): t for n, t in state.items() if n.startswith("projector.")},
-                      str(out / "adapter" / "projector.safetensors"))
-        (out / "adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    if args.export_merged or args.full_finetune:
-        merged = merged_copy(model, state)
-        lm.save_llava_hf(merged, tokenizer, out / "llava_hf")
-
-
-# Copied from dpo.py: merged_copy
-def merged_copy(model, state: dict):
-    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from gathered
-    tensors; parameters are assigned, not initialised first (a 7B model is not built twice)."""
-    cfg = model.config
-    with lm._params_on_meta():
-        plain = lm.LlavaMed(cfg)
-    base = {}
-    for n, t in state.items():
-        if "lora_" in n:
-            continue
-        base[n.replace(".base_layer.", ".")] = t
-    lcfg = getattr(model, "lora_config", None)
-    if lcfg is not None:
-        scale = lcfg.lora_alpha / lcfg.r
-        for n, t in state.items():
-            if n.endswith("lora_A.default.weight"):
-                prefix = n[: -len(".lora_A.default.weight")]
-                B = state[prefix + ".lora_B.default.weight"]
-                W = base[prefix + ".weight"]
-                base[prefix + ".weight"] = (W.float() + scale * (B.float() @ t.float())).to(W.dtype)
-    plain.load_state_dict(base, strict=True, assign=True)
-    return plain
+# Copied from dpo.py: train
+def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+    """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
+    batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
+    (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
+    returns summed statistics with their graph in "loss" (a SUM over the units the loss averages: pairs, tokens)
+    and "n" (how many units). The loop runs backward, reduces gradients once per step, scales them by ranks / n of
+    the whole global batch (FSDP2 averages over ranks), so the update follows the global mean whatever the split,
+    clips, and steps AdamW (one group per name prefix in lr_groups; "" = the rest) on a warmup + cosine schedule.
+    A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
+    update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
+    checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
+    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    master = rank == 0
+    if batch_size % (micro_batch_size * world):
+        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
+                         f"({micro_batch_size} x {world})")
+    steps_per_epoch = n_items // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {n_items} items is less than one global batch ({batch_size})")
+    total = max_steps if max_steps >= 0 else max(1, int(steps_per_epoch * epochs))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in params.items() if n.startswith(prefix) and (prefix or not any(
+        n.startswith(q) for q in lr_groups if q))], "lr": lr} for prefix, lr in lr_groups.items()]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999), fused=True)
+    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
+    step, nonfinite = 0, 0
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
+        if master:
+            print(f"{name}: resumed from {resume_from} (step {step})")
+    trainable = list(params.values())
+    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
+    t0, tokens = time.time(), 0.0
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        model.train()
+        micro = my_micro_batches(global_batches(n_items, batch_size, epoch, args.seed)[k], micro_batch_size, rank, world)
+        sums = {}
+        for m, idx in enumerate(micro):
+            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
+            stats = step_fn(idx, epoch)
+            stats["loss"].backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys])
+        dist.all_reduce(totals)
+        sums = dict(zip(keys, totals.tolist()))
+        n = sums.pop("n")
+        for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
+            if p.grad is not None:
+                p.grad.mul_(world / n)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        step += 1
+        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
+               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            row["skipped_nonfinite"] = nonfinite
+            if master:
+                print(f"warning: {name} step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)",
+                      file=sys.stderr)
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sums.get("tokens", 0.0)
+        if tokens:
+            row["tokens_per_s"] = tokens / (time.time() - t0)
+        log(row)
+        bar.update(1)
+        bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    bar.close()
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training loop
+# MMedPO step, the reference, the warm start
 # ----------------------------------------------------------------------------------------------------------
 
 
-# Copied from dpo.py: cosine_schedule
-def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# Copied from dpo.py: global_batches
-def global_batches(n: int, batch_size: int, epoch: int, seed: int):
-    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
-    last partial batch is dropped so every step has the same size."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-# Copied from dpo.py: my_micro_batches
-def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
-    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
-    return chunks[rank::world]
+# Copied from dpo.py: to_device
+def to_device(batch, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 # Copied from dpo.py: image_features_for
@@ -1262,277 +1387,56 @@ def reference_logps(model, ref_model, batch, ref_feats):
             return sequence_logps(model, batch, ref_feats)
 
 
-# Copied from dpo.py: to_device
-def to_device(batch, device):
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-# Copied from dpo.py: sft_warmup
-def sft_warmup(args, model, data: PairData, tokenizer, device, steps: int, log):
-    """Supervised warm start on the chosen answers (the tiny model is random: DPO needs a policy that already
-    answers). Full model + projector, identical on every rank (same seed, same data, no communication)."""
-    model.train()
-    trainable = [p for n, p in model.named_parameters() if not n.startswith("vision_tower.")]
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=args.sft_lr, weight_decay=0.0)
-    sched = cosine_schedule(opt, steps, 0.05)
-    g = torch.Generator().manual_seed(args.seed)
-    for step in range(steps):
-        idx = torch.randint(len(data), (args.micro_batch_size * 2,), generator=g).tolist()
-        batch = to_device(lm.collate([data.items[i]["chosen"] for i in idx], tokenizer.pad_token_id), device)
-        pix = torch.stack([data.pixel(k) for i in idx for k in data.items[i]["images"]]).to(device)
-        loss = model(batch["input_ids"], pix, batch["attention_mask"], batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            log({"phase": "sft_warmup", "step": step, "loss": round(loss.item(), 4)})
-    model.requires_grad_(False)
-    model.eval()
-
-
-def mmedpo_step(args, model, ref_model, data: PairData, weights: torch.Tensor, idx, tokenizer, device, world):
-    """Forward + backward of one micro-batch: sum(w * losses) * world / batch_size, so after FSDP's average over
-    ranks and the sum over micro-batches the gradient is that of the global batch mean (dpo.py's scaling)."""
-    batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id), device)
+def mmedpo_step(args, model, ref_model, data: ScoredPairs, weights: torch.Tensor, idx, tokenizer, device) -> dict:
+    """One micro-batch of pairs: the summed weighted DPO loss (the loop averages it over the global batch's pairs)
+    and statistics, logged per pair: mean_weight, rewards, margin, accuracy, and the visual pairs' share ("visual")
+    and summed margin ("margin_visual"; / visual = their mean margin)."""
+    batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id, args.prefix_sharing), device)
     feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
     logps, _ = sequence_logps(model, batch, feats)
     ref, _ = reference_logps(model, ref_model, batch, ref_feats)
-    B = len(idx)
-    w = weights[idx].to(device)
+    B, w = len(idx), weights[idx].to(device)
     losses, rc, rr = weighted_dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], w, args.beta)
-    (losses.sum() * world / args.batch_size).backward()
-    visual = torch.tensor([data.items[i]["subset"] == "visual" for i in idx], device=device)
-    return {"loss": losses.detach().sum(), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
-            "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(), "pairs": torch.tensor(float(B)),
-            "weight": w.sum(), "margin_visual": ((rc - rr) * visual).sum(), "pairs_visual": visual.float().sum()}
+    visual = torch.tensor([data.items[i]["subset"] == "visual" for i in idx], device=device).float()
+    return {"loss": losses.sum(), "n": torch.tensor(float(B)), "mean_weight": w.sum(), "rewards_chosen": rc.sum(),
+            "rewards_rejected": rr.sum(), "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(),
+            "visual": visual.sum(), "margin_visual": ((rc - rr) * visual).sum(), "tokens": batch["n_tokens"]}
 
 
-def train_arm(args: Args, name: str, model, ref_model, data: PairData, weights: torch.Tensor, tokenizer, device,
-              rank: int, world: int, out: Path, log) -> int:
-    """One DPO run over `data` with per-pair `weights` (FSDP2 model already sharded); checkpoints in out/<name>/."""
-    master = rank == 0
-    if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of micro-batch x ranks "
-                         f"({args.micro_batch_size} x {world})")
-    steps_per_epoch = len(data) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data)} pairs is less than one global batch ({args.batch_size})")
-    total = steps_per_epoch * args.epochs if args.max_steps < 0 else args.max_steps
-    groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")],
-               "lr": args.lr},
-              {"params": [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")],
-               "lr": args.projector_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
-    step = 0
-    resume_from = latest_checkpoint(out / name) if args.resume else None
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer, scheduler, rank)["step"]
-        if master:
-            print(f"{name}: resumed from {resume_from} (step {step})")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        model.train()
-        micro = my_micro_batches(global_batches(len(data), args.batch_size, epoch, args.seed)[k],
-                                 args.micro_batch_size, rank, world)
-        sums = {}
-        for m, idx in enumerate(micro):
-            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
-            for key, v in mmedpo_step(args, model, ref_model, data, weights, idx, tokenizer, device, world).items():
-                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
-        totals = torch.stack([sums[key] for key in sorted(sums)])
-        dist.all_reduce(totals)
-        sums = dict(zip(sorted(sums), totals.tolist()))
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):
-            raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step + 1}: loss={sums['loss']}, "
-                                     f"grad norm={float(grad_norm)}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        n = sums["pairs"]
-        row = {"phase": name, "step": step, "epoch": epoch, "loss": sums["loss"] / n, "mean_weight": sums["weight"] / n,
-               "rewards_chosen": sums["rewards_chosen"] / n, "rewards_rejected": sums["rewards_rejected"] / n,
-               "margin": sums["margin"] / n, "accuracy": sums["accuracy"] / n, "grad_norm": float(grad_norm),
-               "margin_visual": sums["margin_visual"] / max(sums["pairs_visual"], 1), "lr": scheduler.get_last_lr()[0]}
-        log(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}", margin=f"{row['margin']:.3f}")
-        if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out / name, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
-    bar.close()
-    save_checkpoint(out / name, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
-    return step
+# Copied from dpo.py: warm_start
+def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: int, world: int, out: Path, log):
+    """Supervised warm start before preference training, for the random tiny model (DPO needs a policy that already
+    answers): the full model with the projector (ViT frozen) on `items` ({"input_ids", "labels", "images"}),
+    --sft-warmup-steps steps of the training loop above, saved as a llava-hf checkpoint in out/base_llava_hf and
+    loaded back from there, as a real run starts DPO from its SFT checkpoint (it is also the adapter's base)."""
+    base = out / "base_llava_hf"
+    if not (base / "config.json").exists():
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith("vision_tower."))
+            p.data = p.data.float() if p.requires_grad else p.data
+        shard(model, device)
+
+        def step(idx, epoch):  # indices wrap around, so a set smaller than one batch still trains
+            idx = [i % len(items) for i in idx]
+            batch = lm.collate([items[i] for i in idx], tokenizer.pad_token_id)
+            keys = [k for i in idx for k in items[i]["images"]]
+            batch["pixel_values"] = torch.stack([pixel(k) for k in keys]) if keys else None
+            loss, n_tokens = sft_loss_sum(model, to_device(batch, device))
+            return {"loss": loss, "n": n_tokens}
+
+        micro = max(1, 16 // world)  # a global batch of 16 samples (or the nearest multiple of the ranks)
+        train(args, "sft_warmup", model, max(len(items), micro * world), step, out / "sft_warmup", rank, world, log, {"": args.sft_lr},
+              batch_size=micro * world, micro_batch_size=micro, max_steps=args.sft_warmup_steps)
+        lm.save_merged(model, tokenizer, base, rank)
+        dist.barrier()
+    return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None,
+                   attn_implementation=args.attn_implementation)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: VQA (LLaVA-Med scoring, copied from dpo.py) and report generation (BLEU / ROUGE-L / METEOR,
-# copied from mmed_rag.py)
+# Evaluation: VQA (LLaVA-Med scoring, lm.score_vqa) and report generation (BLEU-1..4, ROUGE-L, METEOR:
+# lm.report_scores)
 # ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from dpo.py: CONTRACTIONS
-CONTRACTIONS = {  # word -> contraction, LLaVA-Med v1.0.0 glossary.py's VQA-eval table (exact key set checked by tests)
-    # Not listed: the released entries "Im", "Ive", "Id've", "I'dve" (never matched: the lookup runs on lower-cased
-    # words), and "let's", "she's" (mapped to themselves).
-    form[:i] + form[i + 1:]: form  # each form is looked up by every spelling that leaves out one of its apostrophes
-    for form in (
-        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
-        "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
-        "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
-        "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
-        "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've "
-        "we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
-        "you'll you're you've").split()
-    for i, c in enumerate(form) if c == "'"
-} | {"somebody'd": "somebodyd"}  # quirk kept: the released table maps this entry backwards
-
-
-# Copied from dpo.py: normalize_answer
-def normalize_answer(text: str) -> str:
-    """The one answer normaliser of every method: LLaVA-Med's released normalize_word (v1.0.0
-    llava/eval/eval_metrics/glossary.py), rule for rule, quirks included; tests/test_scorers.py checks it against
-    that function's outputs (tests/fixtures/llava_med_eval_cases.json).
-    "Left-sided (pleural) effusion!" -> "left sided pleural effusion"; "three" -> "3"; "1,000" -> "1000"."""
-    # 1. Each of these marks becomes a space ("t1/t2" -> "t1 t2"), but is deleted everywhere instead when it
-    #    touches a space anywhere in the text ("x - ray" -> "x ray"; so "left-sided, x - ray" -> "leftsided x ray"),
-    #    or when the text holds a digit-comma-digit anywhere ("1,000 x-ray" -> "1000 xray"). Both tests look at the
-    #    original text, not at the text as marks are replaced. Not in the list: ':', "'", '%', '#', '*', '&'.
-    glued = re.search(r"\d,\d", text) is not None
-    s = text
-    for mark in ';/[]"{}()=+\\_-><@`,?!':
-        s = s.replace(mark, "" if glued or mark + " " in text or " " + mark in text else " ")
-    # 2. Periods not followed by a digit are deleted ("2." -> "2", "e.g." -> "eg"; "3.5", ".5" stay). The released
-    #    pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but is a look-ahead that always holds, and it passes
-    #    re.UNICODE (= 32) as the count: only the first 32 such periods go.
-    s = re.sub(r"\.(?!\d)", "", s, count=32)
-    # 3. Lower-case, split on whitespace; number words zero..ten and "none" become digits ("none" -> "0"); then the
-    #    articles a/an/the are dropped (after the number words, so "one" stays as "1"); then contractions.
-    #    (The released final comma removal is left out: step 1 has already replaced every comma.)
-    numbers = dict(zip("none zero one two three four five six seven eight nine ten".split(),
-                       "0 0 1 2 3 4 5 6 7 8 9 10".split()))
-    words = [numbers.get(w, w) for w in s.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
-
-
-# Copied from dpo.py: token_recall
-def token_recall(prediction: str, reference: str, compat: bool = False) -> tuple[float, float, float]:
-    """(precision, recall, f1) over normalised whitespace tokens.
-    Default: a reference token is matched at most as often as it occurs (clipped counts, as SQuAD's token F1), so
-    "effusion effusion" recalls 1/2 of "pleural effusion".
-    compat=True: LLaVA-Med's calculate_f1score (eval_metrics/evaluate_metrics.py) as run_eval.py calls it, quirks
-    included: (1) the answers are normalised twice (evaluate() normalises them, calculate_f1score again; only an
-    answer with more than 32 periods notices); (2) true positives are counted on the prediction side, so a repeated
-    matching word counts every time ("effusion effusion" recalls 2/3 of "pleural effusion"); (3) all zero when
-    either side is empty or nothing matches."""
-    from collections import Counter
-    if compat:
-        cand = Counter(normalize_answer(normalize_answer(prediction)).split())
-        ref = Counter(normalize_answer(normalize_answer(reference)).split())
-        tp = sum(c for w, c in cand.items() if w in ref)
-        if not cand or not ref or tp == 0:
-            return 0.0, 0.0, 0.0
-        p = tp / sum(cand.values())
-        r = tp / (tp + sum(c for w, c in ref.items() if w not in cand))
-        return p, r, 2 * p * r / (p + r)
-    cand, ref = Counter(normalize_answer(prediction).split()), Counter(normalize_answer(reference).split())
-    tp = sum((cand & ref).values())
-    p = tp / sum(cand.values()) if cand else 0.0
-    r = tp / sum(ref.values()) if ref else 0.0
-    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
-
-
-# Copied from dpo.py: yes_no
-def yes_no(prediction: str) -> str | None:
-    """The first word of the normalised answer that is 'yes' or 'no' ("Answer:no" counts; 'normal', 'note' or
-    'know' never count as 'no'), else None."""
-    for w in re.findall(r"\w+", normalize_answer(prediction)):
-        if w in ("yes", "no"):
-            return w
-    return None
-
-
-# Copied from dpo.py: score_vqa
-def score_vqa(rows: list[dict], closed_scoring: str = "strict") -> dict:
-    """rows: {"answer", "prediction", "answer_type"}. Our scorer (always): closed questions (GT yes/no, or
-    answer_type CLOSED) by accuracy -- for a yes/no GT the answer's first yes/no word must be the GT -- and F1
-    with 'yes' as the positive class (an answer that is neither counts as wrong, and as not 'yes'); open questions
-    by mean token recall (clipped counts) and exact match after normalisation.
-    closed_scoring="llava_med" / "llava_med_batch" also returns the released LLaVA-Med v1.0.0 numbers under
-    "compat_*" keys, quirks included, to compare with published tables: which rows count follows answer_type exactly
-    ("CLOSED" / "OPEN"; other rows are skipped, as there); open = calculate_f1score's recall (token_recall
-    compat=True); closed = the GT as a substring of the normalised answer ('no' is in 'normal' and 'cannot', 'yes'
-    in 'eyes': LLaVA-Med issue #12), where run_eval.py ("llava_med") also needs the letters 'yes' or 'no'
-    somewhere in the answer (so a closed non-yes/no question such as 'left' never scores) and run_eval_batch.py
-    ("llava_med_batch") does not."""
-    if closed_scoring not in ("strict", "llava_med", "llava_med_batch"):
-        raise ValueError(f"closed_scoring must be strict, llava_med or llava_med_batch, not {closed_scoring!r}")
-    closed, opened, compat_closed, compat_open, tp, fp, fn = [], [], [], [], 0, 0, 0
-    for r in rows:
-        gt, answer = normalize_answer(r["answer"]), normalize_answer(r["prediction"])
-        is_closed = gt in ("yes", "no") or str(r.get("answer_type", "")).upper() == "CLOSED"
-        if is_closed:
-            pred = yes_no(r["prediction"]) if gt in ("yes", "no") else answer
-            closed.append(float(pred == gt))
-            tp += pred == "yes" and gt == "yes"
-            fp += pred == "yes" and gt != "yes"
-            fn += pred != "yes" and gt == "yes"
-        else:
-            opened.append((token_recall(r["prediction"], r["answer"])[1], float(answer == gt)))
-        if closed_scoring != "strict" and r.get("answer_type") == "CLOSED":
-            needs_yes_no = closed_scoring == "llava_med"
-            compat_closed.append(float(gt in answer and (not needs_yes_no or "yes" in answer or "no" in answer)))
-        elif closed_scoring != "strict" and r.get("answer_type") == "OPEN":
-            compat_open.append(token_recall(r["prediction"], r["answer"], compat=True)[1])
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    out = {"closed_accuracy": sum(closed) / len(closed) if closed else None, "closed_f1": f1 if closed else None,
-           "open_recall": sum(o[0] for o in opened) / len(opened) if opened else None,
-           "open_exact": sum(o[1] for o in opened) / len(opened) if opened else None,
-           "n_closed": len(closed), "n_open": len(opened)}
-    if closed_scoring != "strict":
-        out.update(compat=closed_scoring, compat_n_closed=len(compat_closed), compat_n_open=len(compat_open),
-                   compat_closed_accuracy=sum(compat_closed) / len(compat_closed) if compat_closed else None,
-                   compat_open_recall=sum(compat_open) / len(compat_open) if compat_open else None)
-    return out
-
-
-# Copied from dpo.py: read_vqa
-def read_vqa(path: str, image_folder: str = "") -> list[dict]:
-    """One reader for the VQA test sets users have; returns [{"id","image","question","answer","answer_type"}]
-    with absolute image paths. Formats: LLaVA-Med test.json / toy test_vqa.json ("conversations" + answer_type),
-    VQA-RAD (MEVF testset.json, or the OSF public json: its test_freeform/test_para rows), SLAKE (English rows)."""
-    path = Path(path)
-    rows = []
-    for where, rec in lm.read_records(path):
-        if "conversations" in rec or "conversatons" in rec:
-            turns = lm.record_turns(rec, where)
-            folder = Path(image_folder or path.parent)
-            rows.append({"id": rec.get("id", where), "image": str(folder / rec["image"]),
-                         "question": turns[0][1].replace(lm.IMAGE_MARKER, "").strip(), "answer": turns[1][1],
-                         "answer_type": rec.get("answer_type", "")})
-        elif "image_name" in rec:  # VQA-RAD
-            if "phrase_type" in rec and "qid_linked_id" in rec and not str(rec["phrase_type"]).startswith("test"):
-                continue  # the OSF public json holds train and test; keep the official test rows
-            folder = Path(image_folder or path.parent / "images")
-            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["image_name"]),
-                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
-        elif "img_name" in rec:  # SLAKE
-            if rec.get("q_lang", "en") != "en":
-                continue
-            folder = Path(image_folder or path.parent / "imgs")
-            rows.append({"id": rec.get("qid", where), "image": str(folder / rec["img_name"]),
-                         "question": rec["question"], "answer": str(rec["answer"]), "answer_type": rec["answer_type"]})
-        else:
-            raise lm.DataError(f"{where}: unknown VQA record (expected conversations, image_name or img_name)")
-    return rows
-
 
 # Copied from dpo.py: evaluate_vqa
 def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
@@ -1542,110 +1446,6 @@ def evaluate_vqa(model, tokenizer, rows: list[dict], batch_size: int, max_new_to
     preds = lm.generate_sharded(model, tokenizer, jobs, batch_size, rank, world, desc, max_new_tokens=max_new_tokens)
     results = [dict(r, prediction=p) for r, p in zip(rows, preds)]
     return lm.score_vqa(results, closed_scoring), results
-
-
-# Copied from mmed_rag.py: report_tokens
-def report_tokens(text: str) -> list[str]:
-    """Lower-cased word tokens with punctuation dropped, as pycocoevalcap's PTB tokenizer does before scoring."""
-    return re.findall(r"\w+", text.lower())
-
-
-# Copied from mmed_rag.py: corpus_bleu
-def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> list[float]:
-    """[BLEU-1, ..., BLEU-max_n] in % over the corpus (Papineni et al. 2002): clipped n-gram counts summed over
-    all sentences, geometric mean of the first n precisions, brevity penalty exp(1 - r/c) when the summed
-    hypothesis length c is below the summed reference length r. No smoothing, as pycocoevalcap: a corpus with
-    no matching n-gram scores 0 for that order and above. Equals sacrebleu's BLEU(tokenize="none",
-    smooth_method="none", max_ngram_order=n) on report_tokens-joined text (tested)."""
-    correct, total = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        h, r = report_tokens(hyp), report_tokens(ref)
-        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
-        for n in range(1, max_n + 1):
-            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            correct[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-            total[n - 1] += max(len(h) - n + 1, 0)
-    if hyp_len == 0:
-        return [0.0] * max_n
-    bp = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
-    scores, log_sum = [], 0.0
-    for n in range(max_n):
-        if correct[n] == 0 or total[n] == 0:
-            scores.extend([0.0] * (max_n - n))
-            break
-        log_sum += math.log(correct[n] / total[n])
-        scores.append(100 * bp * math.exp(log_sum / (n + 1)))
-    return scores
-
-
-# Copied from mmed_rag.py: lcs_length
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Longest common subsequence length by dynamic programming over one row."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0  # row[j - 1] of the previous line
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-# Copied from mmed_rag.py: rouge_l
-def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
-    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 is
-    rouge-score's fmeasure (tested); pycocoevalcap's Rouge uses β = 1.2 (--rouge-beta 1.2), which weighs recall more."""
-    h, r = report_tokens(hypothesis), report_tokens(reference)
-    lcs = lcs_length(h, r)
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(h), lcs / len(r)
-    return 100 * (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
-
-
-# Copied from mmed_rag.py: meteor
-def meteor(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
-    """METEOR (Banerjee & Lavie 2005) in %, exact-match stage only (no stemmer or WordNet synonyms: those need
-    data we do not ship, so scores run a little below pycocoevalcap's METEOR 1.5 on paraphrases).
-    Fmean = PR / (αP + (1-α)R) (α = 0.9 gives the paper's 10PR/(R+9P)); penalty = γ (chunks/matches)^β;
-    score = Fmean (1 - penalty). The alignment maps each hypothesis word to an unused identical reference word,
-    preferring the one that extends the current chunk, so a copied phrase is one chunk."""
-    h, r = report_tokens(hypothesis), report_tokens(reference)
-    positions: dict[str, list[int]] = {}
-    for j, w in enumerate(r):
-        positions.setdefault(w, []).append(j)
-    used, align = set(), []
-    for w in h:
-        free = [j for j in positions.get(w, []) if j not in used]
-        if not free:
-            align.append(None)
-            continue
-        prev = align[-1] if align else None  # reference position of the previous hypothesis word, if matched
-        j = prev + 1 if prev is not None and prev + 1 in free else free[0]
-        used.add(j)
-        align.append(j)
-    matches = len(used)
-    if matches == 0:
-        return 0.0
-    chunks, last = 0, None  # a chunk: a run of matched hypothesis words whose reference positions are consecutive
-    for j in align:
-        if j is not None and (last is None or j != last + 1):
-            chunks += 1
-        last = j
-    p, rec = matches / len(h), matches / len(r)
-    fmean = p * rec / (alpha * p + (1 - alpha) * rec)
-    return 100 * fmean * (1 - gamma * (chunks / matches) ** beta)
-
-
-# Copied from mmed_rag.py: report_scores
-def report_scores(hypotheses: list[str], references: list[str], rouge_beta: float = 1.0) -> dict:
-    """The report columns of MMed-RAG Table 2 / MMedPO Table 1: BLEU-1..4, their average ("BLEU" in MMedPO), and
-    sentence ROUGE-L (β = rouge_beta) and exact-match METEOR averaged over reports. All in %."""
-    b = corpus_bleu(hypotheses, references)
-    n = max(len(hypotheses), 1)
-    return {"bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3], "bleu": sum(b) / 4,
-            "rouge_l": sum(rouge_l(h, r, rouge_beta) for h, r in zip(hypotheses, references)) / n,
-            "meteor_exact": sum(meteor_exact(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
 
 
 def read_reports(path: str, image_folder: str = "") -> list[dict]:
@@ -1665,54 +1465,45 @@ def read_reports(path: str, image_folder: str = "") -> list[dict]:
     return rows
 
 
-def evaluate_reports(model, tokenizer, rows: list[dict], batch_size: int, max_new_tokens: int, rank: int, world: int,
-                     desc: str = "reports") -> tuple[dict, list[dict]]:
-    """Greedy reports (ranks take interleaved shares, padded to equal batch counts: the model is sharded), gathered
-    and scored with BLEU-1..4 (and their mean), ROUGE-L and METEOR."""
-    cfg = model.config
-    model.eval()
-    mine = list(range(rank, len(rows), world))
-    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
-    preds = {}
-    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0, leave=False):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(chunk)
-        chunk = chunk or [0]
-        prompts = [prompt_ids(tokenizer, cfg, rows[i]["question"]) for i in chunk]
-        pix = torch.stack([pixel_of(cfg, rows[i]["image"]) for i in chunk])
-        answers = lm.generate(model, tokenizer, prompts, pix, max_new_tokens=max_new_tokens)
-        preds.update({i: a for i, a in zip(chunk[:real], answers[:real])})
-    model.reshard()  # forwards without backward leave the FSDP root gathered
-    gathered = [None] * world
-    dist.all_gather_object(gathered, preds)
-    merged = {i: a for part in gathered for i, a in part.items()}
-    results = [dict(rows[i], prediction=merged[i]) for i in range(len(rows))]
-    return report_scores([r["prediction"] for r in results], [r["answer"] for r in results]), results
-
-
-def evaluate_all(args, model, tokenizer, vqa_rows, report_rows, rank, world, device, label) -> dict:
+def evaluate_all(args: Args, model, tokenizer, vqa_rows, report_rows, rank: int, world: int, label: str) -> dict:
+    """VQA scores (evaluate_vqa) and greedy reports (lm.generate_sharded) scored by lm.report_scores: BLEU-1..4 and
+    their mean (MMedPO Table 1's "BLEU"), ROUGE-L, METEOR, with three example reports."""
     res = {}
     if vqa_rows:
         res["vqa"], _ = evaluate_vqa(model, tokenizer, vqa_rows, args.eval_batch_size, args.eval_max_new_tokens, rank,
-                                     world, device, args.closed_scoring, f"vqa {label}")
+                                     world, args.closed_scoring, f"vqa {label}")
     if report_rows:
-        res["report"], preds = evaluate_reports(model, tokenizer, report_rows, args.eval_batch_size,
-                                                args.report_max_new_tokens, rank, world, f"reports {label}")
-        res["report_examples"] = [{"reference": p["answer"], "prediction": p["prediction"]} for p in preds[:3]]
+        jobs = [{"turns": [("user", r["question"])], "images": [r["image"]]} for r in report_rows]
+        preds = lm.generate_sharded(model, tokenizer, jobs, args.eval_batch_size, rank, world, f"reports {label}",
+                                    max_new_tokens=args.report_max_new_tokens)
+        res["report"] = lm.report_scores(preds, [r["answer"] for r in report_rows])
+        res["report_examples"] = [{"reference": r["answer"], "prediction": p} for r, p in zip(report_rows, preds[:3])]
     return res
 
 
 def results_table(results: dict) -> str:
     """Markdown table: one row per model (base, dpo, mmedpo)."""
-    head = "| model | closed acc. | open recall | BLEU (1-4 avg) | ROUGE-L | METEOR |\n|---|---|---|---|---|---|"
+    head = "| model | closed acc. | open recall | BLEU (1-4 avg) | ROUGE-L | METEOR (exact) |\n|---|---|---|---|---|---|"
     rows = []
     for name, r in results.items():
         v, rep = r.get("vqa", {}), r.get("report", {})
         cell = lambda x: "-" if x is None else f"{100 * x:.1f}"
         rcell = lambda x: "-" if x is None else f"{x:.1f}"
         rows.append(f"| {name} | {cell(v.get('closed_accuracy'))} | {cell(v.get('open_recall'))} | "
-                    f"{rcell(rep.get('bleu'))} | {rcell(rep.get('rouge_l'))} | {rcell(rep.get('meteor'))} |")
+                    f"{rcell(rep.get('bleu'))} | {rcell(rep.get('rouge_l'))} | {rcell(rep.get('meteor_exact'))} |")
     return "\n".join([head] + rows)
+
+
+# Copied from dpo.py: save_trained
+def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
+    """LoRA: a PEFT adapter in out/adapter on `base` (the model it was trained from). Full fine-tuning, or
+    --export-merged: the merged model as a llava-hf checkpoint in out/llava_hf (transformers, vLLM). Whole tensors
+    are gathered on every rank; rank 0 writes."""
+    state = lm.full_state_dict(model)
+    if rank == 0 and not args.full_finetune:
+        lm.save_peft_adapter(model, state, out / "adapter", base, ("projector.",) if args.tune_projector else ())
+    if rank == 0 and (args.export_merged or args.full_finetune):
+        lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / "llava_hf")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1722,135 +1513,55 @@ def results_table(results: dict) -> str:
 
 def main(argv=None):
     args = parse_args(Args, argv)
+    if args.attn_implementation == "flash_attention_2":  # its kernel takes no [T, T] mask: two rows per pair
+        args = dataclasses.replace(args, prefix_sharing=False)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or set(arms) - {"dpo", "mmedpo"}:
+        raise ValueError(f"--arms {args.arms!r}: a comma list of dpo, mmedpo")
     rank, world, device = setup_distributed(args.dist_timeout_s)
-    out, master = Path(args.out), rank == 0
-    t_start = time.time()
-    timings = {}  # phase -> seconds (rank 0's clock)
-
-    def timed(phase, t0):
-        timings[phase] = round(time.time() - t0, 1)
-
-    def log(row: dict):
-        if master:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
+    out, master, data_dir, t0 = Path(args.out), rank == 0, Path(args.data), time.time()
+    log = jsonl_logger(out / "metrics.jsonl", rank)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"mmedpo.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
-    torch.manual_seed(args.seed)
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
-
-    # ---- data: ground truth (pairs are built) or a preference file (read as it is)
-    data_path = Path(args.data)
-    gt_file = data_path / "train.json" if data_path.is_dir() else data_path
-    image_folder = Path(args.image_folder or (data_path if data_path.is_dir() else data_path.parent))
-    raw = lm.read_records(gt_file)
-    is_prefs = bool(raw) and "rejected_conversations" in raw[0][1]
-    all_samples = [] if is_prefs else gt_samples(raw, image_folder, args.allow_images_outside_folder)
-    samples = all_samples  # the ones pairs are built from; the warm start sees all
-    n_keep = args.max_samples if args.max_samples >= 0 else (320 if data_path.is_dir() else 0)
-    if n_keep and len(samples) > n_keep:  # a seeded draw keeps the mix of question kinds and reports
-        keep = sorted(random.Random(args.seed).sample(range(len(samples)), n_keep))
-        samples = [samples[i] for i in keep]
-    default_test = data_path / "test.json" if data_path.is_dir() else None
-    vqa_path = args.eval_data or (str(data_path / "test_vqa.json") if data_path.is_dir() else "")
-    report_path = args.report_data or (str(default_test) if default_test and default_test.exists() else "")
-    vqa_rows = read_vqa(vqa_path, args.eval_image_folder) if args.eval and vqa_path else []
-    report_rows = read_reports(report_path) if args.eval and report_path else []
-    if args.eval_limit:
-        vqa_rows, report_rows = vqa_rows[:args.eval_limit], report_rows[:args.eval_limit]
-
-    # ---- warm start (the tiny model is random: it must answer before its samples and DPO mean anything)
-    warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
-    t0 = time.time()
-    if warm:
-        if not samples:
-            raise ValueError("--sft-warmup-steps needs ground-truth records (--data is a preference file)")
-        sft_warmup(args, model, SFTItems(all_samples, tokenizer, model.config, args.max_length), tokenizer, device, warm,
-                   lambda r: log(r) if r["step"] % 250 == 0 or r["step"] == warm - 1 else None)
-        if master:
-            lm.save_llava_hf(model, tokenizer, out / "base_llava_hf")
-        timed("sft_warmup", t0)
-
-    # ---- preference pairs: built once (cached under a key of everything they depend on), or read
-    if is_prefs:
-        pref_records, rej_folder = raw, Path(args.rejected_image_folder or image_folder)
-        stats = {"read": str(gt_file)}
-    else:
-        prefs_dir = out / "prefs"
-        key_fields = {k: v for k, v in dataclasses.asdict(args).items() if k in (
-            "data", "max_samples", "model", "seed", "sft_warmup_steps", "sft_lr", "text_pairs", "n_samples",
-            "sample_temperature", "sample_max_new_tokens", "judge", "halluc_threshold", "scorers", "max_rounds",
-            "agree_tol", "visual_pairs", "localiser", "heatmaps", "region_std", "noise", "noise_step",
-            "curate_batch_size", "micro_batch_size")}
-        key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
-        prefs_file, stats_file = prefs_dir / "mmedpo_dpo_weighted.json", prefs_dir / "curation.json"
-        cached = args.resume and stats_file.exists() and json.loads(stats_file.read_text()).get("key") == key
-        if not cached:
-            t0 = time.time()
-            built, stats = build_preferences(args, model, tokenizer, samples, image_folder, prefs_dir, device, rank, world)
-            stats.update(key=key, seconds=round(time.time() - t0, 1))
-            timed("build_pairs", t0)
-            if master:
-                prefs_dir.mkdir(parents=True, exist_ok=True)
-                prefs_file.write_text(json.dumps(built, indent=1, ensure_ascii=False))
-                stats_file.write_text(json.dumps(stats, indent=1))
-                print("preference pairs:", json.dumps(stats))
-            dist.barrier()
-        stats = json.loads(stats_file.read_text())
-        pref_records, rej_folder = lm.read_records(prefs_file), prefs_dir
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    need_scores = any(a == "mmedpo" for a in arms) and args.weight_mode != "none"
-    data = PairData(pref_records, image_folder, rej_folder, tokenizer, model.config, args.max_length,
-                    args.skip_bad_samples, args.allow_images_outside_folder, need_scores)
-    scores, subsets = [it["score"] for it in data.items], [it["subset"] for it in data.items]
-    weights = {"dpo": torch.ones(len(data)),
-               "mmedpo": torch.tensor(normalize_scores(scores, subsets, args.weight_mode, args.weight_scope))}
-    if master:
-        for sub in sorted(set(subsets)):
-            w = weights["mmedpo"][[i for i, s in enumerate(subsets) if s == sub]]
-            print(f"{sub} pairs: {len(w)}, weights ({args.weight_mode}) mean {w.mean():.3f} min {w.min():.3f} "
-                  f"max {w.max():.3f}")
-        if data.skipped:
-            print(f"warning: skipped {sum(data.skipped.values())} bad pairs: {data.skipped}", file=sys.stderr)
-
-    # ---- train each arm from the same starting weights; base = the first arm before training (LoRA B = 0)
-    results = {}
-    for a in arms:
-        if a not in weights:
-            raise ValueError(f"unknown arm {a!r} in --arms (dpo, mmedpo)")
-    base_model = model
-    for n, a in enumerate(arms):
-        policy = copy.deepcopy(base_model) if n < len(arms) - 1 else base_model
-        torch.manual_seed(args.seed)  # the same LoRA initialisation for every arm, whatever ran before
-        policy, ref_model = build_models(args, policy, device)
-        torch.manual_seed(args.seed + rank)  # dropout differs per rank
-        shard(policy, device, args.activation_checkpointing)
-        if ref_model is not None and hasattr(ref_model, "language_model"):
-            shard(ref_model, device)
-        if n == 0 and args.eval and (vqa_rows or report_rows) and latest_checkpoint(out / a) is None:
-            t0 = time.time()
-            results["base"] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, device, "base")
-            log({"phase": "eval", "model": "base", **results["base"]})
-            timed("eval_base", t0)
-        (out / a).mkdir(parents=True, exist_ok=True)
-        link = out / a / "base_llava_hf"
-        if master and warm and not (link.exists() or link.is_symlink()):  # the adapter's base: the warm start
-            link.symlink_to("../base_llava_hf")
-        t0 = time.time()
-        steps = train_arm(args, a, policy, ref_model, data, weights[a], tokenizer, device, rank, world, out, log)
-        save_adapter_or_model(args, policy, tokenizer, out / a, rank)
-        timed(f"train_{a}", t0)
-        if args.eval and (vqa_rows or report_rows):
-            t0 = time.time()
-            results[a] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, device, a)
-            log({"phase": "eval", "model": a, "steps": steps, **results[a]})
-            timed(f"eval_{a}", t0)
-        del policy, ref_model
-    summary = {"pairs": stats, "train_pairs": len(data), "skipped": data.skipped, "world_size": world,
-               "seconds": round(time.time() - t_start, 1), "phase_seconds": timings}
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None,
+                               seed=args.seed, attn_implementation=args.attn_implementation)
+    vqa_path = args.eval_data or (str(data_dir / "test_vqa.json") if data_dir.is_dir() else "")
+    report_path = args.report_data or (str(data_dir / "test.json") if (data_dir / "test.json").exists() else "")
+    vqa_rows = lm.read_vqa(vqa_path, args.eval_image_folder)[:args.eval_limit or None] if args.eval and vqa_path else []
+    report_rows = read_reports(report_path)[:args.eval_limit or None] if args.eval and report_path else []
+    results, summary = {}, {"world_size": world}
+    if args.eval_only:  # ---- evaluate --model as it is
+        shard(model, device, args.activation_checkpointing, args.compile)
+        results["model"] = evaluate_all(args, model, tokenizer, vqa_rows, report_rows, rank, world, "model")
+        log({"phase": "eval", "model": "model", **results["model"]})
+    else:  # ---- pairs (after the warm start), then each arm from the same start and LoRA initialisation
+        data, summary["pairs"], model, base = training_data(args, model, tokenizer, arms, device, rank, world, out, log)
+        summary.update(train_pairs=len(data), skipped=data.skipped)
+        weights = arm_weights(args, data, master)
+        for n, arm in enumerate(arms):
+            policy = copy.deepcopy(model) if n < len(arms) - 1 else model
+            torch.manual_seed(args.seed)  # the same LoRA initialisation for every arm, whatever ran before
+            policy, ref_model = build_models(args, policy, device)
+            torch.manual_seed(args.seed + rank)  # dropout differs per rank (CleanRL's "CRUCIAL" seed offset)
+            shard(policy, device, args.activation_checkpointing, args.compile)
+            if ref_model is not None and hasattr(ref_model, "language_model"):
+                shard(ref_model, device)
+            if n == 0 and (vqa_rows or report_rows) and latest_checkpoint(out / arm) is None:  # LoRA B = 0: the base
+                results["base"] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, "base")
+                log({"phase": "eval", "model": "base", **results["base"]})
+            step = lambda idx, epoch, w=weights[arm]: mmedpo_step(args, policy, ref_model, data, w, idx, tokenizer, device)
+            summary[arm] = train(args, arm, policy, len(data), step, out / arm, rank, world, log,
+                                 {"projector.": args.projector_lr, "": args.lr}, args.batch_size, args.micro_batch_size,
+                                 args.epochs, args.max_steps)
+            save_trained(args, policy, tokenizer, out / arm, rank, base)
+            if vqa_rows or report_rows:
+                results[arm] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, arm)
+                log({"phase": "eval", "model": arm, **results[arm]})
+            del policy, ref_model
+    summary["seconds"] = round(time.time() - t0, 1)
     if master:
         (out / "results.json").write_text(json.dumps({"results": results, "summary": summary}, indent=1))
         if results:
@@ -1861,8 +1572,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lm.DataError as e:  # bad data: say which file and record, without a traceback through torch
-        print(f"mmedpo.py: bad data: {e}\n(--skip-bad-samples counts and skips such records)", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

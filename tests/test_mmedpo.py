@@ -1,8 +1,11 @@
 """mmedpo.py: score normalisation (three modes), the weighted loss against TRL's per-pair DPO loss, local noise,
-the judges' debate (scripted judges), the choice of the rejected answer, the released format, and the script end to
-end (1 process and torchrun 2 processes build the same pairs and train to the same weights)."""
+the judges' debate (scripted judges) and label reading (LLaVA and transformers judges), the choice of the rejected
+answer, the released format, and the script end to end: the complete default pipeline under torchrun 2 processes
+(the same pairs and weights as 1 process), the pair cache and its key, --eval-only, and the fault suite
+(tests/faults.py: kill and resume, non-finite steps, a dead or stalled rank, bad data and a bad model folder)."""
 
 import copy
+import inspect
 import json
 import math
 import os
@@ -19,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import llava_med as lm
+import faults
 import mmedpo
 from conftest import ROOT
 
@@ -74,7 +78,7 @@ def _pairs(tmp_path, tok, cfg):
          "rejected_conversations": [q, {"from": "gpt", "value": "right upper lung"}], "weighted_score": 0.8,
          "rejected_image": "n.png"},
     ]
-    return mmedpo.PairData([(f"x[{i}]", r) for i, r in enumerate(recs)], TOY, tmp_path, tok, cfg, 512, False)
+    return mmedpo.ScoredPairs([(f"x[{i}]", r) for i, r in enumerate(recs)], TOY, tmp_path, tok, cfg, 512, False)
 
 
 class _AsTRLModel(torch.nn.Module):
@@ -106,7 +110,7 @@ def test_weighted_loss_equals_trl_per_pair_loss_times_weight(tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     weights = torch.tensor(mmedpo.normalize_scores([it["score"] for it in data.items],
                                                    [it["subset"] for it in data.items], "raw"))
-    batch = mmedpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
+    batch = mmedpo.collate_pairs(data, [0, 1, 2], tok.pad_token_id)  # text pairs: one shared-prompt row each
     assert batch["pixel_values"].shape[0] == 2  # original once, noised once
     with torch.no_grad():
         logps, _ = mmedpo.sequence_logps(model, batch, model.encode_images(batch["pixel_values"]))
@@ -123,7 +127,7 @@ def test_weighted_loss_equals_trl_per_pair_loss_times_weight(tmp_path):
         args=SimpleNamespace(gradient_checkpointing_kwargs=None, discopop_tau=0.05))
     trl_losses = []
     for i in range(3):
-        b = mmedpo.collate_pairs(data, [i], tok.pad_token_id)
+        b = mmedpo.collate_pairs(data, [i], tok.pad_token_id, share_prefix=False)  # TRL's two rows per pair
         inputs = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"],
                   "completion_mask": (b["labels"] != lm.IGNORE_INDEX).long(),
                   "pixel_values": b["pixel_values"][b["row_images"]]}
@@ -133,7 +137,8 @@ def test_weighted_loss_equals_trl_per_pair_loss_times_weight(tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.mean(), expected.mean(), atol=1e-5, rtol=0)
     assert not torch.allclose(ours, torch.stack(trl_losses))  # the weights did something
-    assert batch["row_images"].tolist() == [0, 0, 0, 0, 0, 1]  # only the visual pair's rejected row sees x*
+    # rows: t1 and t2 (chosen + rejected answer after one prompt), then v1's chosen and rejected rows (two images)
+    assert batch["row_images"].tolist() == [0, 0, 0, 1]  # only the visual pair's rejected row sees x*
 
 
 def test_default_lora_has_no_dropout_in_dpo(tmp_path):
@@ -314,7 +319,7 @@ class Bigram(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, logits_to_keep=0, logits_mask=None, **kw):
         logits = self.table[input_ids]
         logits = logits[logits_mask] if logits_mask is not None else logits[:, -logits_to_keep:] if logits_to_keep else logits
-        return SimpleNamespace(logits=logits, past_key_values=SimpleNamespace(batch_repeat_interleave=lambda n: None))
+        return SimpleNamespace(logits=logits)
 
 
 # a Llama-3-like chat template: the answer follows the assistant header's blank line, no space token first
@@ -325,8 +330,8 @@ CHAT = ("{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}\n\n{{ m[
 def _stub_judge(tok, template, plant):
     """A judge with planted logits: LLaVA-type (its training template) or, template "chat", a chat model."""
     judge = object.__new__(mmedpo.ModelJudge)
-    judge.__dict__.update(name="stub", device=torch.device("cpu"), tok=tok, llava=template != "chat",
-                          max_new_tokens=8, model=Bigram(tok, template, plant))
+    judge.__dict__.update(name="stub", device=torch.device("cpu"), tok=tok, llava=template != "chat", rank=0, world=1,
+                          max_new_tokens=8, model=Bigram(tok, template, plant), cache_arg="past_key_values")
     return judge
 
 
@@ -395,6 +400,33 @@ def test_tiny_judge_label_logprobs_equal_a_plain_forward():
             assert abs(float(lp[p, k]) - float(expect)) < 1e-4, (p, k)
 
 
+@pytest.mark.filterwarnings("error::FutureWarning", "error::DeprecationWarning")
+def test_transformers_judge_reads_labels_through_its_cache(tmp_path):
+    """A judge folder holding a plain transformers causal LM (here a small random Mistral with the tiny tokenizer):
+    its KV cache goes in under the argument its forward takes (`cache` from transformers 5.24, where
+    past_key_values warns), and the cached reading equals full forwards; no deprecation warning (issue 14)."""
+    from transformers import AutoTokenizer, MistralForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(lm.TINY_TOKENIZER)
+    torch.manual_seed(0)
+    MistralForCausalLM(lm.tiny_config(tok).text_config).save_pretrained(tmp_path / "judge")
+    tok.save_pretrained(tmp_path / "judge")
+    judge = mmedpo.ModelJudge(str(tmp_path / "judge"), torch.device("cpu"))
+    assert not judge.llava and judge.cache_arg in inspect.signature(judge.model.forward).parameters
+    prompts = ["Score: a", "Another, somewhat longer prompt about both lungs"]
+    lp = judge.label_logprobs(prompts, mmedpo.SCORE_LABELS)
+    tails = judge._label_tails(prompts[0], mmedpo.SCORE_LABELS)
+    ends = ~judge._continues(tails[0][-1], len(tok))
+    for p, prompt in enumerate(prompts):
+        head = judge._prompt(prompt)
+        for k, t in enumerate(tails):
+            with torch.no_grad():
+                logp = judge.model(torch.tensor([head + t])).logits[0].float().log_softmax(-1)
+            expect = sum(logp[len(head) - 1 + j, x] for j, x in enumerate(t)) + logp[-1, ends].logsumexp(-1)
+            assert abs(float(lp[p, k]) - float(expect)) < 1e-4, (p, k)
+    assert judge.write_wrong(["yes"], seed=0) == [""]  # no free generation from an arbitrary LM: the rule fallback
+
+
 # ---------------------------------------------------------------- text dispreference
 
 
@@ -444,14 +476,14 @@ def test_released_format_read_as_is(tmp_path):
              "rejected_image": str(noised)}]
     f = tmp_path / "iuxray_dpo_weighted.json"
     f.write_text(json.dumps(recs))
-    data = mmedpo.PairData(lm.read_records(f), TOY, TOY, tok, model.config, 512, False)
+    data = mmedpo.ScoredPairs(lm.read_records(f), TOY, TOY, tok, model.config, 512, False)
     assert [(it["subset"], it["score"]) for it in data.items] == [("text", 0.9), ("visual", 0.7)]
     assert data.items[1]["rejected_images"] == [str(noised)]
     del recs[0]["weighted_score"]
     f.write_text(json.dumps(recs))
     with pytest.raises(lm.DataError, match=r"iuxray_dpo_weighted.json\[0\] id=CXR1: no numeric 'weighted_score'"):
-        mmedpo.PairData(lm.read_records(f), TOY, TOY, tok, model.config, 512, False)
-    assert len(mmedpo.PairData(lm.read_records(f), TOY, TOY, tok, model.config, 512, False, need_scores=False)) == 2
+        mmedpo.ScoredPairs(lm.read_records(f), TOY, TOY, tok, model.config, 512, False)
+    assert len(mmedpo.ScoredPairs(lm.read_records(f), TOY, TOY, tok, model.config, 512, False, need_scores=False)) == 2
 
 
 # ---------------------------------------------------------------- the script end to end
@@ -459,45 +491,93 @@ def test_released_format_read_as_is(tmp_path):
 SMALL = ["--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
          "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
          "--eval-limit", "4", "--eval-max-new-tokens", "4", "--report-max-new-tokens", "8", "--curate-batch-size", "8"]
+# the fault suite's runs: no warm start, one scorer, few pairs (8 text + the visual ones), only the weighted arm
+FAST = ["--sft-warmup-steps", "0", "--max-samples", "8", "--n-samples", "1", "--sample-max-new-tokens", "4",
+        "--max-rounds", "1", "--scorers", "tiny:1", "--batch-size", "4", "--micro-batch-size", "2", "--no-eval",
+        "--arms", "mmedpo", "--curate-batch-size", "8"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py"]
 
 
 def _run(cmd):
     # one thread per process, as torchrun sets it: on a shared 2-core machine more threads spin against each other
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 
 
-def test_script_one_and_two_processes_build_the_same_pairs_and_weights(tmp_path):
+def test_complete_pipeline_on_two_ranks_equals_one_rank(tmp_path):
+    """The default pipeline at small sizes (warm start, D_t sampled and judged, debate, D_v noised, both arms,
+    base / dpo / mmedpo evaluated) under torchrun 2 processes; one process builds the same pairs (sampling seeds
+    per fixed batch) and trains to the same weights; a rerun reuses the pairs and resumes both arms."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "mmedpo.py", "--out", str(one), "--sft-warmup-steps", "20"] + SMALL)
-    out_two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py",
-                    "--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
-    prefs = json.loads((one / "prefs" / "mmedpo_dpo_weighted.json").read_text())
-    assert prefs == json.loads((two / "prefs" / "mmedpo_dpo_weighted.json").read_text())
+    out_two = _run(TORCHRUN + ["--out", str(two), "--sft-warmup-steps", "20"] + SMALL)
+    _run([sys.executable, "mmedpo.py", "--out", str(one), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
+    prefs = json.loads((two / "prefs" / "mmedpo_dpo_weighted.json").read_text())
+    assert prefs == json.loads((one / "prefs" / "mmedpo_dpo_weighted.json").read_text())
     text = [r for r in prefs if r["subset"] == "text"]
     visual = [r for r in prefs if r["subset"] == "visual"]
     assert len(text) == 16 and visual and all(0 <= r["weighted_score"] <= 1 for r in prefs)
     for r in visual:  # the noised PNG exists and differs from the original exactly inside the lesion box
         rec = next(x for x in json.loads((TOY / "train.json").read_text()) if x["image"] == r["image"])
         a = np.asarray(lm.load_image(TOY / r["image"]))
-        b = np.asarray(lm.load_image(one / "prefs" / r["rejected_image"]))
+        b = np.asarray(lm.load_image(two / "prefs" / r["rejected_image"]))
         heat, _ = mmedpo.box_heatmap(rec, 64, 64)
         assert np.array_equal(a[heat == 0], b[heat == 0]) and (a != b).any(-1)[heat > 0].mean() > 0.9
     for arm in ("dpo", "mmedpo"):
-        wa = load_file(str(mmedpo.latest_checkpoint(one / arm) / "trainable.safetensors"))
-        wb = load_file(str(mmedpo.latest_checkpoint(two / arm) / "trainable.safetensors"))
+        wa, wb = faults.weights(one / arm), faults.weights(two / arm)
+        assert wa.keys() == wb.keys() and any(v.abs().sum() > 0 for k, v in wa.items() if "lora_B" in k)
         for k in wa:
             torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=0)
-    la = [r["loss"] for r in map(json.loads, open(one / "metrics.jsonl")) if r.get("phase") in ("dpo", "mmedpo")]
-    lb = [r["loss"] for r in map(json.loads, open(two / "metrics.jsonl")) if r.get("phase") in ("dpo", "mmedpo")]
-    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=0)
-    res = json.loads((one / "results.json").read_text())["results"]
-    assert set(res) == {"base", "dpo", "mmedpo"} and "bleu" in res["mmedpo"]["report"]
-    assert (one / "mmedpo" / "adapter" / "adapter_model.safetensors").exists()
-    assert "preference pairs:" in out_two.stdout
-    # a second run reuses the pairs and resumes both arms at their last step
-    again = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py",
-                  "--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
-    assert "resumed from" in again.stdout and "preference pairs:" not in again.stdout
+        la, lb = ([r["loss"] for r in faults.phase_rows(d, arm)] for d in (one, two))
+        torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=0)
+    res = json.loads((two / "results.json").read_text())["results"]
+    assert set(res) == {"base", "dpo", "mmedpo"} and all(set(r) >= {"vqa", "report"} for r in res.values())
+    assert res["mmedpo"]["vqa"]["n_closed"] + res["mmedpo"]["vqa"]["n_open"] == 4 and res["mmedpo"]["report"]["n"] == 4
+    adapter = json.loads((two / "mmedpo" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str(two / "base_llava_hf")
+    assert (two / "mmedpo" / "adapter" / "adapter_model.safetensors").exists()
+    assert "preference pairs:" in out_two.stdout and "FutureWarning" not in out_two.stderr
+    again = _run(TORCHRUN + ["--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
+    assert again.stdout.count("resumed from") == 2 and "preference pairs:" not in again.stdout
+
+
+def test_pair_cache_key_and_eval_only(tmp_path, capsys):
+    """The built pairs are keyed on every Args field above --rejected-image-folder and the ground-truth records:
+    --template rebuilds them, --beta does not. --eval-only evaluates --model without reading training data (a
+    missing --data) and gives the scores of the untrained base row."""
+    out, evals = tmp_path / "run", ["--eval", "--eval-limit", "6", "--eval-max-new-tokens", "4",
+                                    "--report-max-new-tokens", "6"]
+    key = lambda: json.loads((out / "prefs" / "curation.json").read_text())["key"]
+    first = faults._in_process(mmedpo, FAST + ["--max-steps", "1", "--out", str(out)] + evals)
+    assert "preference pairs:" in capsys.readouterr().out
+    k0 = key()
+    faults._in_process(mmedpo, FAST + ["--max-steps", "1", "--out", str(out), "--template", "vicuna_v1"])
+    assert "preference pairs:" in capsys.readouterr().out and key() != k0  # rebuilt for the new template
+    k1 = key()
+    faults._in_process(mmedpo, FAST + ["--max-steps", "1", "--out", str(out), "--template", "vicuna_v1", "--beta", "0.2"])
+    assert "preference pairs:" not in capsys.readouterr().out and key() == k1  # the loss does not change the pairs
+    only = faults._in_process(mmedpo, ["--eval-only", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "eval"),
+                                       "--eval-data", str(TOY / "test_vqa.json"), "--report-data", str(TOY / "test.json")]
+                              + evals)
+    assert set(only) == {"model"} and only["model"]["vqa"] == first["base"]["vqa"]
+    assert only["model"]["report_examples"] == first["base"]["report_examples"]  # the same generated reports
+    assert only["model"]["report"] == first["base"]["report"] and not (tmp_path / "eval" / "prefs").exists()
+
+
+def test_kill_and_resume_is_bit_identical(tmp_path):
+    faults.check_kill_and_resume("mmedpo.py", FAST + ["--max-steps", "4", "--save-every", "1"], "mmedpo", tmp_path)
+
+
+def test_nonfinite_step_stops_or_is_skipped(tmp_path, monkeypatch):
+    faults.check_nonfinite(mmedpo, FAST + ["--max-steps", "2"], "mmedpo", tmp_path, monkeypatch, call=2)
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
+    faults.check_dead_rank("mmedpo.py", FAST + ["--max-steps", "500"], "mmedpo", tmp_path, fault)
+
+
+def test_bad_data_and_bad_model_exit_2_with_one_line(tmp_path):
+    faults.check_bad_inputs("mmedpo.py", FAST, ["--data", str(ROOT / "tests" / "fixtures" / "missing_image.jsonl"),
+                                                "--arms", "dpo"], tmp_path)
