@@ -184,8 +184,10 @@ def setup_distributed(timeout_s: int = 1800):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+    # on GPU: nccl for CUDA tensors and gloo for the CPU ones (the loop's statistics, gathered answers)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -700,7 +702,9 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                       file=sys.stderr)
         else:
             optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update makes torch warn about the order; it is intended
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += sums.get("tokens", 0.0)
         if tokens:
@@ -808,9 +812,11 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
     """Supervised warm start before preference training, for the random tiny model (DPO needs a policy that already
     answers): the full model with the projector (ViT frozen) on `items` ({"input_ids", "labels", "images"}),
     --sft-warmup-steps steps of the training loop above, saved as a llava-hf checkpoint in out/base_llava_hf and
-    loaded back from there, as a real run starts DPO from its SFT checkpoint (it is also the adapter's base)."""
-    base = out / "base_llava_hf"
-    if not (base / "config.json").exists():
+    loaded back from there, as a real run starts DPO from its SFT checkpoint (it is also the adapter's base). It is
+    reused while its inputs (model, steps, lr, seed, the tokenised items) are the same."""
+    base, key = out / "base_llava_hf", hashlib.sha256(json.dumps(  # what the warm start depends on
+        [args.model, args.sft_warmup_steps, args.sft_lr, args.seed, items]).encode()).hexdigest()[:16]
+    if not (base / f"warm_start_{key}").exists():
         for n, p in model.named_parameters():
             p.requires_grad_(not n.startswith("vision_tower."))
             p.data = p.data.float() if p.requires_grad else p.data
@@ -825,9 +831,11 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
             return {"loss": loss, "n": n_tokens}
 
         micro = max(1, 16 // world)  # a global batch of 16 samples (or the nearest multiple of the ranks)
-        train(args, "sft_warmup", model, max(len(items), micro * world), step, out / "sft_warmup", rank, world, log, {"": args.sft_lr},
-              batch_size=micro * world, micro_batch_size=micro, max_steps=args.sft_warmup_steps)
+        train(args, "sft_warmup", model, max(len(items), micro * world), step, out / f"sft_warmup_{key}", rank, world,
+              log, {"": args.sft_lr}, batch_size=micro * world, micro_batch_size=micro, max_steps=args.sft_warmup_steps)
         lm.save_merged(model, tokenizer, base, rank)
+        if rank == 0:
+            (base / f"warm_start_{key}").write_text(json.dumps({"model": args.model, "steps": args.sft_warmup_steps}))
         dist.barrier()
     return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None,
                    attn_implementation=args.attn_implementation)[0]

@@ -224,8 +224,10 @@ def setup_distributed(timeout_s: int = 1800):
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), device_id=device if backend == "nccl" else None)
+    # on GPU: nccl for CUDA tensors and gloo for the CPU ones (the loop's statistics, gathered answers)
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -1104,7 +1106,9 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                       file=sys.stderr)
         else:
             optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update makes torch warn about the order; it is intended
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += sums.get("tokens", 0.0)
         if tokens:
