@@ -531,6 +531,9 @@ def test_cli_answers(tmp_path):
                           "--question", "Is there a nodule?", "--max-new-tokens", "4"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+    model, tok = lm.load("tiny")  # the CLI's model (seed 0): its printed answer is this model's greedy answer
+    want = lm.ask(model.eval(), tok, [lm.load_image(img)], "Is there a nodule?", max_new_tokens=4)
+    assert out.stdout.strip() == want and want  # four random tokens: never empty
 
 
 def test_bad_image_files(tmp_path, monkeypatch):
