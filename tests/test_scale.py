@@ -67,8 +67,9 @@ class MetaCompute(TorchFunctionMode):
             if isinstance(out, torch.Tensor) and not out.is_floating_point():  # positions, masks: keep values
                 return func(*args, **{**kwargs, "device": "cpu"})
             return out
-        leaves = pytree.tree_leaves((args, kwargs))
-        if any(isinstance(t, torch.Tensor) and t.is_meta for t in leaves):
+        tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, (list, tuple)) else (a,))
+                   if isinstance(t, torch.Tensor)]  # (an op's tensors sit at most one list deep)
+        if any(t.is_meta for t in tensors) and any(not t.is_meta and t.dim() > 0 for t in tensors):
             args, kwargs = pytree.tree_map_only(
                 torch.Tensor, lambda t: t.to("meta") if t.device.type == "cpu" and t.dim() > 0 else t, (args, kwargs))
         return func(*args, **kwargs)
@@ -129,7 +130,7 @@ def test_7b_shapes_and_parameter_counts(meta_7b):
 
 
 @pytest.mark.parametrize("share", [True, False], ids=["prefix_shared", "two_rows"])
-def test_7b_dpo_step_on_meta(meta_7b, share):
+def test_7b_dpo_step_on_meta(meta_7b, share, monkeypatch):
     """dpo.py's step at the 7B shape on meta tensors, forward and backward: the shapes of every stage and the LoRA
     gradients; the reference is the same model with adapters off, under no_grad."""
     cfg, args, model, ref = meta_7b
@@ -154,6 +155,8 @@ def test_7b_dpo_step_on_meta(meta_7b, share):
              model.language_model.model.layers[-1].register_forward_hook(
                  record("decoder", lambda i, o: tuple((o[0] if isinstance(o, tuple) else o).shape))),
              model.language_model.lm_head.register_forward_hook(record("lm_head", lambda i, o: tuple(o.shape)))]
+    logps, sequence_logps = [], dpo.sequence_logps
+    monkeypatch.setattr(dpo, "sequence_logps", lambda *a: logps.append(sequence_logps(*a)) or logps[-1])
     model.train()
     try:
         with MetaCompute():
@@ -173,6 +176,8 @@ def test_7b_dpo_step_on_meta(meta_7b, share):
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
     for _, p in lora:
         p.grad = None
+    # the log-prob sums and counts of the policy and the reference: one per answer (3 chosen, then 3 rejected)
+    assert [(tuple(s.shape), tuple(c.shape), s.dtype) for s, c in logps] == [((6,), (6,), torch.float32)] * 2
 
 
 def test_memory_estimate_matches_measured_peak():
