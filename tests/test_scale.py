@@ -142,13 +142,15 @@ def test_7b_dpo_step_on_meta(meta_7b, share, monkeypatch):
     assert rows == (4 if share else 6)  # pair 2 (another rejected image) keeps two rows
     n_scored = sum(x != lm.IGNORE_INDEX for i in idx for side in ("chosen", "rejected") for x in data.items[i][side]["labels"])
     assert len(batch["score"][0]) == n_scored
-    seen = {"vit": [], "decoder": [], "lm_head": [], "grad_enabled": []}
+    seen = {"vit": [], "decoder": [], "lm_head": [], "grad_enabled": [], "adapters_off": []}
+    q_proj = model.language_model.model.layers[0].self_attn.q_proj
 
     def record(key, shape_of):
         def hook(module, inputs, output):  # returns None: the output is left as it is
             seen[key].append(shape_of(inputs, output))
             if key == "lm_head":
                 seen["grad_enabled"].append(torch.is_grad_enabled())
+                seen["adapters_off"].append(q_proj.disable_adapters)
         return hook
 
     hooks = [model.vision_tower.register_forward_hook(record("vit", lambda i, o: (tuple(i[0].shape), tuple(o.shape)))),
@@ -169,6 +171,7 @@ def test_7b_dpo_step_on_meta(meta_7b, share, monkeypatch):
     assert seen["vit"] == [((4, 3, 336, 336), (4, 576, 1024))]  # 4 distinct images (3 + pair 2's noised), once
     assert seen["decoder"] == [(rows, T, d)] * 2  # policy, then reference
     assert seen["lm_head"] == [(n_scored, V)] * 2 and seen["grad_enabled"] == [True, False]
+    assert seen["adapters_off"] == [False, True]  # the reference: the same weights with LoRA switched off
     assert out["loss"].is_meta and out["loss"].shape == () and out["n"].item() == 3
     assert out["margin"].shape == () and out["accuracy"].shape == ()
     lora = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
