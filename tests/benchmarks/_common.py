@@ -92,3 +92,9 @@ def write_result(name: str, result: dict, out_dir: str = "runs/bench") -> Path:
     print(json.dumps(result, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def load_average() -> float:
+    """The 1-minute load average (other jobs on a shared machine slow every contender; ratios taken in one process,
+    taking turns, are what survive it)."""
+    return round(os.getloadavg()[0], 2)

@@ -9,7 +9,9 @@ dense bf16 peak).
     python tests/benchmarks/bench_7b.py --compile --pairs 4 --length 1024 --answer 256
     python tests/benchmarks/bench_7b.py --shape small --steps 2  # the same code path on CPU (no MFU)
 
-Model FLOPs counted per step (recomputation by activation checkpointing is not counted: MFU, not HFU):
+Model FLOPs counted per step, on TRL's layout of 2N rows for both sides (the work the step must do; prefix sharing
+does less of it, so our MFU with sharing on counts the prompt it did not recompute as done; recomputation by
+activation checkpointing is not counted: MFU, not HFU):
   LM body (non-embedding weights N): policy forward 2N + backward input-gradients 2N per token (frozen base: no
   weight gradients) + LoRA forward/backward 6 N_lora per token + reference forward 2N per token;
   attention: causal 2 L d T^2 per sequence forward, x3 for policy forward+backward, x1 for the reference;
@@ -92,6 +94,7 @@ def main():
     p.add_argument("--no-activation-checkpointing", action="store_true")
     p.add_argument("--attn", default="sdpa")  # transformers attention implementation, both sides
     p.add_argument("--no-trl", action="store_true")  # ours only
+    p.add_argument("--no-prefix-sharing", action="store_true")  # ours on TRL's 2N rows (dpo.py --no-prefix-sharing)
     a = p.parse_args()
     rank, world, device = dpo.setup_distributed()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -100,7 +103,7 @@ def main():
     n_img_tok = cfg.num_image_tokens
     data = SyntheticPairs(a.pairs, a.length, 1, cfg, cfg.text_config.vocab_size - 1, answer=a.answer)
     idx = list(range(a.pairs))
-    batch = dpo.collate_pairs(data, idx, 0)
+    batch = dpo.collate_pairs(data, idx, 0, share_prefix=False)  # TRL's 2N rows: its inputs, and the FLOPs counted
     ac = not a.no_activation_checkpointing
     sync = torch.cuda.synchronize if device.type == "cuda" else None
 
@@ -112,7 +115,7 @@ def main():
     torch.set_default_dtype(prev)
     model.freeze_vision()
     args = dpo.Args(lora_r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, batch_size=a.pairs * world,
-                    micro_batch_size=a.pairs)
+                    micro_batch_size=a.pairs, prefix_sharing=not a.no_prefix_sharing)
     model, ref = dpo.build_models(args, model, device)
     n_lora = sum(q.numel() for n, q in model.named_parameters() if "lora_" in n)
     dpo.shard(model, device, ac, a.compile)
@@ -121,7 +124,7 @@ def main():
     tok_stub = SimpleNamespace(pad_token_id=0)
 
     def ours():
-        dpo.dpo_step(args, model, ref, data, idx, tok_stub, device, world)
+        dpo.dpo_step(args, model, ref, data, idx, tok_stub, device)["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -191,7 +194,7 @@ def main():
         C.write_result("7b" if a.shape == "7b" else "7b_shape_small", {
             "shape": a.shape, "pairs": a.pairs, "rows": 2 * a.pairs, "length": a.length, "answer": a.answer,
             "tokens_per_step": tokens, "lora_r": a.lora_r, "lora_params": n_lora, "compile": a.compile,
-            "activation_checkpointing": ac, "attn": a.attn, "dtype": str(dtype), "model_flops_per_step": flops,
+            "activation_checkpointing": ac, "attn": a.attn, "prefix_sharing": not a.no_prefix_sharing, "dtype": str(dtype), "model_flops_per_step": flops,
             "peak_bf16_flops": peak, "results": res, "target_mfu": 0.4,
             "speedup_vs_trl": res["trl"]["step_s"] / res["ours"]["step_s"] if "trl" in res else None})
     torch.distributed.destroy_process_group()

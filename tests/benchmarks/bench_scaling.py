@@ -67,7 +67,7 @@ def main():
             data = SyntheticPairs(a.pairs, length, n_img, model.config, len(tok))
 
             def step():
-                dpo.dpo_step(args, model, ref, data, idx, tok, torch.device("cpu"), 1)
+                dpo.dpo_step(args, model, ref, data, idx, tok, torch.device("cpu"))["loss"].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
