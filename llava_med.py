@@ -573,9 +573,11 @@ class LlavaMed(nn.Module):
         `attention_mask` is [B, T] (1 = token, 0 = padding; causal attention) or a boolean [B, 1, T, T] mask
         (True = may attend; e.g. two answers sharing one prompt) with explicit `position_ids`."""
         embeds = self.embed(input_ids, pixel_values, image_features)
-        if attention_mask is not None and attention_mask.dim() == 4 and self.config.text_config._attn_implementation == "eager":
+        if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.dtype == torch.bool:
+            # once, as the additive mask every layer adds to its scores (eager needs it; SDPA would otherwise make
+            # and keep a float copy of a boolean mask in every layer)
             attention_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
-                ~attention_mask, torch.finfo(embeds.dtype).min)  # eager attention adds the mask to the scores
+                ~attention_mask, torch.finfo(embeds.dtype).min)
         if use_cache and past_key_values is None:  # ours, filled in place by the decoder: never read back from its output
             past_key_values = transformers.DynamicCache(config=self.language_model.config)
         out = self.language_model.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,

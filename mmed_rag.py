@@ -738,8 +738,12 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
     kw = {"mp_policy": mp} if mp else {}
-    if activation_checkpointing:
-        model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if activation_checkpointing:  # transformers 5.24 renamed gradient_checkpointing_enable (kept until v6)
+        lm_ = model.language_model
+        if hasattr(lm_, "activation_checkpointing_enable"):
+            lm_.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            lm_.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     for layer in model.language_model.model.layers:
         if compile:
             layer.compile()
