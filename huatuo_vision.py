@@ -314,7 +314,7 @@ def filter_sources(records, lexicon, min_terms: int, min_side: int, folder: Path
     caption's terms; the inline context is not counted), image size, non-medical images (when a classifier
     `is_medical(paths) -> [bool]` is given; a record goes when any of its images is non-medical), near-duplicate
     captions. Returns [(where, record, caption)]; `stats` counts what each filter removed."""
-    for reason in ["no caption or image", "too few medical terms", "image too small"] + ["non-medical image"] * bool(is_medical):
+    for reason in ["no caption or image", "too few medical terms", "image too small"] + (["non-medical image"] if is_medical else []):
         stats.setdefault(reason, 0)
     kept = []
     for where, rec in records:
@@ -396,9 +396,11 @@ def build_stage(args: Args, model, tokenizer, device, rank: int, world: int, out
     del is_medical
     reformatter, rtok = (model, tokenizer) if args.reformat_model == args.model else lm.load(
         args.reformat_model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
-    generate = lambda jobs: lm.generate_sharded(reformatter.eval(), rtok, [{"turns": [("user", p)], "images": imgs}
-                                                                         for imgs, p in jobs], 8, rank, world,
-                                                "reformat", max_new_tokens=args.reformat_max_new_tokens)
+
+    def generate(jobs):  # greedy, 8 prompts per batch
+        return lm.generate_sharded(reformatter.eval(), rtok, [{"turns": [("user", p)], "images": imgs} for imgs, p in jobs],
+                                   8, rank, world, "reformat", max_new_tokens=args.reformat_max_new_tokens)
+
     built = dict(zip(names, build_pubmedvision(sources, folder, generate, args.seed, stats)))
     summary = {"sources": len(records), "after_filters": len(sources), "alignment_vqa": len(built["alignment"]),
                "instruction_vqa": len(built["instruction"]), "removed": stats,
