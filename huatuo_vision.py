@@ -3,37 +3,44 @@ LLaVA-1.5-style SFT, zero-shot multiple-choice evaluation.
 
     # embedded default: build PubMedVision-style records from the toy captions, stage 1, stage 2, evaluate (CPU)
     python huatuo_vision.py
-    # one stage on real data (PubMedVision + LLaVA mix), 8 GPUs; then evaluate a checkpoint
+    # one stage on real data (PubMedVision + LLaVA mix), 8 GPUs; the non-medical-image filter needs a local CLIP
     torchrun --nproc-per-node=8 huatuo_vision.py --stages 1 --model /ckpt/llava-v1.5-base \\
         --train-data PubMedVision_Alignment_VQA.json,llava_558k.json --image-folder /data/images --out runs/hv1
     torchrun --nproc-per-node=8 huatuo_vision.py --stages 2 --model runs/hv1/llava_hf \\
         --train-data PubMedVision_InstructionTuning_VQA.json,llava_mix665k.json --image-folder /data/images --out runs/hv2
-    torchrun --nproc-per-node=8 huatuo_vision.py --stages eval --model /ckpt/HuatuoGPT-Vision-7B \\
+    torchrun --nproc-per-node=8 huatuo_vision.py --stages build --source pmc_pairs.json --reformat-model /ckpt/vlm \\
+        --image-filter-model /ckpt/clip-vit-large-patch14-336 --out runs/pmv
+    # evaluate a checkpoint only (no training data is read); every flag: python huatuo_vision.py --help
+    torchrun --nproc-per-node=8 huatuo_vision.py --eval-only --model /ckpt/HuatuoGPT-Vision-7B \\
         --eval-data medical_multimodel_evaluation_data.json --eval-image-folder /data/eval_images
 
 The method, as in the paper (Sec. 3, App. B-E):
   1. PubMedVision building from image-caption(+inline context) pairs: keep captions with >= N medical terms (a
-     lexicon), images of at least S px, drop near-duplicate captions (embedding cosine), then "unblinded"
-     reformatting: a VLM sees the image(s) and the context inside <reference>...</reference> and writes a
-     description and a Q&A pair in one of the scenario styles. Alignment-VQA = (a fixed describe-question,
-     description); Instruction-VQA = (the generated question, answer). Malformed generations are counted and skipped.
+     lexicon), images of at least S px that a CLIP classifier calls medical, drop near-duplicate captions (embedding
+     cosine), then "unblinded" reformatting: a VLM sees the image(s) and the context inside <reference>...</reference>
+     and writes a description and a Q&A pair in one of the scenario styles. Alignment-VQA = (a fixed describe-
+     question, description); Instruction-VQA = (the generated question, answer). Malformed generations are skipped.
   2. Stage 1 (alignment): train the projector only (lr 1e-3, LLaVA-1.5) on captions + Alignment-VQA.
      Stage 2 (instruction tuning): train the LLM and projector (full or LoRA), lr 2e-5, on instructions +
-     Instruction-VQA. Loss: token cross-entropy over answer tokens (below).
+     Instruction-VQA. Loss: token cross-entropy summed over the answer tokens and divided by the number of answer
+     tokens of the whole global batch (sft_loss_sum and the training loop, copied from dpo.py).
   3. Evaluation: multiple choice, zero-shot, prompt "{question}\\nA. ...\\nB. ...\\nAnswer with the option's letter from
      the given choices directly."; the answer letter is matched in three steps (letter, then option text, then the
      closest option); accuracy per dataset and overall.
 Template: `huatuo` ("<|user|>\\n...\\n<|assistant|>\\n", EOS ends answers; llava_med.TEMPLATES) for HuatuoGPT-Vision
-checkpoints; the tiny model keeps its own (mistral_instruct) unless --template is given.
+checkpoints; the tiny model keeps its own (mistral_instruct) unless --template is given. Images are converted to RGB
+before padding, as the released cli.py and LLaVA's trainer do (llava_med.load_image keeps grey images grey).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -46,10 +53,12 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -58,49 +67,57 @@ import llava_med as lm
 
 @dataclass
 class Args:
-    stages: str = "build,1,2,eval"  # comma list of: build (PubMedVision records), 1 (alignment), 2 (instruction), eval
-    # data building
+    # data building (every field above `stages` keys the built-records cache in --out)
     source: str = "data/toy/train.json"  # image-caption records: {"id","image","caption"|"report","context"?,"modality"?,"body_part"?}
     source_image_folder: str = ""  # images of --source ("" = its folder)
     lexicon: str = "data/medical_terms.txt"  # medical terms, one per line (the paper uses UMLS SPECIALIST + GPT-4 cleanup)
     min_medical_terms: int = 3  # keep captions with at least this many distinct lexicon terms (paper: 5, with UMLS)
     min_image_side: int = -1  # drop images smaller than this (paper: 336); -1 = 336, or 32 for the toy set's 64 px images
+    image_filter_model: str = ""  # local CLIP folder (CLIPModel + CLIPProcessor) for the non-medical-image filter ("" = off)
+    image_filter_threshold: float = 0.5  # keep an image when the zero-shot P(medical) is at least this
     dedup_threshold: float = 0.95  # drop a caption whose cosine similarity to a kept one is at least this
-    reformat_model: str = "tiny"  # the VLM that rewrites captions (any checkpoint llava_med.load reads)
+    reformat_model: str = "tiny"  # the VLM that rewrites captions (any checkpoint llava_med.load reads; = --model: that one)
     reformat_max_new_tokens: int = 128  # generation budget of the reformatter
-    # training
     model: str = "tiny"  # "tiny" or a checkpoint folder; stage 2 continues from stage 1's weights in the same run
     template: str = ""  # chat template override ("" = the checkpoint's)
-    dtype: str = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    seed: int = 0  # same seed + same data = same run (also the reformatter's scenario choice)
+    stages: str = "build,1,2,eval"  # comma list of: build (PubMedVision records), 1 (alignment), 2 (instruction), eval
+    # training
     train_data: str = ""  # extra LLaVA-format json/jsonl files for both stages, comma-separated ("" = toy defaults)
     image_folder: str = ""  # images of --train-data ("" = each file's folder)
     max_length: int = 512  # tokens per sample, image tokens included (a 6-image sample needs 6 x 576 on LLaVA-1.5)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
     lr1: float = 1e-3  # stage 1 learning rate (projector only; LLaVA-1.5 pretrain)
     lr2: float = -1  # stage 2 learning rate; -1 = 2e-5 (paper), or 1e-3 for --model tiny (random weights)
-    lora: bool = False  # stage 2 with LoRA on the LLM (r 128, alpha 256) instead of full fine-tuning
+    lora: bool = False  # stage 2 with LoRA on the LLM instead of full fine-tuning (the projector trains in both)
+    lora_r: int = 128  # LoRA rank of --lora
+    lora_alpha: int = 256  # LoRA alpha of --lora
+    lora_dropout: float = 0.05  # LoRA dropout of --lora (LLaVA's train.py default)
     epochs1: float = 1.0  # stage 1 epochs (fractional allowed)
     epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 30 for --model tiny (letter answers take ~2000 steps)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
-    micro_batch_size: int = 8  # samples per forward on one rank
+    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
+    weight_decay: float = 0.0  # AdamW weight decay (LLaVA-1.5: 0)
     grad_clip: float = 1.0  # max gradient norm (0 = off)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     activation_checkpointing: bool = False  # recompute decoder layers in backward
-    attn_implementation: str = "sdpa"  # transformers attention kernel: sdpa (flash/mem-efficient on GPU), flash_attention_2, eager
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel (sdpa: flash/mem-efficient on GPU)
     compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
-    seed: int = 0  # same seed + same data = same run
-    dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
+    dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # output
-    out: str = "runs/huatuo_vision"  # built data, checkpoints, metrics.jsonl, llava_hf/ exports, eval results
+    out: str = "runs/huatuo_vision"  # built data, checkpoints (out/stage1, out/stage2), metrics.jsonl, llava_hf/, results
     save_every: int = 0  # checkpoint every N steps within a stage (0 = at the end of the stage)
     resume: bool = True  # continue a stage from its newest complete checkpoint
     # evaluation
+    eval_only: bool = False  # only evaluate --model on --eval-data (= --stages eval: nothing is built or trained)
     eval_data: str = "data/toy/test_mc.json"  # HuatuoGPT eval json, or VQA-RAD / SLAKE (closed questions as [yes, no])
     eval_image_folder: str = ""  # images of --eval-data ("" = next to it)
     eval_limit: int = 0  # first N questions (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_before: bool = True  # also evaluate the starting model
-    mc_scoring: str = "ours"  # answer-letter matcher: ours, or huatuo = the released match_choice3 (paper numbers)
+    mc_scoring: Literal["ours", "huatuo"] = "ours"  # answer-letter matcher: ours, or huatuo = the released match_choice3 (paper numbers)
 
 
 # Copied from dpo.py: parse_args
@@ -120,6 +137,37 @@ def parse_args(cls, argv=None):
             kw["type"] = {"int": int, "float": float, "str": str}[f.type]
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+# Copied from dpo.py: cache_key
+def cache_key(args, before: str, *content) -> str:
+    """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
+    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    names = [f.name for f in dataclasses.fields(args)]
+    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Copied from dpo.py: cli
+def cli(main):
+    """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except lm.DataError as e:
+        kind = "bad model" if isinstance(e, lm.ModelError) else "bad data"
+        hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
+        print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)
 
 
 # Copied from dpo.py: setup_distributed
@@ -144,8 +192,19 @@ def setup_distributed(timeout_s: int = 1800):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# Copied from dpo.py: jsonl_logger
+def jsonl_logger(path: Path, rank: int):
+    """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
+    def log(row: dict):
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 1. PubMedVision data building: filter -> dedup -> unblinded reformatting
+# 1. PubMedVision data building: filters -> dedup -> unblinded reformatting
 # ----------------------------------------------------------------------------------------------------------
 
 ALIGNMENT_QUESTIONS = [  # predefined describe-questions q' of Alignment-VQA (paper App. C; single-image variants)
@@ -170,9 +229,14 @@ REFORMAT_PROMPT = (
     "reference, but never mentioning the reference, reply with JSON only: {{\"Image_description\": a detailed "
     "description, \"QA-query\": a question about the image, \"QA-answer\": its answer}}. Scenario: {scenario}\n"
     "<reference>{context}</reference>")
+# zero-shot classes of the non-medical-image filter; the paper's "non-medical" examples are charts and the like
+MEDICAL_PROMPTS = ("a medical image", "a radiology scan", "a microscopy image of tissue", "a clinical photograph")
+NON_MEDICAL_PROMPTS = ("a non-medical image", "a chart or a plot", "a diagram or a flowchart", "a photograph of everyday things")
 
 
 def load_lexicon(path: str) -> list[str]:
+    if not Path(path).is_file():
+        raise lm.DataError(f"{path}: lexicon file not found")
     terms = [t.strip().lower() for t in Path(path).read_text(encoding="utf-8").splitlines()]
     return sorted({t for t in terms if t and not t.startswith("#")})
 
@@ -211,26 +275,69 @@ def dedup(texts: list[str], threshold: float, block: int = 4096) -> list[int]:
     return kept
 
 
-def filter_sources(records, lexicon, min_terms: int, min_side: int, folder: Path, dedup_threshold: float, stats: dict):
-    """The three PubMedVision filters; `stats` counts what each removed."""
+class MedicalImageFilter:
+    """The paper drops non-medical images (charts etc.) with a classifier on a CLIP image encoder, trained on 1K
+    hand-labelled and 10K GPT-4V-labelled images (91 % val. accuracy; not released). This is its zero-shot stand-in
+    with a CLIP model from a local folder (transformers' CLIPModel + CLIPProcessor, safetensors, no download):
+    P(medical) = CLIP's softmax over all prompts (logit_scale x cosine), summed over the medical prompts.
+    __call__(paths) -> [is medical]; images are opened as RGB."""
+
+    def __init__(self, path: str, device, threshold: float = 0.5, medical=MEDICAL_PROMPTS, non_medical=NON_MEDICAL_PROMPTS,
+                 batch_size: int = 32):
+        from transformers import CLIPModel, CLIPProcessor
+
+        if not (Path(path) / "config.json").is_file():
+            raise lm.ModelError(f"{path}: no config.json (--image-filter-model takes a local CLIPModel + CLIPProcessor folder)")
+        try:
+            self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError, KeyError) as e:
+            raise lm.ModelError(f"{path}: cannot load a CLIP model and processor ({type(e).__name__}: {str(e)[:200]})") from None
+        self.device, self.threshold, self.batch_size = device, threshold, batch_size
+        self.prompts, self.n_medical = list(medical) + list(non_medical), len(medical)
+
+    @torch.no_grad()
+    def p_medical(self, paths: list) -> torch.Tensor:
+        out = [torch.zeros(0)]
+        for s in range(0, len(paths), self.batch_size):
+            images = [lm.load_image(p).convert("RGB") for p in paths[s:s + self.batch_size]]
+            inputs = self.processor(text=self.prompts, images=images, return_tensors="pt", padding=True).to(self.device)
+            probs = self.model(**inputs).logits_per_image.float().softmax(-1)
+            out.append(probs[:, :self.n_medical].sum(-1).cpu())
+        return torch.cat(out)
+
+    def __call__(self, paths: list) -> list[bool]:
+        return (self.p_medical(paths) >= self.threshold).tolist()
+
+
+def filter_sources(records, lexicon, min_terms: int, min_side: int, folder: Path, dedup_threshold: float, stats: dict,
+                   is_medical=None):
+    """The PubMedVision filters (paper Sec. 3.1) in order: medical terms in the caption (the paper counts the
+    caption's terms; the inline context is not counted), image size, non-medical images (when a classifier
+    `is_medical(paths) -> [bool]` is given; a record goes when any of its images is non-medical), near-duplicate
+    captions. Returns [(where, record, caption)]; `stats` counts what each filter removed."""
+    for reason in ["no caption or image", "too few medical terms", "image too small"] + (["non-medical image"] if is_medical else []):
+        stats.setdefault(reason, 0)
     kept = []
     for where, rec in records:
         caption = rec.get("caption") or rec.get("report") or ""
-        images = lm.record_images(rec, where)
+        images = [lm.resolve_image(folder, p, where) for p in lm.record_images(rec, where)]
         if not caption or not images:
-            stats["no caption or image"] = stats.get("no caption or image", 0) + 1
-            continue
-        if count_medical_terms(caption + " " + rec.get("context", ""), lexicon) < min_terms:
-            stats["too few medical terms"] = stats.get("too few medical terms", 0) + 1
-            continue
-        sizes = [lm.load_image(lm.resolve_image(folder, p, where)).size for p in images]
-        if min(min(s) for s in sizes) < min_side:
-            stats["image too small"] = stats.get("image too small", 0) + 1
-            continue
-        kept.append((where, rec, caption))
-    keep = dedup([c for _, _, c in kept], dedup_threshold)
-    stats["near-duplicate caption"] = len(kept) - len(keep)
-    return [kept[i] for i in keep]
+            stats["no caption or image"] += 1
+        elif count_medical_terms(caption, lexicon) < min_terms:
+            stats["too few medical terms"] += 1
+        elif min(min(lm.load_image(p).size) for p in images) < min_side:
+            stats["image too small"] += 1
+        else:
+            kept.append((where, rec, caption, images))
+    if is_medical is not None:  # one batched pass over the images of every record still kept
+        verdicts = iter(is_medical([p for *_, images in kept for p in images]))
+        medical = [all([next(verdicts) for _ in images]) for *_, images in kept]
+        stats["non-medical image"] += medical.count(False)
+        kept = [k for k, ok in zip(kept, medical) if ok]
+    keep = dedup([c for _, _, c, _ in kept], dedup_threshold)
+    stats["near-duplicate caption"] = stats.get("near-duplicate caption", 0) + len(kept) - len(keep)
+    return [kept[i][:3] for i in keep]
 
 
 def parse_reformat(text: str) -> dict | None:
@@ -265,8 +372,7 @@ def build_pubmedvision(sources, folder: Path, generate_fn, seed: int, stats: dic
             stats["malformed generation"] = stats.get("malformed generation", 0) + 1
             continue
         q = rng.choice(MULTI_IMAGE_QUESTIONS if len(images) > 1 else ALIGNMENT_QUESTIONS)
-        meta = {"image": images, "modality": rec.get("modality", ""),
-                "body_part": rec.get("body_part", "")}
+        meta = {"image": images, "modality": rec.get("modality", ""), "body_part": rec.get("body_part", "")}
         alignment.append({"id": f"Alignment_VQA_{len(alignment)}", **meta, "conversations": [
             {"from": "human", "value": q}, {"from": "gpt", "value": parsed["Image_description"]}]})
         instruction.append({"id": f"Instruction_VQA_{len(instruction)}", **meta, "conversations": [
@@ -274,21 +380,39 @@ def build_pubmedvision(sources, folder: Path, generate_fn, seed: int, stats: dic
     return alignment, instruction
 
 
-def vlm_generate_fn(model, tokenizer, max_new_tokens: int, batch_size: int = 8):
-    cfg = model.config
+def build_stage(args: Args, model, tokenizer, device, rank: int, world: int, out: Path) -> tuple[dict, dict]:
+    """Filters and reformatting (every rank filters the same records; lm.generate_sharded shares the generations
+    out and gathers them, so the records do not depend on the number of ranks). Cached: out/pubmedvision_*.json are
+    reused when pubmedvision_build.json holds the key of every Args field above `stages` and the source file."""
+    records = lm.read_records(args.source)
+    lexicon = load_lexicon(args.lexicon)
+    key = cache_key(args, "stages", file_sha256(Path(args.source)), lexicon)
+    meta, names = out / "pubmedvision_build.json", ("alignment", "instruction")
+    if meta.is_file() and json.loads(meta.read_text()).get("key") == key:  # written last: its files are complete
+        return ({n: json.loads((out / f"pubmedvision_{n}.json").read_text()) for n in names},
+                dict(json.loads(meta.read_text())["build"], cached=True))
+    stats, folder = {}, Path(args.source_image_folder or Path(args.source).parent)
+    is_medical = MedicalImageFilter(args.image_filter_model, device, args.image_filter_threshold) if args.image_filter_model else None
+    sources = filter_sources(records, lexicon, args.min_medical_terms, args.min_image_side, folder, args.dedup_threshold,
+                             stats, is_medical)
+    del is_medical
+    reformatter, rtok = (model, tokenizer) if args.reformat_model == args.model else lm.load(
+        args.reformat_model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
 
-    def run(jobs):
-        outs = []
-        for s in tqdm(range(0, len(jobs), batch_size), desc="reformat", leave=False):
-            prompts, pix = [], []
-            for images, prompt in jobs[s:s + batch_size]:
-                turns = lm.place_image_markers([("user", prompt)], len(images))
-                prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id))
-                pix += [lm.preprocess_image(lm.load_image(p), cfg.image_size, cfg.image_mean, cfg.image_std) for p in images]
-            outs += lm.generate(model, tokenizer, prompts, torch.stack(pix), max_new_tokens=max_new_tokens, sync=False)
-        return outs
+    def generate(jobs):  # greedy, 8 prompts per batch
+        return lm.generate_sharded(reformatter.eval(), rtok, [{"turns": [("user", p)], "images": imgs} for imgs, p in jobs],
+                                   8, rank, world, "reformat", max_new_tokens=args.reformat_max_new_tokens)
 
-    return run
+    built = dict(zip(names, build_pubmedvision(sources, folder, generate, args.seed, stats)))
+    summary = {"sources": len(records), "after_filters": len(sources), "alignment_vqa": len(built["alignment"]),
+               "instruction_vqa": len(built["instruction"]), "removed": stats,
+               "image_filter": args.image_filter_model or "off (no --image-filter-model)"}
+    if rank == 0:
+        meta.unlink(missing_ok=True)
+        for n in names:
+            (out / f"pubmedvision_{n}.json").write_text(json.dumps(built[n], indent=1, ensure_ascii=False))
+        meta.write_text(json.dumps({"key": key, "build": summary}, indent=1))
+    return built, summary
 
 
 def toy_sft_records(path: Path) -> tuple[list[dict], list[dict]]:
@@ -308,9 +432,26 @@ def toy_sft_records(path: Path) -> tuple[list[dict], list[dict]]:
     return align, instruct
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. SFT data and loss
-# ----------------------------------------------------------------------------------------------------------
+def stage_records(args: Args, built: dict) -> dict:
+    """{stage: [(where, record, image folder)]}: the --train-data files (or the toy stand-ins) + the built records."""
+    if args.train_data:
+        extra = [(w, r, Path(args.image_folder or Path(f).parent)) for f in args.train_data.split(",")
+                 for w, r in lm.read_records(f)]
+        recs = {1: extra, 2: list(extra)}
+    else:
+        align, instruct = toy_sft_records(lm.REPO / "data" / "toy" / "train.json")
+        recs = {1: [(f"toy captions[{i}]", r, lm.REPO / "data" / "toy") for i, r in enumerate(align)],
+                2: [(f"toy instructions[{i}]", r, lm.REPO / "data" / "toy") for i, r in enumerate(instruct)]}
+    recs[1] += [(f"built alignment[{i}]", r, Path("/")) for i, r in enumerate(built["alignment"])]
+    recs[2] += [(f"built instruction[{i}]", r, Path("/")) for i, r in enumerate(built["instruction"])]
+    return recs
+
+
+def rgb_image(path):
+    """HuatuoGPT-Vision's cli.py (get_image_tensors) and LLaVA's train.py open every image with .convert('RGB')
+    before expand2square, so a grey image is padded with the mean colour (llava_med.load_image keeps it grey "L",
+    which LLaVA-Med pads with grey 114)."""
+    return lm.load_image(path).convert("RGB")
 
 
 class SFTData:
@@ -332,6 +473,7 @@ class SFTData:
                 self.items.append({**s, "images": paths})
             except lm.DataError as e:
                 if not skip_bad:
+                    e.skippable = True  # cli() then suggests --skip-bad-samples
                     raise
                 reason = str(e)[len(where) + 2:].split(" (")[0][:60] if str(e).startswith(where) else str(e)[:60]
                 self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -342,48 +484,42 @@ class SFTData:
         return len(self.items)
 
     def batch(self, idx: list[int], pad_id: int) -> dict:
-        cfg = self.cfg
         items = [self.items[i] for i in idx]
         b = lm.collate(items, pad_id)
-        pix = [lm.preprocess_image(lm.load_image(p), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                   pad=cfg.image_aspect_ratio == "pad") for it in items for p in it["images"]]
+        pix = [lm.image_tensor(self.cfg, rgb_image(p)) for it in items for p in it["images"]]
         b["pixel_values"] = torch.stack(pix) if pix else None
         return b
 
 
-def sft_loss_sum(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed token cross-entropy over answer tokens, and their count. The step divides the sum by the number of
-    answer tokens in the whole global batch (all ranks, all micro-batches), so every answer token weighs the same
-    whatever the batch split (a per-micro-batch mean would over-weight short answers; LLaVA averages per micro-batch)."""
+# ----------------------------------------------------------------------------------------------------------
+# 2. Loss, trainable parameters, the training loop (copied from dpo.py) and the SFT step
+# ----------------------------------------------------------------------------------------------------------
+
+
+# Copied from dpo.py: sft_loss_sum
+def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over the supervised (answer) tokens, and their count. The training loop divides
+    the sum by the count of the whole global batch (all ranks, all micro-batches), so every answer token weighs the
+    same whatever the split (a per-micro-batch mean, as LLaVA's trainer takes, over-weights short answers)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     mask = torch.zeros_like(labels, dtype=torch.bool)
     mask[:, :-1] = targets != lm.IGNORE_INDEX
     logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
                    logits_mask=mask).logits.float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[mask[:, :-1]], reduction="sum")
-    return loss, mask.sum()
+    return F.cross_entropy(logits, targets[mask[:, :-1]], reduction="sum"), mask.sum().float()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Training loop (one stage)
-# ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from dpo.py: LORA_TARGETS
-LORA_TARGETS = r".*language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-# Copied from dpo.py: add_lora
-def add_lora(model, r: int, alpha: int, dropout: float):
-    """LoRA (peft) on every linear layer of the language model's decoder (attention + MLP), nothing in the vision
-    tower, projector or lm_head (MMed-RAG / MMedPO / STLLaVA-Med: all LM linear layers)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    inject_adapter_in_model(config, model)
-    model.lora_config = config
-    return model
+def set_trainable(model, stage: int | None, lora: bool):
+    """Stage 1: projector only. Stage 2: projector + LLM (full), or projector + LoRA adapters. None: nothing
+    (evaluation). Trained parameters are kept in fp32 (AdamW master weights); the rest stay as loaded (bf16 on
+    GPU). Call before sharding: FSDP2 fixes what needs gradients when it wraps the model."""
+    for n, p in model.named_parameters():
+        train = stage is not None and (n.startswith("projector.") or (
+            stage == 2 and (("lora_" in n) if lora else n.startswith("language_model."))))
+        p.requires_grad_(train)
+        if train:
+            p.data = p.data.float()
 
 
 # Copied from dpo.py: shard
@@ -415,6 +551,33 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
     model.reshard()  # a forward without backward leaves the root gathered; training must start from the shards
     return model
+
+
+# Copied from dpo.py: cosine_schedule
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# Copied from dpo.py: global_batches
+def global_batches(n: int, batch_size: int, epoch: int, seed: int):
+    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
+    last partial batch is dropped so every step has the same size."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+# Copied from dpo.py: my_micro_batches
+def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
+    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return chunks[rank::world]
 
 
 # Copied from dpo.py: full_tensor
@@ -522,31 +685,92 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
     return state
 
 
-# Copied from dpo.py: cosine_schedule
-def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
-
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# Copied from dpo.py: global_batches
-def global_batches(n: int, batch_size: int, epoch: int, seed: int):
-    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
-    last partial batch is dropped so every step has the same size."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-# Copied from dpo.py: my_micro_batches
-def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
-    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
-    return chunks[rank::world]
+# Copied from dpo.py: train
+def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+    """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
+    batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
+    (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
+    returns summed statistics with their graph in "loss" (a SUM over the units the loss averages: pairs, tokens)
+    and "n" (how many units). The loop runs backward, reduces gradients once per step, scales them by ranks / n of
+    the whole global batch (FSDP2 averages over ranks), so the update follows the global mean whatever the split,
+    clips, and steps AdamW (one group per name prefix in lr_groups; "" = the rest) on a warmup + cosine schedule.
+    A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
+    update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
+    checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
+    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    master = rank == 0
+    if batch_size % (micro_batch_size * world):
+        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
+                         f"({micro_batch_size} x {world})")
+    steps_per_epoch = n_items // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {n_items} items is less than one global batch ({batch_size})")
+    total = max_steps if max_steps >= 0 else max(1, int(steps_per_epoch * epochs))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in params.items() if n.startswith(prefix) and (prefix or not any(
+        n.startswith(q) for q in lr_groups if q))], "lr": lr} for prefix, lr in lr_groups.items()]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999), fused=True)
+    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
+    step, nonfinite = 0, 0
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
+        if master:
+            print(f"{name}: resumed from {resume_from} (step {step})")
+    trainable = list(params.values())
+    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
+    t0, tokens = time.time(), 0.0
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        model.train()
+        micro = my_micro_batches(global_batches(n_items, batch_size, epoch, args.seed)[k], micro_batch_size, rank, world)
+        sums = {}
+        for m, idx in enumerate(micro):
+            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
+            stats = step_fn(idx, epoch)
+            stats["loss"].backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys])
+        dist.all_reduce(totals)
+        sums = dict(zip(keys, totals.tolist()))
+        n = sums.pop("n")
+        for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
+            if p.grad is not None:
+                p.grad.mul_(world / n)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        step += 1
+        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
+               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            row["skipped_nonfinite"] = nonfinite
+            if master:
+                print(f"warning: {name} step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)",
+                      file=sys.stderr)
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sums.get("tokens", 0.0)
+        if tokens:
+            row["tokens_per_s"] = tokens / (time.time() - t0)
+        log(row)
+        bar.update(1)
+        bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    bar.close()
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
 # Copied from dpo.py: to_device
@@ -554,91 +778,29 @@ def to_device(batch, device):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def train_stage(args: Args, stage: int, model, tokenizer, data: SFTData, device, rank: int, world: int, log) -> None:
-    """One SFT stage with FSDP2. Stage 1: projector only. Stage 2: LLM + projector (full) or LoRA + projector."""
-    out = Path(args.out) / f"stage{stage}"
-    lr = args.lr1 if stage == 1 else args.lr2
-    epochs = args.epochs1 if stage == 1 else args.epochs2
-    steps_per_epoch = len(data) // args.batch_size
-    total = max(1, int(steps_per_epoch * epochs))
-    if steps_per_epoch == 0:
-        raise ValueError(f"stage {stage}: {len(data)} samples is less than one global batch ({args.batch_size})")
-    if args.batch_size % (args.micro_batch_size * world):
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of {args.micro_batch_size} x {world} ranks")
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
-                                  fused=device.type == "cuda")
-    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
-    step = 0
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer, scheduler, rank)["step"]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total, initial=step, desc=f"stage {stage}", disable=rank != 0)
-    t0, seen = time.time(), 0.0
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        batch_idx = global_batches(len(data), args.batch_size, epoch, args.seed + stage)[k]
-        micro = my_micro_batches(batch_idx, args.micro_batch_size, rank, world)
-        # answer tokens of the whole global batch: every rank knows its micro-batches; one all-reduce sums them
-        n_tokens = torch.tensor(float(sum(sum(l != lm.IGNORE_INDEX for l in data.items[i]["labels"][1:])
-                                          for mb in micro for i in mb)))
-        dist.all_reduce(n_tokens)
-        model.train()
-        loss_sum = torch.zeros(())
-        for m, idx in enumerate(micro):
-            model.set_requires_gradient_sync(m == len(micro) - 1)
-            batch = to_device(data.batch(idx, tokenizer.pad_token_id), device)
-            loss, _ = sft_loss_sum(model, batch)
-            (loss * world / n_tokens.item()).backward()  # FSDP averages over ranks: x world makes it a global mean
-            loss_sum += loss.detach().float().cpu()
-        dist.all_reduce(loss_sum)
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(grad_norm) or not torch.isfinite(loss_sum):
-            raise FloatingPointError(f"stage {stage}: non-finite loss or gradient at step {step + 1}")
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seen += n_tokens.item()
-        row = {"phase": f"stage{stage}", "step": step, "loss": loss_sum.item() / n_tokens.item(),
-               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
-               "answer_tokens_per_s": seen / (time.time() - t0)}
-        log(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
-    bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args)}, rank)
+def sft_step(model, data: SFTData, idx: list[int], tokenizer, device) -> dict:
+    """One micro-batch: the summed answer-token cross-entropy and its token count (the loop divides by the global
+    batch's count), and the tokens processed (for tokens_per_s)."""
+    batch = to_device(data.batch(idx, tokenizer.pad_token_id), device)
+    loss, n_tokens = sft_loss_sum(model, batch)
+    return {"loss": loss, "n": n_tokens, "tokens": batch["attention_mask"].sum().float()}
 
 
-# Copied from dpo.py: merged_copy
-def merged_copy(model, state: dict):
-    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from gathered
-    tensors; parameters are assigned, not initialised first (a 7B model is not built twice)."""
-    cfg = model.config
-    with lm._params_on_meta():
-        plain = lm.LlavaMed(cfg)
-    base = {}
-    for n, t in state.items():
-        if "lora_" in n:
-            continue
-        base[n.replace(".base_layer.", ".")] = t
-    lcfg = getattr(model, "lora_config", None)
-    if lcfg is not None:
-        scale = lcfg.lora_alpha / lcfg.r
-        for n, t in state.items():
-            if n.endswith("lora_A.default.weight"):
-                prefix = n[: -len(".lora_A.default.weight")]
-                B = state[prefix + ".lora_B.default.weight"]
-                W = base[prefix + ".weight"]
-                base[prefix + ".weight"] = (W.float() + scale * (B.float() @ t.float())).to(W.dtype)
-    plain.load_state_dict(base, strict=True, assign=True)
-    return plain
+def train_stage(args: Args, stage: int, model, records, tokenizer, device, rank: int, world: int, log) -> dict:
+    """One SFT stage through the copied training loop, checkpoints in out/stage{1,2}. Each stage shuffles its data
+    with its own seed (seed + stage)."""
+    data = SFTData(records, tokenizer, model.config, args.max_length, args.skip_bad_samples)
+    if rank == 0:
+        print(f"stage {stage}: {len(data)} samples" + (f", skipped {data.skipped}" if data.skipped else ""))
+    lr, epochs = (args.lr1, args.epochs1) if stage == 1 else (args.lr2, args.epochs2)
+    summary = train(dataclasses.replace(args, seed=args.seed + stage), f"stage{stage}", model, len(data),
+                    lambda idx, epoch: sft_step(model, data, idx, tokenizer, device), Path(args.out) / f"stage{stage}",
+                    rank, world, log, {"": lr}, args.batch_size, args.micro_batch_size, epochs)
+    return {**summary, "samples": len(data), "skipped_records": data.skipped}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. Multiple-choice evaluation
+# 3. Multiple-choice evaluation
 # ----------------------------------------------------------------------------------------------------------
 
 LETTERS = "ABCDEFGHIJKLMN"
@@ -693,66 +855,38 @@ def match_choice(text: str, options: dict[str, str] | list[str], scoring: str = 
 
 def read_mc(path: str, image_folder: str = "") -> list[dict]:
     """Multiple-choice rows {"question","options","answer_label","dataset_name","images"} from the HuatuoGPT eval json
-    (open questions skipped), or VQA-RAD / SLAKE closed questions turned into [yes, no] choices."""
+    (open questions skipped), or from a VQA set lm.read_vqa reads (VQA-RAD, SLAKE English, LLaVA-Med format): its
+    closed yes/no questions as [yes, no] choices (the paper reports the closed subsets; spec 3.5)."""
     path = Path(path)
-    rows = []
-    for where, rec in lm.read_records(path):
-        if "options" in rec:
-            if rec.get("question_type") == "open":
-                continue
-            folder = Path(image_folder or path.parent)
-            images = [str(folder / p) for p in lm.record_images(rec, where)]
-            label = rec.get("answer_label") or LETTERS[rec["options"].index(rec["answer"])]
-            rows.append({"question": rec["question"], "options": list(rec["options"]), "answer_label": label,
-                         "dataset_name": rec.get("dataset_name", path.stem), "images": images})
-        elif "image_name" in rec or "img_name" in rec:  # VQA-RAD / SLAKE: closed yes/no questions only
-            answer = str(rec["answer"]).strip().lower()
-            if rec.get("answer_type") != "CLOSED" or answer not in ("yes", "no") or rec.get("q_lang", "en") != "en":
-                continue
-            if "phrase_type" in rec and "qid_linked_id" in rec and not str(rec["phrase_type"]).startswith("test"):
-                continue
-            slake = "img_name" in rec
-            folder = Path(image_folder or path.parent / ("imgs" if slake else "images"))
-            rows.append({"question": rec["question"], "options": ["yes", "no"], "answer_label": "A" if answer == "yes" else "B",
-                         "dataset_name": "SLAKE" if slake else "VQA-RAD",
-                         "images": [str(folder / rec["img_name" if slake else "image_name"])]})
-        else:
-            raise lm.DataError(f"{where}: not a multiple-choice record (needs options, or VQA-RAD/SLAKE fields)")
-    return rows
+    records = lm.read_records(path)
+    if records and all("options" in r for _, r in records):
+        folder = Path(image_folder or path.parent)
+        return [{"question": r["question"], "options": list(r["options"]), "dataset_name": r.get("dataset_name", path.stem),
+                 "answer_label": r.get("answer_label") or LETTERS[r["options"].index(r["answer"])],
+                 "images": [str(folder / p) for p in lm.record_images(r, where)]}
+                for where, r in records if r.get("question_type") != "open"]
+    name = "SLAKE" if records and "img_name" in records[0][1] else "VQA-RAD" if records and "image_name" in records[0][1] else path.stem
+    return [{"question": r["question"], "options": ["yes", "no"], "answer_label": "A" if r["answer"].strip().lower() == "yes" else "B",
+             "dataset_name": name, "images": [r["image"]]} for r in lm.read_vqa(str(path), image_folder)
+            if r["answer_type"].upper() == "CLOSED" and r["answer"].strip().lower() in ("yes", "no")]
 
 
-def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, desc="eval",
-                scoring: str = "ours") -> tuple[dict, list]:
-    """Greedy answers (interleaved shares per rank, equal batch counts for sharded forwards), letter matching
-    (match_choice with `scoring`: "ours" or HuatuoGPT-Vision's "huatuo"), accuracy per dataset and overall (the
-    mean over questions, as the released score_mix_llava reports them)."""
-    cfg = model.config
-    model.eval()
-    mine = list(range(rank, len(rows), world))
-    n_batches = math.ceil(math.ceil(len(rows) / world) / batch_size)
-    preds = {}
-    for b in tqdm(range(n_batches), desc=desc, disable=rank != 0, leave=False):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real, chunk = len(chunk), chunk or [0]
-        prompts, pix = [], []
-        for i in chunk:
-            r = rows[i]
-            turns = lm.place_image_markers([("user", mc_prompt(r["question"], r["options"]))], len(r["images"]))
-            prompts.append(lm.tokenize_prompt(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id))
-            pix += [lm.preprocess_image(lm.load_image(p), cfg.image_size, cfg.image_mean, cfg.image_std,
-                                        pad=cfg.image_aspect_ratio == "pad") for p in r["images"]]
-        answers = lm.generate(model, tokenizer, prompts, torch.stack(pix) if pix else None, max_new_tokens=8)
-        preds.update(dict(zip(chunk[:real], answers[:real])))
-    model.reshard()  # forwards without backward leave the FSDP root gathered; training must see the shards
-    gathered = [None] * world
-    dist.all_gather_object(gathered, preds)
-    merged = {i: a for part in gathered for i, a in part.items()}
+def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, desc="eval", scoring: str = "ours",
+                chunk_batches: int = 32) -> tuple[dict, list]:
+    """Greedy answers (lm.generate_sharded shares the batches out to the ranks and gathers them; images opened as RGB
+    one chunk of batches at a time, so a large set is never all in memory; chunks of whole batches give the same
+    batches as one call), letter matching (match_choice with `scoring`: "ours" or HuatuoGPT-Vision's "huatuo"),
+    accuracy per dataset and overall (the mean over questions, as the released score_mix_llava reports them)."""
+    size, preds = batch_size * world * chunk_batches, []
+    for s in range(0, len(rows), size):
+        jobs = [{"turns": [("user", mc_prompt(r["question"], r["options"]))], "images": [rgb_image(p) for p in r["images"]]}
+                for r in rows[s:s + size]]
+        preds += lm.generate_sharded(model, tokenizer, jobs, batch_size, rank, world, desc, max_new_tokens=8)
     results, per = [], {}
-    for i, r in enumerate(rows):
-        letter = match_choice(merged[i], r["options"], scoring)
-        ok = letter == r["answer_label"]
-        results.append({**r, "prediction": merged[i], "matched": letter, "correct": ok})
-        per.setdefault(r["dataset_name"], []).append(ok)
+    for r, pred in zip(rows, preds):
+        letter = match_choice(pred, r["options"], scoring)
+        results.append({**r, "prediction": pred, "matched": letter, "correct": letter == r["answer_label"]})
+        per.setdefault(r["dataset_name"], []).append(letter == r["answer_label"])
     scores = {name: sum(v) / len(v) for name, v in sorted(per.items())}
     scores["overall"] = sum(r["correct"] for r in results) / max(1, len(results))
     scores["n"] = len(results)
@@ -764,120 +898,63 @@ def evaluate_mc(model, tokenizer, rows, batch_size: int, rank: int, world: int, 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def set_trainable(model, stage: int, lora: bool):
-    """Stage 1: projector only. Stage 2: projector + LLM (full), or projector + LoRA adapters. Trained parameters
-    are kept in fp32 (AdamW master weights); the rest stay as loaded (bf16 on GPU). Call before sharding."""
-    for n, p in model.named_parameters():
-        train = n.startswith("projector.") or (stage == 2 and (("lora_" in n) if lora else n.startswith("language_model.")))
-        p.requires_grad_(train)
-        if train:
-            p.data = p.data.float()
+def resolve_defaults(args: Args) -> Args:
+    """The -1 defaults: the paper's values for a real checkpoint, the toy's for --model tiny / the toy source."""
+    tiny, toy = args.model == "tiny", Path(args.source).resolve().parent == lm.REPO / "data" / "toy"
+    return dataclasses.replace(args, lr2=args.lr2 if args.lr2 > 0 else (1e-3 if tiny else 2e-5),
+                               epochs2=args.epochs2 if args.epochs2 > 0 else (30.0 if tiny else 1.0),
+                               min_image_side=args.min_image_side if args.min_image_side >= 0 else (32 if toy else 336))
 
 
 def main(argv=None):
-    args = parse_args(Args, argv)
+    args = resolve_defaults(parse_args(Args, argv))
     rank, world, device = setup_distributed(args.dist_timeout_s)
-    master = rank == 0
-    out = Path(args.out)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    tiny = args.model == "tiny"
-    args.lr2 = args.lr2 if args.lr2 > 0 else (1e-3 if tiny else 2e-5)
-    args.epochs2 = args.epochs2 if args.epochs2 > 0 else (30.0 if tiny else 1.0)
-    toy_source = Path(args.source).resolve().parent == (lm.REPO / "data" / "toy")
-    min_side = args.min_image_side if args.min_image_side >= 0 else (32 if toy_source else 336)
+    out, master = Path(args.out), rank == 0
+    log = jsonl_logger(out / "metrics.jsonl", rank)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
-
-    def log(row):
+        print(f"huatuo_vision.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
+    stages = ["eval"] if args.eval_only else [s.strip() for s in args.stages.split(",") if s.strip()]
+    torch.manual_seed(args.seed)  # same initial weights on every rank
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None,
+                               seed=args.seed, attn_implementation=args.attn_implementation)
+    results, built = {}, {"alignment": [], "instruction": []}
+    if "build" in stages:  # ---- 1. PubMedVision-style records
+        built, results["build"] = build_stage(args, model, tokenizer, device, rank, world, out)
         if master:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    torch.manual_seed(args.seed)
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed,
-                               attn_implementation=args.attn_implementation)
-    results = {}
-
-    # ---- 1. build PubMedVision-style records (every rank builds the same, deterministic set; rank 0 writes it)
-    built = {"alignment": [], "instruction": []}
-    if "build" in stages:
-        stats = {}
-        src_folder = Path(args.source_image_folder or Path(args.source).parent)
-        sources = filter_sources(lm.read_records(args.source), load_lexicon(args.lexicon), args.min_medical_terms,
-                                 min_side, src_folder, args.dedup_threshold, stats)
-        reformatter, rtok = (model, tokenizer) if args.reformat_model == args.model else lm.load(args.reformat_model, device=device)
-        mine = sources[rank::world]
-        align, instruct = build_pubmedvision(mine, src_folder, vlm_generate_fn(reformatter.eval(), rtok,
-                                                                               args.reformat_max_new_tokens), args.seed + rank, stats)
-        parts = [None] * world
-        dist.all_gather_object(parts, (align, instruct, stats))
-        built["alignment"] = [r for p in parts for r in p[0]]
-        built["instruction"] = [r for p in parts for r in p[1]]
-        totals = {}
-        for p in parts:
-            for k, v in p[2].items():
-                totals[k] = totals.get(k, 0) + v
-        results["build"] = {"sources": len(lm.read_records(args.source)), "after_filters": len(sources),
-                            "alignment_vqa": len(built["alignment"]), "instruction_vqa": len(built["instruction"]),
-                            "removed": totals}
-        if master:
-            for name, recs in built.items():
-                (out / f"pubmedvision_{name}.json").write_text(json.dumps(recs, indent=1, ensure_ascii=False))
             print("data building:", json.dumps(results["build"]))
-        if reformatter is not model:
-            del reformatter
+    train_stages = [s for s in (1, 2) if str(s) in stages]
+    records = stage_records(args, built) if train_stages else {}
+    eval_rows = read_mc(args.eval_data, args.eval_image_folder)[:args.eval_limit or None] if "eval" in stages else []
 
-    # ---- training data: toy stand-ins (or --train-data files) + the built records
-    if args.train_data:
-        extra = []
-        for f in args.train_data.split(","):
-            folder = Path(args.image_folder or Path(f).parent)
-            extra += [(w, r, folder) for w, r in lm.read_records(f)]
-        stage_records = {1: extra, 2: extra}
-    else:
-        align, instruct = toy_sft_records(Path("data/toy/train.json"))
-        toy_folder = Path("data/toy")
-        stage_records = {1: [(f"toy captions[{i}]", r, toy_folder) for i, r in enumerate(align)],
-                         2: [(f"toy instructions[{i}]", r, toy_folder) for i, r in enumerate(instruct)]}
-    stage_records[1] += [(f"built alignment[{i}]", r, Path("/")) for i, r in enumerate(built["alignment"])]
-    stage_records[2] += [(f"built instruction[{i}]", r, Path("/")) for i, r in enumerate(built["instruction"])]
-
-    eval_rows = []
-    if "eval" in stages:
-        eval_rows = read_mc(args.eval_data, args.eval_image_folder)[: args.eval_limit or None]
+    def evaluate(name: str):
+        results[name], preds = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size, rank, world,
+                                           name.replace("_", " "), args.mc_scoring)
+        log({"phase": f"eval_{name}", **results[name]})
+        if master:
+            print(f"{name}:", json.dumps(results[name]))
+            (out / f"predictions_{name}.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
 
     # ---- 2. the two stages. Each stage shards its own copy of the weights: FSDP2 fixes which parameters need
-    # gradients when it initialises, so the stage-2 trainables cannot be switched on inside the stage-1 shards.
-    train_stages = [s for s in (1, 2) if str(s) in stages]
+    # gradients when it wraps the model, so the stage-2 trainables cannot be switched on inside the stage-1 shards.
+    fresh = not train_stages or latest_checkpoint(out / f"stage{train_stages[0]}") is None
     for k, stage in enumerate(train_stages or [None]):
         if stage == 2 and args.lora:
-            add_lora(model, 128, 256, 0.05)
-        set_trainable(model, stage or 1, args.lora)
+            torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
+            lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        set_trainable(model, stage, args.lora)
         shard(model, device, args.activation_checkpointing, args.compile)
-        if k == 0 and eval_rows and args.eval_before:
-            results["before"], _ = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size, rank, world,
-                                               "eval before", args.mc_scoring)
-            log({"phase": "eval_before", **results["before"]})
-            if master:
-                print("before:", json.dumps(results["before"]))
+        if k == 0 and eval_rows and (args.eval_before and fresh or stage is None):
+            evaluate("before")
         if stage is None:  # evaluation only
             break
-        data = SFTData(stage_records[stage], tokenizer, model.config, args.max_length, args.skip_bad_samples)
-        if master:
-            print(f"stage {stage}: {len(data)} samples" + (f", skipped {data.skipped}" if data.skipped else ""))
-        train_stage(args, stage, model, tokenizer, data, device, rank, world, log)
+        results[f"stage{stage}"] = train_stage(args, stage, model, records[stage], tokenizer, device, rank, world, log)
         if eval_rows:
-            results[f"after_stage{stage}"], preds = evaluate_mc(model, tokenizer, eval_rows, args.eval_batch_size,
-                                                                rank, world, f"eval stage {stage}", args.mc_scoring)
-            log({"phase": f"eval_stage{stage}", **results[f"after_stage{stage}"]})
-            if master:
-                print(f"after stage {stage}:", json.dumps(results[f"after_stage{stage}"]))
-                (out / f"predictions_stage{stage}.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
+            evaluate(f"after_stage{stage}")
         # the stage's weights (LoRA merged), unsharded, in the loading dtype: the next stage's start and the export
-        state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}  # every rank gathers
         frozen_dtype = next(p for n, p in model.named_parameters() if n.startswith("vision_tower.")).dtype
-        model = merged_copy(model, state).to(device=device, dtype=frozen_dtype)
+        model = lm.merge_lora(model, lm.full_state_dict(model)).to(device=device, dtype=frozen_dtype)
         if stage == train_stages[-1] and master:
             lm.save_llava_hf(model, tokenizer, out / "llava_hf")
     if master:
@@ -888,8 +965,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lm.DataError as e:
-        print(f"huatuo_vision.py: bad data: {e}\n(--skip-bad-samples counts and skips such records)", file=sys.stderr)
-        sys.exit(2)
+    cli(main)
