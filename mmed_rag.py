@@ -329,7 +329,8 @@ def read_splits(args: Args, tasks) -> dict:
     test_folder = folder if toy or args.image_folder else Path(args.test_data).parent
     s["test"] = read_items(args.test_data or data / "test.json", tasks)
     for it in s["test"]:
-        it["image"] = it["path"] = str(lm.resolve_image(test_folder, it["image"], it["id"], args.allow_images_outside_folder))
+        it["path"] = str(lm.resolve_image(test_folder, it["image"], it["id"], args.allow_images_outside_folder))
+        it["image"] = it["path"]
     if args.eval_limit:
         s["test"] = [it for t in tasks for it in [x for x in s["test"] if x["task"] == t][:args.eval_limit]]
     return s
@@ -1065,8 +1066,8 @@ def warm_start_rag(args: Args, model, tokenizer, kb_items: list[dict], pixel, de
                 logits = model(batch["input_ids"], torch.stack([pixel(examples[i][0]["image"]) for i in idx]).to(device),
                                batch["attention_mask"], logits_mask=mask).logits.float()
                 tok = F.cross_entropy(logits, labels[:, 1:][mask[:, :-1]], reduction="none")
-                per_answer = torch.zeros(len(idx), device=device).index_add(0, mask.nonzero()[:, 0], tok) / mask.sum(1).clamp(min=1)
-                return {"loss": per_answer.sum(), "n": torch.tensor(float(len(idx)))}
+                sums = torch.zeros(len(idx), device=device).index_add(0, mask.nonzero()[:, 0], tok)
+                return {"loss": (sums / mask.sum(1).clamp(min=1)).sum(), "n": torch.tensor(float(len(idx)))}
 
             if steps:
                 train(args, name, model, max(len(seqs), micro * world), step, folder / name, rank, world, log,
@@ -1097,10 +1098,10 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
             log({"phase": name, "skipped": True, "pairs": len(data)})
             done[name] = {"steps": 0, "pairs": len(data)}
             continue
+        step = lambda idx, epoch, data=data: dpo_step(args, model, ref_model, data, idx, tokenizer, device)  # noqa: E731
         done[name] = {"pairs": len(data), "skipped_records": data.skipped, **train(
-            args, name, model, len(data), lambda idx, epoch, data=data: dpo_step(args, model, ref_model, data, idx, tokenizer, device),
-            keyed_folder(out / name, key, rank), rank, world, log, {"projector.": args.projector_lr, "": args.lr}, bs,
-            args.micro_batch_size, args.epochs, args.max_steps)}
+            args, name, model, len(data), step, keyed_folder(out / name, key, rank), rank, world, log,
+            {"projector.": args.projector_lr, "": args.lr}, bs, args.micro_batch_size, args.epochs, args.max_steps)}
     return done
 
 
@@ -1121,9 +1122,9 @@ def answer_jobs(args: Args, model, tokenizer, jobs: list[dict], pixel, rank: int
         idx = [i for i, j in enumerate(jobs) if j["task"] == task]
         for c in range(0, len(idx), chunk):
             part = idx[c:c + chunk]
-            got = lm.generate_sharded(model, tokenizer, [{"turns": [("user", jobs[i]["prompt"])], "images": [pixel(jobs[i]["image"])]}
-                                                         for i in part], args.eval_batch_size, rank, world,
-                                      f"{desc} ({task})", max_new_tokens=cap[task])
+            todo = [{"turns": [("user", jobs[i]["prompt"])], "images": [pixel(jobs[i]["image"])]} for i in part]
+            got = lm.generate_sharded(model, tokenizer, todo, args.eval_batch_size, rank, world, f"{desc} ({task})",
+                                      max_new_tokens=cap[task])
             for i, a in zip(part, got):
                 answers[i] = a
                 jobs[i]["truncated"] = len(tokenizer.encode(a, add_special_tokens=False)) >= cap[task]
@@ -1149,8 +1150,9 @@ def yes_scores(model, tokenizer, jobs: list[dict], pixel, rank: int, world: int,
                                                     cfg.template, cfg.num_image_tokens, cfg.image_token_id)} for i in idx]
         batch = lm.collate(prompts, tokenizer.pad_token_id, padding_side="left")
         attn = batch["attention_mask"].to(device)
-        logits = model(batch["input_ids"].to(device), torch.stack([pixel(jobs[i]["image"]) for i in idx]).to(device),
-                       attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1).logits[:, -1].float()
+        pixels = torch.stack([pixel(jobs[i]["image"]) for i in idx]).to(device)
+        logits = model(batch["input_ids"].to(device), pixels, attention_mask=attn,
+                       position_ids=(attn.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1).logits[:, -1].float()
         if b < len(batches):
             scores.update(zip(idx, (logits[:, first[0]] - logits[:, first[1]]).tolist()))
     if hasattr(model, "reshard"):
@@ -1358,11 +1360,13 @@ def rag_pt_set(args: Args, s: dict, gen, gamma: float, made_from, rank: int, log
     gamma) and written to OUT/rag_pt.json in the released format."""
     out, tasks, subsets = Path(args.out), args.tasks.split(","), ("cm", "oa1", "oa2", "oa")
     if args.rag_pt_data:
-        pairs, reused, key = [p for _, p in lm.read_records(args.rag_pt_data)], False, file_sha256(Path(args.rag_pt_data))[:16]
+        pairs, reused = [p for _, p in lm.read_records(args.rag_pt_data)], False
+        key = file_sha256(Path(args.rag_pt_data))[:16]
         for p in pairs:
             p.setdefault("subset", "cm" if p.get("rejected_noised") or p.get("rejected_image") else "oa")
             p.setdefault("task", "vqa" if "Question:" in p["conversations"][0]["value"] else "report")
-        sizes = {x: sum(p["subset"] == x for p in pairs) for x in subsets} | dict(candidates=0, skipped_empty=0, skipped_truncated=0)
+        sizes = {x: sum(p["subset"] == x for p in pairs) for x in subsets}
+        sizes.update(candidates=0, skipped_empty=0, skipped_truncated=0)
     else:
         key = cache_key(args, "stages", made_from, gamma)
         (pairs, sizes), reused = cached_json(out / f"rag_pt_{key}.json", rank, lambda: rag_pt_pairs(
@@ -1403,12 +1407,15 @@ def main(argv=None):
                                   exclude_own={it["path"] for it in s["kb"]})}  # a KB image must not retrieve its own entry
     # ---- 2. the Med-LVLM (warm-started when it is the tiny random model): policy LoRA, reference = adapters off
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
-    pixel, made_from, base, ref_model = pixel_loader(model.config, s["folder"]), [fingerprint(rdir), fingerprint(args.model)], args.model, None
+    pixel = pixel_loader(model.config, s["folder"])
+    made_from = [fingerprint(rdir), fingerprint(args.model)]  # what the caches are made from besides the Args
+    base, ref_model = args.model, None
     if not args.eval_only and (args.sft_warmup_steps or args.sft_rag_steps):
         if not s["kb"]:
             raise ValueError("a warm start needs the toy knowledge-base split (pass 0 steps for a trained model)")
         folder = keyed_folder(out / "warm_start", cache_key(args, "gamma_tune", made_from), rank)
-        model, base = warm_start_rag(args, model, tokenizer, s["kb"], pixel, device, rank, world, folder, log), str(folder / "model")
+        model = warm_start_rag(args, model, tokenizer, s["kb"], pixel, device, rank, world, folder, log)
+        base = str(folder / "model")
     if not args.eval_only:
         torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
         model, ref_model = build_models(args, model, device)
