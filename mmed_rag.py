@@ -2,9 +2,8 @@
 LLaVA-style medical VLM (Xia et al., ICLR 2025, arXiv 2410.13085; spec part A).
 
     # embedded default: toy data, tiny random LLaVA. Trains the router + 3 retrievers (retrieve.py), warm-starts the
-    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT. 13 min of CPU time
-    # measured on a busy 2-core machine (OMP_NUM_THREADS=1 is faster than 2 threads there; README).
-    python mmed_rag.py
+    # tiny model, builds the RAG-PT pairs, runs two-stage DPO, evaluates base / +RAG / +RAG-PT (README: CPU time)
+    OMP_NUM_THREADS=1 python mmed_rag.py
     torchrun --nproc-per-node=2 mmed_rag.py                      # same run on 2 CPU processes (gloo)
     # real data: retrievers built first with retrieve.py on image-report pairs, then LLaVA-Med v1.5 on 8 GPUs
     torchrun --nproc-per-node=8 retrieve.py --data pairs_train.json --test-data pairs_test.json --encoder /ckpt/clip \\
@@ -12,10 +11,13 @@ LLaVA-style medical VLM (Xia et al., ICLR 2025, arXiv 2410.13085; spec part A).
     torchrun --nproc-per-node=8 mmed_rag.py --model /ckpt/llava-med-v1.5-mistral-7b --retriever runs/retrieve \\
         --pt-data vqa_train.json --test-data vqa_test.json --image-folder /data/images --lr 1e-7 --epochs 3 \\
         --batch-size 4 --micro-batch-size 1 --max-length 1024 --val-data vqa_val.json
+    # evaluate a checkpoint only (no training data is read): without and with retrieval, and the rates
+    python mmed_rag.py --eval-only --model runs/mmed_rag/llava_hf --retriever runs/mmed_rag/retriever --gamma 0.01
     # one image with retrieval (MMed-RAG issue #45): prints the routed domain, the retrieved reports, the prompt and
     # the answer (no --question: a report); a trained run's model is OUT/llava_hf (--export-merged)
     python mmed_rag.py --image x.png --question "Is there a pleural effusion?" --retriever runs/mmed_rag/retriever \\
         --model runs/mmed_rag/llava_hf
+    python mmed_rag.py --help                                    # every flag
 
 The algorithm (spec A1, A7, A8):
 
@@ -36,33 +38,41 @@ Decisions on what the spec lists as not found (part D), each also commented wher
     validation VQA accuracy of the model before RAG-PT (spec A5; --gamma-tune f1: retrieve.py's pick by F1 of the
     kept reports, also the toy warm start's); RAG-PT prompts: the top-1 report (--pt-k 1), as in every released pair.
   - domain router: linear probe on frozen image features (retrieve.py), not a fine-tuned BiomedCLIP.
-  - noisy image: the released pure noise (noise_png), one fixed file per image under OUT/noise/; --cm-image
-    unrelated (an image of another domain) or both.
+  - noisy image: the released pure noise (dpo.py's PairData draws it for "noise:<image>" keys, the same pixels in
+    generation and in DPO); --cm-image unrelated (an image of another domain) or both.
   - DPO temperature: beta 0.1 (TRL default, what the released code runs).
   - two stages (released train_dpo_2stages.py) by default; --stages merged trains on D_cm + D_oa in one stage.
   - pathology wording: "a pathology image" / "professional pathologist" (inferred, like the spec).
   - generation: greedy, at most 1024 new tokens (RULE's eval scripts); a truncated rejected answer makes no pair.
   - BLEU: the average of BLEU-1..4 (MMedPO, same group), BLEU-1..4 also written; METEOR: exact matches only
-    (meteor_exact, below pycocoevalcap's METEOR 1.5); ROUGE-L beta 1 (rouge-score), --rouge-beta 1.2 pycocoevalcap's.
+    (lm.meteor_exact, below pycocoevalcap's METEOR 1.5); ROUGE-L beta 1 (rouge-score), --rouge-beta 1.2 pycocoevalcap's.
   - report "correct" (the authors' judge is not released): ROUGE-L against the reference >= --report-correct-rouge.
   - copy-reference rate: the share of all test questions answered right on the noise image with the real image's
     reports (the paper's, spec A7; also among those right with the real image); over-reliance: of those right
     without retrieval, the share wrong with it (RULE). RAG-PT / validation / test images in the knowledge base: exit 2.
 
-Files written to --out: retriever/ (retrieve.py output), noise/, retrieved_test.jsonl (test items + reference_reports
-+ retrieve_k, as the released retrieval scripts write), rag_pt.json (the preference set, released format),
-stage1/ stage2/ (checkpoints), adapter/ (PEFT), metrics.jsonl, results.json with the comparison table.
+Caches, each keyed with cache_key on the Args above a field (Args lists what changes them first) and on the
+retriever's and --model's files: OUT/retriever/ (fields above `model`), OUT/warm_start/ (above `gamma_tune`),
+OUT/gamma_<key>.json (above `pt_data`), OUT/rag_pt_<key>.json (above `stages`). A folder made from other inputs, and
+a stage's checkpoint folder made from another pair set, is moved aside to <name>.<its key>, never resumed.
 
-File layout: Args -> data (items, splits) -> prompts -> RAG-PT pair building -> DPO (copied from dpo.py) ->
-evaluation (VQA, reports, rates) -> main().
+Files written to --out: retriever/ (retrieve.py output), warm_start/ (the warm-started model/ and its phases),
+retrieved_test.jsonl (test items + reference_reports + retrieve_k, as the released retrieval scripts write),
+rag_pt.json (the preference set, released format), stage1/ stage2/ (checkpoints), adapter/ (PEFT), metrics.jsonl,
+predictions.json, results.json with the comparison table.
+
+File layout: Args -> copied CLI blocks -> data (items, splits) -> prompts -> RAG-PT pair building -> DPO and the
+training loop (copied from dpo.py) -> warm start, RAG-PT stages -> generation and evaluation -> main().
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -76,6 +86,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import torch
@@ -91,71 +102,75 @@ import retrieve
 
 @dataclass
 class Args:
-    # data
+    # data and retrieval (every field above `model` keys the retriever trained here, OUT/retriever)
     data: str = "data/toy"  # toy folder: train.json is split into knowledge base / RAG-PT / validation, test.json tests
-    pt_data: str = ""  # RAG-PT source (LLaVA VQA json or records with report); "" = the toy RAG-PT split
-    test_data: str = ""  # evaluation set, same formats; "" = toy test.json
     image_folder: str = ""  # image paths are relative to this ("" = the data file's folder)
     val_fraction: float = 0.15  # toy: share of each domain's training images for validation (gamma sweep)
     pt_fraction: float = 0.3  # toy: share of the rest kept out of the knowledge base for RAG-PT (RULE: disjoint)
-    tasks: str = "vqa,report"  # which tasks build pairs and get evaluated (closed yes/no VQA, report generation)
-    max_length: int = 512  # tokens per sequence, image tokens included
-    skip_bad_samples: bool = False  # count and skip bad pairs instead of stopping at the first one
-    allow_images_outside_folder: bool = False  # accept absolute / '..' image paths
-    # retrieval
+    seed: int = 0  # same seed + same data = same run (retrievers, warm start, LoRA initialisation, shuffles)
     retriever: str = ""  # a retrieve.py --out folder ("" = train one into OUT/retriever from the toy split)
     retriever_epochs: int = 30  # retrieve.py --epochs when training it here
-    oracle_domain: bool = False  # use each record's "domain" instead of the router (oracle routing; the paper routes)
     k_max: int = 3  # candidates before the adaptive cut (not found in the paper; spec A5: 5 or 10; 3 keeps toy prompts short)
-    rule: str = "paper"  # adaptive k: "paper" (log-ratio gap > gamma), "code" (top-1 ratio < threshold), "fixed"
-    gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says)
-    gamma_tune: str = "accuracy"  # "accuracy": by validation VQA accuracy (spec A5); "f1": retrieve.py's pick
-    val_data: str = ""  # closed VQA validation set for that sweep ("" = the toy validation split)
+    rule: Literal["paper", "code", "fixed"] = "paper"  # adaptive k: paper (log-ratio gap > gamma), code (top-1 ratio < threshold), fixed
     code_threshold: float = 1.5  # released rule's threshold
-    pt_k: int = 1  # reports in RAG-PT prompts (every released pair has exactly 1); 0 = adaptive as at inference
-    # RAG-PT
-    cm_image: str = "noise"  # D_cm rejected image: "noise" (released: pure Gaussian noise), "unrelated" or "both"
-    report_correct_rouge: float = 40.0  # a generated report counts as correct at ROUGE-L >= this (judge not released)
-    rouge_beta: float = 1.0  # ROUGE-L F-measure beta: 1 = rouge-score's fmeasure, 1.2 = pycocoevalcap's
-    rag_pt_data: str = ""  # train on this preference json (e.g. a released MMed-RAG file) instead of building one
-    stages: str = "two"  # "two": D_cm, then D_oa from the stage-1 adapter (released); "merged": all in one stage
-    # model
+    # model and warm start (every field above `gamma_tune` also keys the warm start, OUT/warm_start)
     model: str = "tiny"  # "tiny" (random, offline) or a checkpoint folder (LLaVA-Med v1.5, llava-hf)
     template: str = ""  # chat template override ("" = the checkpoint's)
-    dtype: str = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
+    max_length: int = 512  # tokens per sequence, image tokens included
+    tasks: str = "vqa,report"  # which tasks build pairs and get evaluated (closed yes/no VQA, report generation)
+    oracle_domain: bool = False  # use each record's "domain" instead of the router (oracle routing; the paper routes)
+    gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says; the warm start's prompts use retrieve.py's)
+    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 600 for tiny, else 0
+    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 200 for tiny, else 0
+    sft_lr: float = 1e-3  # learning rate of that warm start
+    # generation from the model before RAG-PT (fields above `pt_data` key the tuned gamma, above `stages` the pairs)
+    gamma_tune: Literal["accuracy", "f1"] = "accuracy"  # accuracy: by validation VQA accuracy (spec A5); f1: retrieve.py's pick
+    val_data: str = ""  # closed VQA validation set for that sweep ("" = the toy validation split)
+    vqa_max_new_tokens: int = 1024  # generation cap, as RULE's eval scripts (model_vqa_iuxray.py: max_new_tokens=1024);
+    report_max_new_tokens: int = 1024  # an answer reaching the cap is counted as truncated and never made a rejected answer
+    pt_data: str = ""  # RAG-PT source (LLaVA VQA json or records with report); "" = the toy RAG-PT split
+    pt_k: int = 1  # reports in RAG-PT prompts (every released pair has exactly 1); 0 = adaptive as at inference
+    cm_image: Literal["noise", "unrelated", "both"] = "noise"  # D_cm rejected image: noise (released: pure Gaussian noise), an unrelated image, or both
+    report_correct_rouge: float = 40.0  # a generated report counts as correct at ROUGE-L >= this (judge not released)
+    rag_pt_data: str = ""  # train on this preference json (e.g. a released MMed-RAG file) instead of building one
+    # RAG-PT training: DPO (released: beta 0.1, lr 1e-7, 3 epochs, batch 4 on LLaVA-Med 7B)
+    stages: Literal["two", "merged"] = "two"  # two: D_cm, then D_oa from the stage-1 adapter (released); merged: all in one stage
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
     lora_r: int = 128  # LoRA rank (released: 128)
     lora_alpha: int = 256  # LoRA alpha (256)
     lora_dropout: float = 0.05  # LoRA dropout (0.05)
     tune_projector: bool = False  # also train the projector (ambiguous in the release; spec A8: a flag)
-    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 600 for tiny, else 0
-    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 200 for tiny, else 0
-    sft_lr: float = 1e-3  # learning rate of that warm start
-    # DPO (released: beta 0.1, lr 1e-7, 3 epochs, batch 4 on LLaVA-Med 7B)
     beta: float = 0.1  # DPO temperature (paper's alpha not found; the release runs TRL's 0.1)
-    loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
-    label_smoothing: float = 0.0  # cDPO (sigmoid only)
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO; ipo = Azar et al. 2023, length-normalised
+    label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0
+    prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
     lr: float = 1e-5  # peak learning rate (toy default; 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # projector learning rate with --tune-projector
-    batch_size: int = 16  # pairs per optimizer step over all ranks
-    micro_batch_size: int = 8  # pairs per forward on one rank
+    batch_size: int = 16  # pairs per optimizer step over all ranks (a smaller subset: the largest batch it fills)
+    micro_batch_size: int = 8  # pairs per forward on one rank; also the warm start's global batch is 16 answers
     epochs: int = 2  # passes over each stage's pairs (released: 3)
     max_steps: int = -1  # per stage (-1 = epochs decide)
-    warmup_ratio: float = 0.03  # linear warmup fraction, then cosine
+    warmup_ratio: float = 0.03  # linear warmup fraction, then cosine (every phase, the warm start too)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    activation_checkpointing: bool = False  # recompute decoder layers in backward
-    seed: int = 0  # same seed + same data = same run
-    dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
-    # output / evaluation
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
+    dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
+    skip_bad_samples: bool = False  # count and skip bad pairs (and knowledge-base images among the others) instead of stopping
+    allow_images_outside_folder: bool = False  # accept absolute / '..' image paths
+    # output
     out: str = "runs/mmed_rag"  # everything this run writes
-    resume: bool = True  # continue each DPO stage from its newest complete checkpoint
-    export_merged: bool = False  # also write the merged model as a llava-hf checkpoint
+    save_every: int = 0  # checkpoint every N optimizer steps of a phase (0 = only at its end)
+    resume: bool = True  # continue each phase from its newest complete checkpoint (caches are reused while their key holds)
+    export_merged: bool = False  # also write the merged model as a llava-hf checkpoint (OUT/llava_hf)
+    # evaluation
+    eval_only: bool = False  # only evaluate --model with --retriever on the test set (no training data is read)
+    test_data: str = ""  # evaluation set, same formats as --pt-data; "" = toy test.json
     eval_limit: int = 0  # evaluate on the first N test items per task (0 = all)
     eval_batch_size: int = 32  # prompts per generate call on one rank
-    vqa_max_new_tokens: int = 1024  # generation cap, as RULE's eval scripts (model_vqa_iuxray.py: max_new_tokens=1024);
-    report_max_new_tokens: int = 1024  # an answer reaching the cap is counted as truncated and never made a rejected answer
+    rouge_beta: float = 1.0  # ROUGE-L F-measure beta: 1 = rouge-score's fmeasure, 1.2 = pycocoevalcap's
     image: str = ""  # answer this one image with retrieval and exit, training nothing (MMed-RAG issue #45)
     question: str = ""  # --image's closed question ("" = write a report)
 
@@ -177,6 +192,37 @@ def parse_args(cls, argv=None):
             kw["type"] = {"int": int, "float": float, "str": str}[f.type]
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+# Copied from dpo.py: cache_key
+def cache_key(args, before: str, *content) -> str:
+    """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
+    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    names = [f.name for f in dataclasses.fields(args)]
+    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Copied from dpo.py: cli
+def cli(main):
+    """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except lm.DataError as e:
+        kind = "bad model" if isinstance(e, lm.ModelError) else "bad data"
+        hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
+        print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)
 
 
 # Copied from dpo.py: setup_distributed
@@ -201,12 +247,24 @@ def setup_distributed(timeout_s: int = 1800):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# Copied from dpo.py: jsonl_logger
+def jsonl_logger(path: Path, rank: int):
+    """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
+    def log(row: dict):
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
+
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Data: items (one question or one report per image), the toy splits
+# Data: items (one question or one report per image), the toy splits; caches keyed on what made them
 # ----------------------------------------------------------------------------------------------------------
 
 
-def read_items(path, image_folder: str = "", tasks=("vqa", "report")) -> list[dict]:
+def read_items(path, tasks=("vqa", "report")) -> list[dict]:
     """Items {"id", "task", "image" (as written in the record; the caller resolves it against its image folder),
     "domain" (None = ask the router), "question", "answer"}.
     Toy records give their CLOSED questions and their report; LLaVA VQA records (one question, answer yes/no) give
@@ -223,7 +281,7 @@ def read_items(path, image_folder: str = "", tasks=("vqa", "report")) -> list[di
                                       "question": qa["question"], "answer": qa["answer"]})
         elif "conversations" in rec and "vqa" in tasks:
             turns = lm.record_turns(rec, where)
-            answer = normalize_answer(turns[1][1])
+            answer = lm.normalize_answer(turns[1][1])
             if answer not in ("yes", "no"):
                 skipped += 1
                 continue
@@ -245,6 +303,80 @@ def toy_splits(folder: Path, val_fraction: float, pt_fraction: float):
     rest, val = retrieve.split_validation([rec for _, rec in lm.read_records(folder / "train.json")], val_fraction)
     kb, pt = retrieve.split_validation(rest, pt_fraction)  # the last part of each domain's list, in file order
     return {r["id"] for r in kb}, {r["id"] for r in pt}, {r["id"] for r in val}
+
+
+def read_splits(args: Args, tasks) -> dict:
+    """{"folder", "kb", "pt", "val", "test"}: the image folder and the knowledge-base, RAG-PT, validation and test
+    items, each with its resolved "path" (test items name it as their image). The toy folder is split by toy_splits;
+    other data come as --pt-data / --val-data / --test-data, with the knowledge base in --retriever. --eval-only reads
+    the test items only."""
+    data = Path(args.data)
+    toy = data.is_dir() and (data / "train.json").exists()
+    folder = Path(args.image_folder or (data if toy else data.parent))
+    if not toy and (not args.test_data or not args.retriever or not (args.pt_data or args.rag_pt_data or args.eval_only)):
+        raise ValueError("outside the toy folder pass --retriever (a retrieve.py --out), --pt-data (or --rag-pt-data) "
+                         "and --test-data")
+    s = {"folder": folder, "kb": [], "pt": [], "val": []}
+    if toy and not args.eval_only:
+        kb_ids, pt_ids, val_ids = toy_splits(data, args.val_fraction, args.pt_fraction)
+        owner = lambda it: it["id"].rsplit("_", 1)[0]  # noqa: E731  (record id of an item)
+        train = read_items(data / "train.json", tasks)
+        s["kb"], s["pt"] = [it for it in train if owner(it) in kb_ids], [it for it in train if owner(it) in pt_ids]
+        s["val"] = [it for it in read_items(data / "train.json", ("vqa",)) if owner(it) in val_ids]
+    elif not args.eval_only:
+        s["pt"] = read_items(args.pt_data, tasks) if args.pt_data else []
+        s["val"] = read_items(args.val_data, ("vqa",)) if args.val_data else []
+    for it in s["kb"] + s["pt"] + s["val"]:
+        it["path"] = str(lm.resolve_image(folder, it["image"], it["id"], args.allow_images_outside_folder))
+    test_folder = folder if toy or args.image_folder else Path(args.test_data).parent
+    s["test"] = read_items(args.test_data or data / "test.json", tasks)
+    for it in s["test"]:
+        it["path"] = str(lm.resolve_image(test_folder, it["image"], it["id"], args.allow_images_outside_folder))
+        it["image"] = it["path"]
+    if args.eval_limit:
+        s["test"] = [it for t in tasks for it in [x for x in s["test"] if x["task"] == t][:args.eval_limit]]
+    return s
+
+
+def fingerprint(path) -> list:
+    """What a cache made from a model or retriever folder is keyed on besides the Args: (file, size, mtime) of every
+    file in it, checkpoint folders aside; a name that is no folder ("tiny") stands for itself."""
+    p = Path(path)
+    if not p.is_dir():
+        return [str(path)]
+    return sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*")
+                  if f.is_file() and "checkpoints" not in f.parts)
+
+
+def keyed_folder(folder: Path, key: str, rank: int) -> Path:
+    """`folder` (a cache, or a phase's checkpoints) bound to `key`, the cache key of what it is made from. One made
+    from other inputs (another key in its cache_key file, or none) is moved aside to <folder>.<that key>, kept but
+    never reused, so a changed input rebuilds or retrains instead of resuming work done on other inputs."""
+    stamp = folder / "cache_key"
+    if rank == 0 and not (stamp.exists() and stamp.read_text() == key):
+        if folder.exists():
+            aside = folder.with_name(f"{folder.name}.{stamp.read_text() if stamp.exists() else 'unkeyed'}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(folder, aside)
+            print(f"{folder} was made from other inputs: moved to {aside}", file=sys.stderr)
+        folder.mkdir(parents=True)
+        stamp.write_text(key)  # written once: the folder's files (and so fingerprint) do not change on reuse
+    dist.barrier()
+    return folder
+
+
+def cached_json(path: Path, rank: int, make):
+    """(make(), False), or (what an earlier run stored at `path`, True); `path` names the cache key. Rank 0 decides
+    and writes (atomically), so every rank takes the same branch (make() runs collectives)."""
+    found = [path.exists()]
+    dist.broadcast_object_list(found, src=0)
+    if found[0]:
+        return json.loads(path.read_text()), True
+    value = make()
+    if rank == 0:
+        path.with_suffix(".tmp").write_text(json.dumps(value, ensure_ascii=False))
+        os.replace(path.with_suffix(".tmp"), path)
+    return value, False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,8 +422,10 @@ def is_correct(item: dict, prediction: str, report_threshold: float) -> bool:
     """VQA: the first yes/no word equals the answer. Report: ROUGE-L >= threshold (the authors' judge of report
     pairs is not released, spec A7; ROUGE-L is the report metric we have)."""
     if item["task"] == "vqa":
-        return yes_no(prediction) == item["answer"]
-    return rouge_l(prediction, item["answer"]) >= report_threshold
+        return lm.yes_no(prediction) == item["answer"]
+    return lm.rouge_l(prediction, item["answer"]) >= report_threshold
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,46 +441,12 @@ def unrelated_image(item: dict, items: list[dict], seed: int) -> str:
     return others[h % len(others)]
 
 
-def release_noise(width: int, height: int, rng) -> Image.Image:
-    """MMed-RAG's x_v* (train_dpo_2stages.py: generate_gaussian_noise(image, 0, 1)): pure noise of the image's shape,
-    N(0, 1) clipped to [0, 1] as 8-bit RGB (half the pixels black), then preprocessed like any image."""
-    noise = rng.normal(0.0, 1.0, (height, width, 3)).astype(np.float32)
-    return Image.fromarray((np.clip(noise, 0.0, 1.0) * 255).astype(np.uint8))
-
-
-def noise_png(folder: Path, image_path: str, cfg, seed: int) -> str:
-    """release_noise for image_path, padded, resized and cropped as lm.preprocess_image does and written once as
-    folder/<hash>.png (size x size, lossless): loading it like any image gives the pixels the release feeds the
-    model (tested against CLIPImageProcessor), and PairData needs no special case. One fixed image per source
-    (seeded) where the release draws a new one at each access, so runs repeat. Any rank may call it."""
-    key = f"{seed}:{Path(image_path).resolve()}:{cfg.image_size}:{cfg.image_aspect_ratio}:{cfg.image_mean}"
-    digest = hashlib.sha256(key.encode()).hexdigest()
-    path = Path(folder).resolve() / f"{digest[:20]}.png"
-    if not path.exists():
-        im = release_noise(*lm.load_image(image_path).size, np.random.default_rng(int(digest[:8], 16)))
-        if cfg.image_aspect_ratio == "pad":
-            im = lm.expand2square(im, tuple(int(x * 255) for x in cfg.image_mean))
-        s, (w, h) = cfg.image_size, im.size  # short side to s (bicubic), centre crop: lm.preprocess_image's numbers
-        w, h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
-        im = im.resize((w, h), resample=Image.BICUBIC).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        im.save(tmp, format="PNG")
-        os.replace(tmp, path)  # atomic: ranks writing the same file at once leave one whole copy
-    return str(path)
-
-
-def training_pair(pair: dict) -> dict:
-    """The record PairData trains on: the noise image is the file in rejected_image, so rejected_noised (which
-    would make PairData draw dpo.py's own noise) is dropped when rejected_image is there."""
-    return {k: v for k, v in pair.items() if k != "rejected_noised" or not pair.get("rejected_image")}
-
-
 def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report_threshold: float = 40.0,
                  seed: int = 0) -> tuple[list[dict], dict]:
     """Build D_cm, D_oa1, D_oa2 (spec A7) from greedy answers. items carry "reports" (retrieved with the real
-    image) and "noise" (noise_png). generate_fn(jobs) -> answers, job = {"task", "image", "prompt"} (it may set
-    job["truncated"]); the model behind it is the one before tuning. Returns (pairs in the released json format,
+    image). generate_fn(jobs) -> answers, job = {"task", "image" (a key of pixel_loader: "noise:<image>" is the
+    release's noise image of that image), "prompt"} (it may set job["truncated"]); the model behind it is the one
+    before tuning. Returns (pairs in the released json format,
     subset sizes). Chosen and rejected share the RAG prompt in every subset (as in every released pair); an empty
     rejected answer, or one cut by the token cap (it would look complete), makes no pair and is counted."""
     variants = {"noise": ["noise"], "unrelated": ["unrelated"], "both": ["noise", "unrelated"]}[cm_image]
@@ -357,7 +457,7 @@ def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report
         jobs.append({"task": it["task"], "image": it["image"], "prompt": plain_prompt(it["task"], it["domain"], it["question"])})
         jobs.append({"task": it["task"], "image": it["image"], "prompt": rag})
         for v in variants:
-            it["_" + v] = it["noise"] if v == "noise" else unrelated_image(it, items, seed)
+            it["_" + v] = "noise:" + it["image"] if v == "noise" else unrelated_image(it, items, seed)
             jobs.append({"task": it["task"], "image": it["_" + v], "prompt": rag})
     answers = generate_fn(jobs)
     per = 2 + len(variants)
@@ -369,7 +469,9 @@ def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report
         found = []  # (subset, index of the rejected answer's job, extra fields, variant)
         for m, (v, ans) in enumerate(zip(variants, starred)):
             if is_correct(it, ans, report_threshold):  # the image did not matter: copied from the reports
-                found.append(("cm", n * per + 2 + m, {"rejected_noised": 1} if v == "noise" else {}, v))
+                # the released format: rejected_noised marks the noise pair (PairData draws the same noise image)
+                found.append(("cm", n * per + 2 + m, {"rejected_noised": 1} if v == "noise" else
+                              {"rejected_image": it["_" + v]}, v))
         if not ok_plain and ok_rag:
             found.append(("oa1", n * per, {}, None))  # learn to use retrieval: reject the no-retrieval answer
         if ok_plain and not ok_rag:
@@ -379,8 +481,6 @@ def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report
             if not rejected.strip() or jobs[j].get("truncated"):
                 sizes["skipped_empty" if not rejected.strip() else "skipped_truncated"] += 1
                 continue
-            if variant:  # released files mark the noise pair with rejected_noised only; the file is named too
-                extra["rejected_image"] = it["_" + variant]
             human = {"from": "human", "value": lm.IMAGE_MARKER + "\n" + it["_rag"]}
             pairs.append({"id": f"{it['id']}_{subset}" + (f"_{variant}" if variant and len(variants) > 1 else ""),
                           "image": it["image"], "domain": it["domain"], "task": it["task"], "subset": subset,
@@ -390,118 +490,18 @@ def rag_pt_pairs(items: list[dict], generate_fn, cm_image: str = "noise", report
     return pairs, sizes
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Generation and scoring helpers (sharded model: every rank calls with the same number of batches)
-# ----------------------------------------------------------------------------------------------------------
 
 
-def pixel_loader(cfg, image_folder: Path, allow_outside: bool = True):
-    """Image key -> pixel tensor, with dpo.py's PairData.pixel, so generation sees exactly what DPO trains on."""
-    holder = SimpleNamespace(cfg=cfg, image_folder=image_folder, allow_outside=allow_outside)
+def pixel_loader(cfg, image_folder: Path):
+    """Image key -> pixels by dpo.py's PairData.pixel (a path, or "noise:<path>": the release's noise image of that
+    image, one fixed draw per image), so generation sees exactly the pixels DPO trains on."""
+    holder = SimpleNamespace(cfg=cfg, image_folder=image_folder, allow_outside=True)  # paths were checked on reading
     return lambda key: PairData.pixel(holder, key)
 
 
-def generate_jobs(model, tokenizer, jobs: list[dict], pixel, rank: int, world: int, batch_size: int,
-                  max_new_tokens: dict, desc: str = "generate") -> list[str]:
-    """Greedy answers for every job; ranks take interleaved shares (padded to equal batch counts), the answers are
-    gathered on every rank. Jobs of one task are batched together (VQA stops after a few tokens). Sets
-    job["truncated"]: lm.generate does not say why it stopped, so an answer whose re-encoded length reaches the cap
-    counts as cut (re-encoding can differ from the generated ids by a token or so)."""
-    cfg = model.config
-    model.eval()
-    answers = {}
-    for task in dict.fromkeys(j["task"] for j in jobs):
-        idx = [i for i, j in enumerate(jobs) if j["task"] == task]
-        mine = idx[rank::world]
-        n_batches = math.ceil(math.ceil(len(idx) / world) / batch_size)
-        for b in tqdm(range(n_batches), desc=f"{desc} ({task})", disable=rank != 0, leave=False):
-            chunk = mine[b * batch_size:(b + 1) * batch_size]
-            real = len(chunk)
-            chunk = chunk or idx[:1]
-            prompts = [lm.tokenize_prompt(tokenizer, lm.place_image_markers([("user", jobs[i]["prompt"])], 1),
-                                          cfg.template, cfg.num_image_tokens, cfg.image_token_id) for i in chunk]
-            pix = torch.stack([pixel(jobs[i]["image"]) for i in chunk])
-            out = lm.generate(model, tokenizer, prompts, pix, max_new_tokens=max_new_tokens[task])
-            answers.update({i: a for i, a in zip(chunk[:real], out[:real])})
-    if hasattr(model, "reshard"):
-        model.reshard()  # no-grad forwards leave the FSDP2 root gathered
-    gathered = [None] * world
-    dist.all_gather_object(gathered, answers)
-    merged = {i: a for part in gathered for i, a in part.items()}
-    for i, j in enumerate(jobs):
-        j["truncated"] = len(tokenizer.encode(merged[i], add_special_tokens=False)) >= max_new_tokens[j["task"]]
-    return [merged[i] for i in range(len(jobs))]
-
-
-def yes_token_ids(tokenizer, template: str) -> tuple[int, int]:
-    """First answer token of "yes" and of "no" as the template tokenises an answer."""
-    ids = []
-    for word in ("yes", "no"):
-        t = lm.tokenize_conversation(tokenizer, [("user", "q"), ("assistant", word)], template, 1, -1)
-        ids.append(next(i for i, l in zip(t["input_ids"], t["labels"]) if l != lm.IGNORE_INDEX))
-    return ids[0], ids[1]
-
-
-@torch.no_grad()
-def yes_scores(model, tokenizer, jobs: list[dict], pixel, rank: int, world: int, batch_size: int) -> list[float]:
-    """logit("yes") - logit("no") at the first answer position: the score behind AUROC (a ranking needs more than
-    hard yes/no labels; from hard labels AUROC would equal balanced accuracy)."""
-    cfg = model.config
-    yes_id, no_id = yes_token_ids(tokenizer, cfg.template)
-    mine = list(range(rank, len(jobs), world))
-    n_batches = math.ceil(math.ceil(len(jobs) / world) / batch_size)
-    scores = {}
-    for b in range(n_batches):
-        chunk = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(chunk)
-        chunk = chunk or [0]
-        prompts = [{"input_ids": lm.tokenize_prompt(tokenizer, lm.place_image_markers([("user", jobs[i]["prompt"])], 1),
-                                                    cfg.template, cfg.num_image_tokens, cfg.image_token_id)} for i in chunk]
-        batch = lm.collate(prompts, tokenizer.pad_token_id, padding_side="left")
-        device = next(model.parameters()).device
-        attn = batch["attention_mask"].to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(batch["input_ids"].to(device), torch.stack([pixel(jobs[i]["image"]) for i in chunk]).to(device),
-                       attention_mask=attn, position_ids=pos, logits_to_keep=1).logits[:, -1].float()
-        s = (logits[:, yes_id] - logits[:, no_id]).tolist()
-        scores.update({i: v for i, v in zip(chunk[:real], s[:real])})
-    if hasattr(model, "reshard"):
-        model.reshard()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, scores)
-    merged = {i: v for part in gathered for i, v in part.items()}
-    return [merged[i] for i in range(len(jobs))]
-
-
-def auroc(scores: list[float], labels: list[bool]) -> float | None:
-    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties counting 1/2
-    (Mann-Whitney U from average ranks)."""
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, the average over each group of ties
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def vqa_metrics(items: list[dict], predictions: list[str], scores: list[float] | None) -> dict:
-    """Accuracy, F1 ('yes' positive; an answer that is neither yes nor no is wrong and not 'yes') and AUROC, in %."""
-    pred = [yes_no(p) for p in predictions]
-    gold = [it["answer"] for it in items]
-    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
-    fp = sum(p == "yes" and g != "yes" for p, g in zip(pred, gold))
-    fn = sum(p != "yes" and g == "yes" for p, g in zip(pred, gold))
-    out = {"acc": 100 * sum(p == g for p, g in zip(pred, gold)) / max(1, len(gold)),
-           "f1": 100 * 2 * tp / max(1, 2 * tp + fp + fn), "n": len(gold)}
-    if scores is not None:
-        a = auroc(scores, [g == "yes" for g in gold])
-        out["auroc"] = None if a is None else 100 * a
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
-# DPO, copied from dpo.py (pairs -> tensors, loss, LoRA policy + adapters-off reference, FSDP2, checkpoints)
+# DPO and the training loop, copied from dpo.py (pairs -> tensors, loss, LoRA policy + adapters-off reference,
+# FSDP2, the loop with its checkpoints, the DPO step, saving)
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -692,38 +692,29 @@ def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> t
     return sums, counts
 
 
-# Copied from dpo.py: LORA_TARGETS
-LORA_TARGETS = r".*language_model\.model\.layers\.\d+\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# Copied from dpo.py: build_models
+def build_models(args: Args, model, device):
+    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
+    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
+    import copy
 
-
-# Copied from dpo.py: add_lora
-def add_lora(model, r: int, alpha: int, dropout: float):
-    """LoRA (peft) on every linear layer of the language model's decoder (attention + MLP), nothing in the vision
-    tower, projector or lm_head (MMed-RAG / MMedPO / STLLaVA-Med: all LM linear layers)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGETS, bias="none")
-    inject_adapter_in_model(config, model)
-    model.lora_config = config
-    return model
-
-
-# Copied from dpo.py: adapters_off
-class adapters_off:
-    """Context: LoRA layers skip their adapters, so the model is the reference (what peft's disable_adapter does,
-    without toggling requires_grad, which FSDP2 has already recorded)."""
-
-    def __init__(self, model):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        self.layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m._disable_adapters = True
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m._disable_adapters = False
+    model.requires_grad_(False)
+    ref_model = None
+    if args.full_finetune:
+        ref_model = copy.deepcopy(model).eval()
+        model.language_model.requires_grad_(True)
+    else:
+        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    if args.tune_projector:
+        model.projector.requires_grad_(True)
+        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
+            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, ref_model
 
 
 # Copied from dpo.py: shard
@@ -757,35 +748,46 @@ def shard(model, device, activation_checkpointing: bool = False, compile: bool =
     return model
 
 
-# Copied from dpo.py: build_models
-def build_models(args: Args, model, device):
-    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
-    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
-    import copy
+# Copied from dpo.py: cosine_schedule
+def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
 
-    model.requires_grad_(False)
-    ref_model = None
-    if args.full_finetune:
-        ref_model = copy.deepcopy(model).eval()
-        model.language_model.requires_grad_(True)
-    else:
-        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
-    if args.tune_projector:
-        model.projector.requires_grad_(True)
-        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
-            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model, ref_model
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# Copied from dpo.py: global_batches
+def global_batches(n: int, batch_size: int, epoch: int, seed: int):
+    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
+    last partial batch is dropped so every step has the same size."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+# Copied from dpo.py: my_micro_batches
+def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
+    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return chunks[rank::world]
 
 
 # Copied from dpo.py: full_tensor
 def full_tensor(t):
     """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# Copied from dpo.py: file_sha256
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # Copied from dpo.py: save_checkpoint
@@ -825,15 +827,6 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
         os.replace(tmp, final)
     dist.barrier()
     return final
-
-
-# Copied from dpo.py: file_sha256
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # Copied from dpo.py: latest_checkpoint
@@ -887,31 +880,97 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
     return state
 
 
-# Copied from dpo.py: cosine_schedule
-def cosine_schedule(optimizer, total_steps: int, warmup_ratio: float):
-    warmup = max(1, int(total_steps * warmup_ratio))
+# Copied from dpo.py: train
+def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+    """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
+    batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
+    (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
+    returns summed statistics with their graph in "loss" (a SUM over the units the loss averages: pairs, tokens)
+    and "n" (how many units). The loop runs backward, reduces gradients once per step, scales them by ranks / n of
+    the whole global batch (FSDP2 averages over ranks), so the update follows the global mean whatever the split,
+    clips, and steps AdamW (one group per name prefix in lr_groups; "" = the rest) on a warmup + cosine schedule.
+    A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
+    update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
+    checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
+    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    master = rank == 0
+    if batch_size % (micro_batch_size * world):
+        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
+                         f"({micro_batch_size} x {world})")
+    steps_per_epoch = n_items // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {n_items} items is less than one global batch ({batch_size})")
+    total = max_steps if max_steps >= 0 else max(1, int(steps_per_epoch * epochs))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in params.items() if n.startswith(prefix) and (prefix or not any(
+        n.startswith(q) for q in lr_groups if q))], "lr": lr} for prefix, lr in lr_groups.items()]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999), fused=True)
+    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
+    step, nonfinite = 0, 0
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
+        if master:
+            print(f"{name}: resumed from {resume_from} (step {step})")
+    trainable = list(params.values())
+    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
+    t0, tokens = time.time(), 0.0
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        model.train()
+        micro = my_micro_batches(global_batches(n_items, batch_size, epoch, args.seed)[k], micro_batch_size, rank, world)
+        sums = {}
+        for m, idx in enumerate(micro):
+            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
+            stats = step_fn(idx, epoch)
+            stats["loss"].backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys])
+        dist.all_reduce(totals)
+        sums = dict(zip(keys, totals.tolist()))
+        n = sums.pop("n")
+        for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
+            if p.grad is not None:
+                p.grad.mul_(world / n)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        step += 1
+        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
+               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            row["skipped_nonfinite"] = nonfinite
+            if master:
+                print(f"warning: {name} step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)",
+                      file=sys.stderr)
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sums.get("tokens", 0.0)
+        if tokens:
+            row["tokens_per_s"] = tokens / (time.time() - t0)
+        log(row)
+        bar.update(1)
+        bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    bar.close()
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    return {"steps": step, "nonfinite_skipped": nonfinite}
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# Copied from dpo.py: global_batches
-def global_batches(n: int, batch_size: int, epoch: int, seed: int):
-    """The shuffled order of one epoch (seeded by epoch: the same on every rank), cut into global batches; the
-    last partial batch is dropped so every step has the same size."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-# Copied from dpo.py: my_micro_batches
-def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
-    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
-    return chunks[rank::world]
+# Copied from dpo.py: to_device
+def to_device(batch, device):
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 # Copied from dpo.py: image_features_for
@@ -942,11 +1001,6 @@ def reference_logps(model, ref_model, batch, ref_feats):
             return sequence_logps(model, batch, ref_feats)
 
 
-# Copied from dpo.py: to_device
-def to_device(batch, device):
-    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 # Copied from dpo.py: dpo_step
 def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=None) -> dict:
     """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
@@ -967,347 +1021,179 @@ def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=Non
             "tokens": batch["n_tokens"]}
 
 
-# Copied from dpo.py: save_adapter_or_model
-def save_adapter_or_model(args: Args, model, tokenizer, out: Path, rank: int):
-    """LoRA: a PEFT adapter (adapter_config.json + adapter_model.safetensors) whose module names are those of the
-    llava-hf export of the base model, so `PeftModel.from_pretrained(LlavaForConditionalGeneration...)` loads it.
-    --export-merged: the merged model as a llava-hf checkpoint. Both gather full tensors on every rank."""
-    state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}
-    if rank != 0:
-        return
-    if not args.full_finetune:
-        adapter = {}
-        for n, t in state.items():
-            if "lora_A" in n or "lora_B" in n:
-                base = n.replace(".default", "")
-                hf = lm._rename(base.replace(".lora_A.weight", ".weight").replace(".lora_B.weight", ".weight"),
-                                lm.TO_LLAVA_HF)
-                suffix = ".lora_A.weight" if "lora_A" in n else ".lora_B.weight"
-                adapter["base_model.model." + hf[:-len(".weight")] + suffix] = t.contiguous()
-        (out / "adapter").mkdir(parents=True, exist_ok=True)
-        save_file(adapter, str(out / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
-        cfg = model.lora_config.to_dict()
-        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-        warm_base = out / "base_llava_hf"
-        cfg.update(base_model_name_or_path=str(warm_base) if warm_base.exists() else args.model, peft_type="LORA",
-                   task_type=None,
-                   target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
-        if args.tune_projector:  # the trained projector ships beside the adapter (LLaVA's non_lora_trainables)
-            cfg["modules_to_save"] = None
-            save_file({lm._rename(n, lm.TO_LLAVA_HF): t for n, t in state.items() if n.startswith("projector.")},
-                      str(out / "adapter" / "projector.safetensors"))
-        (out / "adapter" / "adapter_config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    if args.export_merged or args.full_finetune:
-        merged = merged_copy(model, state)
-        lm.save_llava_hf(merged, tokenizer, out / "llava_hf")
+# Copied from dpo.py: save_trained
+def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
+    """LoRA: a PEFT adapter in out/adapter on `base` (the model it was trained from). Full fine-tuning, or
+    --export-merged: the merged model as a llava-hf checkpoint in out/llava_hf (transformers, vLLM). Whole tensors
+    are gathered on every rank; rank 0 writes."""
+    state = lm.full_state_dict(model)
+    if rank == 0 and not args.full_finetune:
+        lm.save_peft_adapter(model, state, out / "adapter", base, ("projector.",) if args.tune_projector else ())
+    if rank == 0 and (args.export_merged or args.full_finetune):
+        lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / "llava_hf")
 
-
-# Copied from dpo.py: merged_copy
-def merged_copy(model, state: dict):
-    """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from gathered
-    tensors; parameters are assigned, not initialised first (a 7B model is not built twice)."""
-    cfg = model.config
-    with lm._params_on_meta():
-        plain = lm.LlavaMed(cfg)
-    base = {}
-    for n, t in state.items():
-        if "lora_" in n:
-            continue
-        base[n.replace(".base_layer.", ".")] = t
-    lcfg = getattr(model, "lora_config", None)
-    if lcfg is not None:
-        scale = lcfg.lora_alpha / lcfg.r
-        for n, t in state.items():
-            if n.endswith("lora_A.default.weight"):
-                prefix = n[: -len(".lora_A.default.weight")]
-                B = state[prefix + ".lora_B.default.weight"]
-                W = base[prefix + ".weight"]
-                base[prefix + ".weight"] = (W.float() + scale * (B.float() @ t.float())).to(W.dtype)
-    plain.load_state_dict(base, strict=True, assign=True)
-    return plain
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Answer normalisation, copied from dpo.py (LLaVA-Med's normalize_word; first yes/no word)
-# ----------------------------------------------------------------------------------------------------------
-
-# Copied from dpo.py: CONTRACTIONS
-CONTRACTIONS = {  # word -> contraction, LLaVA-Med v1.0.0 glossary.py's VQA-eval table (exact key set checked by tests)
-    # Not listed: the released entries "Im", "Ive", "Id've", "I'dve" (never matched: the lookup runs on lower-cased
-    # words), and "let's", "she's" (mapped to themselves).
-    form[:i] + form[i + 1:]: form  # each form is looked up by every spelling that leaves out one of its apostrophes
-    for form in (
-        "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd "
-        "he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've "
-        "needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
-        "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll "
-        "that's there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've "
-        "we've weren't what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's "
-        "who've why'll why're why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've "
-        "you'll you're you've").split()
-    for i, c in enumerate(form) if c == "'"
-} | {"somebody'd": "somebodyd"}  # quirk kept: the released table maps this entry backwards
-
-
-# Copied from dpo.py: normalize_answer
-def normalize_answer(text: str) -> str:
-    """The one answer normaliser of every method: LLaVA-Med's released normalize_word (v1.0.0
-    llava/eval/eval_metrics/glossary.py), rule for rule, quirks included; tests/test_scorers.py checks it against
-    that function's outputs (tests/fixtures/llava_med_eval_cases.json).
-    "Left-sided (pleural) effusion!" -> "left sided pleural effusion"; "three" -> "3"; "1,000" -> "1000"."""
-    # 1. Each of these marks becomes a space ("t1/t2" -> "t1 t2"), but is deleted everywhere instead when it
-    #    touches a space anywhere in the text ("x - ray" -> "x ray"; so "left-sided, x - ray" -> "leftsided x ray"),
-    #    or when the text holds a digit-comma-digit anywhere ("1,000 x-ray" -> "1000 xray"). Both tests look at the
-    #    original text, not at the text as marks are replaced. Not in the list: ':', "'", '%', '#', '*', '&'.
-    glued = re.search(r"\d,\d", text) is not None
-    s = text
-    for mark in ';/[]"{}()=+\\_-><@`,?!':
-        s = s.replace(mark, "" if glued or mark + " " in text or " " + mark in text else " ")
-    # 2. Periods not followed by a digit are deleted ("2." -> "2", "e.g." -> "eg"; "3.5", ".5" stay). The released
-    #    pattern "(?!<=\d)(\.)(?!\d)" meant a look-behind but is a look-ahead that always holds, and it passes
-    #    re.UNICODE (= 32) as the count: only the first 32 such periods go.
-    s = re.sub(r"\.(?!\d)", "", s, count=32)
-    # 3. Lower-case, split on whitespace; number words zero..ten and "none" become digits ("none" -> "0"); then the
-    #    articles a/an/the are dropped (after the number words, so "one" stays as "1"); then contractions.
-    #    (The released final comma removal is left out: step 1 has already replaced every comma.)
-    numbers = dict(zip("none zero one two three four five six seven eight nine ten".split(),
-                       "0 0 1 2 3 4 5 6 7 8 9 10".split()))
-    words = [numbers.get(w, w) for w in s.lower().split()]
-    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ("a", "an", "the"))
-
-
-# Copied from dpo.py: yes_no
-def yes_no(prediction: str) -> str | None:
-    """The first word of the normalised answer that is 'yes' or 'no' ("Answer:no" counts; 'normal', 'note' or
-    'know' never count as 'no'), else None."""
-    for w in re.findall(r"\w+", normalize_answer(prediction)):
-        if w in ("yes", "no"):
-            return w
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Report-generation metrics, written by hand (no pycocoevalcap / Java here). MMed-RAG releases no metric code
-# (spec A, issue #24); MMedPO reports BLEU as the average of BLEU-1..4 with ROUGE-L and METEOR. Verified in
-# tests/test_mmed_rag.py against sacrebleu (BLEU), rouge-score (ROUGE-L) and NLTK's METEOR (exact stage, a fixture).
-# ----------------------------------------------------------------------------------------------------------
-
-def report_tokens(text: str) -> list[str]:
-    """Lower-cased word tokens with punctuation dropped, as pycocoevalcap's PTB tokenizer does before scoring."""
-    return re.findall(r"\w+", text.lower())
-
-
-def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> list[float]:
-    """[BLEU-1, ..., BLEU-max_n] in % over the corpus (Papineni et al. 2002): clipped n-gram counts summed over
-    all sentences, geometric mean of the first n precisions, brevity penalty exp(1 - r/c) when the summed
-    hypothesis length c is below the summed reference length r. No smoothing, as pycocoevalcap: a corpus with
-    no matching n-gram scores 0 for that order and above. Equals sacrebleu's BLEU(tokenize="none",
-    smooth_method="none", max_ngram_order=n) on report_tokens-joined text (tested)."""
-    correct, total = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for hyp, ref in zip(hypotheses, references, strict=True):
-        h, r = report_tokens(hyp), report_tokens(ref)
-        hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
-        for n in range(1, max_n + 1):
-            hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))
-            rc = Counter(tuple(r[i:i + n]) for i in range(len(r) - n + 1))
-            correct[n - 1] += sum(min(c, rc[g]) for g, c in hc.items())
-            total[n - 1] += max(len(h) - n + 1, 0)
-    if hyp_len == 0:
-        return [0.0] * max_n
-    bp = 1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)
-    scores, log_sum = [], 0.0
-    for n in range(max_n):
-        if correct[n] == 0 or total[n] == 0:
-            scores.extend([0.0] * (max_n - n))
-            break
-        log_sum += math.log(correct[n] / total[n])
-        scores.append(100 * bp * math.exp(log_sum / (n + 1)))
-    return scores
-
-
-def lcs_length(a: list[str], b: list[str]) -> int:
-    """Longest common subsequence length by dynamic programming over one row."""
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0  # row[j - 1] of the previous line
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
-
-
-def rouge_l(hypothesis: str, reference: str, beta: float = 1.0) -> float:
-    """ROUGE-L F-measure (Lin 2004) in %: P = LCS/|hyp|, R = LCS/|ref|, F = (1+β²)PR / (R + β²P). β = 1 is
-    rouge-score's fmeasure (tested); pycocoevalcap's Rouge uses β = 1.2 (--rouge-beta 1.2), which weighs recall more."""
-    h, r = report_tokens(hypothesis), report_tokens(reference)
-    lcs = lcs_length(h, r)
-    if lcs == 0:
-        return 0.0
-    p, rec = lcs / len(h), lcs / len(r)
-    return 100 * (1 + beta ** 2) * p * rec / (rec + beta ** 2 * p)
-
-
-def meteor_exact(hypothesis: str, reference: str, alpha: float = 0.9, beta: float = 3.0, gamma: float = 0.5) -> float:
-    """METEOR's exact-match stage only (Banerjee & Lavie 2005 parameters) in %: no stem, synonym or paraphrase
-    stage, so NOT pycocoevalcap's METEOR 1.5 that papers report, and below it when word forms differ ("nodules" /
-    "nodule": 48.1 where NLTK with its stemmer gives 75.5). Fmean = PR / (αP + (1-α)R); penalty = γ (chunks /
-    matches)^β; score = Fmean (1 - penalty). Each hypothesis word takes an unused identical reference word, the one
-    extending the current chunk if any: NLTK's exact stage, but for repeated reference words, where NLTK takes the
-    last free one and this gives fewer chunks (tests/fixtures/meteor_nltk.json)."""
-    h, r = report_tokens(hypothesis), report_tokens(reference)
-    positions: dict[str, list[int]] = {}
-    for j, w in enumerate(r):
-        positions.setdefault(w, []).append(j)
-    used, align = set(), []
-    for w in h:
-        free = [j for j in positions.get(w, []) if j not in used]
-        if not free:
-            align.append(None)
-            continue
-        prev = align[-1] if align else None  # reference position of the previous hypothesis word, if matched
-        j = prev + 1 if prev is not None and prev + 1 in free else free[0]
-        used.add(j)
-        align.append(j)
-    matches = len(used)
-    if matches == 0:
-        return 0.0
-    chunks, last = 0, None  # a chunk: a run of matched hypothesis words whose reference positions are consecutive
-    for j in align:
-        if j is not None and (last is None or j != last + 1):
-            chunks += 1
-        last = j
-    p, rec = matches / len(h), matches / len(r)
-    fmean = p * rec / (alpha * p + (1 - alpha) * rec)
-    return 100 * fmean * (1 - gamma * (chunks / matches) ** beta)
-
-
-def report_scores(hypotheses: list[str], references: list[str], rouge_beta: float = 1.0) -> dict:
-    """The report columns of MMed-RAG Table 2 / MMedPO Table 1: BLEU-1..4, their average ("BLEU" in MMedPO), and
-    sentence ROUGE-L (β = rouge_beta) and exact-match METEOR averaged over reports. All in %."""
-    b = corpus_bleu(hypotheses, references)
-    n = max(len(hypotheses), 1)
-    return {"bleu1": b[0], "bleu2": b[1], "bleu3": b[2], "bleu4": b[3], "bleu": sum(b) / 4,
-            "rouge_l": sum(rouge_l(h, r, rouge_beta) for h, r in zip(hypotheses, references)) / n,
-            "meteor_exact": sum(meteor_exact(h, r) for h, r in zip(hypotheses, references)) / n, "n": len(hypotheses)}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Warm start (tiny random model only): SFT on plain and RAG prompts of the knowledge-base images
+# The warm start (tiny random model only) and the RAG-PT stages, each phase one call of the loop above
 # ----------------------------------------------------------------------------------------------------------
 
 
-def sft_warmup(args: Args, model, tokenizer, examples: list[dict], pixel, device, steps: int, log):
-    """The tiny model is random: before RAG-PT means anything it must answer, with and without reports. Full model
-    + projector, the same on every rank (same seed, same data, no communication), like dpo.py's warm start.
-    examples: {"image", "prompt", "answer"}."""
-    cfg = model.config
-    seqs = [lm.tokenize_conversation(tokenizer, lm.place_image_markers([("user", e["prompt"]), ("assistant", e["answer"])], 1),
-                                     cfg.template, cfg.num_image_tokens, cfg.image_token_id, args.max_length,
-                                     f"warm-start example {e['image']}") for e in examples]
-    model.train()
-    trainable = [p for n, p in model.named_parameters() if not n.startswith("vision_tower.")]
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=args.sft_lr, weight_decay=0.0)
-    sched = cosine_schedule(opt, steps, 0.05)
-    g = torch.Generator().manual_seed(args.seed)
-    bar = tqdm(range(steps), desc="warm start", disable=dist.get_rank() != 0, leave=False)
-    for step in bar:
-        idx = torch.randint(len(seqs), (args.micro_batch_size * 2,), generator=g).tolist()
-        batch = to_device(lm.collate([seqs[i] for i in idx], tokenizer.pad_token_id), device)
-        pix = torch.stack([pixel(examples[i]["image"]) for i in idx]).to(device)
-        logits = model(batch["input_ids"], pix, batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        tok = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=lm.IGNORE_INDEX, reduction="none")
-        n = (labels != lm.IGNORE_INDEX).sum(1)
-        # mean per example, then over examples: a one-token yes/no answer weighs as much as a 35-token report
-        loss = (tok.sum(1) / n.clamp(min=1)).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        if step % 50 == 0 or step == steps - 1:
-            log({"phase": "sft_warmup", "step": step, "loss": round(loss.item(), 4)})
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.requires_grad_(False)
-    model.eval()
+def warm_start_rag(args: Args, model, tokenizer, kb_items: list[dict], pixel, device, rank: int, world: int, folder: Path,
+                   log):
+    """The tiny model is random: before RAG-PT means anything it must answer, with and without reports. The full
+    model with the projector (ViT frozen) trains in two phases, each with a fresh optimizer: --sft-warmup-steps on
+    plain prompts of the knowledge-base items (learn to read the images: through ~250-token RAG prompts alone 300
+    mixed steps left the random model at chance), then --sft-rag-steps on plain + RAG prompts (learn the A6 format).
+    Each answer weighs the same, its mean token loss (a one-token yes/no as much as a 35-token report), over global
+    batches of 16. Saved as a llava-hf checkpoint in `folder`/model (the adapter's base) and loaded back from there,
+    as a real run starts RAG-PT from its SFT checkpoint; reused while the folder's key holds."""
+    base = folder / "model"
+    if not (base / "config.json").exists():
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith("vision_tower."))
+            p.data = p.data.float() if p.requires_grad else p.data
+        shard(model, device)
+        cfg, micro = model.config, max(1, 16 // world)  # 16 answers per step (or the nearest multiple of the ranks)
+        plain = [(it, plain_prompt(it["task"], it["domain"], it["question"])) for it in kb_items]
+        with_rag = [(it, rag_prompt(it["task"], it["domain"], it["reports"], it["question"])) for it in kb_items]
+        phases = (("warm_plain", plain, args.sft_warmup_steps), ("warm_rag", plain + with_rag, args.sft_rag_steps))
+        for name, examples, steps in phases:
+            seqs = [lm.tokenize_conversation(tokenizer, lm.place_image_markers([("user", q), ("assistant", it["answer"])], 1),
+                                             cfg.template, cfg.num_image_tokens, cfg.image_token_id, args.max_length,
+                                             f"warm-start example {it['id']}") for it, q in examples]
+
+            def step(idx, epoch, seqs=seqs, examples=examples):
+                idx = [i % len(seqs) for i in idx]  # indices wrap around, so a set smaller than one batch still trains
+                batch = to_device(lm.collate([seqs[i] for i in idx], tokenizer.pad_token_id), device)
+                labels = batch["labels"]
+                mask = torch.zeros_like(labels, dtype=torch.bool)
+                mask[:, :-1] = labels[:, 1:] != lm.IGNORE_INDEX  # the logit at t predicts token t + 1
+                logits = model(batch["input_ids"], torch.stack([pixel(examples[i][0]["image"]) for i in idx]).to(device),
+                               batch["attention_mask"], logits_mask=mask).logits.float()
+                tok = F.cross_entropy(logits, labels[:, 1:][mask[:, :-1]], reduction="none")
+                sums = torch.zeros(len(idx), device=device).index_add(0, mask.nonzero()[:, 0], tok)
+                return {"loss": (sums / mask.sum(1).clamp(min=1)).sum(), "n": torch.tensor(float(len(idx)))}
+
+            if steps:
+                train(args, name, model, max(len(seqs), micro * world), step, folder / name, rank, world, log,
+                      {"": args.sft_lr}, micro * world, micro, max_steps=steps)
+        lm.save_merged(model, tokenizer, base, rank)
+        dist.barrier()
+    return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None)[0]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# RAG-PT training: one DPO stage (the loop of dpo.py), run once per stage
-# ----------------------------------------------------------------------------------------------------------
-
-
-def dpo_stage(args: Args, name: str, model, ref_model, data, tokenizer, device, rank: int, world: int, log) -> dict:
-    """DPO on one subset with a fresh optimizer and schedule (released two-stage script: a new run that loads the
-    stage-1 LoRA). A subset smaller than the global batch trains with the largest batch it fills (printed); an
-    empty one is reported and skipped, never a silent zero loss. Resumes from OUT/<name>/checkpoints."""
-    out = Path(args.out) / name
-    unit = args.micro_batch_size * world
-    bs = min(args.batch_size, len(data) // unit * unit) if data is not None else 0
-    if bs == 0:
+def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, folder: Path, tokenizer, device,
+                  rank: int, world: int, log) -> dict:
+    """DPO per stage (released train_dpo_2stages.py: stage 1 on D_cm, then stage 2 on D_oa from the stage-1 adapter,
+    a fresh optimizer and schedule, the reference still the base; or one merged stage), checkpoints in OUT/<stage>
+    bound to the pair set's key. A subset smaller than the global batch trains with the largest batch it fills
+    (printed); one smaller than a micro-batch per rank is reported and skipped, never a silent zero loss."""
+    plan = [("stage1", ("cm",)), ("stage2", ("oa1", "oa2", "oa"))] if args.stages == "two" else \
+        [("merged", ("cm", "oa1", "oa2", "oa"))]
+    out, unit, done = Path(args.out), args.micro_batch_size * world, {}
+    for name, subsets in plan:
+        recs = [(f"{args.rag_pt_data or out / 'rag_pt.json'} pair {p.get('id', n)}", p) for n, p in enumerate(pairs)
+                if p["subset"] in subsets]
+        data = PairData(recs, folder, tokenizer, model.config, args.max_length, args.skip_bad_samples, True) if recs else []
+        bs = min(args.batch_size, len(data) // unit * unit)
         if rank == 0:
-            print(f"warning: {name}: {0 if data is None else len(data)} pairs, fewer than one micro-batch per rank "
-                  f"({unit}); stage skipped", file=sys.stderr)
-        log({"phase": name, "skipped": True, "pairs": 0 if data is None else len(data)})
-        return {"steps": 0, "pairs": 0 if data is None else len(data)}
-    if bs % unit:
-        raise ValueError(f"--batch-size {args.batch_size} must be a multiple of micro-batch x ranks ({unit})")
-    sargs = dataclasses.replace(args, batch_size=bs)  # dpo_step scales the loss by the global batch
-    steps_per_epoch = len(data) // bs
-    total = steps_per_epoch * args.epochs if args.max_steps < 0 else args.max_steps
-    if rank == 0:
-        print(f"{name}: {len(data)} pairs, global batch {bs} = {args.micro_batch_size} x {world} ranks x "
-              f"{bs // unit} accumulation, {total} steps")
-    groups = [{"params": [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("projector.")],
-               "lr": args.lr},
-              {"params": [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("projector.")],
-               "lr": args.projector_lr}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
-    step = 0
-    resume_from = latest_checkpoint(out) if args.resume else None
-    if resume_from is not None:
-        step = load_checkpoint(resume_from, model, optimizer, scheduler, rank)["step"]
-        if rank == 0:
-            print(f"{name}: resumed from {resume_from} (step {step})")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=total, initial=step, desc=name, disable=rank != 0, leave=False)
-    last = {}
-    while step < total:
-        epoch, k = divmod(step, steps_per_epoch)
-        model.train()
-        micro = my_micro_batches(global_batches(len(data), bs, epoch, args.seed)[k], args.micro_batch_size, rank, world)
-        sums = {}
-        for m, idx in enumerate(micro):
-            model.set_requires_gradient_sync(m == len(micro) - 1)
-            for key, v in dpo_step(sargs, model, ref_model, data, idx, tokenizer, device, world).items():
-                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
-        totals = torch.stack([sums[key] for key in sorted(sums)])
-        dist.all_reduce(totals)
-        sums = dict(zip(sorted(sums), totals.tolist()))
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):
-            raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step + 1}")
-        optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
-        step += 1
-        n = sums["pairs"]
-        last = {"phase": name, "step": step, "loss": sums["loss"] / n, "margin": sums["margin"] / n,
-                "accuracy": sums["accuracy"] / n, "rewards_chosen": sums["rewards_chosen"] / n,
-                "rewards_rejected": sums["rewards_rejected"] / n, "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0]}
-        log(last)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", margin=f"{last['margin']:.3f}")
-    bar.close()
-    if resume_from is None or step > int(resume_from.name.split("_")[-1]):
-        save_checkpoint(out, step, model, optimizer, scheduler, {"args": dataclasses.asdict(args), "stage": name}, rank)
-    return {"steps": step, "pairs": len(data), "last": last}
+            print(f"{name}: {len(data)} pairs, " + (f"global batch {bs} = {args.micro_batch_size} x {world} ranks x "
+                  f"{bs // unit} accumulation" if bs else f"fewer than a micro-batch on every rank ({unit}): stage skipped"))
+        if bs == 0:
+            log({"phase": name, "skipped": True, "pairs": len(data)})
+            done[name] = {"steps": 0, "pairs": len(data)}
+            continue
+        step = lambda idx, epoch, data=data: dpo_step(args, model, ref_model, data, idx, tokenizer, device)  # noqa: E731
+        done[name] = {"pairs": len(data), "skipped_records": data.skipped, **train(
+            args, name, model, len(data), step, keyed_folder(out / name, key, rank), rank, world, log,
+            {"projector.": args.projector_lr, "": args.lr}, bs, args.micro_batch_size, args.epochs, args.max_steps)}
+    return done
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation: VQA (acc, F1, AUROC), reports (BLEU, ROUGE-L, METEOR), copy-reference and over-reliance rates
+# Generation and evaluation: VQA (acc, F1, AUROC), reports (lm.report_scores), copy-reference and over-reliance rates
 # ----------------------------------------------------------------------------------------------------------
+
+
+def answer_jobs(args: Args, model, tokenizer, jobs: list[dict], pixel, rank: int, world: int, desc: str) -> list[str]:
+    """Greedy answers to jobs {"task", "image" (a pixel_loader key), "prompt"} by lm.generate_sharded (the same
+    batches for any number of ranks), one task at a time (its own token cap: VQA stops after a few tokens), pixels
+    made chunk by chunk (a whole RAG-PT set would not fit in memory). Sets job["truncated"]: lm.generate does not
+    say why it stopped, so an answer whose re-encoded length reaches the cap counts as cut (re-encoding can differ
+    from the generated ids by a token or so)."""
+    cap = {"vqa": args.vqa_max_new_tokens, "report": args.report_max_new_tokens}
+    answers, chunk = [None] * len(jobs), args.eval_batch_size * world * 8  # a multiple of the batch: same batches
+    for task in dict.fromkeys(j["task"] for j in jobs):
+        idx = [i for i, j in enumerate(jobs) if j["task"] == task]
+        for c in range(0, len(idx), chunk):
+            part = idx[c:c + chunk]
+            todo = [{"turns": [("user", jobs[i]["prompt"])], "images": [pixel(jobs[i]["image"])]} for i in part]
+            got = lm.generate_sharded(model, tokenizer, todo, args.eval_batch_size, rank, world, f"{desc} ({task})",
+                                      max_new_tokens=cap[task])
+            for i, a in zip(part, got):
+                answers[i] = a
+                jobs[i]["truncated"] = len(tokenizer.encode(a, add_special_tokens=False)) >= cap[task]
+    return answers
+
+
+@torch.no_grad()
+def yes_scores(model, tokenizer, jobs: list[dict], pixel, rank: int, world: int, batch_size: int) -> list[float]:
+    """logit("yes") - logit("no") at the first answer position: the score behind AUROC (a ranking needs more than
+    hard yes/no labels; from hard labels AUROC would equal balanced accuracy). Batches are dealt out to the ranks as
+    lm.generate_sharded deals them (a rank with fewer repeats one: FSDP2's collectives stay in step)."""
+    cfg, device = model.config, next(model.parameters()).device
+    first = []  # the first answer token of "yes" and of "no", as the template tokenises an answer
+    for word in ("yes", "no"):
+        t = lm.tokenize_conversation(tokenizer, [("user", "q"), ("assistant", word)], cfg.template, 1, -1)
+        first.append(next(i for i, label in zip(t["input_ids"], t["labels"]) if label != lm.IGNORE_INDEX))
+    batches = [list(range(i, min(i + batch_size, len(jobs)))) for i in range(0, len(jobs), batch_size)]
+    scores = {}
+    for r in range(-(-len(batches) // world)):
+        b = r * world + rank
+        idx = batches[min(b, len(batches) - 1)]
+        prompts = [{"input_ids": lm.tokenize_prompt(tokenizer, lm.place_image_markers([("user", jobs[i]["prompt"])], 1),
+                                                    cfg.template, cfg.num_image_tokens, cfg.image_token_id)} for i in idx]
+        batch = lm.collate(prompts, tokenizer.pad_token_id, padding_side="left")
+        attn = batch["attention_mask"].to(device)
+        pixels = torch.stack([pixel(jobs[i]["image"]) for i in idx]).to(device)
+        logits = model(batch["input_ids"].to(device), pixels, attention_mask=attn,
+                       position_ids=(attn.cumsum(-1) - 1).clamp(min=0), logits_to_keep=1).logits[:, -1].float()
+        if b < len(batches):
+            scores.update(zip(idx, (logits[:, first[0]] - logits[:, first[1]]).tolist()))
+    if hasattr(model, "reshard"):
+        model.reshard()  # no-grad forwards leave the FSDP2 root gathered
+    parts = [None] * world
+    dist.all_gather_object(parts, scores)
+    merged = {i: v for part in parts for i, v in part.items()}
+    return [merged[i] for i in range(len(jobs))]
+
+
+def auroc(scores: list[float], labels: list[bool]) -> float | None:
+    """Area under the ROC curve = P(score of a random positive > score of a random negative), ties counting 1/2
+    (Mann-Whitney U from average ranks)."""
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]  # 1-based ranks, the average over each group of ties
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def vqa_metrics(items: list[dict], predictions: list[str], scores: list[float] | None) -> dict:
+    """Accuracy, F1 ('yes' positive; an answer that is neither yes nor no is wrong and not 'yes') and AUROC, in %."""
+    pred = [lm.yes_no(p) for p in predictions]
+    gold = [it["answer"] for it in items]
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    fp = sum(p == "yes" and g != "yes" for p, g in zip(pred, gold))
+    fn = sum(p != "yes" and g == "yes" for p, g in zip(pred, gold))
+    out = {"acc": 100 * sum(p == g for p, g in zip(pred, gold)) / max(1, len(gold)),
+           "f1": 100 * 2 * tp / max(1, 2 * tp + fp + fn), "n": len(gold)}
+    if scores is not None:
+        a = auroc(scores, [g == "yes" for g in gold])
+        out["auroc"] = None if a is None else 100 * a
+    return out
 
 
 def rates(items: list[dict], plain: list[str], rag: list[str], noise: list[str]) -> dict:
@@ -1330,19 +1216,17 @@ def rates(items: list[dict], plain: list[str], rag: list[str], noise: list[str])
 def evaluate(args: Args, model, tokenizer, items: list[dict], pixel, rank: int, world: int, desc: str) -> dict:
     """Without and with retrieval on the test items (each carries its retrieved "reports"); VQA also with the noise
     image under RAG (copy-reference rate). Returns {"plain": {...}, "rag": {...}, rates, truncated, predictions}."""
-    vqa = [it for it in items if it["task"] == "vqa"]
-    rep = [it for it in items if it["task"] == "report"]
+    vqa, rep = [it for it in items if it["task"] == "vqa"], [it for it in items if it["task"] == "report"]
     jobs = []
     for it in vqa + rep:
         jobs.append({"task": it["task"], "image": it["image"], "prompt": plain_prompt(it["task"], it["domain"], it["question"])})
         jobs.append({"task": it["task"], "image": it["image"], "prompt": rag_prompt(it["task"], it["domain"], it["reports"], it["question"])})
     for it in vqa:
-        jobs.append({"task": "vqa", "image": it["noise"], "prompt": rag_prompt("vqa", it["domain"], it["reports"], it["question"])})
-    tokens = {"vqa": args.vqa_max_new_tokens, "report": args.report_max_new_tokens}
-    answers = generate_jobs(model, tokenizer, jobs, pixel, rank, world, args.eval_batch_size, tokens, desc)
-    n2 = 2 * len(vqa)
-    plain_v, rag_v, noise_v = answers[0:n2:2], answers[1:n2:2], answers[n2 + 2 * len(rep):]
-    plain_r, rag_r = answers[n2:n2 + 2 * len(rep):2], answers[n2 + 1:n2 + 2 * len(rep):2]
+        jobs.append({"task": "vqa", "image": "noise:" + it["image"], "prompt": rag_prompt("vqa", it["domain"], it["reports"], it["question"])})
+    answers = answer_jobs(args, model, tokenizer, jobs, pixel, rank, world, desc)
+    n2, n4 = 2 * len(vqa), 2 * len(vqa) + 2 * len(rep)
+    plain_v, rag_v, noise_v = answers[0:n2:2], answers[1:n2:2], answers[n4:]
+    plain_r, rag_r = answers[n2:n4:2], answers[n2 + 1:n4:2]
     res = {"plain": {}, "rag": {}, "truncated": dict(Counter(j["task"] for j in jobs if j["truncated"]))}
     if vqa:
         sc = yes_scores(model, tokenizer, jobs[:n2], pixel, rank, world, args.eval_batch_size)
@@ -1352,31 +1236,27 @@ def evaluate(args: Args, model, tokenizer, items: list[dict], pixel, rank: int, 
         res["mean_k_vqa"] = float(np.mean([len(it["reports"]) for it in vqa]))
     if rep:
         refs = [it["answer"] for it in rep]
-        res["plain"]["report"] = report_scores(plain_r, refs, args.rouge_beta)
-        res["rag"]["report"] = report_scores(rag_r, refs, args.rouge_beta)
+        res["plain"]["report"] = lm.report_scores(plain_r, refs, args.rouge_beta)
+        res["rag"]["report"] = lm.report_scores(rag_r, refs, args.rouge_beta)
         res["mean_k_report"] = float(np.mean([len(it["reports"]) for it in rep]))
     res["predictions"] = [{"id": it["id"], "answer": it["answer"], "plain": p, "rag": r, **({"noise": z} if z is not None else {})}
                           for it, p, r, z in zip(vqa + rep, plain_v + plain_r, rag_v + rag_r, noise_v + [None] * len(rep))]
     return res
 
 
-def format_table(before: dict, after: dict) -> str:
+def format_table(before: dict, after: dict | None = None) -> str:
+    """The comparison table (markdown): the model without and with retrieval, and after RAG-PT when `after` is given."""
     head = ("| model | VQA acc | VQA F1 | VQA AUROC | BLEU (avg 1-4) | ROUGE-L | METEOR (exact) | copy-reference | "
             "copy-ref. of correct | over-reliance |\n|---|---|---|---|---|---|---|---|---|---|")
     f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
     lines = [head]
-    for name, m, r in [("base (no retrieval)", before["plain"], {}), ("+ RAG", before["rag"], before),
-                       ("+ RAG-PT (with RAG)", after["rag"], after)]:
+    rows = [("base (no retrieval)", before["plain"], {}), ("+ RAG", before["rag"], before)]
+    for name, m, r in rows + ([("+ RAG-PT (with RAG)", after["rag"], after)] if after else []):
         v, rp = m.get("vqa", {}), m.get("report", {})
         cells = [v.get("acc"), v.get("f1"), v.get("auroc"), rp.get("bleu"), rp.get("rouge_l"), rp.get("meteor_exact")]
         cells += [r.get(k) for k in ("copy_reference_rate", "copy_reference_rate_of_correct", "over_reliance_rate")]
         lines.append(f"| {name} | " + " | ".join(f(c) for c in cells) + " |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------------------------------------
 
 
 def tune_gamma(gammas: list[float], items: list[dict], generate_fn) -> tuple[float, list[dict]]:
@@ -1397,7 +1277,7 @@ def answer_one(args: Args) -> dict:
     Gamma: --gamma, else the retriever's (retrieve.py's F1 pick; a full run prints the one it tunes by accuracy and
     keeps it in results.json["retrieval"]["gamma"])."""
     if not (Path(args.retriever) / "rag_config.json").exists():
-        raise FileNotFoundError(f"--image needs --retriever, a retrieve.py output folder ({args.retriever!r} is not one)")
+        raise lm.ModelError(f"--image needs --retriever, a retrieve.py output folder ({args.retriever!r} is not one)")
     rag = retrieve.DomainRAG.load(args.retriever)
     gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma
     rag.config["code_threshold"] = args.code_threshold
@@ -1416,188 +1296,155 @@ def answer_one(args: Args) -> dict:
     return {"domain": got["domain"], "reports": got["reports"], "prompt": prompt, "answer": answer}
 
 
+
+# ----------------------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------------------
+
+
+def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
+    """(retrieve.DomainRAG, its folder): --retriever, or OUT/retriever, trained here on the toy knowledge-base split
+    by retrieve.build_all (its phases resume from their checkpoints) and reused while its key holds (every Args
+    field above `model`)."""
+    rdir = Path(args.retriever or out / "retriever")
+    if not args.retriever and not args.eval_only:
+        keyed_folder(rdir, cache_key(args, "model"), rank)
+        if not (rdir / "results.json").exists():  # written last: the retriever is complete
+            data = Path(args.data)
+            kb_ids, _, val_ids = toy_splits(data, args.val_fraction, args.pt_fraction)
+            pairs = retrieve.read_pairs(data / "train.json")
+            rargs = retrieve.Args(data=str(data), out=str(rdir), epochs=args.retriever_epochs, k_max=args.k_max,
+                                  rule=args.rule, code_threshold=args.code_threshold, seed=args.seed, resume=args.resume,
+                                  save_every=args.save_every, on_nonfinite=args.on_nonfinite,
+                                  dist_timeout_s=args.dist_timeout_s)
+            res = retrieve.build_all(rargs, [p for p in pairs if p["id"] in kb_ids], [p for p in pairs if p["id"] in val_ids],
+                                     retrieve.read_pairs(data / "test.json"), rank, world, device, log)
+            if rank == 0:
+                (rdir / "results.json").write_text(json.dumps(res, indent=1))
+            dist.barrier()
+    if not (rdir / "rag_config.json").exists():
+        raise lm.ModelError(f"{rdir}: no retrieve.py output (rag_config.json); --retriever names one")
+    return retrieve.DomainRAG.load(rdir), rdir
+
+
+def retrieval_for_rag_pt_and_test(args: Args, rag, s: dict, gamma: float, gen, made_from, rank: int, misrouted: dict):
+    """Spec A5: gamma by the validation VQA accuracy of the model before RAG-PT (cached in OUT/gamma_<key>.json:
+    every Args field above `pt_data`, the retriever, the model), unless --gamma, --gamma-tune f1 or --eval-only fix
+    it; then the RAG-PT items (the top --pt-k) and the test items get their reports. Writes retrieved_test.jsonl as
+    the released retrieval scripts do. Returns results["retrieval"]."""
+    attach = lambda items, gamma, **kw: rag.attach(items, args.k_max, args.rule, gamma, args.code_threshold,  # noqa: E731
+                                                   oracle=args.oracle_domain, **kw)
+    sweep, tune = None, args.gamma < 0 and args.gamma_tune == "accuracy" and not args.eval_only
+    if tune and s["val"] and "vqa" in args.tasks.split(","):
+        misrouted["val"] = attach(s["val"], gamma, fixed_k=args.k_max)
+        (gamma, sweep), reused = cached_json(Path(args.out) / f"gamma_{cache_key(args, 'pt_data', made_from)}.json", rank,
+                                             lambda: tune_gamma(rag.config.get("gammas", [gamma]), s["val"],
+                                                                lambda jobs: gen(jobs, "gamma sweep")))
+        if rank == 0:
+            retrieve.print_sweep(sweep, f"gamma by VQA accuracy on {len(s['val'])} validation questions"
+                                 + (" (cached):" if reused else ":"))
+    elif tune and rank == 0:
+        print("warning: no validation questions (--val-data): gamma is retrieve.py's F1 pick", file=sys.stderr)
+    misrouted["pt"], misrouted["test"] = attach(s["pt"], gamma, fixed_k=args.pt_k), attach(s["test"], gamma)
+    routing = "oracle" if args.oracle_domain else "router"
+    if rank == 0:
+        print(f"retrieval: rule {args.rule}, gamma {gamma}, k_max {args.k_max}, routing {routing} (misrouted images: "
+              f"{misrouted}); RAG-PT prompts: {'top-' + str(args.pt_k) if args.pt_k else 'adaptive'}")
+        with open(Path(args.out) / "retrieved_test.jsonl", "w") as f:  # + reference_reports, retrieve_k (released)
+            for it in s["test"]:
+                f.write(json.dumps({**{k: v for k, v in it.items() if k not in ("reports", "scores")},
+                                    "reference_reports": it["reports"], "retrieve_k": len(it["reports"])},
+                                   ensure_ascii=False) + "\n")
+    return {"gamma": gamma, "gamma_sweep": sweep, "rule": args.rule, "k_max": args.k_max, "routing": routing,
+            "misrouted": misrouted}
+
+
+def rag_pt_set(args: Args, s: dict, gen, gamma: float, made_from, rank: int, log) -> tuple[list[dict], str, dict]:
+    """(pairs, the key their stages' checkpoints are bound to, sizes per task): --rag-pt-data (released files mark
+    cross-modality pairs with rejected_noised / rejected_image only; key: its sha256), or rag_pt_pairs from the model
+    before tuning, cached in OUT/rag_pt_<key>.json (every Args field above `stages`, the retriever, the model, the
+    gamma) and written to OUT/rag_pt.json in the released format."""
+    out, tasks, subsets = Path(args.out), args.tasks.split(","), ("cm", "oa1", "oa2", "oa")
+    if args.rag_pt_data:
+        pairs, reused = [p for _, p in lm.read_records(args.rag_pt_data)], False
+        key = file_sha256(Path(args.rag_pt_data))[:16]
+        for p in pairs:
+            p.setdefault("subset", "cm" if p.get("rejected_noised") or p.get("rejected_image") else "oa")
+            p.setdefault("task", "vqa" if "Question:" in p["conversations"][0]["value"] else "report")
+        sizes = {x: sum(p["subset"] == x for p in pairs) for x in subsets}
+        sizes.update(candidates=0, skipped_empty=0, skipped_truncated=0)
+    else:
+        key = cache_key(args, "stages", made_from, gamma)
+        (pairs, sizes), reused = cached_json(out / f"rag_pt_{key}.json", rank, lambda: rag_pt_pairs(
+            s["pt"], lambda jobs: gen(jobs, "RAG-PT"), args.cm_image, args.report_correct_rouge, args.seed))
+        if rank == 0:
+            (out / "rag_pt.json").write_text(json.dumps(pairs, indent=1, ensure_ascii=False))
+    per_task = {t: {x: sum(p["subset"] == x and p["task"] == t for p in pairs) for x in subsets} for t in tasks}
+    if rank == 0:
+        print(f"RAG-PT set from {sizes['candidates']} items" + (" (cached)" if reused else "") + f": cross-modality "
+              f"{sizes['cm']}, overall (a) retrieval helps {sizes['oa1']}, overall (b) retrieval hurts {sizes['oa2']}; "
+              f"skipped: {sizes['skipped_empty']} empty, {sizes['skipped_truncated']} cut by the token cap; per task "
+              f"{json.dumps(per_task)}")
+    log({"phase": "rag_pt", "reused": reused, **sizes})
+    return pairs, key, {**per_task, "total": sizes}
+
+
 def main(argv=None):
     args = parse_args(Args, argv)
     if args.image:
         return answer_one(args)
+    tiny = args.model == "tiny"  # -1: the warm start of the random tiny model (600 + 200 steps), none for a checkpoint
+    args = dataclasses.replace(args, sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 600 * tiny,
+                               sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 200 * tiny)
     rank, world, device = setup_distributed(args.dist_timeout_s)
-    out = Path(args.out)
-    master = rank == 0
-    t0 = time.time()
-    tasks = tuple(t for t in args.tasks.split(",") if t)
-
-    def log(row: dict):
-        if master:
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
+    out, master, t0 = Path(args.out), rank == 0, time.time()
+    log = jsonl_logger(out / "metrics.jsonl", rank)
     if master:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"mmed_rag.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
     torch.manual_seed(args.seed)
-
-    # ---- data: knowledge base / RAG-PT / validation / test
-    data = Path(args.data)
-    toy = data.is_dir() and (data / "train.json").exists()
-    folder = Path(args.image_folder or (data if toy else data.parent))
-    if toy:
-        kb_ids, pt_ids, val_ids = toy_splits(data, args.val_fraction, args.pt_fraction)
-        all_train = read_items(data / "train.json", str(folder), tasks)
-        owner = lambda it: it["id"].rsplit("_", 1)[0]  # noqa: E731  (record id of an item)
-        kb_items = [it for it in all_train if owner(it) in kb_ids]
-        pt_items = [it for it in all_train if owner(it) in pt_ids]
-        test_items = read_items(args.test_data or data / "test.json", str(folder), tasks)
-        val_items = [it for it in read_items(data / "train.json", str(folder), ("vqa",)) if owner(it) in val_ids]
-    else:
-        if not args.retriever or not args.pt_data or not args.test_data:
-            raise ValueError("outside the toy folder pass --retriever (a retrieve.py --out), --pt-data and --test-data")
-        kb_items = []
-        pt_items = read_items(args.pt_data, str(folder), tasks)
-        test_items = read_items(args.test_data, args.image_folder or str(Path(args.test_data).parent), tasks)
-        val_items = read_items(args.val_data, str(folder), ("vqa",)) if args.val_data else []
-    for it in kb_items + pt_items + val_items:
-        it["path"] = str(lm.resolve_image(folder, it["image"], it["id"], args.allow_images_outside_folder))
-    test_folder = folder if toy or args.image_folder else Path(args.test_data).parent
-    for it in test_items:
-        it["path"] = str(lm.resolve_image(test_folder, it["image"], it["id"], args.allow_images_outside_folder))
-        it["image"] = it["path"]
-    if args.eval_limit:
-        test_items = [it for t in tasks for it in [x for x in test_items if x["task"] == t][:args.eval_limit]]
-
-    # ---- 1. retrieval system: router + one retriever and index per domain (retrieve.py)
-    rdir = Path(args.retriever or out / "retriever")
-    if not (rdir / "rag_config.json").exists():
-        if not toy:
-            raise FileNotFoundError(f"{rdir}: no retrieve.py output (rag_config.json)")
-        rargs = retrieve.Args(data=str(data), out=str(rdir), epochs=args.retriever_epochs, k_max=args.k_max,
-                              rule=args.rule, code_threshold=args.code_threshold, seed=args.seed)
-        pairs = retrieve.read_pairs(data / "train.json")
-        kb_pairs = [p for p in pairs if p["id"] in kb_ids]
-        val_pairs = [p for p in pairs if p["id"] in val_ids]
-        test_pairs = retrieve.read_pairs(data / "test.json")
-        res = retrieve.build_all(rargs, kb_pairs, val_pairs, test_pairs, rank, world, device, log)
-        if master:
-            (rdir / "results.json").write_text(json.dumps(res, indent=1))
-    rag = retrieve.DomainRAG.load(rdir)
-    pt_items, val_items, test_items = [rag.drop_kb_images(x, what, args.skip_bad_samples) for x, what in
-                                       ((pt_items, "RAG-PT"), (val_items, "validation"), (test_items, "test"))]
-    gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma  # retrieve.py's (F1): the warm start's prompts
-    own = {it["path"] for it in kb_items}  # a KB image must not retrieve its own entry
-    attach = lambda items, gamma, **kw: rag.attach(items, args.k_max, args.rule, gamma, args.code_threshold,  # noqa: E731
-                                                   oracle=args.oracle_domain, **kw)
-    misrouted = {"kb": attach(kb_items, gamma, exclude_own=own) if kb_items else 0}
-
-    # ---- 2. the Med-LVLM (warm-started when it is the tiny random model)
+    s = read_splits(args, tuple(t for t in args.tasks.split(",") if t))  # ---- knowledge base / RAG-PT / val / test
+    rag, rdir = retrieval_system(args, out, rank, world, device, log)  # ---- 1. router + a retriever and index per domain
+    for what, name in (("pt", "RAG-PT"), ("val", "validation"), ("test", "test")):
+        s[what] = rag.drop_kb_images(s[what], name, args.skip_bad_samples)
+    gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma  # retrieve.py's (F1) pick: the warm start's prompts
+    misrouted = {"kb": rag.attach(s["kb"], args.k_max, args.rule, gamma, args.code_threshold, oracle=args.oracle_domain,
+                                  exclude_own={it["path"] for it in s["kb"]})}  # a KB image must not retrieve its own entry
+    # ---- 2. the Med-LVLM (warm-started when it is the tiny random model): policy LoRA, reference = adapters off
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
-    pixel = pixel_loader(model.config, folder, True)
-    tiny = args.model == "tiny"
-    warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (600 if tiny else 0)
-    warm_rag = args.sft_rag_steps if args.sft_rag_steps >= 0 else (200 if tiny else 0)
-    if warm or warm_rag:
-        if not kb_items:
+    pixel = pixel_loader(model.config, s["folder"])
+    made_from = [fingerprint(rdir), fingerprint(args.model)]  # what the caches are made from besides the Args
+    base, ref_model = args.model, None
+    if not args.eval_only and (args.sft_warmup_steps or args.sft_rag_steps):
+        if not s["kb"]:
             raise ValueError("a warm start needs the toy knowledge-base split (pass 0 steps for a trained model)")
-        plain = [{"image": it["image"], "answer": it["answer"],
-                  "prompt": plain_prompt(it["task"], it["domain"], it["question"])} for it in kb_items]
-        with_rag = [{"image": it["image"], "answer": it["answer"],
-                     "prompt": rag_prompt(it["task"], it["domain"], it["reports"], it["question"])} for it in kb_items]
-        # short prompts first: through ~250-token RAG prompts the random model does not learn to read the images
-        # in a CPU budget (300 mixed steps left it at chance); then both prompt kinds, so it knows the A6 format
-        if warm:
-            sft_warmup(args, model, tokenizer, plain, pixel, device, warm, log)
-        if warm_rag:
-            sft_warmup(args, model, tokenizer, plain + with_rag, pixel, device, warm_rag, log)
-        if master:
-            lm.save_llava_hf(model, tokenizer, out / "base_llava_hf")  # the adapter's base model
-    model, ref_model = build_models(args, model, device)
-    torch.manual_seed(args.seed + rank)
-    shard(model, device, args.activation_checkpointing)
+        folder = keyed_folder(out / "warm_start", cache_key(args, "gamma_tune", made_from), rank)
+        model = warm_start_rag(args, model, tokenizer, s["kb"], pixel, device, rank, world, folder, log)
+        base = str(folder / "model")
+    if not args.eval_only:
+        torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
+        model, ref_model = build_models(args, model, device)
+    torch.manual_seed(args.seed + rank)  # dropout differs per rank
+    shard(model.requires_grad_(False) if args.eval_only else model, device, args.activation_checkpointing)
     if ref_model is not None and hasattr(ref_model, "language_model"):
         shard(ref_model, device)
-
-    # ---- 3. gamma by validation accuracy (spec A5), retrieval for RAG-PT and test, noise images (the base model)
-    tokens = {"vqa": args.vqa_max_new_tokens, "report": args.report_max_new_tokens}
-    gen = lambda jobs, desc="RAG-PT": generate_jobs(model, tokenizer, jobs, pixel, rank, world,  # noqa: E731
-                                                    args.eval_batch_size, tokens, desc)
-    sweep = None
-    if args.gamma_tune not in ("accuracy", "f1"):
-        raise ValueError(f"--gamma-tune {args.gamma_tune!r}: accuracy or f1")
-    if args.gamma < 0 and args.gamma_tune == "accuracy" and val_items and "vqa" in tasks:
-        misrouted["val"] = attach(val_items, gamma, fixed_k=args.k_max)
-        gamma, sweep = tune_gamma(rag.config.get("gammas", [gamma]), val_items, lambda j: gen(j, "gamma sweep"))
-        if master:
-            retrieve.print_sweep(sweep, f"gamma by VQA accuracy on {len(val_items)} validation questions:")
-    elif args.gamma < 0 and args.gamma_tune == "accuracy" and master:
-        print("warning: no validation questions (--val-data): gamma is retrieve.py's F1 pick", file=sys.stderr)
-    misrouted["pt"] = attach(pt_items, gamma, fixed_k=args.pt_k)
-    misrouted["test"] = attach(test_items, gamma)
-    for it in pt_items + test_items:
-        it["noise"] = noise_png(out / "noise", it["path"], model.config, args.seed)
-    if master:
-        print(f"retrieval: rule {args.rule}, gamma {gamma}, k_max {args.k_max}, routing "
-              f"{'oracle' if args.oracle_domain else 'router'} (misrouted images: {misrouted}); RAG-PT prompts: "
-              f"{'top-' + str(args.pt_k) if args.pt_k else 'adaptive'}")
-        with open(out / "retrieved_test.jsonl", "w") as f:  # as the released retrieve_clip_*.py: + reference_reports, retrieve_k
-            for it in test_items:
-                f.write(json.dumps({**{k: v for k, v in it.items() if k not in ("reports", "scores", "noise")},
-                                    "reference_reports": it["reports"], "retrieve_k": len(it["reports"])},
-                                   ensure_ascii=False) + "\n")
-
-    # ---- 4. evaluation before RAG-PT: base without and with retrieval (LoRA B = 0: the policy is the base)
-    results = {"retrieval": {"gamma": gamma, "gamma_sweep": sweep, "rule": args.rule, "k_max": args.k_max,
-                             "routing": "oracle" if args.oracle_domain else "router", "misrouted": misrouted}}
-    results["before"] = evaluate(args, model, tokenizer, test_items, pixel, rank, world, "eval before")
-    log({"phase": "eval_before", **{k: v for k, v in results["before"].items() if k != "predictions"}})
-
-    # ---- 5. RAG-PT preference set from the model before tuning (greedy)
-    if args.rag_pt_data:  # released files mark cross-modality pairs with rejected_noised / rejected_image only
-        pairs = [p for _, p in lm.read_records(args.rag_pt_data)]
-        for p in pairs:
-            p.setdefault("subset", "cm" if p.get("rejected_noised") or p.get("rejected_image") else "oa")
-            p.setdefault("task", "vqa" if "Question:" in p["conversations"][0]["value"] else "report")
-            if p.get("rejected_noised") and not p.get("rejected_image"):  # the release draws it while training
-                src = lm.resolve_image(folder, lm.record_images(p, p.get("id", ""))[0], p.get("id", ""), True)
-                p["rejected_image"] = noise_png(out / "noise", src, model.config, args.seed)
-        sizes = {s: sum(p["subset"] == s for p in pairs) for s in ("cm", "oa1", "oa2", "oa")}
-        sizes.update(candidates=0, skipped_empty=0, skipped_truncated=0)
-    else:
-        pairs, sizes = rag_pt_pairs(pt_items, gen, args.cm_image, args.report_correct_rouge, args.seed)
-    results["rag_pt_sizes"] = {t: {s: sum(p["subset"] == s and p["task"] == t for p in pairs) for s in ("cm", "oa1", "oa2", "oa")}
-                               for t in tasks}
-    results["rag_pt_sizes"]["total"] = sizes
-    if master:
-        if not args.rag_pt_data:
-            (out / "rag_pt.json").write_text(json.dumps(pairs, indent=1, ensure_ascii=False))
-        print(f"RAG-PT set from {sizes['candidates']} items: cross-modality {sizes['cm']}, overall (a) retrieval "
-              f"helps {sizes['oa1']}, overall (b) retrieval hurts {sizes['oa2']}; skipped: {sizes['skipped_empty']} "
-              f"empty, {sizes['skipped_truncated']} cut by the token cap; per task "
-              f"{json.dumps({t: results['rag_pt_sizes'][t] for t in tasks})}; written to {out / 'rag_pt.json'}")
-    log({"phase": "rag_pt", **sizes})
-
-    # ---- 6. DPO: two stages (D_cm, then D_oa from the stage-1 adapter) or merged
-    def pair_data(subsets):
-        src = args.rag_pt_data or out / "rag_pt.json"
-        recs = [(f"{src} pair {p.get('id', n)}", training_pair(p)) for n, p in enumerate(pairs) if p["subset"] in subsets]
-        if not recs:
-            return None
-        return PairData(recs, folder, tokenizer, model.config, args.max_length, args.skip_bad_samples, True)
-
-    plan = [("stage1", ("cm",)), ("stage2", ("oa1", "oa2", "oa"))] if args.stages == "two" else \
-        [("merged", ("cm", "oa1", "oa2", "oa"))]
-    results["dpo"] = {}
-    for name, subsets in plan:
-        results["dpo"][name] = dpo_stage(args, name, model, ref_model, pair_data(subsets), tokenizer, device, rank,
-                                         world, log)
-    save_adapter_or_model(args, model, tokenizer, out, rank)
-
-    # ---- 7. evaluation after RAG-PT
-    results["after"] = evaluate(args, model, tokenizer, test_items, pixel, rank, world, "eval after")
-    log({"phase": "eval_after", **{k: v for k, v in results["after"].items() if k != "predictions"}})
-    results["table"] = format_table(results["before"], results["after"])
+    gen = lambda jobs, desc: answer_jobs(args, model, tokenizer, jobs, pixel, rank, world, desc)  # noqa: E731
+    # ---- 3. gamma by validation accuracy, retrieval for RAG-PT and test; 4. evaluation before RAG-PT (LoRA B = 0)
+    results = {"retrieval": retrieval_for_rag_pt_and_test(args, rag, s, gamma, gen, made_from, rank, misrouted)}
+    first = "eval" if args.eval_only else "before"
+    results[first] = evaluate(args, model, tokenizer, s["test"], pixel, rank, world, "eval " + first)
+    log({"phase": "eval_" + first, **{k: v for k, v in results[first].items() if k != "predictions"}})
+    if not args.eval_only:  # ---- 5. RAG-PT pairs from the model before tuning; 6. DPO; 7. evaluation after RAG-PT
+        pairs, key, results["rag_pt_sizes"] = rag_pt_set(args, s, gen, results["retrieval"]["gamma"], made_from, rank, log)
+        results["dpo"] = rag_pt_stages(args, model, ref_model, pairs, key, s["folder"], tokenizer, device, rank, world, log)
+        save_trained(args, model, tokenizer, out, rank, base)
+        results["after"] = evaluate(args, model, tokenizer, s["test"], pixel, rank, world, "eval after")
+        log({"phase": "eval_after", **{k: v for k, v in results["after"].items() if k != "predictions"}})
+    results["table"] = format_table(results[first], results.get("after"))
     results["seconds"] = time.time() - t0
     if master:
-        preds = {"before": results["before"].pop("predictions"), "after": results["after"].pop("predictions")}
+        preds = {k: results[k].pop("predictions") for k in ("eval", "before", "after") if k in results}
         (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(results["table"])
@@ -1607,8 +1454,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lm.DataError as e:  # bad data: say which file and record, without a traceback through torch
-        print(f"mmed_rag.py: bad data: {e}\n(--skip-bad-samples counts and skips such records)", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -9,6 +9,7 @@ adaptive k. Usable on its own; mmed_rag.py imports it.
     torchrun --nproc-per-node=8 retrieve.py --data train_pairs.json --test-data test_pairs.json \\
         --image-folder /data/images --encoder /ckpt/clip-vit-base-patch16 --batch-size 512 --lr 1e-4 --epochs 360
     python retrieve.py --encoder /ckpt/resnet-50+/ckpt/Bio_ClinicalBERT ...   # the paper's towers (spec A3)
+    python retrieve.py --help                                                   # every flag
 
 The method (MMed-RAG, Xia et al. 2024, sec. 3.1-3.2; spec A1-A5):
 
@@ -20,6 +21,9 @@ The method (MMed-RAG, Xia et al. 2024, sec. 3.1-3.2; spec A1-A5):
                                tower; faiss inner product on L2-normalised vectors (= cosine)
     4. adaptive k              the top-k_max list is cut where the similarity drops sharply (paper rule), or
                                where it falls below top-1 / threshold (released code rule)
+
+The probe and each retriever train with the training loop every recipe carries (copied from dpo.py: FSDP2,
+checkpoints in OUT/router and OUT/retriever_<domain>, resume, non-finite stop/skip, a dead rank's exit).
 
 Pairs (json list or jsonl): {"image": str, "report": str, "domain": str} -- or a toy-format folder (train.json
 / test.json records carry image, report, domain). Writes to --out: router.safetensors, <domain>/retriever/
@@ -33,17 +37,22 @@ index + search -> adaptive k -> domain router -> evaluation -> main().
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import datetime
+import hashlib
+import inspect
 import json
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,27 +78,30 @@ class Args:
     max_text_length: int = 77  # text tokens (CLIP's context; long reports are cut, as in the released script)
     # retriever training (paper / RULE App. C: AdamW lr 1e-3, wd 1e-2, batch 32, 360 epochs; code: lr 1e-4, wd 0.2)
     epochs: int = 60  # passes over each domain's pairs (toy default; the paper trains 360)
-    batch_size: int = 32  # pairs per contrastive batch over all ranks (negatives come from the whole global batch)
+    batch_size: int = 32  # pairs per contrastive step over all ranks, one micro-batch of batch/ranks per rank (InfoNCE takes no accumulation)
     lr: float = 1e-3  # AdamW peak learning rate (paper 1e-3)
     weight_decay: float = 1e-2  # AdamW weight decay (paper 1e-2)
     warmup_ratio: float = 0.1  # linear warmup fraction, then cosine decay to 0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     # domain router
     probe_steps: int = 300  # full-batch AdamW steps of the linear probe
     probe_lr: float = 1e-2  # its learning rate
     # index and adaptive k
-    index: str = "flat"  # "flat" (exact inner product), "ivf" (IVF-Flat, large bases) or "hnsw"
+    index: Literal["flat", "ivf", "hnsw"] = "flat"  # flat (exact inner product), ivf (IVF-Flat, large bases) or hnsw
     ivf_nlist: int = 0  # IVF cells (0 = about sqrt(N))
     ivf_nprobe: int = 8  # IVF cells visited per query
     hnsw_m: int = 32  # HNSW graph degree
     k_max: int = 10  # top-k_max candidates before adaptive truncation (spec A5: e.g. 5 or 10; not found in the paper)
-    rule: str = "paper"  # "paper" (consecutive log-ratio > gamma), "code" (top-1 ratio < threshold) or "fixed" (k_max)
+    rule: Literal["paper", "code", "fixed"] = "paper"  # paper (consecutive log-ratio > gamma), code (top-1 ratio < threshold) or fixed (k_max)
     gammas: str = "0.002,0.005,0.01,0.02,0.05,0.1,0.2"  # the gamma sweep on the validation split ((cos+1)/2 ratios are small)
     code_threshold: float = 1.5  # released retrieve_topk_per_image threshold (its commented default)
     # run
     seed: int = 0  # same seed + same data = same retrievers
     dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
-    out: str = "runs/retrieve"  # retrievers, indexes, router, metrics
+    out: str = "runs/retrieve"  # retrievers, indexes, router, checkpoints, metrics
+    save_every: int = 0  # checkpoint every N optimizer steps of a phase (0 = only at its end)
+    resume: bool = True  # continue each phase (router, each retriever) from its newest complete checkpoint in --out
 
 
 # Copied from dpo.py: parse_args
@@ -109,6 +121,27 @@ def parse_args(cls, argv=None):
             kw["type"] = {"int": int, "float": float, "str": str}[f.type]
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
     return cls(**vars(p.parse_args(argv)))
+
+
+# Copied from dpo.py: cli
+def cli(main):
+    """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
+    script = Path(sys.argv[0]).name
+    try:
+        main()
+    except lm.DataError as e:
+        kind = "bad model" if isinstance(e, lm.ModelError) else "bad data"
+        hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
+        print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
+              file=sys.stderr)
+        sys.exit(2)
+    except (dist.DistError, RuntimeError) as e:
+        if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
+            raise
+        print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
+              f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
+        sys.exit(1)
 
 
 # Copied from dpo.py: setup_distributed
@@ -133,6 +166,18 @@ def setup_distributed(timeout_s: int = 1800):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+# Copied from dpo.py: jsonl_logger
+def jsonl_logger(path: Path, rank: int):
+    """log(row): append one json line to `path` on rank 0 (metrics.jsonl); other ranks write nothing."""
+    def log(row: dict):
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
+
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Data: image-report pairs with a domain
 # ----------------------------------------------------------------------------------------------------------
@@ -150,8 +195,10 @@ def read_pairs(path, image_folder: str = "") -> list[dict]:
             report = lm.record_turns(rec, where)[-1][1]
         if not report or not rec.get("image") or not rec.get("domain"):
             raise lm.DataError(f"{where}: a retrieval pair needs image, report and domain")
-        image = lm.record_images(rec, where)[0]
-        pairs.append({"id": rec.get("id", where), "image": str(lm.resolve_image(folder, image, where, True)),
+        image = lm.resolve_image(folder, lm.record_images(rec, where)[0], where, True)
+        if not image.exists():  # now, not when the first batch that holds it is embedded
+            raise lm.DataError(f"{where}: image not found: {image}")
+        pairs.append({"id": rec.get("id", where), "image": str(image),
                       "report": report.strip(), "domain": rec["domain"]})
     return pairs
 
@@ -303,6 +350,9 @@ def build_towers(encoder: str, embed_dim: int = 256, seed: int = 0) -> Towers:
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPModel
 
     torch.manual_seed(seed)
+    for folder in encoder.split("+") if encoder != "tiny" else []:
+        if not (Path(folder) / "config.json").exists():
+            raise lm.ModelError(f"{folder}: no config.json (--encoder takes tiny, a CLIPModel folder or IMAGE_DIR+TEXT_DIR)")
     if encoder == "tiny":
         tok = AutoTokenizer.from_pretrained(lm.TINY_TOKENIZER)
         model = Retriever("clip", CLIPModel(tiny_clip_config(tok)), None, 0)
@@ -387,13 +437,16 @@ class GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
 
 
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, world: int = 1) -> torch.Tensor:
-    """This rank's share of the symmetric InfoNCE of the global batch (RULE eq. 2 = open_clip ClipLoss):
-    L = 1/(2N) sum_i [ -log softmax_j(s <v_i, t_j>)_i - log softmax_j(s <t_i, v_j>)_i ],  s = exp(logit_scale)
-    clamped at 100 (CLIP). Each rank scores its own rows against all N gathered columns, so the shares sum to L;
-    they are multiplied by `world` because FSDP averages gradients over ranks (the update is then exactly the
-    gradient of L, for the towers and for the logit scale alike). Equal-sized shards are required."""
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """This rank's rows' SUM of the symmetric InfoNCE of the global batch (RULE eq. 2 = open_clip ClipLoss), of which
+    the training loop takes the mean over all N rows of the step:
+        L = 1/N sum_i [ -log softmax_j(s <v_i, t_j>)_i - log softmax_j(s <t_i, v_j>)_i ] / 2,  s = exp(logit_scale)
+    clamped at 100 (CLIP). Under torch.distributed each rank scores its own rows against all N gathered columns
+    (GatherWithGrad sends each column's gradient back to the rank that embedded it), so the ranks' sums add up to
+    N * L and the loop's scaling (FSDP2's average over ranks, times ranks / N) makes the update exactly the
+    gradient of L, for the towers and for the logit scale alike. Equal-sized shards are required."""
     n_local = img.shape[0]
+    world = dist.get_world_size() if dist.is_initialized() else 1
     if world > 1:
         all_img, all_txt = GatherWithGrad.apply(img), GatherWithGrad.apply(txt)
         offset = dist.get_rank() * n_local
@@ -403,18 +456,12 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor, w
     target = torch.arange(offset, offset + n_local, device=img.device)
     loss_i = F.cross_entropy(s * img @ all_txt.T, target, reduction="sum")  # image -> all texts
     loss_t = F.cross_entropy(s * txt @ all_img.T, target, reduction="sum")  # text -> all images
-    return (loss_i + loss_t) / (2 * n_local * world) * world  # share of L (N = n_local * world), times world
+    return (loss_i + loss_t) / 2
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training loop: one retriever per domain, FSDP2 over ranks, global batch split evenly
+# Training loop (copied from dpo.py, as in every recipe) and the contrastive step: one retriever per domain
 # ----------------------------------------------------------------------------------------------------------
-
-
-# Copied from dpo.py: full_tensor
-def full_tensor(t):
-    """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 # Copied from dpo.py: cosine_schedule
@@ -437,51 +484,232 @@ def global_batches(n: int, batch_size: int, epoch: int, seed: int):
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
 
 
+# Copied from dpo.py: my_micro_batches
+def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's share of a global batch, in micro-batches: chunk k of size `micro` goes to rank k % world."""
+    chunks = [batch[i:i + micro] for i in range(0, len(batch), micro)]
+    return chunks[rank::world]
+
+
+# Copied from dpo.py: full_tensor
+def full_tensor(t):
+    """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+# Copied from dpo.py: file_sha256
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# Copied from dpo.py: save_checkpoint
+def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict, rank: int):
+    """out/checkpoints/step_XXXXXXX/: trainable.safetensors, optimizer.safetensors, rng_rank{r}.safetensors,
+    state.json (written last). Built under a temporary name and renamed, so a crash never leaves a half checkpoint."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+    weights = {n: full_tensor(params[n].detach()).cpu() for n in names}
+    for n, t in weights.items():
+        if not torch.isfinite(t).all():
+            raise FloatingPointError(f"refusing to checkpoint non-finite weights ({n})")
+    optim = {}
+    for n in names:
+        for k, v in optimizer.state.get(params[n], {}).items():
+            optim[f"{n}::{k}"] = full_tensor(v).cpu().reshape(-1) if v.dim() == 0 else full_tensor(v).cpu()
+    final = out / "checkpoints" / f"step_{step:07d}"
+    tmp = out / "checkpoints" / f".tmp_step_{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / f"rng_rank{rank}.safetensors"))
+    dist.barrier()
+    if rank == 0:
+        save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
+        save_file({n: t.contiguous() for n, t in optim.items()}, str(tmp / "optimizer.safetensors"))
+        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
+                 "files": files, **extra}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    dist.barrier()
+    return final
+
+
+# Copied from dpo.py: latest_checkpoint
+def latest_checkpoint(out: Path):
+    """The newest checkpoint whose state.json exists and whose files match the checksums it lists; a damaged one
+    is reported and skipped (the one before it is used)."""
+    for p in sorted((out / "checkpoints").glob("step_*"), reverse=True):
+        try:
+            files = json.loads((p / "state.json").read_text())["files"]
+            bad = [name for name, sha in files.items() if file_sha256(p / name) != sha]
+        except (OSError, ValueError, KeyError) as e:
+            bad = [f"state.json ({type(e).__name__})"]
+        if not bad:
+            return p
+        print(f"warning: checkpoint {p} is damaged ({', '.join(bad)}); trying an older one", file=sys.stderr)
+    return None
+
+
+# Copied from dpo.py: load_checkpoint
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
+    """Restore what save_checkpoint wrote into the (sharded) model and optimizer; returns state.json."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    state = json.loads((path / "state.json").read_text())
+    weights, optim = load_file(str(path / "trainable.safetensors")), load_file(str(path / "optimizer.safetensors"))
+    params = dict(model.named_parameters())
+
+    def place(full, like):
+        if isinstance(like, DTensor):
+            return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
+        return full.to(device=like.device, dtype=like.dtype)
+
+    with torch.no_grad():
+        for n, t in weights.items():
+            p = params[n]
+            (p.to_local() if isinstance(p, DTensor) else p).copy_(
+                (place(t, p).to_local() if isinstance(p, DTensor) else place(t, p)))
+    for key, t in optim.items():
+        n, k = key.split("::")
+        p = params[n]
+        optimizer.state[p][k] = t.reshape(()).clone() if k == "step" else place(t, p)
+    scheduler.load_state_dict(state["scheduler"])
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # LambdaLR restores its counter, not the lr
+        group["lr"] = lr
+    rng_file = path / f"rng_rank{rank}.safetensors"
+    if rng_file.exists():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+# Copied from dpo.py: train
+def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+    """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
+    batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
+    (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
+    returns summed statistics with their graph in "loss" (a SUM over the units the loss averages: pairs, tokens)
+    and "n" (how many units). The loop runs backward, reduces gradients once per step, scales them by ranks / n of
+    the whole global batch (FSDP2 averages over ranks), so the update follows the global mean whatever the split,
+    clips, and steps AdamW (one group per name prefix in lr_groups; "" = the rest) on a warmup + cosine schedule.
+    A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
+    update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
+    checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
+    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    master = rank == 0
+    if batch_size % (micro_batch_size * world):
+        raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
+                         f"({micro_batch_size} x {world})")
+    steps_per_epoch = n_items // batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{name}: {n_items} items is less than one global batch ({batch_size})")
+    total = max_steps if max_steps >= 0 else max(1, int(steps_per_epoch * epochs))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    groups = [{"params": [p for n, p in params.items() if n.startswith(prefix) and (prefix or not any(
+        n.startswith(q) for q in lr_groups if q))], "lr": lr} for prefix, lr in lr_groups.items()]
+    # fused: one kernel for all parameters (CUDA, and CPU since torch 2.4); transformers' default optim too
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=args.weight_decay,
+                                  betas=(0.9, 0.999), fused=True)
+    scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
+    step, nonfinite = 0, 0
+    resume_from = latest_checkpoint(out) if args.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
+        step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
+        if master:
+            print(f"{name}: resumed from {resume_from} (step {step})")
+    trainable = list(params.values())
+    bar = tqdm(total=total, initial=step, desc=name, disable=not master)
+    t0, tokens = time.time(), 0.0
+    while step < total:
+        epoch, k = divmod(step, steps_per_epoch)
+        model.train()
+        micro = my_micro_batches(global_batches(n_items, batch_size, epoch, args.seed)[k], micro_batch_size, rank, world)
+        sums = {}
+        for m, idx in enumerate(micro):
+            model.set_requires_gradient_sync(m == len(micro) - 1)  # reduce gradients once per step
+            stats = step_fn(idx, epoch)
+            stats["loss"].backward()
+            for key, v in stats.items():
+                sums[key] = sums.get(key, 0.0) + v.detach().float().cpu()
+        keys = sorted(sums)
+        totals = torch.stack([sums[key] for key in keys])
+        dist.all_reduce(totals)
+        sums = dict(zip(keys, totals.tolist()))
+        n = sums.pop("n")
+        for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
+            if p.grad is not None:
+                p.grad.mul_(world / n)
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        step += 1
+        row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
+               "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+        if not torch.isfinite(grad_norm) or not math.isfinite(sums["loss"]):  # same verdict on every rank (reduced)
+            if args.on_nonfinite != "skip":
+                raise FloatingPointError(f"{name}: non-finite loss or gradient at step {step}: loss={sums['loss']}, "
+                                         f"grad norm={float(grad_norm)} (--on-nonfinite skip drops such updates)")
+            nonfinite += 1  # drop this update; data position and schedule move on
+            row["skipped_nonfinite"] = nonfinite
+            if master:
+                print(f"warning: {name} step {step}: non-finite loss/gradient, update skipped ({nonfinite} so far)",
+                      file=sys.stderr)
+        else:
+            optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += sums.get("tokens", 0.0)
+        if tokens:
+            row["tokens_per_s"] = tokens / (time.time() - t0)
+        log(row)
+        bar.update(1)
+        bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
+        if args.save_every and step % args.save_every == 0 and step < total:
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    bar.close()
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    return {"steps": step, "nonfinite_skipped": nonfinite}
+
+
+
 def train_retriever(args: Args, towers: Towers, pairs: list[dict], device, rank: int, world: int, log,
-                    desc: str = "retriever") -> Towers:
-    """Contrastive fine-tuning of both towers (spec A3: no locking). FSDP2 shards the whole Retriever as one unit
-    (any HF tower pair; retrievers are small). No gradient accumulation: InfoNCE needs the whole batch in one
-    softmax, so a larger effective batch comes from more ranks (the gather), not from micro-batches. Returns
-    unsharded towers (weights gathered) in eval mode."""
+                    name: str = "retriever") -> Towers:
+    """Contrastive fine-tuning of both towers (spec A3: no locking) by the training loop above, checkpoints in
+    OUT/<name>. FSDP2 shards the whole Retriever as one unit (any HF tower pair; retrievers are small). A step is ONE
+    micro-batch per rank, never accumulated: InfoNCE scores every image of the step against every text of it in one
+    softmax, so cutting a step into micro-batches would take negatives away and change the loss, not only the
+    memory it needs. A larger batch comes from more ranks (the gather); retrieve.py has no --micro-batch-size and
+    the loop gets micro = batch / ranks. Returns unsharded towers in eval mode."""
     from torch.distributed.fsdp import fully_shard
 
     bs = min(args.batch_size, len(pairs) - len(pairs) % world)
     if bs % world or bs < 2 * world:
-        raise ValueError(f"{desc}: batch {bs} must be a multiple of {world} ranks with at least 2 pairs per rank")
-    steps_per_epoch = len(pairs) // bs
-    total = steps_per_epoch * args.epochs
-    model = towers.model.to(device).train()
-    texts = [p["report"] for p in pairs]
-    fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    sched = cosine_schedule(opt, total, args.warmup_ratio)
-    bar = tqdm(total=total, desc=desc, disable=rank != 0, leave=False)
-    for step in range(total):
-        epoch, k = divmod(step, steps_per_epoch)
-        idx = global_batches(len(pairs), bs, epoch, args.seed)[k]
-        mine = idx[rank * (bs // world):(rank + 1) * (bs // world)]
-        pix = towers.pixels([pairs[i]["image"] for i in mine]).to(device)
-        tok = {k_: v.to(device) for k_, v in towers.tokens([texts[i] for i in mine], args.max_text_length).items()}
+        raise ValueError(f"{name}: batch {bs} must be a multiple of {world} ranks with at least 2 pairs per rank")
+    model = fully_shard(towers.model.to(device).train())
+
+    def step(idx, epoch):
+        pix = towers.pixels([pairs[i]["image"] for i in idx]).to(device)
+        tok = {k: v.to(device) for k, v in towers.tokens([pairs[i]["report"] for i in idx], args.max_text_length).items()}
         img, txt, logit_scale = model(pix, **tok)
-        loss = clip_loss(img, txt, logit_scale, world)
-        loss.backward()
-        norm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                          args.grad_clip if args.grad_clip > 0 else float("inf")))
-        if not torch.isfinite(norm):
-            raise FloatingPointError(f"{desc}: non-finite gradient at step {step + 1}")
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        loss_g = loss.detach().reshape(1).cpu()
-        dist.all_reduce(loss_g)
-        row = {"phase": desc, "step": step + 1, "loss": float(loss_g) / world,
-               "temperature": 1 / math.exp(logit_scale.detach().item()), "grad_norm": float(norm)}
-        log(row)
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-    bar.close()
-    state = {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()}
-    fresh = load_towers_from_state(towers, state)
-    return fresh
+        return {"loss": clip_loss(img, txt, logit_scale), "n": torch.tensor(float(len(idx))),  # the loop logs the
+                "temperature": torch.tensor(len(idx) / logit_scale.detach().exp().item())}  # per-pair mean: 1 / s
+
+    train(args, name, model, len(pairs), step, Path(args.out) / name, rank, world, log, {"": args.lr}, bs, bs // world,
+          args.epochs)
+    return load_towers_from_state(towers, {n: full_tensor(p.detach()).cpu() for n, p in model.state_dict().items()})
 
 
 def load_towers_from_state(towers: Towers, state: dict) -> Towers:
@@ -683,17 +911,23 @@ class DomainRouter(nn.Module):
     def features(self, paths: list[str], device="cpu") -> torch.Tensor:
         return torch.from_numpy(embed_images(self.towers, paths, device=device))
 
-    def fit(self, paths: list[str], labels: list[str], steps: int, lr: float, seed: int = 0):
-        """Full-batch AdamW on cross-entropy; every rank fits the same probe (it is a few thousand weights)."""
-        x = self.features(paths)
-        y = torch.tensor([self.domains.index(d) for d in labels])
-        torch.manual_seed(seed)
+    def fit(self, args: Args, paths: list[str], labels: list[str], device, rank: int, world: int, log):
+        """Cross-entropy on the frozen features, full batch (every image in every step, dealt out to the ranks),
+        --probe-steps steps of the training loop at --probe-lr without weight decay or clipping (checkpoints in
+        OUT/router). The head is a few thousand weights; its FSDP2 unit is what the loop expects."""
+        from torch.distributed.fsdp import fully_shard
+
+        x = self.features(paths, device).to(device)
+        y = torch.tensor([self.domains.index(d) for d in labels], device=device)
+        torch.manual_seed(args.seed)
+        head = fully_shard(nn.Linear(x.shape[1], len(self.domains)).to(device))
+        n = len(x) - len(x) % world  # the whole set, in equal shares (the last len % ranks images sit out)
+        step = lambda idx, epoch: {"loss": F.cross_entropy(head(x[idx]), y[idx], reduction="sum"),  # noqa: E731
+                                   "n": torch.tensor(float(len(idx)))}
+        train(dataclasses.replace(args, weight_decay=0.0, grad_clip=0.0), "router", head, n, step,
+              Path(args.out) / "router", rank, world, log, {"": args.probe_lr}, n, n // world, max_steps=args.probe_steps)
         self.head = nn.Linear(x.shape[1], len(self.domains))
-        opt = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.0)
-        for _ in range(steps):
-            loss = F.cross_entropy(self.head(x), y)
-            opt.zero_grad(), loss.backward(), opt.step()
-        return loss.item()
+        self.head.load_state_dict({k: full_tensor(v).cpu() for k, v in head.state_dict().items()})
 
     @torch.no_grad()
     def predict(self, paths: list[str]) -> list[str]:
@@ -847,7 +1081,7 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
     results = {"domains": domains, "kb_size": {}, "recall_before": {}, "recall_after": {}}
     # ---- 1. domain router on frozen features of the untrained towers
     router = DomainRouter(build_towers(args.encoder, args.embed_dim, args.seed), domains)
-    router.fit([p["image"] for p in kb], [p["domain"] for p in kb], args.probe_steps, args.probe_lr, args.seed)
+    router.fit(args, [p["image"] for p in kb], [p["domain"] for p in kb], device, rank, world, log)
     eval_pairs = test or val
     results["router_accuracy"] = per_domain_accuracy(router.predict([p["image"] for p in eval_pairs]),
                                                      [p["domain"] for p in eval_pairs])
@@ -862,7 +1096,7 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
         held = [p for p in eval_pairs if p["domain"] == d]
         if held:
             results["recall_before"][d] = recall_at_k(towers, held, max_length=args.max_text_length, device=device)
-        towers = train_retriever(args, towers, mine, device, rank, world, log, desc=f"retriever {d}")
+        towers = train_retriever(args, towers, mine, device, rank, world, log, f"retriever_{d}")
         if held:
             results["recall_after"][d] = recall_at_k(towers, held, max_length=args.max_text_length, device=device)
         reports = [p["report"] for p in mine]
@@ -907,15 +1141,8 @@ def _fmt(r):
 def main(argv=None):
     args = parse_args(Args, argv)
     rank, world, device = setup_distributed(args.dist_timeout_s)
-    out = Path(args.out)
-    t0 = time.time()
-
-    def log(row: dict):
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
+    out, t0 = Path(args.out), time.time()
+    log = jsonl_logger(out / "metrics.jsonl", rank)
     kb, val, test = load_splits(args)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -931,8 +1158,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except lm.DataError as e:
-        print(f"retrieve.py: bad data: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli(main)

@@ -1,15 +1,29 @@
-"""MMed-RAG: report metrics against the test-only references (sacrebleu, rouge-score), NLTK's METEOR (fixture) and
-hand-computed cases; prompts, noise images, RAG-PT subsets, rates, gamma by accuracy, routing, knowledge-base
-disjointness, the one-image mode and the default pipeline end to end."""
+"""MMed-RAG: the report metrics (llava_med.py's, moved there from mmed_rag.py) against the test-only references
+(sacrebleu, rouge-score), NLTK's METEOR (fixture) and hand-computed cases; prompts, the release's noise image, RAG-PT
+subsets, rates, gamma by accuracy, routing, knowledge-base disjointness, the cache keys, the one-image mode,
+--eval-only, the fault suite and the complete pipeline on 2 ranks."""
 
+import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
-from sacrebleu.metrics import BLEU
+import torch
+import transformers
+from PIL import Image
 from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU
+from transformers import AutoTokenizer
 
+import faults
+import llava_med as lm
 import mmed_rag as mr
+import retrieve
+from conftest import ROOT
 
 HYPS = ["The heart size is normal. No pleural effusion or pneumothorax.",
         "There is a small left pleural effusion with adjacent atelectasis.",
@@ -24,47 +38,47 @@ REFS = ["Heart size is normal. There is no pleural effusion. No pneumothorax is 
 
 
 def test_bleu_matches_sacrebleu():
-    ours = mr.corpus_bleu(HYPS, REFS)
-    join = lambda xs: [" ".join(mr.report_tokens(x)) for x in xs]  # noqa: E731
+    ours = lm.corpus_bleu(HYPS, REFS)
+    join = lambda xs: [" ".join(lm.report_tokens(x)) for x in xs]  # noqa: E731
     for n in range(1, 5):
         bleu = BLEU(tokenize="none", smooth_method="none", max_ngram_order=n, effective_order=False)
         ref = bleu.corpus_score(join(HYPS), [join(REFS)]).score
         assert ours[n - 1] == pytest.approx(ref, abs=1e-9), n
     assert ours[0] > ours[1] > ours[2] > ours[3] > 0
-    assert mr.corpus_bleu(["a b"], ["c d e"]) == [0.0] * 4  # no smoothing: nothing matched -> 0, as pycocoevalcap
+    assert lm.corpus_bleu(["a b"], ["c d e"]) == [0.0] * 4  # no smoothing: nothing matched -> 0, as pycocoevalcap
 
 
 def test_rouge_l_matches_rouge_score():
     scorer = rouge_scorer.RougeScorer(["rougeL"])
     for h, r in zip(HYPS, REFS):
         ref = 100 * scorer.score(r, h)["rougeL"].fmeasure
-        assert mr.rouge_l(h, r) == pytest.approx(ref, abs=1e-9)
-    assert mr.lcs_length(list("abcbdab"), list("bdcaba")) == 4  # CLRS's example
-    assert mr.rouge_l("x y", "z") == 0.0
+        assert lm.rouge_l(h, r) == pytest.approx(ref, abs=1e-9)
+    assert lm.lcs_length(list("abcbdab"), list("bdcaba")) == 4  # CLRS's example
+    assert lm.rouge_l("x y", "z") == 0.0
 
 
 def test_rouge_l_beta_12_is_pycocoevalcap_weighting():
     # hyp "a b c d", ref "a b e": LCS 2, P = 1/2, R = 2/3; F_beta = (1 + b^2) P R / (R + b^2 P)
     p, r = 0.5, 2 / 3
-    assert mr.rouge_l("a b c d", "a b e", beta=1.2) == pytest.approx(100 * 2.44 * p * r / (r + 1.44 * p))
-    assert mr.rouge_l("a b c d", "a b e") == pytest.approx(100 * 2 * p * r / (p + r))
-    out = mr.report_scores(["a b c d"], ["a b e"], rouge_beta=1.2)
+    assert lm.rouge_l("a b c d", "a b e", beta=1.2) == pytest.approx(100 * 2.44 * p * r / (r + 1.44 * p))
+    assert lm.rouge_l("a b c d", "a b e") == pytest.approx(100 * 2 * p * r / (p + r))
+    out = lm.report_scores(["a b c d"], ["a b e"], rouge_beta=1.2)
     assert out["rouge_l"] == pytest.approx(100 * 2.44 * p * r / (r + 1.44 * p))
 
 
 def test_meteor_exact_hand_computed():
     # Identical 6 words: P = R = 1, one chunk of 6 matches -> 100 * (1 - 0.5 * (1/6)^3).
     s = "no pleural effusion or pneumothorax seen"
-    assert mr.meteor_exact(s, s) == pytest.approx(100 * (1 - 0.5 / 216))
+    assert lm.meteor_exact(s, s) == pytest.approx(100 * (1 - 0.5 / 216))
     # hyp "effusion no pleural" vs ref "no pleural effusion": 3 matches in 2 chunks ("effusion" | "no pleural").
-    assert mr.meteor_exact("effusion no pleural", "no pleural effusion") == pytest.approx(100 * (1 - 0.5 * (2 / 3) ** 3))
+    assert lm.meteor_exact("effusion no pleural", "no pleural effusion") == pytest.approx(100 * (1 - 0.5 * (2 / 3) ** 3))
     # hyp 4 words, 2 match as one chunk; ref 3 words: P = 1/2, R = 2/3, Fmean = PR/(0.9P + 0.1R).
     p, r = 0.5, 2 / 3
     expect = 100 * p * r / (0.9 * p + 0.1 * r) * (1 - 0.5 * (1 / 2) ** 3)
-    assert mr.meteor_exact("small left nodule noted", "small left effusion") == pytest.approx(expect)
+    assert lm.meteor_exact("small left nodule noted", "small left effusion") == pytest.approx(expect)
     # A repeated word is matched once per reference occurrence.
-    assert mr.meteor_exact("no no no", "no") == pytest.approx(100 * (1 / 3) / (0.9 / 3 + 0.1) * (1 - 0.5))
-    assert mr.meteor_exact("", "x") == 0.0 and mr.meteor_exact("a", "b") == 0.0
+    assert lm.meteor_exact("no no no", "no") == pytest.approx(100 * (1 / 3) / (0.9 / 3 + 0.1) * (1 - 0.5))
+    assert lm.meteor_exact("", "x") == 0.0 and lm.meteor_exact("a", "b") == 0.0
 
 
 def test_meteor_exact_against_nltk():
@@ -74,9 +88,9 @@ def test_meteor_exact_against_nltk():
     cases = json.loads((ROOT / "tests" / "fixtures" / "meteor_nltk.json").read_text())["cases"]
     differ = 0
     for c in cases:
-        ours, ref = mr.meteor_exact(c["hypothesis"], c["reference"]), c["nltk_exact"]
-        toks = mr.report_tokens(c["reference"])
-        repeats = any(toks.count(w) > 1 and w in mr.report_tokens(c["hypothesis"]) for w in toks)
+        ours, ref = lm.meteor_exact(c["hypothesis"], c["reference"]), c["nltk_exact"]
+        toks = lm.report_tokens(c["reference"])
+        repeats = any(toks.count(w) > 1 and w in lm.report_tokens(c["hypothesis"]) for w in toks)
         if ours != pytest.approx(ref, abs=1e-4):
             assert repeats and ours > ref, c
             differ += 1
@@ -84,9 +98,9 @@ def test_meteor_exact_against_nltk():
     # one of the two by hand: 8 matches of 10 hyp / 13 ref words in 3 chunks (NLTK: 'is' -> the second 'is', 5)
     c = cases[2]
     p, r = 8 / 10, 8 / 13
-    assert mr.meteor_exact(c["hypothesis"], c["reference"]) == pytest.approx(100 * p * r / (0.9 * p + 0.1 * r) * (1 - 0.5 * (3 / 8) ** 3))
+    assert lm.meteor_exact(c["hypothesis"], c["reference"]) == pytest.approx(100 * p * r / (0.9 * p + 0.1 * r) * (1 - 0.5 * (3 / 8) ** 3))
     first = cases[0]
-    assert round(mr.meteor_exact(first["hypothesis"], first["reference"]), 1) == 48.1
+    assert round(lm.meteor_exact(first["hypothesis"], first["reference"]), 1) == 48.1
     assert round(first["nltk_exact_stem"], 1) == 75.5
 
 
@@ -98,30 +112,14 @@ def test_bleu_hand_computed_two_sentences():
     p1, p2, p3 = 8 / 9, 5 / 7, 2 / 5
     expect = [100 * bp * p1, 100 * bp * (p1 * p2) ** 0.5, 100 * bp * (p1 * p2 * p3) ** (1 / 3), 0.0]
     hyps, refs = ["The cat sat on the mat.", "A dog ran"], ["the cat is on the mat", "a dog ran away"]
-    assert mr.corpus_bleu(hyps, refs) == pytest.approx(expect)
-    out = mr.report_scores(hyps, refs)
+    assert lm.corpus_bleu(hyps, refs) == pytest.approx(expect)
+    out = lm.report_scores(hyps, refs)
     assert [out[f"bleu{n}"] for n in range(1, 5)] == pytest.approx(expect)
     assert out["bleu"] == pytest.approx(sum(expect) / 4) and out["n"] == 2
-    assert out["meteor_exact"] == pytest.approx((mr.meteor_exact(hyps[0], refs[0]) + mr.meteor_exact(hyps[1], refs[1])) / 2)
+    assert out["meteor_exact"] == pytest.approx((lm.meteor_exact(hyps[0], refs[0]) + lm.meteor_exact(hyps[1], refs[1])) / 2)
 
 
 # ---------------------------------------------------------------- prompts, RAG-PT subsets, VQA metrics, end to end
-
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from PIL import Image  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-import dpo  # noqa: E402  (only to check that dpo.py reads the pairs we write)
-import llava_med as lm  # noqa: E402
-from conftest import ROOT  # noqa: E402
-
 
 def test_prompts_are_the_released_strings():
     note = ("It should be noted that the diagnostic information in the reference reports cannot be directly used as "
@@ -144,9 +142,11 @@ TOK = AutoTokenizer.from_pretrained(lm.TINY_TOKENIZER)
 TINY_CFG = lm.tiny_config(TOK)
 
 
-def scripted_items(noise_folder):
-    """Five items whose answers are scripted per condition: (plain, with RAG, noise image + RAG, unrelated + RAG);
-    their noise images are real files (noise_png) in noise_folder."""
+TOY = ROOT / "data" / "toy"
+
+
+def scripted_items():
+    """Five items whose answers are scripted per condition: (plain, with RAG, noise image + RAG, unrelated + RAG)."""
     rep = "Chest x-ray. There is a nodule in the right upper lung."
     script = {  # id: (task, domain, answer, plain, rag, noise, unrelated)
         "copy": ("vqa", "radiology", "yes", "yes", "yes", "yes", "no"),  # right even on noise -> D_cm (noise only)
@@ -157,23 +157,21 @@ def scripted_items(noise_folder):
     }
     items, answers = [], {}
     for n, (key, (task, domain, gold, plain, rag, noise, unrel)) in enumerate(script.items()):
-        img = f"images/train_{domain}_{n:04d}.png"
-        items.append({"id": key, "task": task, "image": img, "domain": domain, "answer": gold, "reports": [f"ref {key}"],
-                      "question": f"Question {key}?" if task == "vqa" else "",
-                      "noise": mr.noise_png(noise_folder, ROOT / "data" / "toy" / img, TINY_CFG, 0)})
+        items.append({"id": key, "task": task, "image": f"images/train_{domain}_{n:04d}.png", "domain": domain,
+                      "answer": gold, "reports": [f"ref {key}"], "question": f"Question {key}?" if task == "vqa" else ""})
         answers[key] = {"plain": plain, "rag": rag, "noise": noise, "unrelated": unrel}
     return items, answers
 
 
 def scripted_model(items, answers, calls):
-    by_image, by_noise = {it["image"]: it for it in items}, {it["noise"]: it for it in items}
+    by_image = {it["image"]: it for it in items}
 
     def generate(jobs):
         out = []
         for j in jobs:
             calls.append(j)
-            if j["image"] in by_noise:
-                it, kind = by_noise[j["image"]], "noise"
+            if j["image"].startswith("noise:"):
+                it, kind = by_image[j["image"].removeprefix("noise:")], "noise"
             else:
                 it = next(x for x in items if f"ref {x['id']}" in j["prompt"]) if "reference report" in j["prompt"] \
                     else by_image[j["image"]]
@@ -184,11 +182,12 @@ def scripted_model(items, answers, calls):
     return generate
 
 
-def test_rag_pt_subsets_from_a_scripted_model(tmp_path):
-    items, answers = scripted_items(tmp_path)
+def test_rag_pt_subsets_from_a_scripted_model():
+    items, answers = scripted_items()
     calls = []
     pairs, sizes = mr.rag_pt_pairs(items, scripted_model(items, answers, calls), "noise", report_threshold=50)
     assert len(calls) == 3 * len(items)  # plain, RAG, noise + RAG per item; greedy answers come from the model
+    assert [c["image"] for c in calls[:3]] == [items[0]["image"]] * 2 + ["noise:" + items[0]["image"]]
     got = {(p["id"], p["subset"]) for p in pairs}
     # the report item is in two subsets: it copies the reports onto noise, and only RAG makes it right
     assert got == {("copy_cm", "cm"), ("helps_oa1", "oa1"), ("hurts_oa2", "oa2"), ("report_cm", "cm"),
@@ -198,29 +197,31 @@ def test_rag_pt_subsets_from_a_scripted_model(tmp_path):
     rag = mr.rag_prompt("vqa", "radiology", ["ref copy"], "Question copy?")
     assert p["copy_cm"]["conversations"] == [{"from": "human", "value": "<image>\n" + rag}, {"from": "gpt", "value": "yes"}]
     assert p["copy_cm"]["rejected_conversations"][0] == p["copy_cm"]["conversations"][0]  # same RAG prompt
-    assert p["copy_cm"]["rejected_conversations"][1]["value"] == "yes" and p["copy_cm"]["rejected_noised"] == 1
-    assert p["copy_cm"]["rejected_image"] == items[0]["noise"]  # the noise file, next to the released flag
+    assert p["copy_cm"]["rejected_conversations"][1]["value"] == "yes"
+    assert p["copy_cm"]["rejected_noised"] == 1 and "rejected_image" not in p["copy_cm"]  # the released format
     assert p["helps_oa1"]["rejected_conversations"][1]["value"] == "yes"  # the no-retrieval answer
     assert p["hurts_oa2"]["rejected_conversations"][1]["value"] == "no"  # the answer retrieval misled
     assert p["hurts_oa2"]["conversations"][1]["value"] == "yes" and "rejected_noised" not in p["hurts_oa2"]
     # the unrelated-image variant, and both: the "copy" item survives only the noise image
     pairs_u, sizes_u = mr.rag_pt_pairs(items, scripted_model(items, answers, []), "unrelated", report_threshold=50)
     assert {x["id"] for x in pairs_u if x["subset"] == "cm"} == {"report_cm"}
-    ru = next(x for x in pairs_u if x["subset"] == "cm")["rejected_image"]
-    assert ru != items[4]["image"] and "radiology" not in ru  # another domain's image
+    ru = next(x for x in pairs_u if x["subset"] == "cm")
+    assert ru["rejected_image"] != items[4]["image"] and "radiology" not in ru["rejected_image"]  # another domain's
+    assert "rejected_noised" not in ru
     pairs_b, sizes_b = mr.rag_pt_pairs(items, scripted_model(items, answers, []), "both", report_threshold=50)
     assert sizes_b["cm"] == 3 and {x["id"] for x in pairs_b if x["subset"] == "cm"} == \
         {"copy_cm_noise", "report_cm_noise", "report_cm_unrelated"}
-    # the written pairs are what dpo.py's PairData trains on: the noise image is the file, not dpo.py's "noise:"
-    tok = AutoTokenizer.from_pretrained(lm.TINY_TOKENIZER)
-    recs = [(f"pairs {x['id']}", mr.training_pair(json.loads(json.dumps(x)))) for x in pairs_b]
-    data = dpo.PairData(recs, ROOT / "data" / "toy", tok, TINY_CFG, 512, False, allow_outside=True)
-    assert len(data) == len(pairs_b) and data.items[0]["rejected_images"] == [items[0]["noise"]]
-    assert torch.equal(data.pixel(items[0]["noise"]), lm.preprocess_image(lm.load_image(items[0]["noise"]), 64))
+    # the written pairs are what dpo.py's PairData trains on: its "noise:" key for the noised pair, the file otherwise
+    recs = [(f"pairs {x['id']}", json.loads(json.dumps(x))) for x in pairs_b]
+    data = mr.PairData(recs, TOY, TOK, TINY_CFG, 512, False, allow_outside=True)
+    rejected = {it["id"]: it["rejected_images"] for it in data.items}
+    assert len(data) == len(pairs_b) and rejected["copy_cm_noise"] == ["noise:" + items[0]["image"]]
+    assert rejected["report_cm_unrelated"] == [next(x for x in pairs_b if x["id"] == "report_cm_unrelated")["rejected_image"]]
+    assert rejected["helps_oa1"] == [items[1]["image"]]
 
 
-def test_truncated_or_empty_rejected_answers_make_no_pair(tmp_path):
-    items, answers = scripted_items(tmp_path)
+def test_truncated_or_empty_rejected_answers_make_no_pair():
+    items, answers = scripted_items()
     answers["helps"]["plain"] = ""  # wrong without retrieval (D_oa1), but an empty rejected answer
     inner = scripted_model(items, answers, [])
 
@@ -234,25 +235,32 @@ def test_truncated_or_empty_rejected_answers_make_no_pair(tmp_path):
     assert sizes["skipped_empty"] == 1 and sizes["skipped_truncated"] == 1
 
 
-def test_noise_image_is_the_released_one(tmp_path, monkeypatch):
-    """Release: generate_gaussian_noise (N(0,1) of the image's shape clipped to [0,1], uint8), then expand2square
-    and CLIPImageProcessor. Ours: the same noise, pre-processed once into a PNG that preprocesses to the same pixels."""
+def test_noise_image_is_the_released_one(tmp_path):
+    """Release (train_dpo_2stages.py): generate_gaussian_noise = N(0,1) of the image's shape clipped to [0,1], uint8,
+    then expand2square and CLIPImageProcessor. Ours: dpo.py's PairData.pixel for the "noise:<image>" key, which
+    generation reaches through mmed_rag.pixel_loader: one fixed draw per source image, the same pixels in both."""
+    import hashlib
+
     src = tmp_path / "wide.png"
     Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(src)  # non-square: the padding matters
-    made = []
-    real = mr.release_noise
-    monkeypatch.setattr(mr, "release_noise", lambda *a: made.append(real(*a)) or made[-1])
-    path = mr.noise_png(tmp_path / "noise", str(src), TINY_CFG, 0)
-    full = np.asarray(made[0])
-    assert made[0].size == (50, 30) and abs((full == 0).mean() - 0.5) < 0.05 and abs((full == 255).mean() - 0.159) < 0.03
+    Image.fromarray(np.full((40, 40, 3), 50, np.uint8)).save(tmp_path / "other.png")
+    key = "noise:wide.png"
+    rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))  # the draw PairData seeds
+    noise = (np.clip(rng.normal(0, 1, (30, 50, 3)), 0, 1) * 255).astype(np.uint8)
+    assert abs((noise == 0).mean() - 0.5) < 0.05 and abs((noise == 255).mean() - 0.159) < 0.03  # half black
     proc = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
-    padded = lm.expand2square(made[0], tuple(int(x * 255) for x in lm.CLIP_MEAN))
+    padded = lm.expand2square(Image.fromarray(noise), tuple(int(x * 255) for x in lm.CLIP_MEAN))
     release = torch.as_tensor(np.asarray(proc(images=padded, return_tensors="np")["pixel_values"][0]))
-    ours = lm.preprocess_image(lm.load_image(path), 64)
+    pixel = mr.pixel_loader(TINY_CFG, tmp_path)
+    ours = pixel(key)
     torch.testing.assert_close(ours, release, atol=1e-5, rtol=0)
-    assert torch.equal(ours, lm.preprocess_image(made[0], 64))  # exactly what preprocessing the full noise gives
-    assert mr.noise_png(tmp_path / "noise", str(src), TINY_CFG, 0) == path and len(made) == 1  # written once
-    assert mr.noise_png(tmp_path / "noise", str(src), TINY_CFG, 1) != path  # another seed, another image
+    rec = {"id": "p", "image": "wide.png", "rejected_noised": 1,
+           "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "yes"}],
+           "rejected_conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "no"}]}
+    data = mr.PairData([("pairs p", rec)], tmp_path, TOK, TINY_CFG, 512, False)
+    assert data.items[0]["rejected_images"] == [key] and torch.equal(data.pixel(key), ours)  # DPO sees those pixels
+    assert torch.equal(pixel(key), ours) and not torch.equal(pixel("noise:other.png")[:, :8, :8], ours[:, :8, :8])
+    assert torch.equal(pixel("wide.png"), lm.image_tensor(TINY_CFG, src))  # a plain key is the image
 
 
 def test_auroc_and_vqa_metrics():
@@ -364,51 +372,166 @@ def test_one_image_mode(retriever, capsys):
     assert report["prompt"].startswith("You are a professional radiologist.")
 
 
-def test_default_pipeline_end_to_end_small(tmp_path):
-    """The whole default run, small, on 2 ranks (gloo): retrievers with gathered InfoNCE, warm start, retrieval,
-    two-stage DPO on released-format pairs (given by --rag-pt-data so both stages train whatever the tiny model
-    answers), gamma swept by validation accuracy, routing, sharded generation, evaluation table, adapter export."""
-    items, answers = scripted_items(tmp_path / "noise")  # real toy images, so PairData can open them
-    pairs, _ = mr.rag_pt_pairs(items[:3], scripted_model(items, answers, []), "noise", 50)
-    pairs = [dict(p, id=f"{p['id']}_{n}") for n in range(4) for p in pairs]  # 4 cm, 4 oa1, 4 oa2
-    (tmp_path / "pt.json").write_text(json.dumps(pairs))
+LAUNCH = r"""
+import sys
+sys.path.insert(0, sys.argv.pop(1))
+import mmed_rag as mr
+real = mr.answer_jobs
+
+
+def answer_jobs(args, model, tokenizer, jobs, pixel, rank, world, desc):
+    # the RAG-PT answers are generated (sharded, on every rank), then replaced by a script: the tiny model after a
+    # few warm-start steps answers nothing, and an empty rejected answer makes no pair. Per item (plain, RAG, noise):
+    # no / yes / yes, so every yes-question gives a D_cm and a D_oa1 pair and every no-question a D_oa2 pair.
+    got = real(args, model, tokenizer, jobs, pixel, rank, world, desc)
+    if desc != "RAG-PT":
+        return got
+    for j in jobs:
+        j["truncated"] = False
+    return ["yes" if k % 3 else "no" for k in range(len(jobs))]
+
+
+mr.answer_jobs = answer_jobs
+mr.cli(mr.main)
+"""
+
+
+def test_complete_pipeline_on_two_ranks_and_eval_only_on_its_export(tmp_path):
+    """Every stage of the default run, small, under torchrun with 2 ranks (gloo) from an empty --out: router +
+    retrievers (the copied loop, gathered InfoNCE), warm start (two phases), gamma swept by validation accuracy,
+    routing, RAG-PT pairs built from sharded generation (answers scripted, see LAUNCH), two DPO stages, evaluation
+    before and after, adapter and llava-hf export. Then --eval-only on that export, on one rank, reading no training
+    data (--data, --pt-data and --rag-pt-data name missing files), gives the run's after-RAG-PT numbers."""
+    (tmp_path / "launch.py").write_text(LAUNCH)
     out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29671",
-           str(ROOT / "mmed_rag.py"), "--out", str(out), "--retriever-epochs", "2", "--epochs", "1",
-           "--sft-warmup-steps", "2", "--sft-rag-steps", "2", "--eval-limit", "4", "--micro-batch-size", "2", "--batch-size", "4",
-           "--lora-r", "4", "--lora-alpha", "8", "--rag-pt-data", str(tmp_path / "pt.json"),
-           "--report-max-new-tokens", "4", "--vqa-max-new-tokens", "4", "--pt-fraction", "0.05",
-           "--val-fraction", "0.05"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tmp_path / "launch.py"), str(ROOT), "--out", str(out), "--retriever-epochs", "1", "--tasks", "vqa",
+           "--sft-warmup-steps", "2", "--sft-rag-steps", "2", "--eval-limit", "4", "--micro-batch-size", "2",
+           "--batch-size", "4", "--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--vqa-max-new-tokens", "4",
+           "--pt-fraction", "0.05", "--val-fraction", "0.05", "--export-merged", "--eval-batch-size", "4"]
+    faults.run(cmd)
     res = json.loads((out / "results.json").read_text())
-    assert res["rag_pt_sizes"]["total"]["cm"] == 4 and res["rag_pt_sizes"]["total"]["oa1"] == 4
-    assert res["dpo"]["stage1"]["steps"] == 1 and res["dpo"]["stage2"]["steps"] == 2  # 4 cm pairs; 8 oa; batch 4
-    assert "| + RAG-PT (with RAG) |" in res["table"]
-    preds = json.loads((out / "predictions.json").read_text())
-    test = {it["id"]: it for it in mr.read_items(ROOT / "data" / "toy" / "test.json")}
-    for key in ("before", "after"):
-        assert res[key]["rag"]["vqa"]["n"] == 4 and "auroc" in res[key]["rag"]["vqa"]
-        assert res[key]["rag"]["report"]["n"] == 4
-        vqa = [p for p in preds[key] if "noise" in p]  # the rates are those of the written answers
-        got = mr.rates([test[p["id"]] for p in vqa], [p["plain"] for p in vqa], [p["rag"] for p in vqa],
-                       [p["noise"] for p in vqa])
-        assert len(vqa) == 4 and all(res[key][k] == got[k] for k in got)
-        cut = lambda text: len(TOK.encode(text, add_special_tokens=False)) >= 4  # noqa: E731  (the cap)
-        assert sum(res[key]["truncated"].values()) == sum(cut(p[k]) for p in preds[key] for k in ("plain", "rag", "noise")
-                                                          if k in p)
+    phases = [json.loads(line)["phase"] for line in open(out / "metrics.jsonl")]
+    assert phases == (["router"] * 300 + [p for d in ("radiology", "pathology", "ophthalmology")
+                                          for p in [f"retriever_{d}"] * 3 + ["recall"]] + ["warm_plain"] * 2
+                      + ["warm_rag"] * 2 + ["eval_before", "rag_pt"] + ["stage1"] * 2 + ["stage2"] * 2 + ["eval_after"])
+    pt = [it for it in mr.read_items(TOY / "train.json", ("vqa",)) if it["id"].rsplit("_", 1)[0] in mr.toy_splits(TOY, 0.05, 0.05)[1]]
+    yes = sum(it["answer"] == "yes" for it in pt)
+    sizes = res["rag_pt_sizes"]["total"]
+    assert sizes["candidates"] == len(pt) == 54 and (sizes["cm"], sizes["oa1"], sizes["oa2"]) == (yes, yes, len(pt) - yes)
+    written = json.loads((out / "rag_pt.json").read_text())
+    assert len(written) == 2 * yes + len(pt) - yes and all(p.get("rejected_noised") == 1 for p in written if p["subset"] == "cm")
+    assert res["dpo"]["stage1"] == {"pairs": yes, "skipped_records": {}, "steps": 2, "nonfinite_skipped": 0}
+    assert res["dpo"]["stage2"]["pairs"] == len(pt) and res["dpo"]["stage2"]["steps"] == 2
     r = res["retrieval"]
     assert r["routing"] == "router" and set(r["misrouted"]) == {"kb", "val", "pt", "test"}
     assert r["gamma"] in [row["gamma"] for row in r["gamma_sweep"]] and "score" in r["gamma_sweep"][0]
-    pt_ids = mr.toy_splits(ROOT / "data" / "toy", 0.05, 0.05)[1]
-    images = {test[p["id"]]["image"] for p in preds["before"]} | {r["image"] for r in json.loads(
-        (ROOT / "data" / "toy" / "train.json").read_text()) if r["id"] in pt_ids}
-    assert len(list((out / "noise").glob("*.png"))) == len(images)  # one noise image per RAG-PT and test image
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert res["before"]["rag"]["vqa"]["n"] == res["after"]["rag"]["vqa"]["n"] == 4 and "| + RAG-PT (with RAG) |" in res["table"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "llava_hf" / "config.json").exists()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(out / "warm_start" / "model")
     row = json.loads((out / "retrieved_test.jsonl").read_text().splitlines()[0])
     assert row["retrieve_k"] == len(row["reference_reports"]) >= 1
-    assert (out / "stage2" / "checkpoints").exists() and (out / "retriever" / "rag_config.json").exists()
+    missing = str(tmp_path / "missing.json")
+    ev = faults._in_process(mr, ["--eval-only", "--model", str(out / "llava_hf"), "--retriever", str(out / "retriever"),
+                                 "--gamma", str(r["gamma"]), "--data", missing, "--pt-data", missing, "--rag-pt-data",
+                                 missing, "--test-data", str(TOY / "test.json"), "--tasks", "vqa", "--eval-limit", "4",
+                                 "--vqa-max-new-tokens", "4", "--eval-batch-size", "4", "--out", str(tmp_path / "eval")])
+    assert set(ev) == {"retrieval", "eval", "table", "seconds"} and "RAG-PT" not in ev["table"]
+    for key in ("plain", "rag", "copy_reference_rate", "over_reliance_rate"):
+        assert ev["eval"][key] == res["after"][key], key
+    preds = [json.loads((d / "predictions.json").read_text()) for d in (out, tmp_path / "eval")]
+    assert preds[1]["eval"] == preds[0]["after"]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["args.json", "metrics.jsonl", "predictions.json",
+                                                                     "results.json", "retrieved_test.jsonl"]
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A one-process gloo group (what `python mmed_rag.py` makes), for the helpers that synchronise ranks."""
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    mr.setup_distributed()
+    yield
+    torch.distributed.destroy_process_group()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+
+
+def test_caches_are_keyed_on_the_args_that_change_them(tmp_path, one_rank):
+    """The RAG-PT pairs are rebuilt when --template changes (and when the retriever's or the model's files do), reused
+    when only a training argument does; each cache's key covers the Args above its field; a stage's checkpoint
+    folder made from another pair set is moved aside instead of resumed."""
+    items, answers = scripted_items()
+    calls, log = [], lambda row: None
+    gen = lambda jobs, desc: scripted_model(items, answers, calls)(jobs)  # noqa: E731
+    args, made = mr.Args(out=str(tmp_path)), [["retriever files"], ["tiny"]]
+    pairs, key, sizes = mr.rag_pt_set(args, {"pt": items}, gen, 0.01, made, 0, log)
+    assert len(calls) == 15 and sizes["total"]["cm"] == 2 and json.loads((tmp_path / "rag_pt.json").read_text()) == pairs
+    assert mr.rag_pt_set(dataclasses.replace(args, lr=1.0, epochs=9), {"pt": items}, gen, 0.01, made, 0, log)[:2] == \
+        (pairs, key) and len(calls) == 15  # reused: nothing generated
+    template = dataclasses.replace(args, template="vicuna_v1")
+    _, key2, _ = mr.rag_pt_set(template, {"pt": items}, gen, 0.01, made, 0, log)
+    assert len(calls) == 30 and key2 != key  # rebuilt
+    _, key3, _ = mr.rag_pt_set(args, {"pt": items}, gen, 0.01, [["retrained"], ["tiny"]], 0, log)
+    assert len(calls) == 45 and key3 not in (key, key2)
+    assert sorted(p.name for p in tmp_path.glob("rag_pt_*.json")) == sorted(f"rag_pt_{k}.json" for k in (key, key2, key3))
+    k = lambda a, field: mr.cache_key(a, field, made)  # noqa: E731
+    assert k(template, "model") == k(args, "model")  # the retriever does not depend on the chat template
+    assert all(k(template, f) != k(args, f) for f in ("gamma_tune", "pt_data", "stages"))  # warm start, gamma, pairs
+    assert k(dataclasses.replace(args, retriever_epochs=3), "model") != k(args, "model")
+    assert k(dataclasses.replace(args, cm_image="both"), "pt_data") == k(args, "pt_data")  # gamma: not the pair options
+    assert k(dataclasses.replace(args, cm_image="both"), "stages") != k(args, "stages")
+    assert all(k(dataclasses.replace(args, lr=1.0, out="x"), f) == k(args, f) for f in ("model", "gamma_tune", "stages"))
+    stage = mr.keyed_folder(tmp_path / "stage1", key, 0)
+    (stage / "checkpoints").mkdir()
+    assert (mr.keyed_folder(tmp_path / "stage1", key, 0) / "checkpoints").exists()  # same pairs: resumed
+    assert not (mr.keyed_folder(tmp_path / "stage1", key2, 0) / "checkpoints").exists()  # other pairs: a fresh stage
+    assert (tmp_path / f"stage1.{key}" / "checkpoints").exists() and (stage / "cache_key").read_text() == key2
+
+
+# ---------------------------------------------------------------- the fault suite (tests/faults.py) on stage 1
+
+
+@pytest.fixture(scope="module")
+def pt_json(tmp_path_factory):
+    """Released-format pairs of toy images: 4 D_cm (noised), 4 D_oa1, 4 D_oa2."""
+    items, answers = scripted_items()
+    pairs, _ = mr.rag_pt_pairs(items[:3], scripted_model(items, answers, []), "noise", 50)
+    path = tmp_path_factory.mktemp("pt") / "pt.json"
+    path.write_text(json.dumps([dict(p, id=f"{p['id']}_{n}") for n in range(4) for p in pairs]))
+    return path
+
+
+def fast(retriever, pt_json, epochs):
+    """Stage 1 = 1 step per epoch (4 pairs, batch 4), stage 2 = 2; no warm start, one test item per task."""
+    return ["--retriever", str(retriever[0]), "--rag-pt-data", str(pt_json), "--sft-warmup-steps", "0",
+            "--sft-rag-steps", "0", "--gamma", "0.01", "--eval-limit", "1", "--vqa-max-new-tokens", "2",
+            "--report-max-new-tokens", "2", "--lora-r", "4", "--lora-alpha", "8", "--micro-batch-size", "2",
+            "--batch-size", "4", "--eval-batch-size", "4", "--epochs", str(epochs)]
+
+
+def test_kill_and_resume_gives_the_same_weights(retriever, pt_json, tmp_path):
+    faults.check_kill_and_resume("mmed_rag.py", fast(retriever, pt_json, 3) + ["--save-every", "1"], "stage1", tmp_path)
+    res = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert res["dpo"]["stage1"]["steps"] == 3 and res["dpo"]["stage2"]["steps"] == 6  # then stage 2 trained too
+
+
+def test_nonfinite_step_stops_or_is_skipped(retriever, pt_json, monkeypatch, tmp_path):
+    faults.check_nonfinite(mr, fast(retriever, pt_json, 3), "stage1", tmp_path, monkeypatch, call=2)
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_stalled_rank_makes_the_other_exit(retriever, pt_json, tmp_path, fault):
+    faults.check_dead_rank("mmed_rag.py", fast(retriever, pt_json, 300), "stage1", tmp_path, fault)
+
+
+def test_bad_data_and_bad_model_exit_2_with_one_line(retriever, pt_json, tmp_path):
+    pairs = json.loads(pt_json.read_text())
+    pairs[5]["image"] = "images/missing.png"
+    (tmp_path / "bad.json").write_text(json.dumps(pairs))
+    faults.check_bad_inputs("mmed_rag.py", fast(retriever, pt_json, 1), ["--rag-pt-data", str(tmp_path / "bad.json")],
+                            tmp_path)
 
 
 def test_read_items_toy_and_llava_vqa_formats():

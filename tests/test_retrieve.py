@@ -97,7 +97,7 @@ def test_clip_loss_is_symmetric_infonce_with_temperature_007():
     img, txt = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
     logits = math.exp(scale.item()) * img @ txt.T
     expect = (F.cross_entropy(logits, torch.arange(6)) + F.cross_entropy(logits.T, torch.arange(6))) / 2
-    assert float(R.clip_loss(img, txt, scale)) == pytest.approx(float(expect), rel=1e-6)
+    assert float(R.clip_loss(img, txt, scale)) == pytest.approx(6 * float(expect), rel=1e-6)  # the sum over rows
 
 
 TWO_RANKS = r"""
@@ -111,16 +111,16 @@ wi, wt = torch.nn.Linear(5, 4), torch.nn.Linear(7, 4)
 scale = torch.nn.Parameter(torch.full((1,), 2.0))
 params = [wi.weight, wt.weight, scale]
 mine = slice(rank * 8 // world, (rank + 1) * 8 // world)
-loss = R.clip_loss(F.normalize(wi(x[mine]), dim=-1), F.normalize(wt(y[mine]), dim=-1), scale, world)
+loss = R.clip_loss(F.normalize(wi(x[mine]), dim=-1), F.normalize(wt(y[mine]), dim=-1), scale)
 loss.backward()
 grads = [p.grad.clone() for p in params]
-for g in grads:  # what FSDP does: average over ranks
+for g in grads:  # what FSDP2 does (average over ranks), then the train loop (times ranks / rows of the step)
     dist.all_reduce(g)
-    g /= world
+    g *= (1 / world) * world / 8
 total = loss.detach().clone()
 dist.all_reduce(total)
 if rank == 0:
-    json.dump({"loss": float(total) / world, "grads": [g.flatten().tolist() for g in grads]}, open(sys.argv[1], "w"))
+    json.dump({"loss": float(total) / 8, "grads": [g.flatten().tolist() for g in grads]}, open(sys.argv[1], "w"))
 dist.destroy_process_group()
 """
 
@@ -137,7 +137,7 @@ def test_two_ranks_gathered_loss_equals_one_rank_full_batch(tmp_path):
     x, y = torch.randn(8, 5), torch.randn(8, 7)
     wi, wt = torch.nn.Linear(5, 4), torch.nn.Linear(7, 4)
     scale = torch.nn.Parameter(torch.full((1,), 2.0))
-    loss = R.clip_loss(F.normalize(wi(x), dim=-1), F.normalize(wt(y), dim=-1), scale, 1)
+    loss = R.clip_loss(F.normalize(wi(x), dim=-1), F.normalize(wt(y), dim=-1), scale) / 8  # the mean InfoNCE
     loss.backward()
     assert two["loss"] == pytest.approx(loss.item(), rel=1e-6)
     for p, g in zip([wi.weight, wt.weight, scale], two["grads"]):  # towers and the logit scale
@@ -181,3 +181,52 @@ def test_toy_run_router_recall_index(tmp_path):
     assert len(excl["candidates"]) == 5
     kept = rag.retrieve([kb["image"]], k_max=len(idx.reports), rule="fixed", exclude=[kb["image"]])[0]["candidates"]
     assert len(kept) == len(idx.reports) - 1  # exactly its own entry is gone (same-text reports of others stay)
+
+
+# ---------------------------------------------------------------- the fault suite (tests/faults.py) on the copied loop
+
+import faults  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """12 toy pairs per domain, absolute image paths: 3 contrastive steps per epoch at batch 4."""
+    train = json.loads((ROOT / "data" / "toy" / "train.json").read_text())
+    sub = [dict(r, image=str(ROOT / "data" / "toy" / r["image"])) for d in ("radiology", "pathology", "ophthalmology")
+           for r in [x for x in train if x["domain"] == d][:12]]
+    path = tmp_path_factory.mktemp("pairs") / "pairs.json"
+    path.write_text(json.dumps(sub))
+    return path
+
+
+def fast(small, epochs):
+    return ["--data", str(small), "--val-fraction", "0", "--batch-size", "4", "--probe-steps", "5", "--epochs", str(epochs)]
+
+
+def test_kill_and_resume_gives_the_same_weights(small, tmp_path):
+    faults.check_kill_and_resume("retrieve.py", fast(small, 2) + ["--save-every", "1"], "retriever_radiology", tmp_path)
+
+
+def test_nonfinite_step_stops_or_is_skipped(small, monkeypatch, tmp_path):
+    faults.check_nonfinite(R, fast(small, 1), "retriever_radiology", tmp_path, monkeypatch, call=2)
+
+
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_a_dead_or_stalled_rank_makes_the_other_exit(small, tmp_path, fault):
+    faults.check_dead_rank("retrieve.py", fast(small, 500), "retriever_radiology", tmp_path, fault)
+
+
+def test_bad_data_and_bad_encoder_exit_2_with_one_line(small, tmp_path):
+    """faults.check_bad_inputs' two checks, with --encoder for --model (retrieve.py loads no VLM)."""
+    recs = json.loads(small.read_text())
+    recs[3]["image"] = str(tmp_path / "missing.png")
+    (tmp_path / "bad.json").write_text(json.dumps(recs))
+    bad = faults.run([sys.executable, "retrieve.py"] + fast(small, 1) + ["--data", str(tmp_path / "bad.json"),
+                                                                         "--out", str(tmp_path / "d")], ok=False)
+    assert bad.returncode == 2 and "bad data:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert str(tmp_path / "missing.png") in bad.stderr and str(tmp_path / "bad.json") in bad.stderr
+    (tmp_path / "empty").mkdir()
+    bad = faults.run([sys.executable, "retrieve.py"] + fast(small, 1) + ["--encoder", str(tmp_path / "empty"),
+                                                                         "--out", str(tmp_path / "m")], ok=False)
+    assert bad.returncode == 2 and "bad model:" in bad.stderr and str(tmp_path / "empty") in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr[-2000:]
