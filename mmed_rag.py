@@ -953,7 +953,9 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                       file=sys.stderr)
         else:
             optimizer.step()
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped first update makes torch warn about the order; it is intended
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += sums.get("tokens", 0.0)
         if tokens:
