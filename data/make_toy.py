@@ -169,40 +169,41 @@ DETAIL_WORDS = {"dense": "致密", "faint": "淡薄", "sparsely cellular": "细�
 # ----------------------------------------------------------------------------- PubMed-style captions (issue 19)
 CAPTION_SHARES = {"usable": 0.65, "near_duplicate": 0.10, "duplicate": 0.075, "off_topic": 0.10, "too_short": 0.075}
 FIGURE_LEADS = ["Figure {n}.", "Fig. {n}.", "Figure {n}{p}.", "({p})", "Fig. {n}{p}:"]
-CAPTION_ABNORMAL = {
-    "radiology": ["{view} chest x-ray of a {age}-year-old {sex} showing a {size}-pixel nodule in the {loc} (arrow); "
-                  "the other lung is clear.",
-                  "{view} chest radiograph demonstrates a solitary pulmonary nodule in the {loc}, measuring about "
-                  "{size} pixels, in a {age}-year-old {sex} with {symptom}.",
-                  "Chest x-ray: nodule of the {loc} ({size} pixels) with clear lung fields elsewhere and a normal "
-                  "heart size."],
-    "pathology": ["Histopathology (H&E) of a {organ} biopsy from a {age}-year-old {sex}: a tumor cluster of crowded "
-                  "dark nuclei in the {loc} of the field, about {size} pixels across.",
-                  "Biopsy section showing an irregular tumor cluster ({size} pixels) in the {loc} region; the "
-                  "surrounding tissue has small regular nuclei.",
-                  "H&E staining of {organ} tissue reveals a cluster of malignant cells in the {loc} region."],
-    "ophthalmology": ["Fundus photograph of the {eye} eye of a {age}-year-old {sex} with {symptom2} showing a "
-                      "{desc} in the {loc} quadrant of the retina.",
-                      "Colour fundus image: {desc} ({size} pixels) in the {loc} quadrant; optic disc and vessels "
-                      "are normal.",
-                      "Retinal photograph demonstrating a {lesion} in the {loc} quadrant, {size} pixels across, "
-                      "in a patient with {symptom2}."],
+# a usable caption = lead + subject + (patient) + verb + finding + (tail): every subject names >= 1 lexicon term
+# (data/medical_terms.txt) and every finding >= 2, so a usable caption alone has >= 3 terms
+CAPTION_PARTS = {
+    "radiology": dict(
+        subject=["{view} chest x-ray", "Chest radiograph, {view} view,", "{view} radiograph of the chest",
+                 "Plain chest film, {view} projection,"],
+        abnormal=["a {size}-pixel nodule in the {loc}", "a solitary pulmonary nodule in the {loc} ({size} pixels)",
+                  "a well-circumscribed nodule of the {loc}", "a round opacity in the {loc}, consistent with a nodule"],
+        normal=["clear lungs, a normal heart size and a midline spine", "no nodule, effusion or consolidation",
+                "normal lung fields and a sharp pleural outline", "unremarkable lungs and spine"],
+        symptoms=["cough", "chest pain", "shortness of breath", "fever", "weight loss", "haemoptysis"]),
+    "pathology": dict(
+        subject=["Histopathology (H&E)", "H&E-stained section of {organ} tissue", "Biopsy specimen of the {organ}",
+                 "Microscopy of a {organ} biopsy"],
+        abnormal=["a tumor cluster of crowded dark nuclei in the {loc} region",
+                  "an irregular cluster of malignant cells in the {loc} of the field",
+                  "a {size}-pixel tumor nest in the {loc} region with atypical nuclei",
+                  "carcinoma cells forming a cluster in the {loc} region"],
+        normal=["evenly scattered small nuclei and preserved tissue architecture", "normal cells without tumor",
+                "regular nuclei and no malignant cells", "benign tissue with small uniform nuclei"],
+        symptoms=["a palpable lump", "an abnormal scan", "weight loss", "bleeding"]),
+    "ophthalmology": dict(
+        subject=["Fundus photograph", "Colour fundus image", "Retinal photograph", "Fundus image of the {eye} eye"],
+        abnormal=["a {desc} in the {loc} quadrant of the retina",
+                  "a {lesion} ({size} pixels) in the {loc} quadrant near the retinal vessels",
+                  "a {desc} in the {loc} quadrant; the optic disc is normal", "a {size}-pixel {lesion} of the {loc} retina"],
+        normal=["a normal optic disc, vessels and retina", "a healthy retina and a sharp optic disc",
+                "no exudate or hemorrhage", "normal vessels and macula"],
+        symptoms=["diabetes", "hypertension", "blurred vision", "floaters", "sudden vision loss"]),
 }
-CAPTION_NORMAL = {
-    "radiology": ["{view} chest x-ray of a {age}-year-old {sex} with {symptom}: clear lungs, normal heart size, no "
-                  "nodule.",
-                  "Normal chest radiograph ({view} view) obtained before surgery; both lungs and the spine are "
-                  "unremarkable.",
-                  "Chest x-ray at follow-up shows clear lung fields without nodule or effusion."],
-    "pathology": ["Histopathology (H&E) of normal {organ} tissue from a {age}-year-old {sex}: evenly scattered small "
-                  "nuclei, no tumor.",
-                  "Biopsy section of {organ} with preserved architecture and regular nuclei; no malignant cells.",
-                  "H&E staining of a control {organ} specimen showing normal tissue and cells."],
-    "ophthalmology": ["Fundus photograph of the {eye} eye of a {age}-year-old {sex}: normal optic disc, vessels and "
-                      "retina.",
-                      "Colour fundus image of a healthy retina with a sharp optic disc and normal macula.",
-                      "Retinal photograph at screening shows no exudate or hemorrhage; the vessels are normal."],
-}
+CAPTION_PATIENT = ["of a {age}-year-old {sex}", "in a {age}-year-old {sex} with {symptom}",
+                   "from a patient with {symptom}", "obtained at {time}"]
+CAPTION_VERBS = ["showing", "demonstrating", "revealing", "with"]
+CAPTION_TAILS = ["(arrow)", "(arrowhead)", "; compare with Figure {m}", ", before treatment", ", at {weeks}-week follow-up"]
+TIMES = ["admission", "follow-up", "screening", "the first visit"]
 CAPTION_SHORT = {"radiology": ["Chest film.", "Radiograph.", "Frontal view."],
                  "pathology": ["H&E, x40.", "Biopsy.", "Histology."],
                  "ophthalmology": ["Fundus.", "Right eye.", "Left eye."]}
@@ -234,8 +235,6 @@ CONTEXTS = {
                       "Diabetic patients were screened with retinal photography. {finding} Referable cases were "
                       "sent to an ophthalmologist."],
 }
-SYMPTOMS = ["cough", "chest pain", "shortness of breath", "fever", "weight loss", "haemoptysis"]
-SYMPTOMS2 = ["diabetes", "hypertension", "blurred vision", "floaters", "sudden vision loss"]
 ORGANS = ["breast", "colon", "liver", "lymph node", "prostate", "skin"]
 
 # Tokenizer: extra strings so chat templates tokenize compactly.
@@ -834,28 +833,37 @@ def build_captions(records):
         for i, (rec, kind) in enumerate(zip(recs, kinds)):
             trng = np.random.default_rng([SEED, 56, di, i])
             f = rec["findings"]
-            slots = dict(n=int(trng.integers(1, 9)), p="ABCD"[int(trng.integers(4))], age=int(trng.integers(18, 90)),
-                         sex=["man", "woman"][int(trng.integers(2))], view=["Frontal", "Posteroanterior", "Portable"][
-                             int(trng.integers(3))], symptom=SYMPTOMS[int(trng.integers(len(SYMPTOMS)))],
-                         symptom2=SYMPTOMS2[int(trng.integers(len(SYMPTOMS2)))], organ=ORGANS[int(trng.integers(len(ORGANS)))],
-                         eye=["left", "right"][int(trng.integers(2))], weeks=int(trng.integers(2, 13)))
+            P = CAPTION_PARTS[D["domain"]]
+            pick = lambda xs: xs[int(trng.integers(len(xs)))]
+            slots = dict(n=int(trng.integers(1, 9)), m=int(trng.integers(1, 9)), p="ABCD"[int(trng.integers(4))],
+                         age=int(trng.integers(18, 90)), sex=pick(["man", "woman"]),
+                         view=pick(["frontal", "posteroanterior", "portable"]), symptom=pick(P["symptoms"]),
+                         symptom2=pick(P["symptoms"]), organ=pick(ORGANS), eye=pick(["left", "right"]),
+                         weeks=int(trng.integers(2, 13)), time=pick(TIMES))
             if f:
                 slots.update(loc=f[0]["location"], lesion=f[0]["name"], desc=DESC.get(f[0]["name"], ("",))[0],
                              size=max(f[0]["box"][2] - f[0]["box"][0], f[0]["box"][3] - f[0]["box"][1]))
-                body = CAPTION_ABNORMAL[D["domain"]]
                 finding = f"The images showed {a_an(f[0]['name'])} in the {f[0]['location']}."
             else:
-                body = CAPTION_NORMAL[D["domain"]]
                 finding = "The images were within normal limits."
-            lead = FIGURE_LEADS[int(trng.integers(len(FIGURE_LEADS)))].format(**slots)
-            context = CONTEXTS[D["domain"]][int(trng.integers(3))].format(finding=finding, **slots)
+            lead = pick(FIGURE_LEADS).format(**slots)
+            context = pick(CONTEXTS[D["domain"]]).format(finding=finding, **slots)
             if kind == "off_topic":
-                caption = lead + " " + CAPTION_OFF_TOPIC[int(trng.integers(len(CAPTION_OFF_TOPIC)))]
+                caption = lead + " " + pick(CAPTION_OFF_TOPIC)
                 context = "The study was approved by the ethics committee. " + context.split(". ")[0] + "."
             elif kind == "too_short":
-                caption = CAPTION_SHORT[D["domain"]][int(trng.integers(3))]
+                caption = pick(CAPTION_SHORT[D["domain"]])
             else:
-                caption = lead + " " + body[int(trng.integers(3))].format(**slots)
+                words = [pick(P["subject"])]
+                if trng.random() < 0.7:
+                    words.append(pick(CAPTION_PATIENT))
+                words += [pick(CAPTION_VERBS), pick(P["abnormal"] if f else P["normal"])]
+                body = " ".join(words)
+                if trng.random() < 0.5:
+                    tail = pick(CAPTION_TAILS)
+                    body += tail if tail[0] in ";," else " " + tail
+                body = body.format(**slots).replace(", with", " with").replace(",,", ",")
+                caption = lead + " " + body[0].upper() + body[1:] + "."
             item = {"id": f"{rec['id']}_cap", "image": rec["image"], "caption": caption, "context": context,
                     "modality": D["modality"], "body_part": D["body_part"], "toy_caption_kind": kind}
             if kind in ("duplicate", "near_duplicate"):
@@ -869,8 +877,13 @@ def build_captions(records):
             if item["toy_caption_kind"] == "duplicate":
                 item["caption"] = src["caption"]
             else:
-                c = src["caption"]
-                item["caption"] = c.replace("Figure", "Fig.", 1) if c.startswith("Figure") else "Figure 1. " + c
+                c = src["caption"]  # the figure label re-typed: "Figure 2." <-> "Fig. 2.", "(A)" -> "(B)"
+                if c.startswith("Figure "):
+                    item["caption"] = "Fig. " + c[len("Figure "):]
+                elif c.startswith("Fig. "):
+                    item["caption"] = "Figure " + c[len("Fig. "):]
+                else:
+                    item["caption"] = "(" + "BCDA"["ABCD".index(c[1])] + c[2:]
     return out
 
 
