@@ -74,26 +74,26 @@ class Args:
     model: str = "tiny"  # "tiny" (random, offline) or a checkpoint folder (LLaVA-Med v1.5, llava-hf, HuatuoGPT-Vision)
     template: str = ""  # chat template override ("" = the checkpoint's: mistral_instruct, vicuna_v1, huatuo, chatml)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
-    sft_warmup_steps: int = -1  # SFT steps on the chosen answers before DPO; -1 = 1000 for --model tiny (random), else 0
+    sft_warmup_steps: int = -1  # SFT steps before DPO (a toy folder: on its train split); -1 = 1000 for --model tiny (random), else 0; 400 steps leave the tiny model answering every closed val question by its wording (50.0 %), 1000 read the image in part (66.3 %: the failure DPO is to fix)
     sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
     seed: int = 0  # same seed + same data = same run (bit-identical on CPU; on GPU see README)
     # policy and loss (fields above this line key the caches: reference log-probs)
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
-    lora_r: int = 128  # LoRA rank (MMed-RAG / MMedPO / STLLaVA-Med: 128)
-    lora_alpha: int = 256  # LoRA alpha (256)
+    lora_r: int = 16  # LoRA rank (toy default: r 128 is full rank on the 128-wide tiny model, 62.2 vs 71.2 val closed at beta 2; MMed-RAG / MMedPO / STLLaVA-Med: 128)
+    lora_alpha: int = 32  # LoRA alpha (toy default, alpha / r = 2 as the papers' 256 / 128; papers: 256)
     lora_dropout: float = 0.0  # LoRA dropout during DPO: 0, as TRL's DPOTrainer (disable_dropout=True) and MMedPO's trainer
     tune_projector: bool = False  # also train the mm projector (MMed-RAG's code is ambiguous; spec A8: a flag)
-    beta: float = 0.1  # DPO temperature (TRL default; no method script overrides it)
+    beta: float = 2.0  # DPO temperature (toy default: at 0.1 the tiny policy drifts far from the warm start and its greedy answers degrade, val closed -4.5; 2.0 keeps it near, +4.9; TRL default and every method script: 0.1)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO; ipo = Azar et al. 2023, length-normalised
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0 (also for the held-out reward accuracy)
     precompute_ref: bool = False  # compute reference log-probs once before training, cached on disk
     # optimisation
-    lr: float = 1e-5  # peak learning rate (toy default; MMed-RAG/MMedPO use 1e-7 on LLaVA-Med 7B)
+    lr: float = 1e-3  # peak learning rate (toy default, val sweep 1e-4..3e-3; MMed-RAG/MMedPO use 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # learning rate of the projector when --tune-projector (mm_projector_lr)
     batch_size: int = 16  # pairs per optimizer step over all ranks (global; does not depend on the number of ranks)
     micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
-    epochs: int = 1  # passes over the preference pairs
+    epochs: int = 2  # passes over the preference pairs (toy: 2 x 56 steps of prefs_train.json; MMed-RAG / MMedPO: 3)
     max_steps: int = -1  # stop after this many optimizer steps (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay
