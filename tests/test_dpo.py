@@ -242,7 +242,7 @@ def test_readers_on_real_vqa_sets():
     slake = lm.read_vqa(str(REAL / "slake" / "test.json"))
     assert slake and all(os.path.exists(r["image"]) for r in slake + rad[:20])
     toy = lm.read_vqa(str(ROOT / "data" / "toy" / "test_vqa.json"))
-    assert len(toy) == 495 and toy[0]["question"] and "<image>" not in toy[0]["question"]
+    assert len(toy) == 528 and toy[0]["question"] and "<image>" not in toy[0]["question"]
 
 
 def test_bad_preference_records(tmp_path):
