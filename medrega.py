@@ -62,7 +62,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import sys
 import time
 import warnings
@@ -179,12 +178,9 @@ def cli(main):
 def setup_distributed(timeout_s: int = 1800):
     """Returns (rank, world_size, device). Outside torchrun a one-process group is created, so the training
     code has one path (FSDP2 with one shard). The timeout makes a rank whose peer died exit instead of hanging."""
-    if "RANK" not in os.environ:  # plain `python dpo.py`
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    local_rank = int(os.environ["LOCAL_RANK"])
+    # plain `python dpo.py`: an in-process store (a free port picked here could be taken before it is bound)
+    single = "RANK" not in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -193,7 +189,8 @@ def setup_distributed(timeout_s: int = 1800):
     # on GPU: nccl for CUDA tensors and gloo for the CPU ones (the loop's statistics, gathered answers)
     backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type == "cuda" else None,
+                            **(dict(store=dist.HashStore(), rank=0, world_size=1) if single else {}))
     return dist.get_rank(), dist.get_world_size(), device
 
 

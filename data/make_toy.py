@@ -170,7 +170,8 @@ DETAIL_WORDS = {"dense": "致密", "faint": "淡薄", "sparsely cellular": "细�
 CAPTION_SHARES = {"usable": 0.65, "near_duplicate": 0.10, "duplicate": 0.075, "off_topic": 0.10, "too_short": 0.075}
 FIGURE_LEADS = ["Figure {n}.", "Fig. {n}.", "Figure {n}{p}.", "({p})", "Fig. {n}{p}:"]
 # a usable caption = lead + subject + (patient) + verb + finding + (tail): every subject names >= 1 lexicon term
-# (data/medical_terms.txt) and every finding >= 2, so a usable caption alone has >= 3 terms
+# (data/medical_terms.txt) and every finding >= 2, so a usable caption alone has >= 3 terms (a term counts once:
+# a pathology subject and finding that both say "tissue" give 2, which happens for 4 captions; tests/test_toy.py)
 CAPTION_PARTS = {
     "radiology": dict(
         subject=["{view} chest x-ray", "Chest radiograph, {view} view,", "{view} radiograph of the chest",

@@ -3,6 +3,9 @@ arguments): kill and resume (bit-identical weights), non-finite loss stop / skip
 and a bad model folder (exit 2, one line naming the file). Every recipe trains through its copy of dpo.py's
 `train` loop and checkpoints to <out>/<phase>/checkpoints, so one set of checks covers all of them."""
 
+import contextlib
+import importlib
+import io
 import json
 import os
 import signal
@@ -10,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,8 +51,8 @@ def check_kill_and_resume(script: str, args: list[str], phase: str, tmp_path, ki
     """SIGKILL the run once <phase> has written checkpoint `kill_at` (args must checkpoint every step or so), resume
     it: the weights and the last loss equal an uninterrupted run's exactly."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    cmd = [sys.executable, script] + args
-    run(cmd + ["--out", str(full)])
+    cmd, module = [sys.executable, script] + args, importlib.import_module(Path(script).stem)
+    _in_process(module, args + ["--out", str(full)])  # the uninterrupted run and the resume run in this process
     p = subprocess.Popen(cmd + ["--out", str(killed)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
@@ -57,7 +61,7 @@ def check_kill_and_resume(script: str, args: list[str], phase: str, tmp_path, ki
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    run(cmd + ["--out", str(killed)])  # resumes from the newest complete checkpoint
+    _in_process(module, args + ["--out", str(killed)])  # resumes from the newest complete checkpoint
     a, b = weights(full / phase), weights(killed / phase)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{script}: resumed weights differ"
     assert phase_rows(full, phase)[-1]["loss"] == phase_rows(killed, phase)[-1]["loss"]
@@ -88,13 +92,14 @@ def check_nonfinite(module, args: list[str], phase: str, tmp_path, monkeypatch, 
     assert all(torch.isfinite(w).all() for w in weights(tmp_path / "skip" / phase).values())
 
 
-def _in_process(module, argv):
-    """module.main(argv) in this process (one-rank group), restoring the environment it sets."""
+def _in_process(module, argv, cli=False):
+    """module.main(argv) (or module.cli(module.main) on sys.argv) in this process (one-rank group), restoring the
+    environment it sets."""
     env = dict(os.environ)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(k, None)
     try:
-        return module.main(argv)
+        return module.cli(module.main) if cli else module.main(argv)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -135,12 +140,26 @@ def check_dead_rank(script: str, args: list[str], phase: str, tmp_path, fault: s
 
 def check_bad_inputs(script: str, args: list[str], bad_data: list[str], tmp_path):
     """A data file with a bad record (args `bad_data`, e.g. ["--data", missing_image.jsonl]) and a model folder
-    without config.json: each exits 2 with one line on stderr that names the file, and no traceback."""
-    bad = run([sys.executable, script] + args + bad_data + ["--out", str(tmp_path / "data")], ok=False)
-    assert bad.returncode == 2 and "bad data:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
-    assert any(part in bad.stderr for part in bad_data if "/" in part)
+    without config.json: each exits 2 with one line on stderr that names the file, and no traceback. Run through
+    the script's own cli() in this process (what a user sees, without a python start per case)."""
+    code, err = _cli(script, args + bad_data + ["--out", str(tmp_path / "data")])
+    assert code == 2 and "bad data:" in err and "Traceback" not in err, err[-2000:]
+    assert any(part in err for part in bad_data if "/" in part)
     (tmp_path / "empty_model").mkdir()
-    bad = run([sys.executable, script] + args + ["--model", str(tmp_path / "empty_model"), "--out",
-                                                 str(tmp_path / "model")], ok=False)
-    assert bad.returncode == 2 and "bad model:" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]
-    assert str(tmp_path / "empty_model") in bad.stderr and len(bad.stderr.strip().splitlines()) <= 2
+    code, err = _cli(script, args + ["--model", str(tmp_path / "empty_model"), "--out", str(tmp_path / "model")])
+    assert code == 2 and "bad model:" in err and "Traceback" not in err, err[-2000:]
+    bad = [line for line in err.strip().splitlines() if "bad model:" in line or "Error" in line]
+    assert str(tmp_path / "empty_model") in err and len(bad) == 1, err[-2000:]
+
+
+def _cli(script: str, argv: list[str]):
+    """(exit code, stderr) of `python <script> <argv>`, run in this process through the script's cli(main)."""
+    module = importlib.import_module(Path(script).stem)
+    err, argv0 = io.StringIO(), sys.argv
+    sys.argv = [script] + argv
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            _in_process(module, None, cli=True)
+    finally:
+        sys.argv = argv0
+    return exit_.value.code, err.getvalue()

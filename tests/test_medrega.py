@@ -161,10 +161,10 @@ def test_toy_samples_carry_the_finding_boxes():
 
 
 def test_toy_record_with_a_bad_box_names_the_record(tmp_path):
-    rec = json.loads((TOY / "train.json").read_text())[0]
+    rec = next(r for r in json.loads((TOY / "train.json").read_text()) if r["findings"])
     rec["findings"][0]["box"] = [50, 10, 40, 20]
     (tmp_path / "train.json").write_text(json.dumps([rec]))
-    with pytest.raises(lm.DataError, match=r"train\.json\[0\] id=toy_train_rad_0000: box"):
+    with pytest.raises(lm.DataError, match=rf"train\.json\[0\] id={rec['id']}: box"):
         mr.toy_samples(tmp_path / "train.json", TASKS, str(TOY))
 
 
@@ -492,7 +492,7 @@ def test_region_answers_in_chunks_equal_one_call_on_the_training_pixels():
     lm.generate_sharded call over all rows, whose images are exactly the pixels training gives the model."""
     model, tok = lm.load("tiny", template="chatml")
     mr.add_region_tokens(model, tok)
-    rows = mr.eval_rows(mr.toy_samples(TOY / "test.json", ["t2r"]), 7)["t2r"]
+    rows = mr.eval_rows(mr.toy_samples(TOY / "test.json", ["t2r"]), 1000)["t2r"][::7]  # 7 rows from all 3 domains
     args = mr.Args(eval_batch_size=1, eval_max_new_tokens=6, base_prompt="none")  # chunks of 4 rows: 4 + 3
     data = mr.RegionSFTData(rows, tok, model.config, 512, False, False, 0.8, 0, base_prompt=False)
     jobs = [{"turns": mr.prompt_turns({**r, "turns": r["turns"][:1]}, base_prompt=False),
@@ -574,7 +574,8 @@ def test_nonfinite_step_stops_or_is_skipped(monkeypatch, tmp_path):
     faults.check_nonfinite(mr, FAST, "sft", tmp_path, monkeypatch, call=3)  # 3rd micro-batch = step 2
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
+# "stalled" (SIGSTOP, caught by --dist-timeout-s in the copied setup_distributed) runs once, in test_reliability.py
+@pytest.mark.parametrize("fault", ["killed"])
 def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
     faults.check_dead_rank("medrega.py", ["--epochs", "5", "--batch-size", "8", "--micro-batch-size", "4", "--no-eval"],
                            "sft", tmp_path, fault)

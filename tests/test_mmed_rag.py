@@ -521,7 +521,8 @@ def test_nonfinite_step_stops_or_is_skipped(retriever, pt_json, monkeypatch, tmp
     faults.check_nonfinite(mr, fast(retriever, pt_json, 3), "stage1", tmp_path, monkeypatch, call=2)
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
+# "stalled" (SIGSTOP, caught by --dist-timeout-s in the copied setup_distributed) runs once, in test_reliability.py
+@pytest.mark.parametrize("fault", ["killed"])
 def test_a_dead_or_stalled_rank_makes_the_other_exit(retriever, pt_json, tmp_path, fault):
     faults.check_dead_rank("mmed_rag.py", fast(retriever, pt_json, 300), "stage1", tmp_path, fault)
 
@@ -536,8 +537,8 @@ def test_bad_data_and_bad_model_exit_2_with_one_line(retriever, pt_json, tmp_pat
 
 def test_read_items_toy_and_llava_vqa_formats():
     toy = mr.read_items(ROOT / "data" / "toy" / "test.json")
-    assert sum(it["task"] == "report" for it in toy) == 90 and sum(it["task"] == "vqa" for it in toy) == 270
+    assert sum(it["task"] == "report" for it in toy) == 96 and sum(it["task"] == "vqa" for it in toy) == 288
     assert {it["answer"] for it in toy if it["task"] == "vqa"} == {"yes", "no"}
     vqa = mr.read_items(ROOT / "data" / "toy" / "test_vqa.json")  # LLaVA format: open questions are skipped
-    assert len(vqa) == 270 and vqa[0]["question"] == "Is there a nodule in this image?" and vqa[0]["domain"] == "radiology"
+    assert len(vqa) == 288 and vqa[0]["question"] == "Is there a nodule in this image?" and vqa[0]["domain"] == "radiology"
     assert mr.read_items(ROOT / "data" / "toy" / "test.json", tasks=("report",))[0]["answer"].startswith("Chest")

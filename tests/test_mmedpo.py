@@ -63,7 +63,7 @@ def test_normalize_scores_three_modes():
 
 def _pairs(tmp_path, tok, cfg):
     """Two text pairs and one visual pair (rejected image = a locally noised copy), uneven answer lengths."""
-    rec = json.loads((TOY / "train.json").read_text())[0]
+    rec = next(r for r in json.loads((TOY / "train.json").read_text()) if r["findings"])  # an abnormal image
     im = np.asarray(lm.load_image(TOY / rec["image"]))
     heat, _ = mmedpo.box_heatmap(rec, 64, 64)
     Image.fromarray(mmedpo.local_noise(im, heat > 0.5, "diffusion", 500, np.random.default_rng(0))).save(tmp_path / "n.png")
@@ -388,7 +388,8 @@ def test_tiny_judge_label_logprobs_equal_a_plain_forward():
     prompts = ["Score: a", "Another, somewhat longer prompt about both lungs"]
     lp = judge.label_logprobs(prompts, mmedpo.SCORE_LABELS)
     tails = judge._label_tails(prompts[0], mmedpo.SCORE_LABELS)
-    assert [judge.tok.convert_ids_to_tokens(t) for t in tails][9:] == [["Ġ", "9"], ["Ġ1", "0"]]  # ' 10': 'Ġ1' '0'
+    tokens = [judge.tok.convert_ids_to_tokens(t) for t in tails]
+    assert tokens[0] == ["Ġ", "0"] and tokens[1] == ["Ġ1"] and tokens[10] == ["Ġ1", "0"]  # split, one, two tokens
     anchor = judge.tok.convert_tokens_to_ids("0")
     ends = torch.tensor([not judge.tok.decode([anchor, v])[1:2].isalnum() for v in range(len(judge.tok))])
     for p, prompt in enumerate(prompts):
@@ -573,7 +574,8 @@ def test_nonfinite_step_stops_or_is_skipped(tmp_path, monkeypatch):
     faults.check_nonfinite(mmedpo, FAST + ["--max-steps", "2"], "mmedpo", tmp_path, monkeypatch, call=2)
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
+# "stalled" (SIGSTOP, caught by --dist-timeout-s in the copied setup_distributed) runs once, in test_reliability.py
+@pytest.mark.parametrize("fault", ["killed"])
 def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
     faults.check_dead_rank("mmedpo.py", FAST + ["--max-steps", "500"], "mmedpo", tmp_path, fault)
 

@@ -110,7 +110,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
     """Kill the run while a checkpoint is half written (its temporary folder exists): the previous checkpoint is
     intact and verified, and resuming ends with the same weights as an uninterrupted run."""
     cmd = [sys.executable, "dpo.py", "--max-steps", "12", "--save-every", "1"] + FAST
-    _run(cmd + ["--out", str(tmp_path / "full")])
+    faults._in_process(dpo, cmd[2:] + ["--out", str(tmp_path / "full")])  # uninterrupted and resumed: this process
     for attempt in range(5):
         out = tmp_path / f"killed{attempt}"
         p = subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -128,7 +128,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
         pytest.fail("never caught the run inside save_checkpoint")
     newest = dpo.latest_checkpoint(out / "dpo")
     assert newest is not None and int(newest.name[-7:]) < int(hit.name[-7:])  # the half-written one is not used
-    _run(cmd + ["--out", str(out)])
+    faults._in_process(dpo, cmd[2:] + ["--out", str(out)])
     a = load_file(str(dpo.latest_checkpoint(tmp_path / "full" / "dpo") / "trainable.safetensors"))
     b = load_file(str(dpo.latest_checkpoint(out / "dpo") / "trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -138,7 +138,7 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
 def test_same_seed_same_loss_curve(tmp_path):
     """Two runs with the same seed and data (LoRA dropout on) give the identical loss curve and weights on CPU."""
     cmd = [sys.executable, "dpo.py", "--max-steps", "3", "--lora-dropout", "0.1"] + FAST
-    _run(cmd + ["--out", str(tmp_path / "a")])
+    faults._in_process(dpo, cmd[2:] + ["--out", str(tmp_path / "a")])  # one run in this process, one in a fresh one
     _run(cmd + ["--out", str(tmp_path / "b")])
     losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "metrics.jsonl")) if r.get("phase") == "dpo"]
               for d in "ab"]

@@ -493,7 +493,8 @@ def test_nonfinite_step_stops_or_is_skipped(small, monkeypatch, tmp_path):
     faults.check_nonfinite(st, sft_args(small, 3) + ["--stages", "sft"], "stage1", tmp_path, monkeypatch, call=3)
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
+# "stalled" (SIGSTOP, caught by --dist-timeout-s in the copied setup_distributed) runs once, in test_reliability.py
+@pytest.mark.parametrize("fault", ["killed"])
 def test_a_dead_or_stalled_rank_makes_the_other_exit(small, tmp_path, fault):
     faults.check_dead_rank("stllava_med.py", sft_args(small, 500) + ["--stages", "sft"], "stage1", tmp_path, fault)
 
