@@ -323,7 +323,7 @@ def test_judge_rules_and_dpo_records(monkeypatch, tmp_path):
     assert st.preference_pair("q?", ("a <image>", "b"), "9 1", "answer2", stats) is None
     assert stats == {"tie": 2, "unparsable judge reply": 1, "no reference answer": 1, "identical answers": 1,
                      "empty question or answer": 1, "'<image>' in generated text": 1}
-    rec = lm.read_records(TOY / "train.json")[0][1]
+    rec = next(r for _, r in lm.read_records(TOY / "train.json") if r["findings"])  # toy_train_rad_0002
     refs = st.reference_answers(rec)
     assert refs["where is the nodule located"] == "right upper lung" and refs["is there a nodule in this image"] == "yes"
     assert st.reference_judge("Where is the nodule located?", "left upper lung", "right upper lung", refs).startswith("7 10\n")
@@ -359,7 +359,9 @@ def test_judge_rules_and_dpo_records(monkeypatch, tmp_path):
     monkeypatch.undo()
     model.config.template = "vicuna_v1"
     data = st.PairData([("mem", r)], TOY, tok, model.config, 512, False)
-    batch = st.collate_pairs(data, [0], tok.pad_token_id)
+    batch = st.collate_pairs(data, [0], tok.pad_token_id)  # same image and question: one prefix-shared row
+    assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 1
+    batch = st.collate_pairs(data, [0], tok.pad_token_id, share_prefix=False)
     assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 2  # one image for both rows
     assert "questions. USER:" in tok.decode(data.items[0]["chosen"]["input_ids"])  # vicuna v1's system prompt
     sq = st.PairData([("mem", r)], TOY, tok, model.config, 512, False, system=st.SQ_SYSTEM)
