@@ -270,7 +270,7 @@ def test_bad_preference_records(tmp_path):
 
 # lr 1e-5 (not the toy default 1e-3) for the equality tests: Adam's first steps move every weight by about lr, so
 # reduction-order noise on a near-zero gradient would become a 1e-5 weight difference at lr 1e-3
-FAST = ["--sft-warmup-steps", "30", "--lora-dropout", "0", "--batch-size", "8", "--micro-batch-size", "4",
+FAST = ["--sft-warmup-steps", "5", "--lora-dropout", "0", "--batch-size", "8", "--micro-batch-size", "4",
         "--no-eval", "--no-export-merged", "--lr", "1e-5"]
 
 

@@ -20,7 +20,7 @@ import llava_med as lm
 from conftest import ROOT
 
 FIX = ROOT / "tests" / "fixtures"
-FAST = ["--sft-warmup-steps", "20", "--batch-size", "8", "--micro-batch-size", "4", "--no-eval"]
+FAST = ["--sft-warmup-steps", "5", "--batch-size", "8", "--micro-batch-size", "4", "--no-eval"]
 
 
 @pytest.fixture(scope="module")
