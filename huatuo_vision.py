@@ -86,7 +86,7 @@ class Args:
     stages: str = "build,1,2,eval"  # comma list of: build (PubMedVision records), 1 (alignment), 2 (instruction), eval
     pubmedvision_data: Literal["built", "raw"] = "built"  # what the filtered captions add to the stages: built = Alignment-VQA (1) and Instruction-VQA (2); raw = the paper's native-caption baseline, (describe-question, caption) in both
     # training
-    train_data: str = ""  # extra LLaVA-format json/jsonl files for both stages, comma-separated ("" = toy defaults)
+    train_data: str = ""  # extra LLaVA-format json/jsonl files for both stages, comma-separated ("" = none: the built records only; "toy" = the toy stand-ins of LLaVA-558K / LLaVA-mix, toy_sft_records)
     image_folder: str = ""  # images of --train-data ("" = each file's folder)
     max_length: int = 512  # tokens per sample, image tokens included (a 6-image sample needs 6 x 576 on LLaVA-1.5)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
@@ -547,8 +547,11 @@ def toy_sft_records(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def stage_records(args: Args, built: dict) -> dict:
-    """{stage: [(where, record, image folder)]}: the --train-data files (or the toy stand-ins) + the built records."""
-    if args.train_data:
+    """{stage: [(where, record, image folder)]}: the --train-data files (or the toy stand-ins) + the built records
+    (or, with --pubmedvision-data raw, the filtered captions as they are)."""
+    if not args.train_data:  # only what the build made
+        recs = {1: [], 2: []}
+    elif args.train_data != "toy":
         extra = [(w, r, Path(args.image_folder or Path(f).parent)) for f in args.train_data.split(",")
                  for w, r in lm.read_records(f)]
         recs = {1: extra, 2: list(extra)}
