@@ -1,8 +1,11 @@
 """huatuo_vision.py -- HuatuoGPT-Vision (Chen et al. 2024, arXiv 2406.19280): PubMedVision data building, two-stage
 LLaVA-1.5-style SFT, zero-shot multiple-choice evaluation.
 
-    # embedded default: build PubMedVision-style records from the toy captions, stage 1, stage 2, evaluate (CPU)
+    # embedded default: build PubMedVision-style records from data/toy/captions.json with the toy reformatter,
+    # stage 1, stage 2 on them, evaluate on data/toy/test_mc.json (CPU, one process, ~4 min on 2 cores)
     python huatuo_vision.py
+    # the paper's native-caption baseline: the same filtered captions, unreformatted, as answers in both stages
+    python huatuo_vision.py --pubmedvision-data raw
     # one stage on real data (PubMedVision + LLaVA mix), 8 GPUs; the non-medical-image filter needs a local CLIP
     torchrun --nproc-per-node=8 huatuo_vision.py --stages 1 --model /ckpt/llava-v1.5-base \\
         --train-data PubMedVision_Alignment_VQA.json,llava_558k.json --image-folder /data/images --out runs/hv1
@@ -19,7 +22,8 @@ The method, as in the paper (Sec. 3, App. B-E):
      lexicon), images of at least S px that a CLIP classifier calls medical, drop near-duplicate captions (embedding
      cosine), then "unblinded" reformatting: a VLM sees the image(s) and the context inside <reference>...</reference>
      and writes a description and a Q&A pair in one of the scenario styles. Alignment-VQA = (a fixed describe-
-     question, description); Instruction-VQA = (the generated question, answer). Malformed generations are skipped.
+     question, description); Instruction-VQA = (the generated question, answer). Malformed generations are counted
+     and skipped. (--reformat-model tiny: ToyReformatter, an offline stand-in for the toy images.)
   2. Stage 1 (alignment): train the projector only (lr 1e-3, LLaVA-1.5) on captions + Alignment-VQA.
      Stage 2 (instruction tuning): train the LLM and projector (full or LoRA), lr 2e-5, on instructions +
      Instruction-VQA. Loss: token cross-entropy summed over the answer tokens and divided by the number of answer
@@ -96,8 +100,8 @@ class Args:
     lora_r: int = 128  # LoRA rank of --lora
     lora_alpha: int = 256  # LoRA alpha of --lora
     lora_dropout: float = 0.05  # LoRA dropout of --lora (LLaVA's train.py default)
-    epochs1: float = 1.0  # stage 1 epochs (fractional allowed)
-    epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 30 for --model tiny (letter answers take ~2000 steps)
+    epochs1: float = -1  # stage 1 epochs (fractional allowed); -1 = 1 (paper), or 2 for --model tiny (a random LM: the projector alone moves little)
+    epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 72 for --model tiny (864 steps on the built records; 72 > 36 on val_mc; <= 5 min)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
     micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
@@ -1025,7 +1029,8 @@ def resolve_defaults(args: Args) -> Args:
     """The -1 defaults: the paper's values for a real checkpoint, the toy's for --model tiny / the toy source."""
     tiny, toy = args.model == "tiny", Path(args.source).resolve().parent == lm.REPO / "data" / "toy"
     return dataclasses.replace(args, lr2=args.lr2 if args.lr2 > 0 else (1e-3 if tiny else 2e-5),
-                               epochs2=args.epochs2 if args.epochs2 > 0 else (30.0 if tiny else 1.0),
+                               epochs1=args.epochs1 if args.epochs1 > 0 else (2.0 if tiny else 1.0),
+                               epochs2=args.epochs2 if args.epochs2 > 0 else (72.0 if tiny else 1.0),
                                min_image_side=args.min_image_side if args.min_image_side >= 0 else (32 if toy else 336))
 
 
