@@ -361,6 +361,10 @@ def parse_reformat(text: str) -> dict | None:
     return {k: obj[k].strip() for k in keys}
 
 
+def article(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
 class ToyReformatter:
     """--reformat-model tiny: an offline stand-in for the unblinded VLM (GPT-4V in the paper), for the toy images
     only, named as the toy judges of the preference methods are. It gets exactly what a VLM gets, the image paths
@@ -398,9 +402,9 @@ class ToyReformatter:
         for f in rec["findings"]:
             x1, y1, x2, y2 = f["box"]
             where = self.WHERE[dom].format(loc=f["location"])
-            desc.append(rng.choice(["There is a {n} {w}, about {s} pixels across.", "A {n} is seen {w} ({s} pixels).",
-                                    "It shows a {n} {w}, roughly {s} pixels wide."]).format(
-                n=f["name"], w=where, s=max(x2 - x1, y2 - y1)))
+            desc.append(rng.choice(["There is {n} {w}, about {s} pixels across.", "{N} is seen {w} ({s} pixels).",
+                                    "It shows {n} {w}, roughly {s} pixels wide."]).format(
+                n=article(f["name"]), N=article(f["name"]).capitalize(), w=where, s=max(x2 - x1, y2 - y1)))
         if not rec["findings"]:
             desc.append(f"No abnormality is seen: {self.NORMAL[dom]}.")
         else:
@@ -419,7 +423,7 @@ class ToyReformatter:
         if kind == "location":
             f = fs[0]
             return f"Where is the {f['name']} located?", f"The {f['name']} is {self.WHERE[dom].format(loc=f['location'])}."
-        said = "; ".join(f"a {f['name']} {self.WHERE[dom].format(loc=f['location'])}" for f in fs)
+        said = "; ".join(f"{article(f['name'])} {self.WHERE[dom].format(loc=f['location'])}" for f in fs)
         if kind == "normal":
             return "Is this image normal?", (f"No, it shows {said}." if fs else f"Yes, no abnormality is seen; {self.NORMAL[dom]}.")
         return "Which finding is present in this image?", (f"It shows {said}." if fs else "No abnormality is present.")
