@@ -1,8 +1,11 @@
 """huatuo_vision.py -- HuatuoGPT-Vision (Chen et al. 2024, arXiv 2406.19280): PubMedVision data building, two-stage
 LLaVA-1.5-style SFT, zero-shot multiple-choice evaluation.
 
-    # embedded default: build PubMedVision-style records from the toy captions, stage 1, stage 2, evaluate (CPU)
+    # embedded default: build PubMedVision-style records from data/toy/captions.json with the toy reformatter,
+    # stage 1, stage 2 on them, evaluate on data/toy/test_mc.json (CPU, one process, ~4 min on 2 cores)
     python huatuo_vision.py
+    # the paper's native-caption baseline: the same filtered captions, unreformatted, as answers in both stages
+    python huatuo_vision.py --pubmedvision-data raw
     # one stage on real data (PubMedVision + LLaVA mix), 8 GPUs; the non-medical-image filter needs a local CLIP
     torchrun --nproc-per-node=8 huatuo_vision.py --stages 1 --model /ckpt/llava-v1.5-base \\
         --train-data PubMedVision_Alignment_VQA.json,llava_558k.json --image-folder /data/images --out runs/hv1
@@ -19,7 +22,8 @@ The method, as in the paper (Sec. 3, App. B-E):
      lexicon), images of at least S px that a CLIP classifier calls medical, drop near-duplicate captions (embedding
      cosine), then "unblinded" reformatting: a VLM sees the image(s) and the context inside <reference>...</reference>
      and writes a description and a Q&A pair in one of the scenario styles. Alignment-VQA = (a fixed describe-
-     question, description); Instruction-VQA = (the generated question, answer). Malformed generations are skipped.
+     question, description); Instruction-VQA = (the generated question, answer). Malformed generations are counted
+     and skipped. (--reformat-model tiny: ToyReformatter, an offline stand-in for the toy images.)
   2. Stage 1 (alignment): train the projector only (lr 1e-3, LLaVA-1.5) on captions + Alignment-VQA.
      Stage 2 (instruction tuning): train the LLM and projector (full or LoRA), lr 2e-5, on instructions +
      Instruction-VQA. Loss: token cross-entropy summed over the answer tokens and divided by the number of answer
@@ -67,7 +71,7 @@ import llava_med as lm
 @dataclass
 class Args:
     # data building (every field above `stages` keys the built-records cache in --out)
-    source: str = "data/toy/train.json"  # image-caption records: {"id","image","caption"|"report","context"?,"modality"?,"body_part"?}
+    source: str = "data/toy/captions.json"  # image-caption records: {"id","image","caption"|"report","context"?,"modality"?,"body_part"?}
     source_image_folder: str = ""  # images of --source ("" = its folder)
     lexicon: str = "data/medical_terms.txt"  # medical terms, one per line (the paper uses UMLS SPECIALIST + GPT-4 cleanup)
     min_medical_terms: int = 3  # keep captions with at least this many distinct lexicon terms (paper: 5, with UMLS)
@@ -75,15 +79,17 @@ class Args:
     image_filter_model: str = ""  # local CLIP folder (CLIPModel + CLIPProcessor) for the non-medical-image filter ("" = off)
     image_filter_threshold: float = 0.5  # keep an image when the zero-shot P(medical) is at least this
     dedup_threshold: float = 0.95  # drop a caption whose cosine similarity to a kept one is at least this
-    reformat_model: str = "tiny"  # the VLM that rewrites captions (any checkpoint llava_med.load reads; = --model: that one)
+    reformat_model: str = "tiny"  # the VLM that rewrites captions: a checkpoint llava_med.load reads (= --model: that one), or "tiny" = the offline TOY reformatter (ToyReformatter: reads a toy image's findings, like the toy judges of the preference methods)
     reformat_max_new_tokens: int = 128  # generation budget of the reformatter
+    toy_malformed_rate: float = 0.1  # share of the toy reformatter's replies it makes malformed (seeded; exercises the malformed counter)
     model: str = "tiny"  # "tiny" or a checkpoint folder; stage 2 continues from stage 1's weights in the same run
     template: str = ""  # chat template override ("" = the checkpoint's)
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
     seed: int = 0  # same seed + same data = same run (also the reformatter's scenario choice)
     stages: str = "build,1,2,eval"  # comma list of: build (PubMedVision records), 1 (alignment), 2 (instruction), eval
+    pubmedvision_data: Literal["built", "raw"] = "built"  # what the filtered captions add to the stages: built = Alignment-VQA (1) and Instruction-VQA (2); raw = the paper's native-caption baseline, (describe-question, caption) in both
     # training
-    train_data: str = ""  # extra LLaVA-format json/jsonl files for both stages, comma-separated ("" = toy defaults)
+    train_data: str = ""  # extra LLaVA-format json/jsonl files for both stages, comma-separated ("" = none: the built records only; "toy" = the toy stand-ins of LLaVA-558K / LLaVA-mix, toy_sft_records)
     image_folder: str = ""  # images of --train-data ("" = each file's folder)
     max_length: int = 512  # tokens per sample, image tokens included (a 6-image sample needs 6 x 576 on LLaVA-1.5)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
@@ -93,8 +99,8 @@ class Args:
     lora_r: int = 128  # LoRA rank of --lora
     lora_alpha: int = 256  # LoRA alpha of --lora
     lora_dropout: float = 0.05  # LoRA dropout of --lora (LLaVA's train.py default)
-    epochs1: float = 1.0  # stage 1 epochs (fractional allowed)
-    epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 30 for --model tiny (letter answers take ~2000 steps)
+    epochs1: float = -1  # stage 1 epochs (fractional allowed); -1 = 1 (paper), or 2 for --model tiny (a random LM: the projector alone moves little)
+    epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 72 for --model tiny (864 steps on the built records; 72 > 36 on val_mc; <= 5 min)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
     micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
@@ -352,6 +358,116 @@ def parse_reformat(text: str) -> dict | None:
     return {k: obj[k].strip() for k in keys}
 
 
+def article(noun: str) -> str:
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+class ToyReformatter:
+    """--reformat-model tiny: an offline stand-in for the unblinded VLM (GPT-4V in the paper), for the toy images
+    only, named as the toy judges of the preference methods are. It gets exactly what a VLM gets, the image paths
+    and the prompt, and "sees" an image by looking up the toy record of that image (data/toy/*.json: its true
+    findings and modality, what a VLM reads off the picture). From the prompt it takes the scenario and the
+    caption + context inside <reference>...</reference> (a clinical-presentation sentence of the context is
+    reworded into the description; the reference itself is never quoted). It replies with the JSON the prompt
+    asks for. A seeded share (`malformed_rate`) of replies is malformed the ways VLM replies are: prose without
+    JSON, JSON cut off at the token budget, a missing or an empty field; parse_reformat rejects all of them and
+    build_pubmedvision counts them. Each reply depends only on (seed, images, prompt), not on the order or the
+    number of ranks. __call__(jobs [(image paths, prompt)]) -> [reply]: a generate_fn of build_pubmedvision."""
+
+    MODALITY = {"radiology": "a frontal chest x-ray", "pathology": "an H&E-stained histopathology section",
+                "ophthalmology": "a colour fundus photograph of the retina"}
+    NORMAL = {"radiology": "the lung fields are clear and well aerated", "pathology": "the tissue architecture is "
+              "preserved with regular nuclei", "ophthalmology": "the optic disc, vessels and macula look normal"}
+    WHERE = {"radiology": "in the {loc}", "pathology": "in the {loc} part of the field",
+             "ophthalmology": "in the {loc} quadrant"}
+    STYLE = {  # scenario (a SCENARIOS prefix) -> how the question is put
+        "Standard Q&A": "{q}", "A doctor asks": "Colleague, a quick look: {q}", "A senior doctor": "Intern, tell me: {q}",
+        "An evaluator": "Test item: {q}", "A patient's family": "Doctor, is something wrong on this scan? {q}",
+        "An intern asks": "Could you explain this to me? {q}", "A medical teacher": "Student, look closely: {q}"}
+
+    def __init__(self, seed: int = 0, malformed_rate: float = 0.1, toy_folder: Path = lm.REPO / "data" / "toy"):
+        self.seed, self.malformed_rate, self.seen = seed, malformed_rate, {}
+        for f in sorted(toy_folder.glob("*.json")):  # every toy split that has image records with findings
+            for where, rec in lm.read_records(f):
+                if "findings" in rec and isinstance(rec.get("image"), str):
+                    self.seen[str((toy_folder / rec["image"]).resolve())] = rec
+
+    def describe(self, rec: dict, context: str, rng: random.Random) -> tuple[str, dict]:
+        dom = rec["domain"]
+        desc = [rng.choice(["This is {m}.", "The image is {m}.", "{M} is shown."]).format(
+            m=self.MODALITY[dom], M=self.MODALITY[dom][0].upper() + self.MODALITY[dom][1:])]
+        for f in rec["findings"]:
+            x1, y1, x2, y2 = f["box"]
+            where = self.WHERE[dom].format(loc=f["location"])
+            desc.append(rng.choice(["There is {n} {w}, about {s} pixels across.", "{N} is seen {w} ({s} pixels).",
+                                    "It shows {n} {w}, roughly {s} pixels wide."]).format(
+                n=article(f["name"]), N=article(f["name"]).capitalize(), w=where, s=max(x2 - x1, y2 - y1)))
+        if not rec["findings"]:
+            desc.append(f"No abnormality is seen: {self.NORMAL[dom]}.")
+        else:
+            desc.append(f"Apart from this, {self.NORMAL[dom]}.")
+        m = re.search(r"(\d+)-year-old (man|woman) presented with ([^.]+?)(?: for [^.]*)?\.", context)
+        if m:  # the context's clinical presentation, in the description's own words
+            desc.append(f"The patient, a {m.group(1)}-year-old {m.group(2)}, presented with {m.group(3)}.")
+        return " ".join(desc), {"domain": dom, "modality": rec["modality"], "findings": rec["findings"]}
+
+    def qa(self, seen: dict, rng: random.Random) -> tuple[str, str]:
+        dom, fs = seen["domain"], seen["findings"]
+        kinds = ["finding", "modality", "normal"] + (["location"] if fs else [])
+        kind = rng.choice(kinds)
+        if kind == "modality":
+            return "What imaging modality is this?", f"This is {self.MODALITY[dom]} ({seen['modality']})."
+        if kind == "location":
+            f = fs[0]
+            return f"Where is the {f['name']} located?", f"The {f['name']} is {self.WHERE[dom].format(loc=f['location'])}."
+        said = "; ".join(f"{article(f['name'])} {self.WHERE[dom].format(loc=f['location'])}" for f in fs)
+        if kind == "normal":
+            return "Is this image normal?", (f"No, it shows {said}." if fs else f"Yes, no abnormality is seen; {self.NORMAL[dom]}.")
+        return "Which finding is present in this image?", (f"It shows {said}." if fs else "No abnormality is present.")
+
+    def reply(self, images: list, prompt: str) -> str:
+        key = json.dumps([self.seed, images, prompt]).encode()
+        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        missing = [p for p in images if str(Path(p).resolve()) not in self.seen]
+        if missing:
+            raise lm.DataError(f"{missing[0]}: the toy reformatter (--reformat-model tiny) sees only the images of "
+                               f"data/toy; pass --reformat-model PATH (a VLM) for other images")
+        m = re.search(r"<reference>(.*)</reference>", prompt, flags=re.S)
+        context = m.group(1) if m else ""
+        m = re.search(r"Scenario: (.*?)\n<reference>", prompt, flags=re.S)
+        scenario = next((k for k in self.STYLE if m and m.group(1).startswith(k)), "Standard Q&A")
+        parts = [self.describe(self.seen[str(Path(p).resolve())], context, rng) for p in images]
+        description = " ".join(f"Image {i + 1}: {d}" for i, (d, _) in enumerate(parts)) if len(parts) > 1 else parts[0][0]
+        q, a = self.qa(parts[0][1], rng)
+        obj = {"Image_description": description, "QA-query": self.STYLE[scenario].format(q=q), "QA-answer": a}
+        if rng.random() < self.malformed_rate:  # the malformed replies a VLM gives
+            kind = rng.choice(["prose", "truncated", "missing", "empty"])
+            if kind == "prose":
+                return f"Sure. {description} A good question would be: {q} Answer: {a}"
+            if kind == "truncated":
+                text = json.dumps(obj)
+                return text[:len(text) // 2]
+            obj.pop("QA-answer") if kind == "missing" else obj.update({"QA-query": ""})
+        return "Here is the JSON: " + json.dumps(obj) if rng.random() < 0.2 else json.dumps(obj)
+
+    def __call__(self, jobs: list) -> list[str]:
+        return [self.reply(images, prompt) for images, prompt in jobs]
+
+
+def raw_caption_records(sources, folder: Path, seed: int) -> list[dict]:
+    """The paper's native-caption baseline (Sec. 4, data-quality comparison): the filtered captions as they are,
+    answers to a describe-question (q' of Alignment-VQA), in the same release format as the built records."""
+    rng = random.Random(seed)
+    out = []
+    for where, rec, caption in sources:
+        images = [str(lm.resolve_image(folder, p, where)) for p in lm.record_images(rec, where)]
+        q = rng.choice(MULTI_IMAGE_QUESTIONS if len(images) > 1 else ALIGNMENT_QUESTIONS)
+        out.append({"id": f"Raw_caption_{len(out)}", "image": images, "modality": rec.get("modality", ""),
+                    "body_part": rec.get("body_part", ""), "conversations": [
+                        {"from": "human", "value": q}, {"from": "gpt", "value": caption}]})
+    return out
+
+
 def build_pubmedvision(sources, folder: Path, generate_fn, seed: int, stats: dict) -> tuple[list[dict], list[dict]]:
     """Unblinded reformatting. generate_fn(list of (image paths, prompt)) -> list of texts. Returns the
     Alignment-VQA and Instruction-VQA records in PubMedVision's release format (image list, modality, body_part)."""
@@ -384,7 +500,7 @@ def build_stage(args: Args, model, tokenizer, device, rank: int, world: int, out
     records = lm.read_records(args.source)
     lexicon = load_lexicon(args.lexicon)
     key = cache_key(args, "stages", file_sha256(Path(args.source)), lexicon)
-    meta, names = out / "pubmedvision_build.json", ("alignment", "instruction")
+    meta, names = out / "pubmedvision_build.json", ("alignment", "instruction", "raw")
     if meta.is_file() and json.loads(meta.read_text()).get("key") == key:  # written last: its files are complete
         return ({n: json.loads((out / f"pubmedvision_{n}.json").read_text()) for n in names},
                 dict(json.loads(meta.read_text())["build"], cached=True))
@@ -393,16 +509,22 @@ def build_stage(args: Args, model, tokenizer, device, rank: int, world: int, out
     sources = filter_sources(records, lexicon, args.min_medical_terms, args.min_image_side, folder, args.dedup_threshold,
                              stats, is_medical)
     del is_medical
-    reformatter, rtok = (model, tokenizer) if args.reformat_model == args.model else lm.load(
-        args.reformat_model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
+    if args.reformat_model == "tiny":  # the toy reformatter: cheap, the same on every rank, nothing to share out
+        generate = ToyReformatter(args.seed, args.toy_malformed_rate)
+    else:
+        reformatter, rtok = (model, tokenizer) if args.reformat_model == args.model else lm.load(
+            args.reformat_model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
 
-    def generate(jobs):  # greedy, 8 prompts per batch
-        return lm.generate_sharded(reformatter.eval(), rtok, [{"turns": [("user", p)], "images": imgs} for imgs, p in jobs],
-                                   8, rank, world, "reformat", max_new_tokens=args.reformat_max_new_tokens)
+        def generate(jobs):  # greedy, 8 prompts per batch
+            return lm.generate_sharded(reformatter.eval(), rtok, [{"turns": [("user", p)], "images": imgs} for imgs, p in jobs],
+                                       8, rank, world, "reformat", max_new_tokens=args.reformat_max_new_tokens)
 
-    built = dict(zip(names, build_pubmedvision(sources, folder, generate, args.seed, stats)))
+    stats.setdefault("malformed generation", 0)
+    built = dict(zip(names[:2], build_pubmedvision(sources, folder, generate, args.seed, stats)))
+    built["raw"] = raw_caption_records(sources, folder, args.seed)
     summary = {"sources": len(records), "after_filters": len(sources), "alignment_vqa": len(built["alignment"]),
-               "instruction_vqa": len(built["instruction"]), "removed": stats,
+               "instruction_vqa": len(built["instruction"]), "raw_captions": len(built["raw"]), "removed": stats,
+               "reformatter": "toy (ToyReformatter)" if args.reformat_model == "tiny" else args.reformat_model,
                "image_filter": args.image_filter_model or "off (no --image-filter-model)"}
     if rank == 0:
         meta.unlink(missing_ok=True)
@@ -430,8 +552,11 @@ def toy_sft_records(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def stage_records(args: Args, built: dict) -> dict:
-    """{stage: [(where, record, image folder)]}: the --train-data files (or the toy stand-ins) + the built records."""
-    if args.train_data:
+    """{stage: [(where, record, image folder)]}: the --train-data files (or the toy stand-ins) + the built records
+    (or, with --pubmedvision-data raw, the filtered captions as they are)."""
+    if not args.train_data:  # only what the build made
+        recs = {1: [], 2: []}
+    elif args.train_data != "toy":
         extra = [(w, r, Path(args.image_folder or Path(f).parent)) for f in args.train_data.split(",")
                  for w, r in lm.read_records(f)]
         recs = {1: extra, 2: list(extra)}
@@ -439,8 +564,12 @@ def stage_records(args: Args, built: dict) -> dict:
         align, instruct = toy_sft_records(lm.REPO / "data" / "toy" / "train.json")
         recs = {1: [(f"toy captions[{i}]", r, lm.REPO / "data" / "toy") for i, r in enumerate(align)],
                 2: [(f"toy instructions[{i}]", r, lm.REPO / "data" / "toy") for i, r in enumerate(instruct)]}
-    recs[1] += [(f"built alignment[{i}]", r, Path("/")) for i, r in enumerate(built["alignment"])]
-    recs[2] += [(f"built instruction[{i}]", r, Path("/")) for i, r in enumerate(built["instruction"])]
+    if args.pubmedvision_data == "raw":  # the native-caption baseline: the same caption pairs in both stages
+        recs[1] += [(f"raw captions[{i}]", r, Path("/")) for i, r in enumerate(built["raw"])]
+        recs[2] += [(f"raw captions[{i}]", r, Path("/")) for i, r in enumerate(built["raw"])]
+    else:
+        recs[1] += [(f"built alignment[{i}]", r, Path("/")) for i, r in enumerate(built["alignment"])]
+        recs[2] += [(f"built instruction[{i}]", r, Path("/")) for i, r in enumerate(built["instruction"])]
     return recs
 
 
@@ -901,7 +1030,8 @@ def resolve_defaults(args: Args) -> Args:
     """The -1 defaults: the paper's values for a real checkpoint, the toy's for --model tiny / the toy source."""
     tiny, toy = args.model == "tiny", Path(args.source).resolve().parent == lm.REPO / "data" / "toy"
     return dataclasses.replace(args, lr2=args.lr2 if args.lr2 > 0 else (1e-3 if tiny else 2e-5),
-                               epochs2=args.epochs2 if args.epochs2 > 0 else (30.0 if tiny else 1.0),
+                               epochs1=args.epochs1 if args.epochs1 > 0 else (2.0 if tiny else 1.0),
+                               epochs2=args.epochs2 if args.epochs2 > 0 else (72.0 if tiny else 1.0),
                                min_image_side=args.min_image_side if args.min_image_side >= 0 else (32 if toy else 336))
 
 
@@ -918,7 +1048,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)  # same initial weights on every rank
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None,
                                seed=args.seed, attn_implementation=args.attn_implementation)
-    results, built = {}, {"alignment": [], "instruction": []}
+    results, built = {}, {"alignment": [], "instruction": [], "raw": []}
     if "build" in stages:  # ---- 1. PubMedVision-style records
         built, results["build"] = build_stage(args, model, tokenizer, device, rank, world, out)
         if master:

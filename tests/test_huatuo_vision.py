@@ -1,5 +1,6 @@
 """huatuo_vision.py: the PubMedVision filters (medical terms of the caption, image size, a CLIP non-medical-image
-classifier with weights set by hand, dedup) and reformatting (scripted generator), the built-records cache, the
+classifier with weights set by hand, dedup; the toy captions' reported shares) and reformatting (scripted generator,
+the toy reformatter and its malformed replies, a VLM folder), the native-caption baseline, the built-records cache, the
 multiple-choice matcher and readers, RGB images, multi-image SFT, the complete pipeline under torchrun (2 ranks ==
 1 rank x 2 accumulation), --eval-only, LoRA export, and the fault suite (tests/faults.py)."""
 
@@ -22,7 +23,7 @@ REAL = ROOT.parent / "shared" / "realdata"
 TOY = ROOT / "data" / "toy"
 FIX = ROOT / "tests" / "fixtures"
 LEX = str(ROOT / "data" / "medical_terms.txt")
-FAST = ["--stages", "1,2", "--epochs1", "0.05", "--epochs2", "0.03", "--batch-size", "8", "--micro-batch-size", "4"]
+FAST = ["--stages", "1,2", "--train-data", "toy", "--epochs1", "0.05", "--epochs2", "0.03", "--batch-size", "8", "--micro-batch-size", "4"]
 
 
 def test_medical_term_count_and_filters():
@@ -30,7 +31,7 @@ def test_medical_term_count_and_filters():
     assert hv.count_medical_terms("Chest x-ray: a nodule in the left upper lobe of the lung.", lex) == 7
     # chest, x-ray, chest x-ray, nodule, lobe, upper lobe, lung (whole words and phrases; "left" is no term)
     assert hv.count_medical_terms("A nice chart of sales figures.", lex) == 0
-    records = lm.read_records(TOY / "train.json")[:30]
+    records = lm.read_records(TOY / "captions.json")[:30]
     stats = {}
     kept = hv.filter_sources(records, lex, 3, 32, TOY, 0.95, stats)
     assert len(kept) + sum(stats.values()) == 30 and stats["near-duplicate caption"] > 0
@@ -45,6 +46,17 @@ def test_medical_term_count_and_filters():
     assert stats["too few medical terms"] == 1 and "non-medical image" not in stats  # no classifier given: no count
     kept = hv.filter_sources([("mem[0]", dict(rec, caption=rec["context"], context="Figure 2."))], lex, 3, 32, TOY, 0.95, {})
     assert len(kept) == 1
+
+
+def test_toy_captions_lose_a_realistic_share_to_the_filters():
+    """data/toy/captions.json (README (e)): about 65 % kept; every off-topic and too-short caption goes, and one
+    caption of each (near-)duplicate group survives."""
+    stats = {}
+    kept = hv.filter_sources(lm.read_records(TOY / "captions.json"), hv.load_lexicon(LEX), 3, 32, TOY, 0.95, stats)
+    assert len(kept) == 229 and stats["too few medical terms"] == 67 and stats["near-duplicate caption"] == 64
+    kinds = [rec["toy_caption_kind"] for _, rec, _ in kept]
+    assert "off_topic" not in kinds and "too_short" not in kinds
+    assert len({c for _, _, c in kept}) == len(kept)  # no exact duplicate left
 
 
 def test_dedup_keeps_the_first_of_near_duplicates():
@@ -162,17 +174,62 @@ def test_reformat_parsing_and_building_with_a_scripted_generator():
     assert align[-1]["body_part"] == "chest" and isinstance(align[0]["image"], list)
 
 
+def test_toy_reformatter_writes_release_records_and_malformed_ones_are_counted():
+    """--reformat-model tiny: replies built from the toy image's own findings and the prompt's reference, in
+    PubMedVision's release format; a seeded share is malformed and counted; a corrupted reply is counted too, never
+    silently dropped (records + malformed = sources); each reply depends on (seed, images, prompt) only."""
+    lex = hv.load_lexicon(LEX)
+    sources = hv.filter_sources(lm.read_records(TOY / "captions.json")[:60], lex, 3, 32, TOY, 0.95, {})
+    truth = {str((TOY / r["image"]).resolve()): r for _, r in lm.read_records(TOY / "train.json")}
+    toy = hv.ToyReformatter(seed=0, malformed_rate=0.3)
+    replies = []
+    stats = {}
+    align, instruct = hv.build_pubmedvision(sources, TOY, lambda jobs: replies.extend(toy(jobs)) or replies[-len(jobs):],
+                                            seed=0, stats=stats)
+    bad = sum(hv.parse_reformat(t) is None for t in replies)
+    assert 0 < bad < len(sources) // 2 and stats == {"malformed generation": bad}
+    assert len(align) == len(instruct) == len(sources) - bad
+    for a, i in zip(align, instruct):
+        assert a["id"].startswith("Alignment_VQA_") and i["id"].startswith("Instruction_VQA_")
+        assert isinstance(a["image"], list) and a["image"] == i["image"] and a["modality"] and a["body_part"]
+        assert [t["from"] for t in a["conversations"]] == ["human", "gpt"] == [t["from"] for t in i["conversations"]]
+        assert a["conversations"][0]["value"] in hv.ALIGNMENT_QUESTIONS and "<reference>" not in a["conversations"][1]["value"]
+        rec = truth[a["image"][0]]  # the description names the image's own findings, not a (copied) caption's
+        desc = a["conversations"][1]["value"]
+        assert all(f["name"] in desc and f["location"] in desc for f in rec["findings"])
+        assert ("No abnormality" in desc) == (not rec["findings"])
+    jobs = [([str((TOY / r["image"]).resolve())], f"Scenario: x\n<reference>{c}</reference>") for _, r, c in sources[:8]]
+    assert toy(jobs) == hv.ToyReformatter(seed=0, malformed_rate=0.3)(jobs) == toy(jobs[::-1])[::-1]
+    assert toy(jobs) != hv.ToyReformatter(seed=1, malformed_rate=0.3)(jobs)
+    assert all(hv.parse_reformat(t) for t in hv.ToyReformatter(malformed_rate=0.0)(jobs))
+    # a corrupted reformatter output (cut off, or not JSON) is counted as malformed, not lost
+    corrupt = lambda jobs: [t[:-2] if k % 3 == 0 else t for k, t in enumerate(hv.ToyReformatter(malformed_rate=0.0)(jobs))]
+    stats = {}
+    align, _ = hv.build_pubmedvision(sources, TOY, corrupt, seed=0, stats=stats)
+    assert stats["malformed generation"] == -(-len(sources) // 3) and len(align) + stats["malformed generation"] == len(sources)
+    raw = hv.raw_caption_records(sources, TOY, seed=0)  # the native-caption baseline: the caption itself
+    assert [r["conversations"][1]["value"] for r in raw] == [c for _, _, c in sources]
+    outside = [(["/tmp/not_a_toy_image.png"], "Scenario: x\n<reference>c</reference>")]
+    with pytest.raises(lm.DataError, match="sees only the images of data/toy"):
+        toy(outside)
+
+
 def test_built_records_are_cached_under_a_key_of_the_args(tmp_path):
-    """The build in main(): the CLIP filter's counts are reported; a second run with the same arguments reuses the
-    records; a changed --template (the reformatter is --model) or --min-medical-terms rebuilds them."""
+    """The build in main() with a VLM folder as --reformat-model (the real-model path; here the random tiny model
+    saved as llava-hf, whose replies are all malformed and counted): the CLIP filter's counts are reported; a second
+    run with the same arguments reuses the records; a changed --template or --min-medical-terms rebuilds them."""
     src = tmp_path / "src.json"
     src.write_text(json.dumps(colour_records(tmp_path, ["r", "b", "r", "r"])))
     clip = tiny_clip(tmp_path / "clip")
+    lm.save_llava_hf(*lm.load("tiny"), tmp_path / "vlm")
     base = ["--stages", "build", "--source", str(src), "--min-image-side", "32", "--image-filter-model", str(clip),
-            "--reformat-max-new-tokens", "4", "--out", str(tmp_path / "out")]
+            "--reformat-model", str(tmp_path / "vlm"), "--reformat-max-new-tokens", "4", "--out", str(tmp_path / "out")]
     first = faults._in_process(hv, base)["build"]
-    assert first["sources"] == 4 and sum(first["removed"].values()) - first["removed"].get("malformed generation", 0) \
-        == 4 - first["after_filters"] and "non-medical image" in first["removed"] and "cached" not in first
+    n = first["after_filters"]
+    assert first["sources"] == 4 and sum(first["removed"].values()) - first["removed"]["malformed generation"] \
+        == 4 - n and "non-medical image" in first["removed"]
+    assert first["removed"]["malformed generation"] == n and first["alignment_vqa"] == 0 and first["raw_captions"] == n
+    assert first["reformatter"] == str(tmp_path / "vlm") and "cached" not in first
     assert faults._in_process(hv, base)["build"] == dict(first, cached=True)
     assert "cached" not in faults._in_process(hv, base + ["--template", "vicuna_v1"])["build"]
     assert faults._in_process(hv, base + ["--template", "vicuna_v1"])["build"]["cached"]
@@ -196,7 +253,7 @@ def test_mc_prompt_and_readers():
     assert hv.mc_prompt("Which finding?", ["nodule", "none"]) == (
         "Which finding?\nA. nodule\nB. none\nAnswer with the option's letter from the given choices directly.")
     rows = hv.read_mc(str(TOY / "test_mc.json"))
-    assert len(rows) == 180 and {r["dataset_name"] for r in rows} == {"toy_radiology", "toy_pathology", "toy_ophthalmology"}
+    assert len(rows) == 192 and {r["dataset_name"] for r in rows} == {"toy_radiology", "toy_pathology", "toy_ophthalmology"}
     assert all(r["options"][hv.LETTERS.index(r["answer_label"])] for r in rows)
     assert all(r["images"][0].startswith(str(TOY)) for r in rows)
     vqa = hv.read_mc(str(TOY / "test_vqa.json"))  # LLaVA-Med format: its closed yes/no questions
@@ -257,13 +314,16 @@ def test_complete_pipeline_torchrun_two_ranks_equals_one_rank(tmp_path):
     """Every default stage (build, 1, 2, eval) from an empty --out under torchrun with 2 ranks, and the same on one
     rank with 2 micro-batches of accumulation: equal built records, losses and final weights (atol 1e-5), and the
     same multiple-choice answers (lm.generate_sharded's batches do not depend on the number of ranks)."""
-    args = ["--epochs1", "0.05", "--epochs2", "0.015", "--batch-size", "8", "--micro-batch-size", "4",
+    args = ["--epochs1", "0.08", "--epochs2", "0.08", "--batch-size", "8", "--micro-batch-size", "4",
             "--eval-limit", "12", "--eval-batch-size", "4", "--reformat-max-new-tokens", "8"]
     _run([sys.executable, "huatuo_vision.py", "--out", str(tmp_path / "one")] + args)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "huatuo_vision.py",
           "--out", str(tmp_path / "two")] + args)
     res = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]
-    assert res[0]["build"] == res[1]["build"] and res[0]["build"]["after_filters"] == 28
+    assert res[0]["build"] == res[1]["build"] and res[0]["build"]["after_filters"] == 229
+    assert res[0]["build"]["alignment_vqa"] == 229 - res[0]["build"]["removed"]["malformed generation"] > 0
+    built = [(tmp_path / d / "pubmedvision_instruction.json").read_text() for d in ("one", "two")]
+    assert built[0] == built[1]
     for name in ("before", "after_stage1", "after_stage2"):
         preds = [json.loads((tmp_path / d / f"predictions_{name}.json").read_text()) for d in ("one", "two")]
         assert [p["prediction"] for p in preds[0]] == [p["prediction"] for p in preds[1]] and len(preds[0]) == 12
@@ -300,7 +360,7 @@ def test_eval_only_evaluates_the_model_without_training_data(tmp_path):
 
 
 def test_stage2_lora_exports_a_merged_model(tmp_path):
-    _run([sys.executable, "huatuo_vision.py", "--stages", "2", "--lora", "--epochs2", "0.015", "--lr2", "1e-2",
+    _run([sys.executable, "huatuo_vision.py", "--stages", "2", "--train-data", "toy", "--lora", "--epochs2", "0.015", "--lr2", "1e-2",
           "--batch-size", "8", "--micro-batch-size", "8", "--out", str(tmp_path)])
     import transformers
     merged = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava_hf", dtype=torch.float32)
@@ -318,13 +378,13 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
 
 
 def test_nonfinite_step_stops_or_is_skipped(monkeypatch, tmp_path):
-    faults.check_nonfinite(hv, ["--stages", "1", "--epochs1", "0.05", "--batch-size", "8", "--micro-batch-size", "4"],
+    faults.check_nonfinite(hv, ["--stages", "1", "--train-data", "toy", "--epochs1", "0.05", "--batch-size", "8", "--micro-batch-size", "4"],
                            "stage1", tmp_path, monkeypatch, call=3)  # 3rd micro-batch = step 2
 
 
 @pytest.mark.parametrize("fault", ["killed", "stalled"])
 def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
-    faults.check_dead_rank("huatuo_vision.py", ["--stages", "2", "--epochs2", "5", "--batch-size", "8",
+    faults.check_dead_rank("huatuo_vision.py", ["--stages", "2", "--train-data", "toy", "--epochs2", "5", "--batch-size", "8",
                                                 "--micro-batch-size", "4"], "stage2", tmp_path, fault)
 
 
