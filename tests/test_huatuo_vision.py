@@ -382,7 +382,8 @@ def test_nonfinite_step_stops_or_is_skipped(monkeypatch, tmp_path):
                            "stage1", tmp_path, monkeypatch, call=3)  # 3rd micro-batch = step 2
 
 
-@pytest.mark.parametrize("fault", ["killed", "stalled"])
+# "stalled" (SIGSTOP, caught by --dist-timeout-s in the copied setup_distributed) runs once, in test_reliability.py
+@pytest.mark.parametrize("fault", ["killed"])
 def test_a_dead_or_stalled_rank_makes_the_other_exit(tmp_path, fault):
     faults.check_dead_rank("huatuo_vision.py", ["--stages", "2", "--train-data", "toy", "--epochs2", "5", "--batch-size", "8",
                                                 "--micro-batch-size", "4"], "stage2", tmp_path, fault)
