@@ -512,8 +512,8 @@ def test_complete_pipeline_on_two_ranks_equals_one_rank(tmp_path):
     base / dpo / mmedpo evaluated) under torchrun 2 processes; one process builds the same pairs (sampling seeds
     per fixed batch) and trains to the same weights; a rerun reuses the pairs and resumes both arms."""
     one, two = tmp_path / "one", tmp_path / "two"
-    out_two = _run(TORCHRUN + ["--out", str(two), "--sft-warmup-steps", "20"] + SMALL)
-    _run([sys.executable, "mmedpo.py", "--out", str(one), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
+    out_two = _run(TORCHRUN + ["--out", str(two), "--sft-warmup-steps", "5"] + SMALL)
+    _run([sys.executable, "mmedpo.py", "--out", str(one), "--no-eval", "--sft-warmup-steps", "5"] + SMALL)
     prefs = json.loads((two / "prefs" / "mmedpo_dpo_weighted.json").read_text())
     assert prefs == json.loads((one / "prefs" / "mmedpo_dpo_weighted.json").read_text())
     text = [r for r in prefs if r["subset"] == "text"]
@@ -539,7 +539,7 @@ def test_complete_pipeline_on_two_ranks_equals_one_rank(tmp_path):
     assert adapter["base_model_name_or_path"] == str(two / "base_llava_hf")
     assert (two / "mmedpo" / "adapter" / "adapter_model.safetensors").exists()
     assert "preference pairs:" in out_two.stdout and "FutureWarning" not in out_two.stderr
-    again = _run(TORCHRUN + ["--out", str(two), "--no-eval", "--sft-warmup-steps", "20"] + SMALL)
+    again = _run(TORCHRUN + ["--out", str(two), "--no-eval", "--sft-warmup-steps", "5"] + SMALL)
     assert again.stdout.count("resumed from") == 2 and "preference pairs:" not in again.stdout
 
 
