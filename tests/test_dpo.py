@@ -293,7 +293,7 @@ def test_torchrun_two_ranks_equal_one_rank_with_accumulation(tmp_path):
     """2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same global batch of 8 pairs. Tolerance 1e-5 on the
     loss and 1e-5 on every LoRA weight after 2 steps (reduction order differs; fp32)."""
     one, two = tmp_path / "one", tmp_path / "two"
-    _run([sys.executable, "dpo.py", "--max-steps", "2", "--out", str(one)] + FAST)
+    faults._in_process(dpo, ["--max-steps", "2", "--out", str(one)] + FAST)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "dpo.py",
           "--max-steps", "2", "--out", str(two)] + FAST)
     torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(_losses(two)), atol=1e-5, rtol=0)
@@ -336,8 +336,8 @@ def test_dpo_raises_heldout_reward_accuracy(tmp_path):
     a quarter of them wording-only) above chance (measured 0.590; a no-op DPO gives 0, a random direction ~0.5)
     with a positive mean margin. Closed accuracy is left to the default run: a 30-step model answers by wording."""
     out = tmp_path / "run"
-    _run([sys.executable, "dpo.py", "--sft-warmup-steps", "30", "--max-steps", "20", "--eval-limit", "20",
-          "--no-eval-before", "--no-export-merged", "--out", str(out)])
+    faults._in_process(dpo, ["--sft-warmup-steps", "30", "--max-steps", "20", "--eval-limit", "20",
+                             "--no-eval-before", "--no-export-merged", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     assert res["heldout_pairs"]["pairs"] == 256
     assert res["heldout_pairs"]["pair_accuracy"] > 0.55 and res["heldout_pairs"]["pair_margin"] > 0
@@ -350,8 +350,8 @@ def test_adapter_and_merged_export_load_in_transformers(tmp_path):
     with transformers' LlavaForConditionalGeneration (what vLLM serves)."""
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"
-    _run([sys.executable, "dpo.py", "--max-steps", "2", "--sft-warmup-steps", "5", "--lr", "1e-3", "--no-eval",
-          "--export-merged", "--batch-size", "8", "--micro-batch-size", "8", "--out", str(out)])
+    faults._in_process(dpo, ["--max-steps", "2", "--sft-warmup-steps", "5", "--lr", "1e-3", "--no-eval",
+                             "--export-merged", "--batch-size", "8", "--micro-batch-size", "8", "--out", str(out)])
     base = transformers.LlavaForConditionalGeneration.from_pretrained(out / "base_llava_hf", dtype=torch.float32)
     with_adapter = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
     merged = transformers.LlavaForConditionalGeneration.from_pretrained(out / "llava_hf", dtype=torch.float32).eval()
@@ -367,16 +367,16 @@ def test_adapter_and_merged_export_load_in_transformers(tmp_path):
 def test_precomputed_reference_and_activation_checkpointing_match_live_reference(tmp_path):
     """--precompute-ref (cached table) + --activation-checkpointing give the same losses as the live reference."""
     live, pre = tmp_path / "live", tmp_path / "pre"
-    _run([sys.executable, "dpo.py", "--max-steps", "2", "--out", str(live)] + FAST)
-    _run([sys.executable, "dpo.py", "--max-steps", "2", "--out", str(pre), "--precompute-ref",
-          "--activation-checkpointing"] + FAST)
+    faults._in_process(dpo, ["--max-steps", "2", "--out", str(live)] + FAST)
+    faults._in_process(dpo, ["--max-steps", "2", "--out", str(pre), "--precompute-ref",
+                             "--activation-checkpointing"] + FAST)
     assert list(pre.glob("ref_logps_*.safetensors"))
     torch.testing.assert_close(torch.tensor(_losses(live)), torch.tensor(_losses(pre)), atol=1e-5, rtol=0)
 
 
 def test_full_finetune_runs(tmp_path):
     out = tmp_path / "full"
-    _run([sys.executable, "dpo.py", "--max-steps", "2", "--full-finetune", "--lr", "1e-5", "--out", str(out)] + FAST)
+    faults._in_process(dpo, ["--max-steps", "2", "--full-finetune", "--lr", "1e-5", "--out", str(out)] + FAST)
     losses = _losses(out)
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     trained = load_file(str(dpo.latest_checkpoint(out / "dpo") / "trainable.safetensors"))["language_model.lm_head.weight"]

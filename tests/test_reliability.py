@@ -75,18 +75,17 @@ def _run(cmd, ok=True, timeout=300):
 
 
 def test_script_reports_bad_data_and_skips_with_a_summary(tmp_path):
-    bad = _run([sys.executable, "dpo.py", "--data", str(FIX / "missing_image.jsonl"), "--out", str(tmp_path / "a")]
-               + FAST, ok=False)
-    assert bad.returncode == 2 and "missing_image.jsonl:2: image not found" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    code, err = faults._cli("dpo.py", ["--data", str(FIX / "missing_image.jsonl"), "--out", str(tmp_path / "a")] + FAST)
+    assert code == 2 and "missing_image.jsonl:2: image not found" in err
+    assert "Traceback" not in err
     lines = []
     for name, _ in BAD:
         lines += (FIX / name).read_bytes().splitlines()[1:]  # each file's bad record(s)
     good = (FIX / "good.jsonl").read_bytes().splitlines()
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_bytes(b"\n".join(good * 4 + lines) + b"\n")
-    _run([sys.executable, "dpo.py", "--data", str(mixed), "--image-folder", str(FIX), "--skip-bad-samples",
-          "--max-steps", "1", "--out", str(tmp_path / "b")] + FAST)
+    faults._in_process(dpo, ["--data", str(mixed), "--image-folder", str(FIX), "--skip-bad-samples",
+                             "--max-steps", "1", "--out", str(tmp_path / "b")] + FAST)
     summary = json.loads((tmp_path / "b" / "results.json").read_text())["summary"]
     assert sum(summary["skipped_records_train"].values()) == len(lines) == len(BAD)
 
