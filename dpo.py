@@ -77,6 +77,7 @@ class Args:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # frozen weights: auto = bf16 on GPU, fp32 on CPU; trained weights are fp32
     sft_warmup_steps: int = -1  # SFT steps before DPO (a toy folder: on its train split); -1 = 1000 for --model tiny (random), else 0; 400 steps leave the tiny model answering every closed val question by its wording (50.0 %), 1000 read the image in part (66.3 %: the failure DPO is to fix)
     sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
+    warm_start_seed: int = 0  # seed of the tiny model's random init and its warm start, which stand in for the SFT checkpoint a real run starts from: one fixed model, as LLaVA-Med v1.5 is; --seed varies the preference stage only (-1 = --seed)
     seed: int = 0  # same seed + same data = same run (bit-identical on CPU; on GPU see README)
     # policy and loss (fields above this line key the caches: reference log-probs)
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
@@ -909,9 +910,10 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"dpo.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
-    torch.manual_seed(args.seed)  # same initial weights on every rank
+    warm_seed = args.seed if args.warm_start_seed < 0 else args.warm_start_seed
+    torch.manual_seed(warm_seed)  # same initial weights on every rank
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None,
-                               seed=args.seed, attn_implementation=args.attn_implementation)
+                               seed=warm_seed, attn_implementation=args.attn_implementation)
     eval_path = args.eval_data or (str(data_dir / "test_vqa.json") if data_dir.is_dir() else "")
     eval_rows = lm.read_vqa(eval_path, args.eval_image_folder)[:args.eval_limit or None] if args.eval and eval_path else []
     results, base = {}, args.model
@@ -934,8 +936,8 @@ def main(argv=None):
             sft = PairData(*load_preferences(args, "sft"), tokenizer, model.config, args.max_length,
                            args.skip_bad_samples) if data_dir.is_dir() else data
             items = [{**it["chosen"], "images": it["images"]} for it in sft.items]
-            model = warm_start(dataclasses.replace(args, sft_warmup_steps=warm), model, tokenizer, items, sft.pixel,
-                               device, rank, world, out, log)
+            model = warm_start(dataclasses.replace(args, sft_warmup_steps=warm, seed=warm_seed), model, tokenizer, items,
+                               sft.pixel, device, rank, world, out, log)
             base = str(out / "base_llava_hf")
         torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
         model, ref_model = build_models(args, model, device)
