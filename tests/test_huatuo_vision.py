@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import faults
 import huatuo_vision as hv
 import llava_med as lm
+from data.toy_oracles import ToyReformatter
 from conftest import ROOT
 
 REAL = ROOT.parent / "shared" / "realdata"
@@ -181,7 +182,7 @@ def test_toy_reformatter_writes_release_records_and_malformed_ones_are_counted()
     lex = hv.load_lexicon(LEX)
     sources = hv.filter_sources(lm.read_records(TOY / "captions.json")[:60], lex, 3, 32, TOY, 0.95, {})
     truth = {str((TOY / r["image"]).resolve()): r for _, r in lm.read_records(TOY / "train.json")}
-    toy = hv.ToyReformatter(seed=0, malformed_rate=0.3)
+    toy = ToyReformatter(seed=0, malformed_rate=0.3)
     replies = []
     stats = {}
     align, instruct = hv.build_pubmedvision(sources, TOY, lambda jobs: replies.extend(toy(jobs)) or replies[-len(jobs):],
@@ -199,11 +200,11 @@ def test_toy_reformatter_writes_release_records_and_malformed_ones_are_counted()
         assert all(f["name"] in desc and f["location"] in desc for f in rec["findings"])
         assert ("No abnormality" in desc) == (not rec["findings"])
     jobs = [([str((TOY / r["image"]).resolve())], f"Scenario: x\n<reference>{c}</reference>") for _, r, c in sources[:8]]
-    assert toy(jobs) == hv.ToyReformatter(seed=0, malformed_rate=0.3)(jobs) == toy(jobs[::-1])[::-1]
-    assert toy(jobs) != hv.ToyReformatter(seed=1, malformed_rate=0.3)(jobs)
-    assert all(hv.parse_reformat(t) for t in hv.ToyReformatter(malformed_rate=0.0)(jobs))
+    assert toy(jobs) == ToyReformatter(seed=0, malformed_rate=0.3)(jobs) == toy(jobs[::-1])[::-1]
+    assert toy(jobs) != ToyReformatter(seed=1, malformed_rate=0.3)(jobs)
+    assert all(hv.parse_reformat(t) for t in ToyReformatter(malformed_rate=0.0)(jobs))
     # a corrupted reformatter output (cut off, or not JSON) is counted as malformed, not lost
-    corrupt = lambda jobs: [t[:-2] if k % 3 == 0 else t for k, t in enumerate(hv.ToyReformatter(malformed_rate=0.0)(jobs))]
+    corrupt = lambda jobs: [t[:-2] if k % 3 == 0 else t for k, t in enumerate(ToyReformatter(malformed_rate=0.0)(jobs))]
     stats = {}
     align, _ = hv.build_pubmedvision(sources, TOY, corrupt, seed=0, stats=stats)
     assert stats["malformed generation"] == -(-len(sources) // 3) and len(align) + stats["malformed generation"] == len(sources)
