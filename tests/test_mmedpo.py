@@ -543,8 +543,10 @@ def test_released_format_read_as_is(tmp_path):
 
 # ---------------------------------------------------------------- the script end to end
 
-# the built-D_t pipeline (the toy default reads prefs_train.json with the toy judge: test_toy_default_pipeline)
-SMALL = ["--text-data", "build", "--judge", "tiny", "--scorers", "tiny:1,tiny:2,tiny:3",
+# the built-D_t pipeline (the toy default reads prefs_train.json with the toy judge: test_toy_default_pipeline);
+# lr 1e-5, not the toy default 1e-3, as tests/test_dpo.py's equality runs: Adam's first steps move every weight by
+# about lr, so reduction-order noise on a near-zero gradient would become a 1e-5 weight difference between 1 and 2 ranks
+SMALL = ["--text-data", "build", "--judge", "tiny", "--scorers", "tiny:1,tiny:2,tiny:3", "--lr", "1e-5",
          "--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
          "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
          "--eval-limit", "4", "--eval-max-new-tokens", "4", "--report-max-new-tokens", "8", "--curate-batch-size", "8"]
