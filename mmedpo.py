@@ -1,7 +1,9 @@
 """mmedpo.py -- MMedPO: clinical-aware multimodal preference optimisation (Zhu et al., ICML 2025, arXiv 2412.06141).
 
-    # embedded default: tiny random LLaVA warm-started on data/toy, both preference sets built, scored, DPO and
-    # MMedPO trained, base / DPO / MMedPO evaluated on the toy test split (VQA + reports); CPU, a few minutes
+    # embedded default: tiny random LLaVA warm-started on data/toy's train split; D_t = the toy's prefs_train.json
+    # (clinically serious errors next to wording-only re-phrasings) scored by the toy judge, D_v built on its pref
+    # images; DPO (weights 1) and MMedPO (weighted) trained on the same pairs; base / DPO / MMedPO evaluated on the
+    # toy test split (VQA, reports and their toy hallucination rate); CPU
     python mmedpo.py
     torchrun --nproc-per-node=2 mmedpo.py
     # Table 1 setup: one model per dataset, trained on that dataset's pairs, scored on its test split (the release
@@ -9,15 +11,18 @@
     # pairs as they are, LLaVA-Med v1.5 7B on 8 GPUs, vicuna_v1 as the release trains (--version v1)
     torchrun --nproc-per-node=8 mmedpo.py --model /ckpt/llava-med-v1.5-mistral-7b --template vicuna_v1 \\
         --data iuxray_dpo_weighted.json --image-folder /data/iu_xray/images --arms mmedpo --lr 1e-7 --epochs 3 \\
-        --batch-size 4 --micro-batch-size 1 --max-length 1024 --report-data /data/iu_xray/test.json
+        --beta 0.1 --lora-r 128 --lora-alpha 256 --batch-size 4 --micro-batch-size 1 --max-length 1024 \\
+        --report-data /data/iu_xray/test.json
     # VQA-RAD (SLAKE alike): --data vqa-rad_dpo_weighted.json --image-folder /data/vqa_rad/images
     #   --eval-data /data/vqa_rad/testset.json. The released files hold D_t only; Table 1 trains on D_t + D_v, which
     # this builds from the ground-truth training records with real judges and a lesion-map file:
     torchrun --nproc-per-node=8 mmedpo.py --model /ckpt/llava-med-v1.5-mistral-7b --template vicuna_v1 \\
         --data /data/iu_xray/train.json --image-folder /data/iu_xray/images --judge /ckpt/Llama3-Med42-70B \\
         --scorers /ckpt/Llama3-Med42-7B,/ckpt/Llama3-Med42-70B,/ckpt/BioMistral-7B --localiser file \\
-        --heatmaps medklip_maps.json --arms mmedpo --lr 1e-7 --epochs 3 --batch-size 4 --micro-batch-size 1 \\
-        --max-length 1024 --report-data /data/iu_xray/test.json
+        --heatmaps medklip_maps.json --arms mmedpo --lr 1e-7 --epochs 3 --beta 0.1 --lora-r 128 --lora-alpha 256 \\
+        --batch-size 4 --micro-batch-size 1 --max-length 1024 --report-data /data/iu_xray/test.json
+    # the released D_t as it is (its weighted_score) and D_v built from the training records: --text-data
+    #   iuxray_dpo_weighted.json with --data /data/iu_xray/train.json (spec B9's offline route)
     # evaluate a checkpoint only (VQA and reports; no training data is read): every flag: python mmedpo.py --help
     python mmedpo.py --eval-only --model /ckpt/llava-med-v1.5-mistral-7b --report-data /data/iu_xray/test.json
 
@@ -109,10 +114,11 @@ class Args:
     n_samples: int = 4  # candidates sampled from the target model per question (paper: not stated)
     sample_temperature: float = 1.0  # sampling temperature of the candidates (paper: not stated)
     sample_max_new_tokens: int = 48  # length cap of a candidate (and of a judge-written answer)
-    judge: str = "tiny"  # hallucination judge: "tiny" (random, offline), a checkpoint folder, or "rule" (offline fallback)
+    text_data: str = "auto"  # D_t: "build" (sampled and judged, paper 3.1), or a preference json read as D_t (the release format), scored by --scorers where it has no weighted_score; auto = a toy folder's prefs_train.json (pairs on its pref images; D_v is then built on pref.json), else build
+    judge: str = "auto"  # hallucination judge: a checkpoint folder, "toy" (reads the toy's findings), "tiny" (random, offline), "rule" (offline fallback); auto = toy on a toy folder, else tiny
     halluc_threshold: float = 0.5  # a candidate the judge rates below this is "no significant hallucination"
     # clinical relevance scores (paper 3.2)
-    scorers: str = "tiny:1,tiny:2,tiny:3"  # comma list of judges: "tiny:SEED", a checkpoint folder, or "rule"
+    scorers: str = "auto"  # comma list of judges: checkpoint folders, "tiny:SEED", "rule", or "toy" alone; auto = toy on a toy folder, else tiny:1,tiny:2,tiny:3
     max_rounds: int = 5  # debate rounds before falling back to the mean (paper App. B: 5)
     agree_tol: float = 0.05  # two scores agree when they differ by at most this (scores are on a 0.1 grid)
     # visual dispreference D_v (paper 3.1)
@@ -128,20 +134,20 @@ class Args:
     skip_bad_samples: bool = False  # count and skip bad pairs instead of stopping at the first one
     # policy, weights and loss
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
-    lora_r: int = 128  # LoRA rank (MMedPO train_dpo_visual-text.sh: 128)
-    lora_alpha: int = 256  # LoRA alpha (256)
+    lora_r: int = 16  # LoRA rank (toy default, as dpo.py's val sweep: r 128 is full rank on the 128-wide tiny model; MMedPO train_dpo_visual-text.sh: 128)
+    lora_alpha: int = 32  # LoRA alpha (toy default, alpha / r = 2 as the release's 256 / 128)
     lora_dropout: float = 0.0  # off, as in the release (dpo_trainer_weighted.py disable_dropout=True, TRL's default)
     tune_projector: bool = False  # also train the mm projector (mm_projector_lr 2e-5 in the script; ambiguous)
-    weight_mode: Literal["paper", "raw", "none"] = "paper"  # standardise, mean 1, var 0.1, clip [0.75, 1.25]; the released code's raw score; weights 1
+    weight_mode: Literal["paper", "raw", "none"] = "paper"  # standardise, mean 1, var 0.1, clip [0.75, 1.25]; the released code's raw score (toy val closed acc. minus the uniform arm's: paper -1.4..+3.8, raw -5.2..+1.4, see README); weights 1
     weight_scope: Literal["subset", "global"] = "subset"  # normalise per subset (D_t, D_v) or over all pairs
-    beta: float = 0.1  # DPO temperature (the released trainer's default)
+    beta: float = 0.5  # DPO temperature (toy default from the val sweep: MMedPO - DPO closed acc. +3.8 at 0.5, -0.3 at 2 (1 epoch); the released trainer: 0.1)
     arms: str = "dpo,mmedpo"  # what to train: "dpo" (same pairs, weights 1) and/or "mmedpo" (weighted)
     # optimisation
-    lr: float = 1e-5  # peak learning rate (toy default; the paper uses 1e-7 on LLaVA-Med 7B)
+    lr: float = 1e-3  # peak learning rate (toy default, dpo.py's val sweep; 1e-5 moved no greedy answer; the paper: 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # learning rate of the projector when --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks (global; does not depend on the number of ranks)
     micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
-    epochs: int = 1  # passes over the preference pairs (paper: 3)
+    epochs: int = 1  # passes over the preference pairs (toy: 66 steps; at beta 0.5 3 epochs drift both arms below the warm start on val, 63.2 / 63.9 vs 66.3; paper: 3)
     max_steps: int = -1  # stop after this many optimizer steps (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay
@@ -360,6 +366,88 @@ class RuleJudge:
         return out
 
 
+# The toy's own judge (data/toy/README.md "(c) Toy judge" and "(b)"; tests/test_toy.py toy_judge): the words its
+# generator uses for lesions (the domains' lesions and the MC distractors) and locations, and the negation words.
+TOY_LESIONS = ("nodule", "tumor cluster", "exudate", "hemorrhage", "effusion", "pneumothorax", "necrosis", "fibrosis",
+               "drusen")
+TOY_LOCATIONS = ("left upper lung", "left lower lung", "right upper lung", "right lower lung", "upper left",
+                 "upper right", "lower left", "lower right")
+TOY_NEGATIONS = ("no", "not", "without", "none", "neither", "nor")
+# clinical relevance (0-1, the released scores' scale) of each kind of rejected answer: a re-wording says what the
+# ground truth says (harmless, 0); a wrong yes/no, side, missed or invented lesion is a clinically wrong statement
+# (1). "unknown" (a sampled answer that differs but names nothing the rule reads) sits in between.
+TOY_RELEVANCE = {"wording": 0.0, "wrong_yes_no": 1.0, "wrong_location": 1.0, "missed_lesion": 1.0,
+                 "hallucinated_finding": 1.0, "unknown": 0.5}
+
+
+def toy_mentions(text: str) -> tuple[set, set]:
+    """(lesion names, location phrases) named in the text's positive sentences (split at . ; ?; a sentence with a
+    negation word names nothing), whole words: the README's hallucination-rule parser."""
+    lesions, locations = set(), set()
+    for sentence in re.split(r"[.;?]", text):
+        s = " " + re.sub(r"[^a-z0-9 ]+", " ", sentence.lower()) + " "
+        if not any(f" {w} " in s for w in TOY_NEGATIONS):
+            lesions |= {w for w in TOY_LESIONS if f" {w} " in s}
+            locations |= {w for w in TOY_LOCATIONS if f" {w} " in s}
+    return lesions, locations
+
+
+def toy_hallucinated(text: str, findings: list[dict]) -> bool:
+    """The toy hallucination of a report: it names a lesion the image's findings lack, or a location that is not
+    a finding's (README (b)); the toy hallucination rate is its mean over generated reports."""
+    lesions, locations = toy_mentions(text)
+    return bool(lesions - {f["name"] for f in findings}) or bool(locations - {f["location"] for f in findings})
+
+
+def toy_missed(text: str, findings: list[dict]) -> bool:
+    """An abnormal image whose report names none of its lesions (the README's miss rate)."""
+    return bool(findings) and not (toy_mentions(text)[0] & {f["name"] for f in findings})
+
+
+def _yes_no(text: str):
+    m = re.search(r"\b(yes|no)\b", text.lower())
+    return m.group(1) if m else None
+
+
+def toy_kind(gt: str, rejected: str, findings: list[dict]) -> str:
+    """The clinical kind of a rejected answer next to its ground truth, from the texts and the image's findings
+    alone (README (c)): wording (both say the same: the same yes/no for a closed question, whose ground truth is
+    yes or no; the same named lesions and locations otherwise), wrong_yes_no, hallucinated_finding (a lesion that
+    is not there, or any location on a normal image), wrong_location, missed_lesion; else unknown."""
+    if lm.normalize_answer(gt) in ("yes", "no"):
+        return "wording" if _yes_no(rejected) == lm.normalize_answer(gt) else "wrong_yes_no"
+    if toy_mentions(gt) == toy_mentions(rejected):
+        return "wording"
+    lesions, locations = toy_mentions(rejected)
+    if lesions - {f["name"] for f in findings}:
+        return "hallucinated_finding"
+    if locations - {f["location"] for f in findings}:
+        return "wrong_location" if findings else "hallucinated_finding"
+    return "missed_lesion" if toy_missed(rejected, findings) and not locations else "unknown"
+
+
+class ToyJudge:
+    """The toy's judge (--judge toy / --scorers toy, the default on a toy folder only): it stands in for the paper's
+    GPT-4o and Med-LLMs by reading what they would know from medicine, the image's ground-truth findings
+    (record "findings", or a toy pair's "toy_findings"), and the ground truth next to the text; the paper's scorers
+    see the rejected text alone. Hallucination: 1 when a candidate's clinical content differs from the ground truth
+    (toy_kind is not wording), else 0. Clinical relevance: TOY_RELEVANCE of the pair's toy_kind, one round (every
+    toy scorer would give the same score: the debate is trivially agreed)."""
+    name = "toy"
+
+    def hallucination(self, gts, cands):
+        return [float(toy_kind(g, c, []) != "wording") for g, c in zip(gts, cands)]  # wording needs no findings
+
+    def write_wrong(self, gts, seed):
+        return ["" for _ in gts]  # the caller falls back to corrupt_ground_truth (left/right, yes/no, ... swaps)
+
+    @staticmethod
+    def relevance(gt: str, rejected: str, findings: list[dict]) -> dict:
+        kind = toy_kind(gt, rejected, findings)
+        return {"score": TOY_RELEVANCE[kind], "rounds": 1, "agreed": True, "history": [TOY_RELEVANCE[kind]],
+                "toy_kind": kind}
+
+
 class ModelJudge:
     """A language model as judge, text only (the paper's judges see no image). "tiny:SEED" is the tiny random LLaVA
     (offline; its verdicts are noise, which the toy run shows honestly), a folder a LLaVA checkpoint (llava_med.load)
@@ -491,6 +579,8 @@ class ModelJudge:
 
 
 def make_judge(spec: str, device, rank: int, world: int, args: Args):
+    if spec == "toy":
+        return ToyJudge()
     return RuleJudge() if spec == "rule" else ModelJudge(spec, device, rank, world, args.sample_max_new_tokens,
                                                          args.curate_batch_size)
 
@@ -574,20 +664,73 @@ def text_dispreference(args: Args, model, tokenizer, samples: list[dict], device
     picked = choose_rejected(judge, [s["answer"] for s in samples], cands, args.halluc_threshold,
                              [sorted(pools[s["question"]]) for s in samples], seed=_seed_of(args.seed, "judge"))
     del judge
-    scorers = [make_judge(s.strip(), device, rank, world, args) for s in args.scorers.split(",") if s.strip()]
-    distinct = sorted({t for t, _ in picked})  # the judges see the text only: score each distinct answer once
-    verdicts = dict(zip(distinct, debate_scores(distinct, scorers, args.max_rounds, args.agree_tol)))
+    if args.scorers == "toy":  # the toy scorer reads the pair (ground truth, rejected, findings), not the text alone
+        verdicts = [ToyJudge.relevance(s["answer"], rej, s["record"].get("findings", [])) for s, (rej, _) in
+                    zip(samples, picked)]
+        distinct = [rej for rej, _ in picked]
+    else:
+        scorers = [make_judge(s.strip(), device, rank, world, args) for s in args.scorers.split(",") if s.strip()]
+        distinct = sorted({t for t, _ in picked})  # the judges see the text only: score each distinct answer once
+        by_text = dict(zip(distinct, debate_scores(distinct, scorers, args.max_rounds, args.agree_tol)))
+        verdicts = [by_text[rej] for rej, _ in picked]
     records = []
-    for s, (rej, source) in zip(samples, picked):
-        v, human = verdicts[rej], {"from": "human", "value": "<image>\n" + s["question"]}
+    for s, (rej, source), v in zip(samples, picked, verdicts):
+        human = {"from": "human", "value": "<image>\n" + s["question"]}
         records.append({"id": s["id"] + "_text", "image": s["image"], "subset": "text",
                         "conversations": [human, {"from": "gpt", "value": s["answer"]}],
                         "rejected_conversations": [human, {"from": "gpt", "value": rej}],
                         "weighted_score": round(v["score"], 4), "rejected_source": source,
-                        "judge": args.judge, "debate_rounds": v["rounds"], "debate_agreed": v["agreed"]})
+                        "judge": args.judge, "debate_rounds": v["rounds"], "debate_agreed": v["agreed"],
+                        **({"judge_kind": v["toy_kind"]} if "toy_kind" in v else {})})
     return records, {"text_pairs": len(picked), "text_rejected_source": dict(Counter(src for _, src in picked)),
-                     "debate_agreed": sum(v["agreed"] for v in verdicts.values()), "debate_distinct_texts": len(distinct),
-                     "debate_mean_rounds": sum(v["rounds"] for v in verdicts.values()) / max(len(verdicts), 1)}
+                     **text_score_stats(verdicts, len(set(distinct)))}
+
+
+def text_score_stats(verdicts: list[dict], distinct: int) -> dict:
+    """Curation statistics of the D_t scores: debate agreement and rounds, the score histogram, the toy kinds."""
+    out = {"debate_agreed": sum(v["agreed"] for v in verdicts), "debate_distinct_texts": distinct,
+           "debate_mean_rounds": sum(v["rounds"] for v in verdicts) / max(len(verdicts), 1),
+           "text_scores": dict(sorted(Counter(round(v["score"], 2) for v in verdicts).items()))}
+    if any("toy_kind" in v for v in verdicts):
+        out["toy_kinds"] = dict(Counter(v.get("toy_kind") for v in verdicts))
+    return out
+
+
+def read_text_pairs(args: Args, path: Path, device, rank: int, world: int):
+    """D_t read from a preference file (the release format) instead of built: each pair's weighted_score where it
+    has one (the released files), else the clinical relevance by --scorers: the debate over the rejected texts, or
+    the toy scorer on (chosen, rejected, the pair's toy_findings). Records as text_dispreference's."""
+    raw = lm.read_records(path)
+    texts, need = [], []
+    for where, rec in raw:
+        chosen, rejected = pair_turns(rec, where)
+        texts.append((chosen[-1][1], rejected[-1][1]))
+        if not isinstance(rec.get("weighted_score"), (int, float)):
+            need.append(len(texts) - 1)
+    verdicts = {}
+    if need and args.scorers == "toy":
+        for i in need:
+            where, rec = raw[i]
+            findings = rec.get("toy_findings", rec.get("findings"))
+            if not isinstance(findings, list):
+                raise lm.DataError(f"{where}: --scorers toy needs the pair's toy_findings (or findings) list")
+            verdicts[i] = ToyJudge.relevance(*texts[i], findings)
+    elif need:
+        scorers = [make_judge(s.strip(), device, rank, world, args) for s in args.scorers.split(",") if s.strip()]
+        distinct = sorted({texts[i][1] for i in need})
+        by_text = dict(zip(distinct, debate_scores(distinct, scorers, args.max_rounds, args.agree_tol)))
+        verdicts = {i: by_text[texts[i][1]] for i in need}
+    records = []
+    for i, (where, rec) in enumerate(raw):
+        keep = {k: v for k, v in rec.items() if not k.startswith("toy_")}  # the toy's documentation is not trained on
+        v = verdicts.get(i)
+        score = rec["weighted_score"] if v is None else round(v["score"], 4)
+        records.append({**keep, "id": str(rec.get("id", where)), "subset": "text", "weighted_score": score,
+                        "rejected_source": "read", **({"scorers": args.scorers, "debate_rounds": v["rounds"],
+                                                       "debate_agreed": v["agreed"]} if v else {}),
+                        **({"judge_kind": v["toy_kind"]} if v and "toy_kind" in v else {})})
+    return records, {"text_pairs": len(records), "text_read": str(path), "text_scored": len(need),
+                     **text_score_stats(list(verdicts.values()), len({texts[i][1] for i in need}))}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -741,7 +884,9 @@ def preference_records(args: Args, model, tokenizer, raw, samples, out: Path, de
     out/prefs/mmedpo_dpo_weighted.json (+ curation.json, statistics) and reused while their key holds: every Args
     field above --rejected-image-folder and a digest of the ground-truth records. Returns (records, stats)."""
     prefs = out / "prefs"
-    digest = hashlib.sha256(json.dumps([r for _, r in raw], sort_keys=True).encode()).hexdigest()
+    text_file = args.text_data != "build" and Path(args.text_data)
+    digest = hashlib.sha256(json.dumps([[r for _, r in raw], text_file and text_file.read_text()],
+                                       sort_keys=True).encode()).hexdigest()
     key = cache_key(args, "rejected_image_folder", digest)
     stats_file = prefs / "curation.json"
     cached = args.resume and stats_file.exists() and json.loads(stats_file.read_text()).get("key") == key
@@ -750,7 +895,8 @@ def preference_records(args: Args, model, tokenizer, raw, samples, out: Path, de
         model.eval()
         t0, built, stats = time.time(), [], {"samples": len(samples)}
         if args.text_pairs:
-            records, more = text_dispreference(args, model, tokenizer, samples, device, rank, world)
+            records, more = (read_text_pairs(args, text_file, device, rank, world) if text_file else
+                             text_dispreference(args, model, tokenizer, samples, device, rank, world))
             built, stats = built + records, {**stats, **more}
         if args.visual_pairs:
             records, more = visual_dispreference(args, model, tokenizer, samples, prefs, rank)
@@ -777,7 +923,10 @@ def training_data(args: Args, model, tokenizer, arms: list[str], device, rank: i
     is_prefs = bool(raw) and "rejected_conversations" in raw[0][1]
     all_samples = [] if is_prefs else gt_samples(raw, image_folder, args.allow_images_outside_folder)
     n_keep = args.max_samples if args.max_samples >= 0 else (320 if path.is_dir() else 0)
-    samples = all_samples
+    pair_raw, samples = raw, all_samples  # the ground truth the pairs are built on; a toy folder whose D_t is read
+    if path.is_dir() and args.text_data != "build" and (path / "pref.json").exists():  # from prefs_train.json: its
+        pair_raw = lm.read_records(path / "pref.json")  # pref images (never in the warm start) carry D_v too
+        samples = gt_samples(pair_raw, image_folder, args.allow_images_outside_folder)
     if n_keep and len(samples) > n_keep:
         samples = [samples[i] for i in sorted(random.Random(args.seed).sample(range(len(samples)), n_keep))]
     warm = args.sft_warmup_steps if args.sft_warmup_steps >= 0 else (1000 if args.model == "tiny" else 0)
@@ -798,7 +947,7 @@ def training_data(args: Args, model, tokenizer, arms: list[str], device, rank: i
         records, stats = raw, {"read": str(gt_file)}
         rejected_folder = Path(args.rejected_image_folder or image_folder)
     else:
-        records, stats = preference_records(args, model, tokenizer, raw, samples, out, device, rank, world)
+        records, stats = preference_records(args, model, tokenizer, pair_raw, samples, out, device, rank, world)
         rejected_folder = out / "prefs"
     data = ScoredPairs(records, image_folder, rejected_folder, tokenizer, model.config, args.max_length,
                        args.skip_bad_samples, args.allow_images_outside_folder, "mmedpo" in arms and args.weight_mode != "none")
@@ -1470,7 +1619,8 @@ def read_reports(path: str, image_folder: str = "") -> list[dict]:
         if len(images) != 1:
             raise lm.DataError(f"{where}: report records need exactly one image")
         rows.append({"id": rec.get("id", where), "image": str(Path(image_folder or path.parent) / images[0]),
-                     "question": turns[-2][1].replace(lm.IMAGE_MARKER, "").strip(), "answer": turns[-1][1]})
+                     "question": turns[-2][1].replace(lm.IMAGE_MARKER, "").strip(), "answer": turns[-1][1],
+                     **({"findings": rec["findings"]} if isinstance(rec.get("findings"), list) else {})})
     return rows
 
 
@@ -1486,20 +1636,27 @@ def evaluate_all(args: Args, model, tokenizer, vqa_rows, report_rows, rank: int,
         preds = lm.generate_sharded(model, tokenizer, jobs, args.eval_batch_size, rank, world, f"reports {label}",
                                     max_new_tokens=args.report_max_new_tokens)
         res["report"] = lm.report_scores(preds, [r["answer"] for r in report_rows])
+        if all("findings" in r for r in report_rows):  # the toy's clinical metric (README (b)): lower is better
+            res["report"]["toy_hallucination_rate"] = sum(toy_hallucinated(p, r["findings"]) for p, r in
+                                                         zip(preds, report_rows)) / len(report_rows)
+            res["report"]["toy_miss_rate"] = sum(toy_missed(p, r["findings"]) for p, r in zip(preds, report_rows)) / max(
+                1, sum(bool(r["findings"]) for r in report_rows))
         res["report_examples"] = [{"reference": r["answer"], "prediction": p} for r, p in zip(report_rows, preds[:3])]
     return res
 
 
 def results_table(results: dict) -> str:
     """Markdown table: one row per model (base, dpo, mmedpo)."""
-    head = "| model | closed acc. | open recall | BLEU (1-4 avg) | ROUGE-L | METEOR (exact) |\n|---|---|---|---|---|---|"
+    head = ("| model | closed acc. | open recall | BLEU (1-4 avg) | ROUGE-L | METEOR (exact) | toy halluc. rate |\n"
+            "|---|---|---|---|---|---|---|")
     rows = []
     for name, r in results.items():
         v, rep = r.get("vqa", {}), r.get("report", {})
         cell = lambda x: "-" if x is None else f"{100 * x:.1f}"
         rcell = lambda x: "-" if x is None else f"{x:.1f}"
         rows.append(f"| {name} | {cell(v.get('closed_accuracy'))} | {cell(v.get('open_recall'))} | "
-                    f"{rcell(rep.get('bleu'))} | {rcell(rep.get('rouge_l'))} | {rcell(rep.get('meteor_exact'))} |")
+                    f"{rcell(rep.get('bleu'))} | {rcell(rep.get('rouge_l'))} | {rcell(rep.get('meteor_exact'))} | "
+                    f"{cell(rep.get('toy_hallucination_rate'))} |")
     return "\n".join([head] + rows)
 
 
@@ -1520,8 +1677,19 @@ def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def resolve_auto(args: Args) -> Args:
+    """The "auto" defaults: on a toy folder with preference pairs (data/toy) the toy's judge and scorer and its D_t
+    file; anywhere else the tiny random judges (offline; pass model folders for a real run) and built D_t."""
+    toy = Path(args.data).is_dir() and (Path(args.data) / "prefs_train.json").exists()
+    return dataclasses.replace(
+        args, judge=("toy" if toy else "tiny") if args.judge == "auto" else args.judge,
+        scorers=("toy" if toy else "tiny:1,tiny:2,tiny:3") if args.scorers == "auto" else args.scorers,
+        text_data=(str(Path(args.data) / "prefs_train.json") if toy else "build") if args.text_data == "auto"
+        else args.text_data)
+
+
 def main(argv=None):
-    args = parse_args(Args, argv)
+    args = resolve_auto(parse_args(Args, argv))
     if args.attn_implementation == "flash_attention_2":  # its kernel takes no [T, T] mask: two rows per pair
         args = dataclasses.replace(args, prefix_sharing=False)
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]

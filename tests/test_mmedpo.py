@@ -461,6 +461,60 @@ def test_choose_rejected():
     assert mmedpo.rule_hallucination("yes", "No.") == 1.0 and mmedpo.rule_hallucination("left lung", "left lung") == 0.0
 
 
+# ---------------------------------------------------------------- the toy judge and what the weights do
+
+
+def test_toy_judge_recovers_every_pair_kind_and_the_hallucination_rule():
+    """mmedpo's toy judge (README (c)) names every prefs_train.json pair's toy_kind from its texts and findings;
+    its parser is tests/test_toy.py's (the same word lists as data/make_toy.py); train reports hallucinate 25 %."""
+    sys.path.insert(0, str(ROOT / "data"))
+    import make_toy as mt
+    assert sorted(mmedpo.TOY_LESIONS) == sorted(mt.LESION_WORDS) and sorted(mmedpo.TOY_LOCATIONS) == sorted(mt.LOCATION_WORDS)
+    assert tuple(mmedpo.TOY_NEGATIONS) == tuple(mt.NEGATIONS)
+    pairs = json.loads((TOY / "prefs_train.json").read_text())
+    assert all(mmedpo.toy_kind(p["conversations"][1]["value"], p["rejected_conversations"][1]["value"],
+                               p["toy_findings"]) == p["toy_kind"] for p in pairs)
+    recs = json.loads((TOY / "train.json").read_text())
+    assert sum(mmedpo.toy_hallucinated(r["report"], r["findings"]) for r in recs) == 90  # 45 + 45 of 360
+    assert not any(mmedpo.toy_hallucinated(r["report_clean"], r["findings"]) for r in recs if "report_clean" in r)
+    args = mmedpo.resolve_auto(mmedpo.Args())
+    assert (args.judge, args.scorers, args.text_data) == ("toy", "toy", str(TOY.relative_to(ROOT) / "prefs_train.json"))
+    records, stats = mmedpo.read_text_pairs(args, TOY / "prefs_train.json", "cpu", 0, 1)
+    assert stats["text_scores"] == {0.0: 240, 1.0: 660} and not any(k.startswith("toy_") for r in records for k in r)
+    assert mmedpo.ToyJudge().hallucination(["no", "no", "Chest x-ray. A nodule in the left upper lung."],
+                                           ["No.", "yes", "Chest x-ray. A nodule in the right upper lung."]) == [0, 1, 1]
+
+
+def test_relevance_weights_shift_the_held_out_preference_to_serious_pairs():
+    """MMedPO's own part, on the toy: from the same start, on the same prefs_train.json pairs, the weighted arm
+    (toy relevance scores, the default --weight-mode) ends with a larger gap between its held-out (prefs_val.json)
+    reward margins on clinically serious pairs and on wording-only pairs than the uniform arm (weights 1). Forcing
+    the weights to 1 makes the arms one run, and the gap difference 0."""
+    args = mmedpo.resolve_auto(mmedpo.Args())
+    train_recs, _ = mmedpo.read_text_pairs(args, TOY / "prefs_train.json", "cpu", 0, 1)
+    held_recs, _ = mmedpo.read_text_pairs(args, TOY / "prefs_val.json", "cpu", 0, 1)
+    held_recs = [r for r in held_recs if r["weighted_score"] > 0][:16] + [r for r in held_recs if r["weighted_score"] == 0][:16]
+    model, tok = lm.load("tiny")
+    pairs = lambda recs: mmedpo.ScoredPairs([(f"p[{i}]", r) for i, r in enumerate(recs)], TOY, TOY, tok, model.config, 512, False)
+    train, held = pairs(train_recs[:48]), pairs(held_recs)
+    weights = mmedpo.arm_weights(args, train, False)
+    assert weights["mmedpo"].min() < weights["mmedpo"].max()
+    cpu, gaps = torch.device("cpu"), {}
+    for arm in ("dpo", "mmedpo"):
+        torch.manual_seed(0)
+        policy, ref = mmedpo.build_models(args, copy.deepcopy(model), cpu)
+        opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+        for step in range(6):
+            out = mmedpo.mmedpo_step(args, policy, ref, train, weights[arm], list(range(8 * step, 8 * step + 8)), tok, cpu)
+            (out["loss"] / 8).backward()
+            opt.step()
+            opt.zero_grad()
+        with torch.no_grad():
+            margin = lambda idx: mmedpo.mmedpo_step(args, policy, ref, held, torch.ones(len(held)), idx, tok, cpu)["margin"] / len(idx)
+            gaps[arm] = float(margin(list(range(16))) - margin(list(range(16, 32))))
+    assert gaps["mmedpo"] > gaps["dpo"] + 0.05, gaps
+
+
 # ---------------------------------------------------------------- the released format
 
 
@@ -489,13 +543,17 @@ def test_released_format_read_as_is(tmp_path):
 
 # ---------------------------------------------------------------- the script end to end
 
-SMALL = ["--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
+# the built-D_t pipeline (the toy default reads prefs_train.json with the toy judge: test_toy_default_pipeline);
+# lr 1e-5, not the toy default 1e-3, as tests/test_dpo.py's equality runs: Adam's first steps move every weight by
+# about lr, so reduction-order noise on a near-zero gradient would become a 1e-5 weight difference between 1 and 2 ranks
+SMALL = ["--text-data", "build", "--judge", "tiny", "--scorers", "tiny:1,tiny:2,tiny:3", "--lr", "1e-5",
+         "--max-samples", "16", "--n-samples", "2", "--sample-max-new-tokens", "8",
          "--max-rounds", "2", "--batch-size", "8", "--micro-batch-size", "4", "--max-steps", "2",
          "--eval-limit", "4", "--eval-max-new-tokens", "4", "--report-max-new-tokens", "8", "--curate-batch-size", "8"]
-# the fault suite's runs: no warm start, one scorer, few pairs (8 text + the visual ones), only the weighted arm
-FAST = ["--sft-warmup-steps", "0", "--max-samples", "8", "--n-samples", "1", "--sample-max-new-tokens", "4",
-        "--max-rounds", "1", "--scorers", "tiny:1", "--batch-size", "4", "--micro-batch-size", "2", "--no-eval",
-        "--arms", "mmedpo", "--curate-batch-size", "8"]
+# the fault suite's runs: no warm start, built D_t, one scorer, few pairs (8 text + the visual ones), the weighted arm
+FAST = ["--text-data", "build", "--judge", "tiny", "--sft-warmup-steps", "0", "--max-samples", "8", "--n-samples", "1",
+        "--sample-max-new-tokens", "4", "--max-rounds", "1", "--scorers", "tiny:1", "--batch-size", "4",
+        "--micro-batch-size", "2", "--no-eval", "--arms", "mmedpo", "--curate-batch-size", "8"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "mmedpo.py"]
 
 
@@ -541,6 +599,24 @@ def test_complete_pipeline_on_two_ranks_equals_one_rank(tmp_path):
     assert "preference pairs:" in out_two.stdout and "FutureWarning" not in out_two.stderr
     again = _run(TORCHRUN + ["--out", str(two), "--no-eval", "--sft-warmup-steps", "5"] + SMALL)
     assert again.stdout.count("resumed from") == 2 and "preference pairs:" not in again.stdout
+
+
+def test_toy_default_pipeline(tmp_path):
+    """The toy default's pairs end to end (one step, no warm start): D_t = prefs_train.json scored by the toy judge
+    (wording 0, serious 1; the toy_* documentation fields are not kept), D_v built on the pref images (not in the
+    warm start), the toy hallucination rate among the report scores."""
+    out = tmp_path / "run"
+    res = faults._in_process(mmedpo, ["--sft-warmup-steps", "0", "--max-samples", "24", "--max-steps", "1",
+                                      "--batch-size", "4", "--micro-batch-size", "2", "--arms", "mmedpo",
+                                      "--eval-limit", "2", "--eval-max-new-tokens", "2", "--report-max-new-tokens", "4",
+                                      "--out", str(out)])
+    cur = json.loads((out / "prefs" / "curation.json").read_text())
+    assert cur["toy_kinds"] == {"wrong_yes_no": 360, "wording": 240, "hallucinated_finding": 120, "wrong_location": 90,
+                                "missed_lesion": 90} and cur["text_pairs"] == 900 and cur["visual_pairs"] > 0
+    prefs = json.loads((out / "prefs" / "mmedpo_dpo_weighted.json").read_text())
+    assert all(r["image"].startswith("images/pref_") and not any(k.startswith("toy_") for k in r) for r in prefs)
+    assert {r["weighted_score"] for r in prefs if r["subset"] == "text"} == {0.0, 1.0}
+    assert set(res) == {"base", "mmedpo"} and 0 <= res["mmedpo"]["report"]["toy_hallucination_rate"] <= 1
 
 
 def test_pair_cache_key_and_eval_only(tmp_path, capsys):
