@@ -2,7 +2,7 @@
 evaluation on the shared LLaVA model (the paper's backbone is InternVL; the method is the data, the box-in-text
 format, the training and the evaluation).
 
-    # embedded default: tiny random LLaVA, Text-to-Region on the toy lesion boxes, CPU, ~10 minutes
+    # embedded default: tiny random LLaVA, Text-to-Region on the toy lesion boxes, CPU, ~5 minutes on 2 cores
     python medrega.py
     # all toy tasks (adds image-level VQA and report, English and Chinese) and regional chain-of-thought for VQA
     python medrega.py --tasks t2r,r2t,grounded,vqa,report --regional-cot

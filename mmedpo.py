@@ -108,6 +108,7 @@ class Args:
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel
     sft_warmup_steps: int = -1  # SFT steps on the ground truth first; -1 = 1000 for --model tiny (random), else 0
     sft_lr: float = 1e-3  # learning rate of that warm-up (full model, projector included)
+    warm_start_seed: int = 0  # seed of the tiny model's random init and its warm start, which stand in for the SFT checkpoint a real run starts from: one fixed model (as dpo.py); --seed varies pairs and training only (-1 = --seed)
     seed: int = 0  # same seed + same data = same run
     # text dispreference D_t (paper 3.1)
     text_pairs: bool = True  # build D_t
@@ -940,7 +941,8 @@ def training_data(args: Args, model, tokenizer, arms: list[str], device, rank: i
             turns = lm.place_image_markers([("user", s["question"]), ("assistant", s["answer"])], 1, s["where"])
             items.append({**lm.tokenize_conversation(tokenizer, turns, cfg.template, cfg.num_image_tokens,
                                                      cfg.image_token_id, args.max_length, s["where"]), "images": [s["path"]]})
-        model = warm_start(dataclasses.replace(args, sft_warmup_steps=warm), model, tokenizer, items,
+        warm_seed = args.seed if args.warm_start_seed < 0 else args.warm_start_seed  # one fixed SFT model
+        model = warm_start(dataclasses.replace(args, sft_warmup_steps=warm, seed=warm_seed), model, tokenizer, items,
                            lambda key: lm.image_tensor(cfg, key), device, rank, world, out, log)
         base = str(out / "base_llava_hf")
     if is_prefs:
@@ -1702,9 +1704,10 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"mmedpo.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
-    torch.manual_seed(args.seed)  # same initial weights on every rank
+    warm_seed = args.seed if args.warm_start_seed < 0 else args.warm_start_seed
+    torch.manual_seed(warm_seed)  # same initial weights on every rank
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None,
-                               seed=args.seed, attn_implementation=args.attn_implementation)
+                               seed=warm_seed, attn_implementation=args.attn_implementation)
     vqa_path = args.eval_data or (str(data_dir / "test_vqa.json") if data_dir.is_dir() else "")
     report_path = args.report_data or (str(data_dir / "test.json") if (data_dir / "test.json").exists() else "")
     vqa_rows = lm.read_vqa(vqa_path, args.eval_image_folder)[:args.eval_limit or None] if args.eval and vqa_path else []
