@@ -367,88 +367,6 @@ class RuleJudge:
         return out
 
 
-# The toy's own judge (data/toy/README.md "(c) Toy judge" and "(b)"; tests/test_toy.py toy_judge): the words its
-# generator uses for lesions (the domains' lesions and the MC distractors) and locations, and the negation words.
-TOY_LESIONS = ("nodule", "tumor cluster", "exudate", "hemorrhage", "effusion", "pneumothorax", "necrosis", "fibrosis",
-               "drusen")
-TOY_LOCATIONS = ("left upper lung", "left lower lung", "right upper lung", "right lower lung", "upper left",
-                 "upper right", "lower left", "lower right")
-TOY_NEGATIONS = ("no", "not", "without", "none", "neither", "nor")
-# clinical relevance (0-1, the released scores' scale) of each kind of rejected answer: a re-wording says what the
-# ground truth says (harmless, 0); a wrong yes/no, side, missed or invented lesion is a clinically wrong statement
-# (1). "unknown" (a sampled answer that differs but names nothing the rule reads) sits in between.
-TOY_RELEVANCE = {"wording": 0.0, "wrong_yes_no": 1.0, "wrong_location": 1.0, "missed_lesion": 1.0,
-                 "hallucinated_finding": 1.0, "unknown": 0.5}
-
-
-def toy_mentions(text: str) -> tuple[set, set]:
-    """(lesion names, location phrases) named in the text's positive sentences (split at . ; ?; a sentence with a
-    negation word names nothing), whole words: the README's hallucination-rule parser."""
-    lesions, locations = set(), set()
-    for sentence in re.split(r"[.;?]", text):
-        s = " " + re.sub(r"[^a-z0-9 ]+", " ", sentence.lower()) + " "
-        if not any(f" {w} " in s for w in TOY_NEGATIONS):
-            lesions |= {w for w in TOY_LESIONS if f" {w} " in s}
-            locations |= {w for w in TOY_LOCATIONS if f" {w} " in s}
-    return lesions, locations
-
-
-def toy_hallucinated(text: str, findings: list[dict]) -> bool:
-    """The toy hallucination of a report: it names a lesion the image's findings lack, or a location that is not
-    a finding's (README (b)); the toy hallucination rate is its mean over generated reports."""
-    lesions, locations = toy_mentions(text)
-    return bool(lesions - {f["name"] for f in findings}) or bool(locations - {f["location"] for f in findings})
-
-
-def toy_missed(text: str, findings: list[dict]) -> bool:
-    """An abnormal image whose report names none of its lesions (the README's miss rate)."""
-    return bool(findings) and not (toy_mentions(text)[0] & {f["name"] for f in findings})
-
-
-def _yes_no(text: str):
-    m = re.search(r"\b(yes|no)\b", text.lower())
-    return m.group(1) if m else None
-
-
-def toy_kind(gt: str, rejected: str, findings: list[dict]) -> str:
-    """The clinical kind of a rejected answer next to its ground truth, from the texts and the image's findings
-    alone (README (c)): wording (both say the same: the same yes/no for a closed question, whose ground truth is
-    yes or no; the same named lesions and locations otherwise), wrong_yes_no, hallucinated_finding (a lesion that
-    is not there, or any location on a normal image), wrong_location, missed_lesion; else unknown."""
-    if lm.normalize_answer(gt) in ("yes", "no"):
-        return "wording" if _yes_no(rejected) == lm.normalize_answer(gt) else "wrong_yes_no"
-    if toy_mentions(gt) == toy_mentions(rejected):
-        return "wording"
-    lesions, locations = toy_mentions(rejected)
-    if lesions - {f["name"] for f in findings}:
-        return "hallucinated_finding"
-    if locations - {f["location"] for f in findings}:
-        return "wrong_location" if findings else "hallucinated_finding"
-    return "missed_lesion" if toy_missed(rejected, findings) and not locations else "unknown"
-
-
-class ToyJudge:
-    """The toy's judge (--judge toy / --scorers toy, the default on a toy folder only): it stands in for the paper's
-    GPT-4o and Med-LLMs by reading what they would know from medicine, the image's ground-truth findings
-    (record "findings", or a toy pair's "toy_findings"), and the ground truth next to the text; the paper's scorers
-    see the rejected text alone. Hallucination: 1 when a candidate's clinical content differs from the ground truth
-    (toy_kind is not wording), else 0. Clinical relevance: TOY_RELEVANCE of the pair's toy_kind, one round (every
-    toy scorer would give the same score: the debate is trivially agreed)."""
-    name = "toy"
-
-    def hallucination(self, gts, cands):
-        return [float(toy_kind(g, c, []) != "wording") for g, c in zip(gts, cands)]  # wording needs no findings
-
-    def write_wrong(self, gts, seed):
-        return ["" for _ in gts]  # the caller falls back to corrupt_ground_truth (left/right, yes/no, ... swaps)
-
-    @staticmethod
-    def relevance(gt: str, rejected: str, findings: list[dict]) -> dict:
-        kind = toy_kind(gt, rejected, findings)
-        return {"score": TOY_RELEVANCE[kind], "rounds": 1, "agreed": True, "history": [TOY_RELEVANCE[kind]],
-                "toy_kind": kind}
-
-
 class ModelJudge:
     """A language model as judge, text only (the paper's judges see no image). "tiny:SEED" is the tiny random LLaVA
     (offline; its verdicts are noise, which the toy run shows honestly), a folder a LLaVA checkpoint (llava_med.load)
@@ -580,7 +498,9 @@ class ModelJudge:
 
 
 def make_judge(spec: str, device, rank: int, world: int, args: Args):
-    if spec == "toy":
+    if spec == "toy":  # the toy's stand-in for the paper's judges (data/toy_oracles.py; reads the toy's findings)
+        from data.toy_oracles import ToyJudge
+
         return ToyJudge()
     return RuleJudge() if spec == "rule" else ModelJudge(spec, device, rank, world, args.sample_max_new_tokens,
                                                          args.curate_batch_size)
@@ -666,6 +586,8 @@ def text_dispreference(args: Args, model, tokenizer, samples: list[dict], device
                              [sorted(pools[s["question"]]) for s in samples], seed=_seed_of(args.seed, "judge"))
     del judge
     if args.scorers == "toy":  # the toy scorer reads the pair (ground truth, rejected, findings), not the text alone
+        from data.toy_oracles import ToyJudge
+
         verdicts = [ToyJudge.relevance(s["answer"], rej, s["record"].get("findings", [])) for s, (rej, _) in
                     zip(samples, picked)]
         distinct = [rej for rej, _ in picked]
@@ -710,6 +632,8 @@ def read_text_pairs(args: Args, path: Path, device, rank: int, world: int):
             need.append(len(texts) - 1)
     verdicts = {}
     if need and args.scorers == "toy":
+        from data.toy_oracles import ToyJudge
+
         for i in need:
             where, rec = raw[i]
             findings = rec.get("toy_findings", rec.get("findings"))
@@ -1639,6 +1563,8 @@ def evaluate_all(args: Args, model, tokenizer, vqa_rows, report_rows, rank: int,
                                     max_new_tokens=args.report_max_new_tokens)
         res["report"] = lm.report_scores(preds, [r["answer"] for r in report_rows])
         if all("findings" in r for r in report_rows):  # the toy's clinical metric (README (b)): lower is better
+            from data.toy_oracles import toy_hallucinated, toy_missed
+
             res["report"]["toy_hallucination_rate"] = sum(toy_hallucinated(p, r["findings"]) for p, r in
                                                          zip(preds, report_rows)) / len(report_rows)
             res["report"]["toy_miss_rate"] = sum(toy_missed(p, r["findings"]) for p, r in zip(preds, report_rows)) / max(

@@ -7,8 +7,8 @@
 Everything is synthetic (numpy + pillow, fixed seed, no network) and released under CC0.  Re-running the script
 reproduces byte-identical files on the same software stack (numpy / pillow / zlib / tokenizers versions).
 data/toy/README.md describes the files, the splits and every failure mode with how it is measured; the rules
-that README states as functions (toy blind baselines, the toy hallucination rule, the toy judge) are implemented in
-tests/test_toy.py and checked there against the files written here.
+that README states as functions (the toy hallucination rule, the toy judge) are data/toy_oracles.py's, the toy blind
+baselines tests/test_toy.py's, all checked there against the files written here.
 
 Images: 64x64 RGB PNGs in three domains, half of each domain abnormal:
 

@@ -1,5 +1,7 @@
 """data/toy_oracles.py -- offline stand-ins, for the toy only, of the external models that recipes call: the
-paper's GPT-4V that rewrites captions (huatuo_vision.py --reformat-model tiny). Each one "sees" a toy image by
+paper's GPT-4V that rewrites captions (huatuo_vision.py --reformat-model tiny), MMedPO's hallucination judge and
+clinical-relevance scorers (mmedpo.py --judge toy --scorers toy), and the toy's hallucination rule that scores
+generated reports (data/toy/README.md (b), (c); tests/test_toy.py checks it on the toy). Each one "sees" a toy image by
 looking up the toy record of that image (data/toy/*.json: its true findings and modality, what such a model reads
 off the picture) and gets exactly the inputs the real model gets. They live with the toy data, not in the recipes:
 a real run passes a model path instead, and the recipe reads like its paper.
@@ -14,6 +16,88 @@ import re
 from pathlib import Path
 
 import llava_med as lm
+
+
+# The toy's own judge (data/toy/README.md "(c) Toy judge" and "(b)"; tests/test_toy.py toy_judge): the words its
+# generator uses for lesions (the domains' lesions and the MC distractors) and locations, and the negation words.
+TOY_LESIONS = ("nodule", "tumor cluster", "exudate", "hemorrhage", "effusion", "pneumothorax", "necrosis", "fibrosis",
+               "drusen")
+TOY_LOCATIONS = ("left upper lung", "left lower lung", "right upper lung", "right lower lung", "upper left",
+                 "upper right", "lower left", "lower right")
+TOY_NEGATIONS = ("no", "not", "without", "none", "neither", "nor")
+# clinical relevance (0-1, the released scores' scale) of each kind of rejected answer: a re-wording says what the
+# ground truth says (harmless, 0); a wrong yes/no, side, missed or invented lesion is a clinically wrong statement
+# (1). "unknown" (a sampled answer that differs but names nothing the rule reads) sits in between.
+TOY_RELEVANCE = {"wording": 0.0, "wrong_yes_no": 1.0, "wrong_location": 1.0, "missed_lesion": 1.0,
+                 "hallucinated_finding": 1.0, "unknown": 0.5}
+
+
+def toy_mentions(text: str) -> tuple[set, set]:
+    """(lesion names, location phrases) named in the text's positive sentences (split at . ; ?; a sentence with a
+    negation word names nothing), whole words: the README's hallucination-rule parser."""
+    lesions, locations = set(), set()
+    for sentence in re.split(r"[.;?]", text):
+        s = " " + re.sub(r"[^a-z0-9 ]+", " ", sentence.lower()) + " "
+        if not any(f" {w} " in s for w in TOY_NEGATIONS):
+            lesions |= {w for w in TOY_LESIONS if f" {w} " in s}
+            locations |= {w for w in TOY_LOCATIONS if f" {w} " in s}
+    return lesions, locations
+
+
+def toy_hallucinated(text: str, findings: list[dict]) -> bool:
+    """The toy hallucination of a report: it names a lesion the image's findings lack, or a location that is not
+    a finding's (README (b)); the toy hallucination rate is its mean over generated reports."""
+    lesions, locations = toy_mentions(text)
+    return bool(lesions - {f["name"] for f in findings}) or bool(locations - {f["location"] for f in findings})
+
+
+def toy_missed(text: str, findings: list[dict]) -> bool:
+    """An abnormal image whose report names none of its lesions (the README's miss rate)."""
+    return bool(findings) and not (toy_mentions(text)[0] & {f["name"] for f in findings})
+
+
+def _yes_no(text: str):
+    m = re.search(r"\b(yes|no)\b", text.lower())
+    return m.group(1) if m else None
+
+
+def toy_kind(gt: str, rejected: str, findings: list[dict]) -> str:
+    """The clinical kind of a rejected answer next to its ground truth, from the texts and the image's findings
+    alone (README (c)): wording (both say the same: the same yes/no for a closed question, whose ground truth is
+    yes or no; the same named lesions and locations otherwise), wrong_yes_no, hallucinated_finding (a lesion that
+    is not there, or any location on a normal image), wrong_location, missed_lesion; else unknown."""
+    if lm.normalize_answer(gt) in ("yes", "no"):
+        return "wording" if _yes_no(rejected) == lm.normalize_answer(gt) else "wrong_yes_no"
+    if toy_mentions(gt) == toy_mentions(rejected):
+        return "wording"
+    lesions, locations = toy_mentions(rejected)
+    if lesions - {f["name"] for f in findings}:
+        return "hallucinated_finding"
+    if locations - {f["location"] for f in findings}:
+        return "wrong_location" if findings else "hallucinated_finding"
+    return "missed_lesion" if toy_missed(rejected, findings) and not locations else "unknown"
+
+
+class ToyJudge:
+    """The toy's judge (--judge toy / --scorers toy, the default on a toy folder only): it stands in for the paper's
+    GPT-4o and Med-LLMs by reading what they would know from medicine, the image's ground-truth findings
+    (record "findings", or a toy pair's "toy_findings"), and the ground truth next to the text; the paper's scorers
+    see the rejected text alone. Hallucination: 1 when a candidate's clinical content differs from the ground truth
+    (toy_kind is not wording), else 0. Clinical relevance: TOY_RELEVANCE of the pair's toy_kind, one round (every
+    toy scorer would give the same score: the debate is trivially agreed)."""
+    name = "toy"
+
+    def hallucination(self, gts, cands):
+        return [float(toy_kind(g, c, []) != "wording") for g, c in zip(gts, cands)]  # wording needs no findings
+
+    def write_wrong(self, gts, seed):
+        return ["" for _ in gts]  # the caller falls back to corrupt_ground_truth (left/right, yes/no, ... swaps)
+
+    @staticmethod
+    def relevance(gt: str, rejected: str, findings: list[dict]) -> dict:
+        kind = toy_kind(gt, rejected, findings)
+        return {"score": TOY_RELEVANCE[kind], "rounds": 1, "agreed": True, "history": [TOY_RELEVANCE[kind]],
+                "toy_kind": kind}
 
 
 def article(noun: str) -> str:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 import llava_med as lm
 import faults
 import mmedpo
+from data import toy_oracles
 from conftest import ROOT
 
 TOY = ROOT / "data" / "toy"
@@ -469,19 +470,19 @@ def test_toy_judge_recovers_every_pair_kind_and_the_hallucination_rule():
     its parser is tests/test_toy.py's (the same word lists as data/make_toy.py); train reports hallucinate 25 %."""
     sys.path.insert(0, str(ROOT / "data"))
     import make_toy as mt
-    assert sorted(mmedpo.TOY_LESIONS) == sorted(mt.LESION_WORDS) and sorted(mmedpo.TOY_LOCATIONS) == sorted(mt.LOCATION_WORDS)
-    assert tuple(mmedpo.TOY_NEGATIONS) == tuple(mt.NEGATIONS)
+    assert sorted(toy_oracles.TOY_LESIONS) == sorted(mt.LESION_WORDS) and sorted(toy_oracles.TOY_LOCATIONS) == sorted(mt.LOCATION_WORDS)
+    assert tuple(toy_oracles.TOY_NEGATIONS) == tuple(mt.NEGATIONS)
     pairs = json.loads((TOY / "prefs_train.json").read_text())
-    assert all(mmedpo.toy_kind(p["conversations"][1]["value"], p["rejected_conversations"][1]["value"],
+    assert all(toy_oracles.toy_kind(p["conversations"][1]["value"], p["rejected_conversations"][1]["value"],
                                p["toy_findings"]) == p["toy_kind"] for p in pairs)
     recs = json.loads((TOY / "train.json").read_text())
-    assert sum(mmedpo.toy_hallucinated(r["report"], r["findings"]) for r in recs) == 90  # 45 + 45 of 360
-    assert not any(mmedpo.toy_hallucinated(r["report_clean"], r["findings"]) for r in recs if "report_clean" in r)
+    assert sum(toy_oracles.toy_hallucinated(r["report"], r["findings"]) for r in recs) == 90  # 45 + 45 of 360
+    assert not any(toy_oracles.toy_hallucinated(r["report_clean"], r["findings"]) for r in recs if "report_clean" in r)
     args = mmedpo.resolve_auto(mmedpo.Args())
     assert (args.judge, args.scorers, args.text_data) == ("toy", "toy", str(TOY.relative_to(ROOT) / "prefs_train.json"))
     records, stats = mmedpo.read_text_pairs(args, TOY / "prefs_train.json", "cpu", 0, 1)
     assert stats["text_scores"] == {0.0: 240, 1.0: 660} and not any(k.startswith("toy_") for r in records for k in r)
-    assert mmedpo.ToyJudge().hallucination(["no", "no", "Chest x-ray. A nodule in the left upper lung."],
+    assert toy_oracles.ToyJudge().hallucination(["no", "no", "Chest x-ray. A nodule in the left upper lung."],
                                            ["No.", "yes", "Chest x-ray. A nodule in the right upper lung."]) == [0, 1, 1]
 
 

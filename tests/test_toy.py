@@ -3,9 +3,9 @@ on the files: blind (question-text-only) baselines at chance on val/test, the tr
 hallucination rule on reports, the preference-pair kinds (told apart by a toy judge from findings alone), the
 knowledge base's near-miss twins, the caption kinds.
 
-The rules the README states as functions live here (a method owner may copy them into its evaluation):
-report_mentions / hallucinated / missed_lesion (the toy hallucination rate), toy_judge (the pair kind from a pair's
-findings), blind_baselines (chance vs the best answer from the question text alone).
+The toy hallucination rule and the toy judge are data/toy_oracles.py's (toy_mentions / toy_hallucinated /
+toy_missed, toy_kind), checked here on the files; blind_baselines (chance vs the best answer from the question text
+alone) lives here.
 `python tests/test_toy.py` prints the README's tables."""
 
 import hashlib
@@ -31,67 +31,26 @@ def load(name):
     return json.loads((TOY / name).read_text(encoding="utf-8"))
 
 
-# ---------------------------------------------------------------- the toy hallucination rule (README, "b")
+# ---------------------------------------------------------------- the toy hallucination rule (README, "b") and
+# the toy judge (README, "c"): said once, in data/toy_oracles.py, which the recipes' toy judges and toy metrics use
 
-def _norm(text):
-    return " " + re.sub(r"[^a-z0-9 ]+", " ", text.lower()) + " "
-
-
-def report_mentions(text: str) -> tuple[set, set]:
-    """(lesion names, location phrases) that the text names in a positive sentence. Sentences are split at '.', ';'
-    and '?'; a sentence containing a negation word (mt.NEGATIONS: no, not, without, none, neither, nor) names
-    nothing. Lesion names: every domain's lesions and distractor findings (mt.LESION_WORDS); location phrases: the
-    exact location strings (mt.LOCATION_WORDS: 'left upper lung', ..., 'upper left', ...). Whole-word matches."""
-    lesions, locations = set(), set()
-    for sentence in re.split(r"[.;?]", text):
-        s = _norm(sentence)
-        if any(f" {w} " in s for w in mt.NEGATIONS):
-            continue
-        lesions |= {w for w in mt.LESION_WORDS if f" {w} " in s}
-        locations |= {w for w in mt.LOCATION_WORDS if f" {w} " in s}
-    return lesions, locations
-
-
-def hallucinated(text: str, findings: list[dict]) -> bool:
-    """The toy hallucination of one generated report (or answer) given the image's findings: it names a lesion that
-    is not among the findings (any lesion, for a normal image) or a location that is not a finding's location
-    (a wrong side / quadrant). The toy hallucination rate = the mean over a split's reports."""
-    lesions, locations = report_mentions(text)
-    return bool(lesions - {f["name"] for f in findings}) or bool(locations - {f["location"] for f in findings})
-
-
-def missed_lesion(text: str, findings: list[dict]) -> bool:
-    """An abnormal image whose report names none of its lesions (the companion 'miss rate')."""
-    return bool(findings) and not (report_mentions(text)[0] & {f["name"] for f in findings})
-
-
-# ---------------------------------------------------------------- the toy judge (README, "c")
-
-def _yes_no(text):
-    m = re.search(r"\b(yes|no)\b", text.lower())
-    return m.group(1) if m else None
+from data.toy_oracles import toy_hallucinated as hallucinated  # noqa: E402
+from data.toy_oracles import toy_kind  # noqa: E402
+from data.toy_oracles import toy_mentions as report_mentions  # noqa: E402,F401
+from data.toy_oracles import toy_missed as missed_lesion  # noqa: E402
+from data import toy_oracles  # noqa: E402
 
 
 def toy_judge(pair: dict) -> str:
-    """The clinical kind of a preference pair from its texts and its image's findings (toy_findings) alone:
-    wording (chosen and rejected say the same: same yes/no for a closed question, same named lesions and locations
-    otherwise), wrong_yes_no (closed, the yes/no differs), hallucinated_finding (the rejected answer names a lesion
-    that is not there), wrong_location (it names a location that is not the finding's), missed_lesion (the image has
-    a finding and the rejected answer names neither it nor any location)."""
-    findings = pair["toy_findings"]
-    chosen, rejected = pair["conversations"][-1]["value"], pair["rejected_conversations"][-1]["value"]
-    if pair["answer_type"] == "CLOSED":
-        return "wording" if _yes_no(chosen) == _yes_no(rejected) else "wrong_yes_no"
-    if report_mentions(chosen) == report_mentions(rejected):
-        return "wording"
-    lesions, locations = report_mentions(rejected)
-    if lesions - {f["name"] for f in findings}:
-        return "hallucinated_finding"
-    if locations - {f["location"] for f in findings}:
-        return "wrong_location" if findings else "hallucinated_finding"
-    if missed_lesion(rejected, findings) and not locations:
-        return "missed_lesion"
-    return "unknown"
+    """The clinical kind of a preference pair from its texts and its image's findings (toy_findings) alone."""
+    return toy_kind(pair["conversations"][-1]["value"], pair["rejected_conversations"][-1]["value"], pair["toy_findings"])
+
+
+def test_rule_words_are_the_generators():
+    """The rule's lesion names, locations and negation words are the ones data/make_toy.py writes."""
+    assert sorted(toy_oracles.TOY_LESIONS) == sorted(mt.LESION_WORDS)
+    assert sorted(toy_oracles.TOY_LOCATIONS) == sorted(mt.LOCATION_WORDS)
+    assert tuple(toy_oracles.TOY_NEGATIONS) == tuple(mt.NEGATIONS)
 
 
 # ---------------------------------------------------------------- blind baselines (README, "Splits")
