@@ -532,14 +532,16 @@ def toy_truth(question: str, findings: list[dict], modality: str) -> str | None:
 
 
 def toy_answer_score(question: str, answer: str, findings: list[dict], modality: str) -> int | None:
-    """0-10 for one answer against the image's facts: 0 = it contradicts the image (the wrong yes/no; or it names a
-    lesion, location or modality the image does not have, or names no lesion of an abnormal image when asked for
-    the abnormality or a description), 10 = it states what the question asks about, 3 = neither (no answer to the
-    question, e.g. a garbled sample). None: the facts do not settle the question."""
+    """10 when one answer states what the question asks about, as the image's facts have it; 0 when it contradicts the
+    image (the wrong yes/no; or it names a lesion, location or modality the image does not have, or names no lesion
+    of an abnormal image when asked for the abnormality or a description) or does not answer (no yes/no, a garbled
+    sample). A non-answer scores as low as a wrong answer: at 3 of 10 (our first version) the tiny model's stage 2
+    learnt to evade -- "What abnormality is seen?" -> "chest x-ray", which never contradicts the image (test seeds 1
+    and 2: abnormality accuracy 60 -> 0). None: the facts do not settle the question."""
     truth = toy_truth(question, findings, modality)
     if truth is not None:
         said = lm.yes_no(answer)
-        return 3 if said is None else 10 if said == truth else 0
+        return 10 if said == truth else 0
     q = question.lower()
     asks = ("modality" if "modality" in q else "abnormality" if "abnormal" in q or "finding" in q else
             "where" if q.startswith("where") else "describe" if "describe" in q else None)
@@ -554,8 +556,9 @@ def toy_answer_score(question: str, answer: str, findings: list[dict], modality:
     says_normal = re.search(r"\b(no|none|not|normal|clear|healthy|preserved)\b", answer.lower()) is not None
     stated = {"modality": bool(modalities), "where": bool(locations),
               "abnormality": bool(lesions) if findings else says_normal,
-              "describe": bool(lesions and locations) if findings else says_normal}[asks]
-    return 10 if stated else 3
+              # a description of a normal image that names no finding is faithful (toy rule (b)) if it is one
+              "describe": bool(lesions and locations) if findings else len(answer.split()) >= 6}[asks]
+    return 10 if stated else 0
 
 
 def toy_judge(question: str, answer1: str, answer2: str, facts: dict) -> str:

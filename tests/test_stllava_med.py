@@ -403,7 +403,8 @@ def test_toy_judge_prefers_the_image_grounded_answer():
         assert st.parse_scores(st.toy_judge(q, a, b, nodule)) == (10, 0) and st.parse_scores(st.toy_judge(q, a, b, normal)) == (0, 10)
     assert st.parse_scores(st.toy_judge("Is this a chest x-ray?", "yes", "no", normal)) == (10, 0)
     assert st.parse_scores(st.toy_judge("Where is the nodule located?", "left upper lung", "right upper lung", nodule)) == (10, 0)
-    assert st.parse_scores(st.toy_judge("Is this image normal?", "yes", "the chest", nodule)) == (0, 3)  # no answer > wrong
+    assert st.parse_scores(st.toy_judge("Is this image normal?", "yes", "the chest", nodule)) == (0, 0)  # no answer = wrong
+    assert st.parse_scores(st.toy_judge("What abnormality is seen?", "chest x-ray", "none", nodule)) == (0, 0)  # no evasion
     assert st.toy_judge("What colour is the sky?", "blue", "red", nodule) == ""  # not settled by the facts: no reply
     args = st.resolve_defaults(st.Args())
     rows, folder = st.image_sources(args)
