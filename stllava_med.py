@@ -2,7 +2,8 @@
 self-questioning and self-generated preferences.
 
     # embedded default: tiny random LLaVA with the cluster projector, toy data, CPU, a few minutes:
-    # stage 1 (self-questioning SFT), preference generation (reference-answer judge), stage 2 (DPO), evaluation
+    # stage 1 (self-questioning SFT on data/toy/train.json), self-generated preferences on the toy's pref images
+    # (the toy judge: the records' findings), stage 2 (DPO), evaluation on the toy test split
     python stllava_med.py
     torchrun --nproc-per-node=2 stllava_med.py          # same global batches; generation does not depend on ranks
     # real run (8 GPUs): SQ-LLaVA-7B base, LLaVA-Med 60k conversations, PMC images, a local judge VLM, VQA-RAD
@@ -28,7 +29,8 @@ The method (spec section 4):
 Stage 1 trains the LLM (LoRA r 128, alpha 256), the "cluster" prototype projector (llava_med.ClusterProjector) and a
 ViT LoRA (r 32, alpha 64) with the tower running WITH gradients (the released @torch.no_grad on the tower blocks
 them; spec 4.4). The judge is a local VLM (--judge PATH; the paper uses GPT-4o) or, offline, a reference-answer
-scorer for images whose data carry answers. Templates: stage 1 uses v1_sq; answers use vicuna v1 ("USER: ...
+scorer for images whose data carry answers, or (the tiny toy default) the toy judge, which reads the toy record's own
+findings and so knows when an answer contradicts the image. Templates: stage 1 uses v1_sq; answers use vicuna v1 ("USER: ...
 ASSISTANT:") with the released system prompts (llava_v1's to generate and evaluate, v1's in DPO), or stage 1's for
 --model tiny, which knows only the one prompt it was trained on.
 
@@ -103,41 +105,41 @@ class Args:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     # preference generation
-    prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = the stage-1 records (their answers serve the reference judge)
+    prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = the stage-1 records (their answers serve the reference judge), or for --sft-data toy the toy's pref split (data/toy/pref.json: 120 clean images never seen in stage 1, as the paper's 10k PMC images are not its SFT images)
     prefs_limit: int = -1  # first N images; -1 = all, or 120 for --model tiny
-    n_questions: int = 5  # self-generated questions per image (visual_sq.py n_shot)
-    describe_prompt: str = "Can you describe the image in detail?"  # the first turn of self-questioning (greedy answer)
+    n_questions: int = -1  # self-generated questions per image; -1 = 5 (visual_sq.py n_shot), or 10 for --model tiny (120 toy images give 163 pairs, 5 give 71-126)
+    describe_prompt: str = "auto"  # the first turn of self-questioning (greedy answer); auto = the released "Can you describe the image in detail?", or for --sft-data toy the toy's own "Describe the image." (the tiny model answers the released wording "yes")
     describe_max_new_tokens: int = -1  # -1 = 1024 (released), or 32 for --model tiny
-    q_temperature: float = 1.2  # question sampling temperature (visual_sq.py)
+    q_temperature: float = -1  # question sampling temperature; -1 = 1.2 (visual_sq.py), or 0.7 for --model tiny (at 1.2 the tiny model's samples are word salad: 98 strictly preferred pairs of 600 questions vs 131 at 0.7, seed-0 stage 1)
     q_top_k: int = 300  # question sampling top-k (visual_sq.py)
     q_top_p: float = 0.95  # question sampling top-p (visual_sq.py)
     q_max_new_tokens: int = -1  # -1 = 300 (released), or 24 for --model tiny
-    a_temperature: float = 1.2  # answer sampling temperature (model_collectA.py)
+    a_temperature: float = -1  # answer sampling temperature; -1 = 1.2 (model_collectA.py), or 0.7 for --model tiny (at 1.2 most closed answers hold no yes/no)
     a_top_k: int = 100  # answer sampling top-k (model_collectA.py)
     a_top_p: float = 0.95  # answer sampling top-p (model_collectA.py)
     a_max_new_tokens: int = -1  # -1 = 1024 (released), or 16 for --model tiny
     answer_seeds: str = "40,42"  # the seeds of answer 1 and answer 2 (model_collectA.py set_seed)
-    judge: str = "reference"  # "reference" (offline: token F1 against the data's answer) or a judge VLM checkpoint folder
+    judge: str = "auto"  # a judge VLM checkpoint folder (the paper: GPT-4o), "reference" (offline: token F1 against the data's answer) or "toy" (offline: the toy record's findings, toy_judge); auto = toy for --model tiny on the toy, else reference
     judge_temperature: float = 0.2  # judge sampling (eval_gpt4v_review.py)
     judge_max_new_tokens: int = 64  # judge reply length cap (the scores are on its first line)
-    ties: Literal["answer2", "skip"] = "answer2"  # equal scores: chosen is answer 2 (the released rule), or skip the pair
+    ties: Literal["auto", "answer2", "skip"] = "auto"  # equal scores: chosen is answer 2 (the released rule), or skip the pair; auto = skip with the toy judge (its ties are exact: both answers equally right or wrong, no preference to learn), else answer2
     gen_batch_size: int = 16  # prompts per generate call on one rank (batch b samples with seed + b)
     prefs_out: str = ""  # the pairs as an STLLaVA-Med DPO json ("" = <out>/stllava_med_dpo.json); fields above key the pair cache
     # stage 2: DPO
     dpo_data: str = ""  # STLLaVA-Med DPO json to train on ("" = the pairs of the prefs stage)
     dpo_system: Literal["auto", "llava_v1", "v1", "v1_sq"] = "auto"  # system prompt of the DPO pairs: auto = v1 (dpo_finetune.sh --version v1), v1_sq for --model tiny
-    dpo_lr: float = -1  # -1 = 5e-6 (dpo_finetune.sh), or 1e-5 for --model tiny
-    dpo_vit_lr: float = 2e-5  # ViT LoRA learning rate in stage 2 (vision_tower_lr)
-    dpo_projector_lr: float = 2e-5  # projector learning rate in stage 2 (dpo_finetune.sh --mm_projector_lr)
+    dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-4 for --model tiny (val sweep, seed-0 stage 1, closed accuracy 50.0 / open recall 74.0 before: this 47.6 / 71.1; projector and ViT at 1e-3 51.4 / 71.1, but with 5 questions and 3 epochs 50.7 / 44.0, and open recall 11.5 on one test seed; lr 5e-4 beta 0.1 50.0 with every closed answer 'yes'; no setting moved closed accuracy beyond noise)
+    dpo_vit_lr: float = 2e-5  # ViT LoRA learning rate in stage 2 (vision_tower_lr; also for --model tiny: 1e-3 wrecked its open answers, see dpo_lr)
+    dpo_projector_lr: float = 2e-5  # projector learning rate in stage 2 (dpo_finetune.sh --mm_projector_lr; also for --model tiny, see dpo_vit_lr)
     dpo_freeze_projector: bool = False  # keep the projector frozen in DPO (the release trains it, see add_adapters)
     dpo_lora_dropout: float = 0.05  # LLM LoRA dropout in DPO: on, as released (no disable_dropout in base_dpo_trainer.py); 0 = TRL's disable_dropout
     dpo_vit_lora_dropout: float = 0.1  # ViT LoRA dropout in DPO (train_dpo.py:1194, hard-coded)
-    beta: float = 0.1  # DPO temperature (BaseDPOTrainer default, not overridden)
+    beta: float = -1  # DPO temperature; -1 = 0.1 (BaseDPOTrainer default, not overridden), or 0.5 for --model tiny (see dpo_lr)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO (the release); ipo = Azar et al. 2023
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0
     prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
-    dpo_epochs: float = -1  # -1 = 1 (spec), or 3 for --model tiny
+    dpo_epochs: float = -1  # -1 = 1 (spec), or 5 for --model tiny (50 steps on the toy's pairs; see dpo_lr)
     dpo_batch_size: int = 16  # pairs per optimizer step over all ranks
     dpo_micro_batch_size: int = 8  # pairs per forward on one rank
     # run and output
@@ -249,8 +251,20 @@ def resolve_defaults(args: Args) -> Args:
     args.describe_max_new_tokens = pick(args.describe_max_new_tokens, 1024, 32)
     args.q_max_new_tokens = pick(args.q_max_new_tokens, 300, 24)
     args.a_max_new_tokens = pick(args.a_max_new_tokens, 1024, 16)
-    args.dpo_lr = pick(args.dpo_lr, 5e-6, 1e-5)
-    args.dpo_epochs = pick(args.dpo_epochs, 1.0, 3.0)
+    args.n_questions = pick(args.n_questions, 5, 10)
+    args.dpo_lr = pick(args.dpo_lr, 5e-6, 2e-4)
+    args.beta = pick(args.beta, 0.1, 0.5)
+    args.dpo_epochs = pick(args.dpo_epochs, 1.0, 5.0)
+    args.q_temperature = pick(args.q_temperature, 1.2, 0.7)
+    args.a_temperature = pick(args.a_temperature, 1.2, 0.7)
+    if args.describe_prompt == "auto":
+        args.describe_prompt = "Describe the image." if args.sft_data == "toy" else "Can you describe the image in detail?"
+    if args.judge == "auto":
+        args.judge = "toy" if tiny and args.sft_data == "toy" else "reference"
+    if not args.prefs_images and args.sft_data == "toy":
+        args.prefs_images = str(TOY_TRAIN.parent / "pref.json")
+    if args.ties == "auto":
+        args.ties = "skip" if args.judge == "toy" else "answer2"
     if args.answer_system == "auto":
         args.answer_system = "v1_sq" if tiny else "llava_v1"
     if args.dpo_system == "auto":
@@ -472,6 +486,91 @@ def reference_judge(question: str, answer1: str, answer2: str, refs: dict[str, s
     return f"{s1} {s2}\nreference-answer scorer: token F1 against {ref!r}"
 
 
+# The toy judge (data/toy/README.md "(b)" and "(c)"): it reads the toy record's own `findings` and `modality`, so it
+# knows when an answer contradicts the image -- the toy's stand-in for GPT-4o, which sees the image. Its vocabulary is
+# the toy's (data/make_toy.py: every domain's lesions and distractor findings, the 8 location strings, the modalities).
+TOY_LESIONS = ("nodule", "tumor cluster", "exudate", "hemorrhage", "effusion", "pneumothorax", "necrosis", "fibrosis",
+               "drusen")
+TOY_LOCATIONS = ("left upper lung", "left lower lung", "right upper lung", "right lower lung", "upper left",
+                 "upper right", "lower left", "lower right")
+TOY_MODALITIES = ("chest x-ray", "histopathology", "fundus photograph", "mri")
+TOY_NEGATIONS = ("no", "not", "without", "none", "neither", "nor")
+
+
+def toy_mentions(text: str, negations: bool = True) -> tuple[set, set, set]:
+    """(lesions, locations, modalities) that a text names, by the toy hallucination rule (data/toy/README.md (b),
+    tests/test_toy.py report_mentions): sentences split at '.', ';', '?'; with `negations`, a sentence holding a
+    negation word names nothing; whole-word matches of the toy's vocabulary."""
+    found = (set(), set(), set())
+    for sentence in re.split(r"[.;?]", text):
+        s = " " + re.sub(r"[^a-z0-9 ]+", " ", sentence.lower().replace("x-ray", "xray")) + " "
+        if negations and any(f" {w} " in s for w in TOY_NEGATIONS):
+            continue
+        for bag, words in zip(found, (TOY_LESIONS, TOY_LOCATIONS, TOY_MODALITIES)):
+            bag |= {w for w in words if f" {w.replace('x-ray', 'xray')} " in s}
+    return found
+
+
+def toy_truth(question: str, findings: list[dict], modality: str) -> str | None:
+    """The image's answer to a self-asked yes/no question about the toy's facts, or None (not a yes/no question, or
+    one the facts do not settle). A location question ("Is the nodule in the left upper lung?") is yes iff a finding
+    lies there; then "normal"; a lesion name (presence); a modality."""
+    q = question.strip().lower()
+    if not re.match(r"(is|are|does|do|was|were|has|have|can)\b", q):
+        return None
+    lesions, locations, modalities = toy_mentions(q, negations=False)
+    if locations:
+        named = lesions or {f["name"] for f in findings}  # "the lesion" (ophthalmology) names any finding
+        return "yes" if any(f["location"] in locations and f["name"] in named for f in findings) else "no"
+    if re.search(r"\bnormal\b", q):
+        return "no" if findings else "yes"
+    if lesions:
+        return "yes" if lesions & {f["name"] for f in findings} else "no"
+    if modalities:
+        return "yes" if modality.lower() in modalities else "no"
+    return None
+
+
+def toy_answer_score(question: str, answer: str, findings: list[dict], modality: str) -> int | None:
+    """10 when one answer states what the question asks about, as the image's facts have it; 0 when it contradicts the
+    image (the wrong yes/no; or it names a lesion, location or modality the image does not have, or names no lesion
+    of an abnormal image when asked for the abnormality or a description) or does not answer (no yes/no, a garbled
+    sample). A non-answer scores as low as a wrong answer: at 3 of 10 (our first version) the tiny model's stage 2
+    learnt to evade -- "What abnormality is seen?" -> "chest x-ray", which never contradicts the image (test seeds 1
+    and 2: abnormality accuracy 60 -> 0). None: the facts do not settle the question."""
+    truth = toy_truth(question, findings, modality)
+    if truth is not None:
+        said = lm.yes_no(answer)
+        return 10 if said == truth else 0
+    q = question.lower()
+    asks = ("modality" if "modality" in q else "abnormality" if "abnormal" in q or "finding" in q else
+            "where" if q.startswith("where") else "describe" if "describe" in q else None)
+    if asks is None:
+        return None
+    lesions, locations, modalities = toy_mentions(answer)
+    names, places = {f["name"] for f in findings}, {f["location"] for f in findings}
+    if lesions - names or locations - places or modalities - {modality.lower()}:
+        return 0  # a hallucinated finding, a wrong side / quadrant, a wrong modality
+    if findings and asks in ("abnormality", "describe") and not lesions & names:
+        return 0  # a missed lesion ("none", or a normal report, for an abnormal image)
+    says_normal = re.search(r"\b(no|none|not|normal|clear|healthy|preserved)\b", answer.lower()) is not None
+    stated = {"modality": bool(modalities), "where": bool(locations),
+              "abnormality": bool(lesions) if findings else says_normal,
+              # a description of a normal image that names no finding is faithful (toy rule (b)) if it is one
+              "describe": bool(lesions and locations) if findings else len(answer.split()) >= 6}[asks]
+    return 10 if stated else 0
+
+
+def toy_judge(question: str, answer1: str, answer2: str, facts: dict) -> str:
+    """The offline toy judge as a judge reply ("s1 s2" on the first line, as the released parser reads it): each
+    answer scored by toy_answer_score against the record's findings and modality; an empty reply (counted as "no
+    reference answer") when the facts do not settle the question."""
+    s = [toy_answer_score(question, a, facts["findings"], facts["modality"]) for a in (answer1, answer2)]
+    if None in s:
+        return ""
+    return f"{s[0]} {s[1]}\ntoy judge: scored against the image's findings {[f['name'] + ' ' + f['location'] for f in facts['findings']]}"
+
+
 def preference_pair(question: str, answers: tuple[str, str], reply: str, ties: str, stats: dict):
     """(chosen, rejected, scores) from the judge's reply, or None (the reason counted in stats): unparsable reply ->
     skipped (released); equal scores -> answer 2 is chosen (released: `if s1 > s2` else answer 2) or skipped with
@@ -506,19 +605,22 @@ def dpo_record(rec_id: str, image: str, question: str, chosen: str, rejected: st
 
 
 def image_sources(args: Args) -> tuple[list[dict], Path]:
-    """[{"id", "image" (relative to the folder), "refs"}] and the image folder: records with conversations (their
-    answers are the reference judge's), or every image file of a folder (sorted, as listed)."""
+    """[{"id", "image" (relative to the folder), "refs", "facts"}] and the image folder: records with conversations
+    (their answers are the reference judge's; a toy record's findings and modality, the toy judge's facts, else
+    None), or every image file of a folder (sorted, as listed)."""
     path = Path(args.prefs_images or (TOY_TRAIN if args.sft_data == "toy" else args.sft_data))
     if path.is_dir():
         files = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".tga"))
-        return [{"id": f, "image": f, "refs": {}} for f in files][: args.prefs_limit or None], path
+        return [{"id": f, "image": f, "refs": {}, "facts": None} for f in files][: args.prefs_limit or None], path
     folder = Path(args.image_folder or path.parent) if not args.prefs_images else path.parent
     rows, seen = [], set()
     for where, rec in lm.read_records(path):
         for img in lm.record_images(rec, where)[:1]:
             if img not in seen:
                 seen.add(img)
-                rows.append({"id": rec.get("id", where), "image": img, "refs": reference_answers(rec, where)})
+                facts = {"findings": rec["findings"], "modality": rec["modality"]} if "findings" in rec else None
+                rows.append({"id": rec.get("id", where), "image": img, "refs": reference_answers(rec, where),
+                             "facts": facts})
     return rows[: args.prefs_limit or None], folder
 
 
@@ -528,13 +630,16 @@ def stream_seed(args: Args, stream: str) -> int:
 
 
 def judge_replies(args: Args, items: list[tuple], rank: int, world: int, device) -> list[str]:
-    """A reply per (image, question, answer 1, answer 2, reference answers): the offline reference judge, or a local
-    judge VLM (any checkpoint llava_med.load reads, in place of GPT-4o) given the image and judge_content, sampled
-    at the released temperature 0.2 (eval_gpt4v_review.py)."""
+    """A reply per (image, question, answer 1, answer 2, reference answers, toy facts): the offline reference judge,
+    the toy judge (the toy record's findings; an image without them gets no reply), or a local judge VLM (any
+    checkpoint llava_med.load reads, in place of GPT-4o) given the image and judge_content, sampled at the released
+    temperature 0.2 (eval_gpt4v_review.py)."""
     if args.judge == "reference":
-        return [reference_judge(q, a1, a2, refs) for _, q, a1, a2, refs in items]
+        return [reference_judge(q, a1, a2, refs) for _, q, a1, a2, refs, _ in items]
+    if args.judge == "toy":
+        return [toy_judge(q, a1, a2, facts) if facts else "" for _, q, a1, a2, _, facts in items]
     judge, tokenizer = lm.load(args.judge, dtype=args.dtype, device=device)
-    jobs = [{"turns": [("user", judge_content(q, a1, a2))], "images": [im]} for im, q, a1, a2, _ in items]
+    jobs = [{"turns": [("user", judge_content(q, a1, a2))], "images": [im]} for im, q, a1, a2, _, _ in items]
     return lm.generate_sharded(judge, tokenizer, jobs, args.gen_batch_size, rank, world, "judge",
                                stream_seed(args, "judge"), max_new_tokens=args.judge_max_new_tokens,
                                temperature=args.judge_temperature)
@@ -564,7 +669,7 @@ def generate_preferences(args: Args, model, tokenizer, rows: list[dict], folder:
                                   stream_seed(args, f"answer{s}"), max_new_tokens=args.a_max_new_tokens,
                                   temperature=args.a_temperature, top_k=args.a_top_k, top_p=args.a_top_p)
               for s in args.answer_seeds.split(","))
-    replies = judge_replies(args, [(images[k // n], q, a1[k], a2[k], rows[k // n]["refs"])
+    replies = judge_replies(args, [(images[k // n], q, a1[k], a2[k], rows[k // n]["refs"], rows[k // n]["facts"])
                                    for k, q in enumerate(questions)], rank, world, next(model.parameters()).device)
     stats, pairs = {"images": len(rows), "questions": len(questions)}, []
     for k, (q, reply) in enumerate(zip(questions, replies)):

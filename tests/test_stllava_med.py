@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -340,7 +341,8 @@ def test_judge_rules_and_dpo_records(monkeypatch, tmp_path):
     model, tok = lm.load("tiny")
     lm.save_llava_hf(model, tok, tmp_path / "judge")
     args = st.resolve_defaults(st.Args(judge=str(tmp_path / "judge"), judge_max_new_tokens=4, gen_batch_size=2))
-    items = [(TOY / rec["image"], f"Question {k}?", "left upper lung", "right upper lung", refs) for k in range(3)]
+    facts = {"findings": rec["findings"], "modality": rec["modality"]}
+    items = [(TOY / rec["image"], f"Question {k}?", "left upper lung", "right upper lung", refs, facts) for k in range(3)]
     real = st.judge_replies(args, items, 0, 1, CPU)
     assert len(real) == 3 and real == st.judge_replies(args, items, 0, 1, CPU)  # seeded
     assert st.judge_replies(dataclasses.replace(args, judge="reference"), items, 0, 1, CPU) == [""] * 3
@@ -355,7 +357,7 @@ def test_judge_rules_and_dpo_records(monkeypatch, tmp_path):
     assert [st.parse_scores(x) for x in replies] == [(8.0, 3.0)] * 3
     assert [len(s[0]) for s in seen] == [2, 1] and seen[0][1] == (2, 3, 64, 64) and seen[0][2] == 0.2
     assert seen[1][3] == seen[0][3] + 1  # batch b samples with the pass's seed + b
-    assert all(st.judge_content(q, a1, a2).strip() in p for (_, q, a1, a2, _), p in zip(items, seen[0][0] + seen[1][0]))
+    assert all(st.judge_content(q, a1, a2).strip() in p for (_, q, a1, a2, _, _), p in zip(items, seen[0][0] + seen[1][0]))
     monkeypatch.undo()
     model.config.template = "vicuna_v1"
     data = st.PairData([("mem", r)], TOY, tok, model.config, 512, False)
@@ -368,6 +370,49 @@ def test_judge_rules_and_dpo_records(monkeypatch, tmp_path):
     text = tok.decode(sq.items[0]["rejected"]["input_ids"])
     assert "questions.Also," in text and text.endswith("ASSISTANT: left upper lung</s>")
     assert tok.decode([t for t in sq.items[0]["chosen"]["labels"] if t != lm.IGNORE_INDEX]) == " right upper lung</s>"
+
+
+def test_toy_judge_prefers_the_image_grounded_answer():
+    """The toy's stand-in for GPT-4o reads only the texts and the record's findings and modality. On the held-out
+    pairs of data/toy/prefs_val.json (built by make_toy.py, never by this file) it prefers the chosen, image-grounded
+    answer of every clinically serious pair (wrong yes/no, side, missed lesion, hallucinated finding) and scores
+    (nearly) every wording-only pair a tie; a judge that ignores the findings cannot. Its parser is the toy
+    hallucination rule's (tests/test_toy.py report_mentions) on every val and test report. As the default of the toy
+    run: pref-split images with their facts, and ties skipped."""
+    import test_toy
+    records = {r["image"]: r for _, r in lm.read_records(TOY / "val.json")}
+    for _, r in lm.read_records(TOY / "test.json") + list(records.items()):
+        lesions, locations, _ = st.toy_mentions(r["report"])
+        assert (lesions, locations) == test_toy.report_mentions(r["report"]), r["report"]
+    verdict = {}
+    for _, pair in lm.read_records(TOY / "prefs_val.json"):
+        q = pair["conversations"][0]["value"].replace("<image>\n", "")
+        chosen, rejected = pair["conversations"][-1]["value"], pair["rejected_conversations"][-1]["value"]
+        facts = {"findings": pair["toy_findings"], "modality": records[pair["image"]]["modality"]}
+        s1, s2 = st.parse_scores(st.toy_judge(q, chosen, rejected, facts))
+        # the released rule: answer 1 is chosen when it scores higher; swap the order, same verdict
+        assert st.parse_scores(st.toy_judge(q, rejected, chosen, facts)) == (s2, s1)
+        verdict.setdefault(pair["toy_serious"], []).append("chosen" if s1 > s2 else "tie" if s1 == s2 else "rejected")
+    assert len(verdict[True]) > 200 and set(verdict[True]) == {"chosen"}
+    assert verdict[False].count("tie") / len(verdict[False]) > 0.9
+    # the facts decide: the same answers about another image flip the verdict
+    nodule = {"findings": [{"name": "nodule", "location": "left upper lung"}], "modality": "chest x-ray"}
+    normal = {"findings": [], "modality": "chest x-ray"}
+    for q, a, b in [("Is this image normal?", "no", "yes"), ("Is there a nodule in this image?", "yes", "no"),
+                    ("Is the nodule located in the left upper lung?", "yes", "no"), ("What abnormality is seen?", "nodule", "none")]:
+        assert st.parse_scores(st.toy_judge(q, a, b, nodule)) == (10, 0) and st.parse_scores(st.toy_judge(q, a, b, normal)) == (0, 10)
+    assert st.parse_scores(st.toy_judge("Is this a chest x-ray?", "yes", "no", normal)) == (10, 0)
+    assert st.parse_scores(st.toy_judge("Where is the nodule located?", "left upper lung", "right upper lung", nodule)) == (10, 0)
+    assert st.parse_scores(st.toy_judge("Is this image normal?", "yes", "the chest", nodule)) == (0, 0)  # no answer = wrong
+    assert st.parse_scores(st.toy_judge("What abnormality is seen?", "chest x-ray", "none", nodule)) == (0, 0)  # no evasion
+    assert st.toy_judge("What colour is the sky?", "blue", "red", nodule) == ""  # not settled by the facts: no reply
+    args = st.resolve_defaults(st.Args())
+    rows, folder = st.image_sources(args)
+    assert (args.judge, args.ties, Path(args.prefs_images).name, len(rows)) == ("toy", "skip", "pref.json", 120)
+    assert all(r["facts"]["modality"] for r in rows) and folder == TOY
+    real = st.resolve_defaults(st.Args(model="/ckpt/x", sft_data="/data/x.json"))
+    assert (real.judge, real.ties, real.q_temperature, real.describe_prompt) == (
+        "reference", "answer2", 1.2, "Can you describe the image in detail?")  # real runs: the released values
 
 
 PREFS = ["--stages", "prefs", "--prefs-limit", "2", "--n-questions", "2", "--gen-batch-size", "2",
