@@ -120,8 +120,8 @@ class Args:
     tasks: str = "vqa,report"  # which tasks build pairs and get evaluated (closed yes/no VQA, report generation)
     oracle_domain: bool = False  # use each record's "domain" instead of the router (oracle routing; the paper routes)
     gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says; the warm start's prompts use retrieve.py's)
-    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 600 for tiny, else 0
-    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 200 for tiny, else 0
+    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 200 for tiny (v1 toy: 600; 200 + 80 keep the default run near the 5-minute goal), else 0
+    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 80 for tiny (v1 toy: 200), else 0
     sft_lr: float = 1e-3  # learning rate of that warm start
     warm_balance_prior: bool = True  # toy: warm start on the closed questions whose wording does not give the answer away (see prior_balanced)
     warm_reference: Literal["own", "retrieved"] = "own"  # warm start 2's references: own = the image's own train report first, then the retrieved ones (see warm_start_rag); retrieved = only retrieved
@@ -138,20 +138,20 @@ class Args:
     # RAG-PT training: DPO (released: beta 0.1, lr 1e-7, 3 epochs, batch 4 on LLaVA-Med 7B)
     stages: Literal["two", "merged"] = "two"  # two: D_cm, then D_oa from the stage-1 adapter (released); merged: all in one stage
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
-    lora_r: int = 128  # LoRA rank (released: 128)
-    lora_alpha: int = 256  # LoRA alpha (256)
+    lora_r: int = 16  # LoRA rank (toy default, dpo.py's val sweep: r 128 is full rank on the 128-wide tiny model; released: 128)
+    lora_alpha: int = 32  # LoRA alpha (toy default, alpha / r = 2 as released; released: 256)
     lora_dropout: float = 0.05  # LoRA dropout (0.05)
     tune_projector: bool = False  # also train the projector (ambiguous in the release; spec A8: a flag)
-    beta: float = 0.1  # DPO temperature (paper's alpha not found; the release runs TRL's 0.1)
+    beta: float = 2.0  # DPO temperature (toy default, dpo.py's val sweep: 0.1 lets the tiny policy drift; paper's alpha not found, the release runs TRL's 0.1)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO; ipo = Azar et al. 2023, length-normalised
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0
     prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
-    lr: float = 1e-5  # peak learning rate (toy default; 1e-7 on LLaVA-Med 7B)
+    lr: float = 1e-3  # peak learning rate (toy default, dpo.py's val sweep; v1 toy's 1e-5 moved no answer; released: 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # projector learning rate with --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks (a smaller subset: the largest batch it fills)
     micro_batch_size: int = 8  # pairs per forward on one rank; also the warm start's global batch is 16 answers
-    epochs: int = 2  # passes over each stage's pairs (released: 3)
+    epochs: int = 4  # passes over each stage's pairs (toy default: ~100 pairs a stage = 6 steps an epoch; released: 3)
     max_steps: int = -1  # per stage (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine (every phase, the warm start too)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -1417,13 +1417,13 @@ def rag_pt_set(args: Args, s: dict, gen, gamma: float, made_from, rank: int, log
 
 def main(argv=None):
     args = parse_args(Args, argv)
-    tiny = args.model == "tiny"  # -1: the warm start of the random tiny model (600 + 200 steps), none for a checkpoint
+    tiny = args.model == "tiny"  # -1: the warm start of the random tiny model (200 + 80 steps), none for a checkpoint
     args = dataclasses.replace(args, vqa_max_new_tokens=args.vqa_max_new_tokens if args.vqa_max_new_tokens >= 0 else 16 if tiny else 1024,
                                report_max_new_tokens=args.report_max_new_tokens if args.report_max_new_tokens >= 0 else 96 if tiny else 1024)
     if args.image:
         return answer_one(args)
-    args = dataclasses.replace(args, sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 600 * tiny,
-                               sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 200 * tiny)
+    args = dataclasses.replace(args, sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 200 * tiny,
+                               sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 80 * tiny)
     rank, world, device = setup_distributed(args.dist_timeout_s)
     out, master, t0 = Path(args.out), rank == 0, time.time()
     log = jsonl_logger(out / "metrics.jsonl", rank)

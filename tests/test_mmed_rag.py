@@ -248,7 +248,7 @@ def test_cross_modality_pairs_teach_reading_the_image_on_held_out_images():
         assert sizes["cm"] == len(items) and sizes["oa1"] == sizes["oa2"] == 0
         return [(f"{split} pair {n}", p) for n, p in enumerate(pairs)]
 
-    def held_out_margin(train_recs, steps=6):
+    def held_out_margin(train_recs, steps=4):
         torch.manual_seed(0)
         model, _ = lm.load("tiny", seed=0)
         args = mr.Args(lora_r=8, lora_alpha=16, lora_dropout=0.0, beta=0.5, lr=3e-3)
@@ -266,7 +266,7 @@ def test_cross_modality_pairs_teach_reading_the_image_on_held_out_images():
             stats = mr.dpo_step(args, model.eval(), ref, held, list(range(len(held))), TOK, "cpu")
         return float(stats["margin"] / stats["n"]), float(stats["accuracy"] / stats["n"])
 
-    train = cm_pairs("ragpt.json", 12)
+    train = cm_pairs("ragpt.json", 8)
     assert all(p["rejected_noised"] == 1 for _, p in train)
     margin, accuracy = held_out_margin(train)
     no_noise = [(w, {k: v for k, v in p.items() if k != "rejected_noised"}) for w, p in train]
