@@ -1065,12 +1065,16 @@ def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def warm_start_rag(args: Args, model, tokenizer, kb_items: list[dict], pixel, device, rank: int, world: int, folder: Path,
+def warm_start_rag(args: Args, model, tokenizer, warm_items: list[dict], pixel, device, rank: int, world: int, folder: Path,
                    log):
     """The tiny model is random: before RAG-PT means anything it must answer, with and without reports. The full
     model with the projector (ViT frozen) trains in two phases, each with a fresh optimizer: --sft-warmup-steps on
-    plain prompts of the knowledge-base items (learn to read the images: through ~250-token RAG prompts alone 300
-    mixed steps left the random model at chance), then --sft-rag-steps on plain + RAG prompts (learn the A6 format).
+    plain prompts of the warm-start items (toy: train.json, prior-balanced; learn to read the images: through
+    ~250-token RAG prompts alone 300 mixed steps left the random model at chance), then --sft-rag-steps on plain + RAG
+    prompts (learn the A6 format). With --warm-reference own the first reference is the image's own train report
+    (25 % of them name a lesion the image lacks or the wrong side, README (b)): the warm start learns that the top
+    reference is usually right, as a model tuned with RAG on its own retriever's data does -- the trust RAG-PT is
+    there to temper when the references are near misses (the KB twins at RAG-PT and test time).
     Each answer weighs the same, its mean token loss (a one-token yes/no as much as a 35-token report), over global
     batches of 16. Saved as a llava-hf checkpoint in `folder`/model (the adapter's base) and loaded back from there,
     as a real run starts RAG-PT from its SFT checkpoint; reused while the folder's key holds."""
@@ -1081,8 +1085,8 @@ def warm_start_rag(args: Args, model, tokenizer, kb_items: list[dict], pixel, de
             p.data = p.data.float() if p.requires_grad else p.data
         shard(model, device)
         cfg, micro = model.config, max(1, 16 // world)  # 16 answers per step (or the nearest multiple of the ranks)
-        plain = [(it, plain_prompt(it["task"], it["domain"], it["question"])) for it in kb_items]
-        with_rag = [(it, rag_prompt(it["task"], it["domain"], it["reports"], it["question"])) for it in kb_items]
+        plain = [(it, plain_prompt(it["task"], it["domain"], it["question"])) for it in warm_items]
+        with_rag = [(it, rag_prompt(it["task"], it["domain"], it["reports"], it["question"])) for it in warm_items]
         phases = (("warm_plain", plain, args.sft_warmup_steps), ("warm_rag", plain + with_rag, args.sft_rag_steps))
         for name, examples, steps in phases:
             seqs = [lm.tokenize_conversation(tokenizer, lm.place_image_markers([("user", q), ("assistant", it["answer"])], 1),
@@ -1329,7 +1333,7 @@ def answer_one(args: Args) -> dict:
 
 
 def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
-    """(retrieve.DomainRAG, its folder): --retriever, or OUT/retriever, trained here on the toy knowledge-base split
+    """(retrieve.DomainRAG, its folder): --retriever, or OUT/retriever, trained here on the toy's kb.json
     by retrieve.build_all (its phases resume from their checkpoints) and reused while its key holds (every Args
     field above `model`)."""
     rdir = Path(args.retriever or out / "retriever")
