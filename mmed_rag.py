@@ -102,10 +102,10 @@ import retrieve
 @dataclass
 class Args:
     # data and retrieval (every field above `model` keys the retriever trained here, OUT/retriever)
-    data: str = "data/toy"  # toy folder: train.json is split into knowledge base / RAG-PT / validation, test.json tests
+    data: str = "data/toy"  # toy folder: kb.json knowledge base, train.json warm start, ragpt.json RAG-PT, val.json, test.json
     image_folder: str = ""  # image paths are relative to this ("" = the data file's folder)
-    val_fraction: float = 0.15  # toy: share of each domain's training images for validation (gamma sweep)
-    pt_fraction: float = 0.3  # toy: share of the rest kept out of the knowledge base for RAG-PT (RULE: disjoint)
+    val_fraction: float = 1.0  # toy: share of each domain's val.json images (first in file order) for the gamma sweep
+    pt_fraction: float = 1.0  # toy: share of each domain's ragpt.json images (first in file order) for RAG-PT
     seed: int = 0  # same seed + same data = same run (retrievers, warm start, LoRA initialisation, shuffles)
     retriever: str = ""  # a retrieve.py --out folder ("" = train one into OUT/retriever from the toy split)
     retriever_epochs: int = 30  # retrieve.py --epochs when training it here
@@ -120,14 +120,16 @@ class Args:
     tasks: str = "vqa,report"  # which tasks build pairs and get evaluated (closed yes/no VQA, report generation)
     oracle_domain: bool = False  # use each record's "domain" instead of the router (oracle routing; the paper routes)
     gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says; the warm start's prompts use retrieve.py's)
-    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 600 for tiny, else 0
-    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 200 for tiny, else 0
+    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 200 for tiny (v1 toy: 600; 200 + 80 keep the default run near the 5-minute goal), else 0
+    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 80 for tiny (v1 toy: 200), else 0
     sft_lr: float = 1e-3  # learning rate of that warm start
+    warm_balance_prior: bool = True  # toy: warm start on the closed questions whose wording does not give the answer away (see prior_balanced)
+    warm_reference: Literal["own", "retrieved"] = "own"  # warm start 2's references: own = the image's own train report first, then the retrieved ones (see warm_start_rag); retrieved = only retrieved
     # generation from the model before RAG-PT (fields above `pt_data` key the tuned gamma, above `stages` the pairs)
     gamma_tune: Literal["accuracy", "f1"] = "accuracy"  # accuracy: by validation VQA accuracy (spec A5); f1: retrieve.py's pick
     val_data: str = ""  # closed VQA validation set for that sweep ("" = the toy validation split)
-    vqa_max_new_tokens: int = 1024  # generation cap, as RULE's eval scripts (model_vqa_iuxray.py: max_new_tokens=1024);
-    report_max_new_tokens: int = 1024  # an answer reaching the cap is counted as truncated and never made a rejected answer
+    vqa_max_new_tokens: int = -1  # generation cap: -1 = 1024 as RULE's eval scripts (model_vqa_iuxray.py: max_new_tokens=1024), 16 for tiny;
+    report_max_new_tokens: int = -1  # -1 = 1024, 96 for tiny (toy reports are under 60 tokens; a barely trained tiny model can run on to the cap: 3 min per evaluation). An answer reaching the cap is counted as truncated and never made a rejected answer
     pt_data: str = ""  # RAG-PT source (LLaVA VQA json or records with report); "" = the toy RAG-PT split
     pt_k: int = 1  # reports in RAG-PT prompts (every released pair has exactly 1); 0 = adaptive as at inference
     cm_image: Literal["noise", "unrelated", "both"] = "noise"  # D_cm rejected image: noise (released: pure Gaussian noise), an unrelated image, or both
@@ -136,20 +138,20 @@ class Args:
     # RAG-PT training: DPO (released: beta 0.1, lr 1e-7, 3 epochs, batch 4 on LLaVA-Med 7B)
     stages: Literal["two", "merged"] = "two"  # two: D_cm, then D_oa from the stage-1 adapter (released); merged: all in one stage
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
-    lora_r: int = 128  # LoRA rank (released: 128)
-    lora_alpha: int = 256  # LoRA alpha (256)
+    lora_r: int = 16  # LoRA rank (toy default, dpo.py's val sweep: r 128 is full rank on the 128-wide tiny model; released: 128)
+    lora_alpha: int = 32  # LoRA alpha (toy default, alpha / r = 2 as released; released: 256)
     lora_dropout: float = 0.05  # LoRA dropout (0.05)
     tune_projector: bool = False  # also train the projector (ambiguous in the release; spec A8: a flag)
-    beta: float = 0.1  # DPO temperature (paper's alpha not found; the release runs TRL's 0.1)
+    beta: float = 2.0  # DPO temperature (toy default, dpo.py's val sweep: 0.1 lets the tiny policy drift; paper's alpha not found, the release runs TRL's 0.1)
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO; ipo = Azar et al. 2023, length-normalised
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0
     prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
-    lr: float = 1e-5  # peak learning rate (toy default; 1e-7 on LLaVA-Med 7B)
+    lr: float = 1e-3  # peak learning rate (toy default, dpo.py's val sweep; v1 toy's 1e-5 moved no answer; released: 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # projector learning rate with --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks (a smaller subset: the largest batch it fills)
     micro_batch_size: int = 8  # pairs per forward on one rank; also the warm start's global batch is 16 answers
-    epochs: int = 2  # passes over each stage's pairs (released: 3)
+    epochs: int = 4  # passes over each stage's pairs (toy default: ~100 pairs a stage = 6 steps an epoch; released: 3)
     max_steps: int = -1  # per stage (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine (every phase, the warm start too)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -275,7 +277,8 @@ def read_items(path, tasks=("vqa", "report")) -> list[dict]:
                 for k, qa in enumerate(rec["qa"]):
                     if qa["answer"] in ("yes", "no"):
                         items.append({"id": f"{rec['id']}_q{k}", "task": "vqa", "image": image, "domain": domain,
-                                      "question": qa["question"], "answer": qa["answer"]})
+                                      "question": qa["question"], "answer": qa["answer"], "own_report": rec.get("report"),
+                                      "kind": qa.get("kind"), "prior_answer": qa.get("prior_answer")})
         elif "conversations" in rec and "vqa" in tasks:
             turns = lm.record_turns(rec, where)
             answer = lm.normalize_answer(turns[1][1])
@@ -286,25 +289,48 @@ def read_items(path, tasks=("vqa", "report")) -> list[dict]:
                           "question": turns[0][1].replace(lm.IMAGE_MARKER, "").strip(), "answer": answer})
         if rec.get("report") and "report" in tasks:
             items.append({"id": f"{rec.get('id', where)}_report", "task": "report", "image": image, "domain": domain,
-                          "question": "", "answer": rec["report"].strip()})
+                          "question": "", "answer": rec["report"].strip(), "own_report": rec["report"].strip()})
     if skipped:
         print(f"{path}: {skipped} non-yes/no questions skipped (MMed-RAG evaluates closed VQA)", file=sys.stderr)
     return items
 
 
 def toy_splits(folder: Path, val_fraction: float, pt_fraction: float):
-    """Per domain, in file order: the last val_fraction of train.json is validation, then the last pt_fraction of
-    the rest is the RAG-PT source; the first part is the retrievers' training set and knowledge base (kept disjoint
-    from RAG-PT, as RULE requires, so retrieval on RAG-PT images can fail as it does at test time).
-    Returns (kb record ids, pt record ids, val record ids)."""
-    rest, val = retrieve.split_validation([rec for _, rec in lm.read_records(folder / "train.json")], val_fraction)
-    kb, pt = retrieve.split_validation(rest, pt_fraction)  # the last part of each domain's list, in file order
-    return {r["id"] for r in kb}, {r["id"] for r in pt}, {r["id"] for r in val}
+    """The toy's files (data/toy/README.md): kb.json is the retrievers' training set and knowledge base, train.json
+    the warm start, ragpt.json the RAG-PT source, val.json the gamma sweep. kb.json holds near-miss twins of every
+    ragpt / val / test image (its lesion on the other side, no lesion, a lesion added, or the same finding), so the
+    retrieved reports are wrong for 2 of 3 twins of an abnormal query: the interference RAG-PT is meant to undo. The
+    twins' own images are not the queries', so the sets stay disjoint as RULE requires. Returns {name: ids}, the
+    first val_fraction / pt_fraction of each domain's val / ragpt images in file order."""
+    first = lambda recs, f: {r["id"] for d in dict.fromkeys(x["domain"] for x in recs)  # noqa: E731
+                             for r in [x for x in recs if x["domain"] == d][:max(1, round(f * sum(x["domain"] == d for x in recs)))]}
+    read = lambda name: [rec for _, rec in lm.read_records(folder / name)]  # noqa: E731
+    return {"kb": {r["id"] for r in read("kb.json")}, "warm": {r["id"] for r in read("train.json")},
+            "pt": first(read("ragpt.json"), pt_fraction), "val": first(read("val.json"), val_fraction)}
+
+
+def prior_balanced(items: list[dict]) -> list[dict]:
+    """Toy only: train.json's closed questions carry a language prior (data/toy/README.md (a): the wording gives the
+    answer for 90 % of them), so a warm start on all of them answers by the wording (measured: 600 + 200 steps gave
+    50.0 % on val with and without retrieval, the same answer on the noise image: nothing for RAG-PT to compare).
+    Keep every counter-prior question (answer != `prior_answer`) and, per (domain, kind, answer), as many pro-prior
+    ones (first in file order), so the wording predicts nothing; reports and items without `prior_answer` stay."""
+    keep, quota = [], Counter()
+    for it in items:
+        if it.get("prior_answer") and it["answer"] != it["prior_answer"]:
+            quota[(it["domain"], it["kind"], it["answer"])] += 1
+    for it in items:
+        if not it.get("prior_answer") or it["answer"] != it["prior_answer"]:
+            keep.append(it)
+        elif quota[(it["domain"], it["kind"], it["answer"])] > 0:
+            quota[(it["domain"], it["kind"], it["answer"])] -= 1
+            keep.append(it)
+    return keep
 
 
 def read_splits(args: Args, tasks) -> dict:
-    """{"folder", "kb", "pt", "val", "test"}: the image folder and the knowledge-base, RAG-PT, validation and test
-    items, each with its resolved "path" (test items name it as their image). The toy folder is split by toy_splits;
+    """{"folder", "warm", "pt", "val", "test"}: the image folder and the warm-start, RAG-PT, validation and test
+    items, each with its resolved "path" (test items name it as their image). The toy folder's files are toy_splits';
     other data come as --pt-data / --val-data / --test-data, with the knowledge base in --retriever. --eval-only reads
     the test items only."""
     data = Path(args.data)
@@ -313,17 +339,18 @@ def read_splits(args: Args, tasks) -> dict:
     if not toy and (not args.test_data or not args.retriever or not (args.pt_data or args.rag_pt_data or args.eval_only)):
         raise ValueError("outside the toy folder pass --retriever (a retrieve.py --out), --pt-data (or --rag-pt-data) "
                          "and --test-data")
-    s = {"folder": folder, "kb": [], "pt": [], "val": []}
+    s = {"folder": folder, "warm": [], "pt": [], "val": []}
     if toy and not args.eval_only:
-        kb_ids, pt_ids, val_ids = toy_splits(data, args.val_fraction, args.pt_fraction)
+        ids = toy_splits(data, args.val_fraction, args.pt_fraction)
         owner = lambda it: it["id"].rsplit("_", 1)[0]  # noqa: E731  (record id of an item)
-        train = read_items(data / "train.json", tasks)
-        s["kb"], s["pt"] = [it for it in train if owner(it) in kb_ids], [it for it in train if owner(it) in pt_ids]
-        s["val"] = [it for it in read_items(data / "train.json", ("vqa",)) if owner(it) in val_ids]
+        s["warm"] = read_items(data / "train.json", tasks)
+        s["warm"] = prior_balanced(s["warm"]) if args.warm_balance_prior else s["warm"]
+        s["pt"] = [it for it in read_items(args.pt_data or data / "ragpt.json", tasks) if owner(it) in ids["pt"]]
+        s["val"] = [it for it in read_items(args.val_data or data / "val.json", ("vqa",)) if owner(it) in ids["val"]]
     elif not args.eval_only:
         s["pt"] = read_items(args.pt_data, tasks) if args.pt_data else []
         s["val"] = read_items(args.val_data, ("vqa",)) if args.val_data else []
-    for it in s["kb"] + s["pt"] + s["val"]:
+    for it in s["warm"] + s["pt"] + s["val"]:
         it["path"] = str(lm.resolve_image(folder, it["image"], it["id"], args.allow_images_outside_folder))
     test_folder = folder if toy or args.image_folder else Path(args.test_data).parent
     s["test"] = read_items(args.test_data or data / "test.json", tasks)
@@ -1038,12 +1065,16 @@ def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def warm_start_rag(args: Args, model, tokenizer, kb_items: list[dict], pixel, device, rank: int, world: int, folder: Path,
+def warm_start_rag(args: Args, model, tokenizer, warm_items: list[dict], pixel, device, rank: int, world: int, folder: Path,
                    log):
     """The tiny model is random: before RAG-PT means anything it must answer, with and without reports. The full
     model with the projector (ViT frozen) trains in two phases, each with a fresh optimizer: --sft-warmup-steps on
-    plain prompts of the knowledge-base items (learn to read the images: through ~250-token RAG prompts alone 300
-    mixed steps left the random model at chance), then --sft-rag-steps on plain + RAG prompts (learn the A6 format).
+    plain prompts of the warm-start items (toy: train.json, prior-balanced; learn to read the images: through
+    ~250-token RAG prompts alone 300 mixed steps left the random model at chance), then --sft-rag-steps on plain + RAG
+    prompts (learn the A6 format). With --warm-reference own the first reference is the image's own train report
+    (25 % of them name a lesion the image lacks or the wrong side, README (b)): the warm start learns that the top
+    reference is usually right, as a model tuned with RAG on its own retriever's data does -- the trust RAG-PT is
+    there to temper when the references are near misses (the KB twins at RAG-PT and test time).
     Each answer weighs the same, its mean token loss (a one-token yes/no as much as a 35-token report), over global
     batches of 16. Saved as a llava-hf checkpoint in `folder`/model (the adapter's base) and loaded back from there,
     as a real run starts RAG-PT from its SFT checkpoint; reused while the folder's key holds."""
@@ -1054,8 +1085,8 @@ def warm_start_rag(args: Args, model, tokenizer, kb_items: list[dict], pixel, de
             p.data = p.data.float() if p.requires_grad else p.data
         shard(model, device)
         cfg, micro = model.config, max(1, 16 // world)  # 16 answers per step (or the nearest multiple of the ranks)
-        plain = [(it, plain_prompt(it["task"], it["domain"], it["question"])) for it in kb_items]
-        with_rag = [(it, rag_prompt(it["task"], it["domain"], it["reports"], it["question"])) for it in kb_items]
+        plain = [(it, plain_prompt(it["task"], it["domain"], it["question"])) for it in warm_items]
+        with_rag = [(it, rag_prompt(it["task"], it["domain"], it["reports"], it["question"])) for it in warm_items]
         phases = (("warm_plain", plain, args.sft_warmup_steps), ("warm_rag", plain + with_rag, args.sft_rag_steps))
         for name, examples, steps in phases:
             seqs = [lm.tokenize_conversation(tokenizer, lm.place_image_markers([("user", q), ("assistant", it["answer"])], 1),
@@ -1302,7 +1333,7 @@ def answer_one(args: Args) -> dict:
 
 
 def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
-    """(retrieve.DomainRAG, its folder): --retriever, or OUT/retriever, trained here on the toy knowledge-base split
+    """(retrieve.DomainRAG, its folder): --retriever, or OUT/retriever, trained here on the toy's kb.json
     by retrieve.build_all (its phases resume from their checkpoints) and reused while its key holds (every Args
     field above `model`)."""
     rdir = Path(args.retriever or out / "retriever")
@@ -1310,13 +1341,13 @@ def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
         keyed_folder(rdir, cache_key(args, "model"), rank)
         if not (rdir / "results.json").exists():  # written last: the retriever is complete
             data = Path(args.data)
-            kb_ids, _, val_ids = toy_splits(data, args.val_fraction, args.pt_fraction)
-            pairs = retrieve.read_pairs(data / "train.json")
+            ids = toy_splits(data, args.val_fraction, args.pt_fraction)
             rargs = retrieve.Args(data=str(data), out=str(rdir), epochs=args.retriever_epochs, k_max=args.k_max,
                                   rule=args.rule, code_threshold=args.code_threshold, seed=args.seed, resume=args.resume,
                                   save_every=args.save_every, on_nonfinite=args.on_nonfinite,
                                   dist_timeout_s=args.dist_timeout_s)
-            res = retrieve.build_all(rargs, [p for p in pairs if p["id"] in kb_ids], [p for p in pairs if p["id"] in val_ids],
+            res = retrieve.build_all(rargs, retrieve.read_pairs(data / "kb.json"),
+                                     [p for p in retrieve.read_pairs(data / "val.json") if p["id"] in ids["val"]],
                                      retrieve.read_pairs(data / "test.json"), rank, world, device, log)
             if rank == 0:
                 (rdir / "results.json").write_text(json.dumps(res, indent=1))
@@ -1390,11 +1421,13 @@ def rag_pt_set(args: Args, s: dict, gen, gamma: float, made_from, rank: int, log
 
 def main(argv=None):
     args = parse_args(Args, argv)
+    tiny = args.model == "tiny"  # -1: the warm start of the random tiny model (200 + 80 steps), none for a checkpoint
+    args = dataclasses.replace(args, vqa_max_new_tokens=args.vqa_max_new_tokens if args.vqa_max_new_tokens >= 0 else 16 if tiny else 1024,
+                               report_max_new_tokens=args.report_max_new_tokens if args.report_max_new_tokens >= 0 else 96 if tiny else 1024)
     if args.image:
         return answer_one(args)
-    tiny = args.model == "tiny"  # -1: the warm start of the random tiny model (600 + 200 steps), none for a checkpoint
-    args = dataclasses.replace(args, sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 600 * tiny,
-                               sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 200 * tiny)
+    args = dataclasses.replace(args, sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 200 * tiny,
+                               sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 80 * tiny)
     rank, world, device = setup_distributed(args.dist_timeout_s)
     out, master, t0 = Path(args.out), rank == 0, time.time()
     log = jsonl_logger(out / "metrics.jsonl", rank)
@@ -1408,18 +1441,21 @@ def main(argv=None):
     for what, name in (("pt", "RAG-PT"), ("val", "validation"), ("test", "test")):
         s[what] = rag.drop_kb_images(s[what], name, args.skip_bad_samples)
     gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma  # retrieve.py's (F1) pick: the warm start's prompts
-    misrouted = {"kb": rag.attach(s["kb"], args.k_max, args.rule, gamma, args.code_threshold, oracle=args.oracle_domain,
-                                  exclude_own={it["path"] for it in s["kb"]})}  # a KB image must not retrieve its own entry
+    misrouted = {"warm": rag.attach(s["warm"], args.k_max, args.rule, gamma, args.code_threshold, oracle=args.oracle_domain,
+                                    exclude_own={it["path"] for it in s["warm"]})}  # an image never retrieves its own entry
+    if args.warm_reference == "own":  # the warm start's retrieval finds the image's own report (see warm_start_rag)
+        for it in s["warm"]:
+            it["reports"] = [it["own_report"]] + it["reports"][:len(it["reports"]) - 1]
     # ---- 2. the Med-LVLM (warm-started when it is the tiny random model): policy LoRA, reference = adapters off
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
     pixel = pixel_loader(model.config, s["folder"])
     made_from = [fingerprint(rdir), fingerprint(args.model)]  # what the caches are made from besides the Args
     base, ref_model = args.model, None
     if not args.eval_only and (args.sft_warmup_steps or args.sft_rag_steps):
-        if not s["kb"]:
-            raise ValueError("a warm start needs the toy knowledge-base split (pass 0 steps for a trained model)")
+        if not s["warm"]:
+            raise ValueError("a warm start needs the toy's train.json (pass 0 steps for a trained model)")
         folder = keyed_folder(out / "warm_start", cache_key(args, "gamma_tune", made_from), rank)
-        model = warm_start_rag(args, model, tokenizer, s["kb"], pixel, device, rank, world, folder, log)
+        model = warm_start_rag(args, model, tokenizer, s["warm"], pixel, device, rank, world, folder, log)
         base = str(folder / "model")
     if not args.eval_only:
         torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before

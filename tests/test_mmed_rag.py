@@ -235,6 +235,47 @@ def test_truncated_or_empty_rejected_answers_make_no_pair():
     assert sizes["skipped_empty"] == 1 and sizes["skipped_truncated"] == 1
 
 
+def test_cross_modality_pairs_teach_reading_the_image_on_held_out_images():
+    """RAG-PT's own part, on images it never trained on: DPO on D_cm pairs (chosen: the answer with the real image;
+    rejected: the same answer with the release's noise image, the reports kept) makes the policy prefer the answer
+    with the real image over the one from the reports alone (noise image) on held-out images, i.e. the
+    copy-reference direction of the paper's analysis. Without the cross-modality part (the same pairs with the noise
+    image taken away: the rejected input is the real image again) nothing moves: the held-out margin stays 0."""
+    def cm_pairs(split, n_images):
+        items = [dict(it, reports=[it["own_report"]]) for it in mr.read_items(TOY / split, ("vqa",))][:3 * n_images]
+        # a model that answers every question right on any image (3 jobs per item: plain, RAG, noise + RAG)
+        pairs, sizes = mr.rag_pt_pairs(items, lambda jobs: [it["answer"] for it in items for _ in range(3)])
+        assert sizes["cm"] == len(items) and sizes["oa1"] == sizes["oa2"] == 0
+        return [(f"{split} pair {n}", p) for n, p in enumerate(pairs)]
+
+    def held_out_margin(train_recs, steps=4):
+        torch.manual_seed(0)
+        model, _ = lm.load("tiny", seed=0)
+        args = mr.Args(lora_r=8, lora_alpha=16, lora_dropout=0.0, beta=0.5, lr=3e-3)
+        model, ref = mr.build_models(args, model, "cpu")
+        data = mr.PairData(train_recs, TOY, TOK, model.config, 512, False, allow_outside=True)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+        for step in range(steps):
+            idx = [(6 * step + i) % len(data) for i in range(6)]
+            stats = mr.dpo_step(args, model.train(), ref, data, idx, TOK, "cpu")
+            (stats["loss"] / stats["n"]).backward()
+            opt.step()
+            opt.zero_grad()
+        held = mr.PairData(cm_pairs("val.json", 4), TOY, TOK, model.config, 512, False, allow_outside=True)
+        with torch.no_grad():
+            stats = mr.dpo_step(args, model.eval(), ref, held, list(range(len(held))), TOK, "cpu")
+        return float(stats["margin"] / stats["n"]), float(stats["accuracy"] / stats["n"])
+
+    train = cm_pairs("ragpt.json", 8)
+    assert all(p["rejected_noised"] == 1 for _, p in train)
+    margin, accuracy = held_out_margin(train)
+    no_noise = [(w, {k: v for k, v in p.items() if k != "rejected_noised"}) for w, p in train]
+    margin0, accuracy0 = held_out_margin(no_noise)
+    print(f"held-out D_cm margin {margin:.3f}, reward accuracy {accuracy:.2f}; without the noise image {margin0}")
+    assert margin > 0.5 and accuracy > 0.9, (margin, accuracy)
+    assert abs(margin0) < 1e-4 and accuracy0 == 0, (margin0, accuracy0)
+
+
 def test_noise_image_is_the_released_one(tmp_path):
     """Release (train_dpo_2stages.py): generate_gaussian_noise = N(0,1) of the image's shape clipped to [0,1], uint8,
     then expand2square and CLIPImageProcessor. Ours: dpo.py's PairData.pixel for the "noise:<image>" key, which
@@ -413,18 +454,18 @@ def test_complete_pipeline_on_two_ranks_and_eval_only_on_its_export(tmp_path):
     res = json.loads((out / "results.json").read_text())
     phases = [json.loads(line)["phase"] for line in open(out / "metrics.jsonl")]
     assert phases == (["router"] * 300 + [p for d in ("radiology", "pathology", "ophthalmology")
-                                          for p in [f"retriever_{d}"] * 3 + ["recall"]] + ["warm_plain"] * 2
+                                          for p in [f"retriever_{d}"] * 6 + ["recall"]] + ["warm_plain"] * 2
                       + ["warm_rag"] * 2 + ["eval_before", "rag_pt"] + ["stage1"] * 2 + ["stage2"] * 2 + ["eval_after"])
-    pt = [it for it in mr.read_items(TOY / "train.json", ("vqa",)) if it["id"].rsplit("_", 1)[0] in mr.toy_splits(TOY, 0.05, 0.05)[1]]
+    pt = [it for it in mr.read_items(TOY / "ragpt.json", ("vqa",)) if it["id"].rsplit("_", 1)[0] in mr.toy_splits(TOY, 0.05, 0.05)["pt"]]
     yes = sum(it["answer"] == "yes" for it in pt)
     sizes = res["rag_pt_sizes"]["total"]
-    assert sizes["candidates"] == len(pt) == 54 and (sizes["cm"], sizes["oa1"], sizes["oa2"]) == (yes, yes, len(pt) - yes)
+    assert sizes["candidates"] == len(pt) == 9 and (sizes["cm"], sizes["oa1"], sizes["oa2"]) == (yes, yes, len(pt) - yes)
     written = json.loads((out / "rag_pt.json").read_text())
     assert len(written) == 2 * yes + len(pt) - yes and all(p.get("rejected_noised") == 1 for p in written if p["subset"] == "cm")
     assert res["dpo"]["stage1"] == {"pairs": yes, "skipped_records": {}, "steps": 2, "nonfinite_skipped": 0}
     assert res["dpo"]["stage2"]["pairs"] == len(pt) and res["dpo"]["stage2"]["steps"] == 2
     r = res["retrieval"]
-    assert r["routing"] == "router" and set(r["misrouted"]) == {"kb", "val", "pt", "test"}
+    assert r["routing"] == "router" and set(r["misrouted"]) == {"warm", "val", "pt", "test"}
     assert r["gamma"] in [row["gamma"] for row in r["gamma_sweep"]] and "score" in r["gamma_sweep"][0]
     assert res["before"]["rag"]["vqa"]["n"] == res["after"]["rag"]["vqa"]["n"] == 4 and "| + RAG-PT (with RAG) |" in res["table"]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "llava_hf" / "config.json").exists()

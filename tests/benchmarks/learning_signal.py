@@ -54,7 +54,8 @@ METHODS = {
         target=("MMedPO (weighted)", "DPO (uniform)"), curve=[("dpo", "margin"), ("mmedpo", "margin")]),
     "mmed_rag": dict(
         cmd=["mmed_rag.py"], metric="VQA accuracy with retrieval on the toy test split (%)", better="higher",
-        arms={"RAG (before RAG-PT)": lambda r: _get(r, "before", "rag", "vqa", "acc"),  # mmed_rag reports in %
+        arms={"no retrieval (before RAG-PT)": lambda r: _get(r, "before", "plain", "vqa", "acc"),  # mmed_rag: in %
+              "RAG (before RAG-PT)": lambda r: _get(r, "before", "rag", "vqa", "acc"),
               "RAG + RAG-PT": lambda r: _get(r, "after", "rag", "vqa", "acc")},
         target=("RAG + RAG-PT", "RAG (before RAG-PT)"), curve=[("stage1", "margin"), ("stage2", "margin")]),
     "stllava_med": dict(
