@@ -119,7 +119,7 @@ class Args:
     a_top_p: float = 0.95  # answer sampling top-p (model_collectA.py)
     a_max_new_tokens: int = -1  # -1 = 1024 (released), or 16 for --model tiny
     answer_seeds: str = "40,42"  # the seeds of answer 1 and answer 2 (model_collectA.py set_seed)
-    judge: str = "auto"  # a judge VLM checkpoint folder (the paper: GPT-4o), "reference" (offline: token F1 against the data's answer) or "toy" (offline: the toy record's findings, toy_judge); auto = toy for --model tiny on the toy, else reference
+    judge: str = "auto"  # a judge VLM checkpoint folder (the paper: GPT-4o), "reference" (offline: token F1 against the data's answer) or "toy" (offline: the toy record's findings, data/toy_oracles.py toy_judge_reply); auto = toy for --model tiny on the toy, else reference
     judge_temperature: float = 0.2  # judge sampling (eval_gpt4v_review.py)
     judge_max_new_tokens: int = 64  # judge reply length cap (the scores are on its first line)
     ties: Literal["auto", "answer2", "skip"] = "auto"  # equal scores: chosen is answer 2 (the released rule), or skip the pair; auto = skip with the toy judge (its ties are exact: both answers equally right or wrong, no preference to learn), else answer2
@@ -486,91 +486,6 @@ def reference_judge(question: str, answer1: str, answer2: str, refs: dict[str, s
     return f"{s1} {s2}\nreference-answer scorer: token F1 against {ref!r}"
 
 
-# The toy judge (data/toy/README.md "(b)" and "(c)"): it reads the toy record's own `findings` and `modality`, so it
-# knows when an answer contradicts the image -- the toy's stand-in for GPT-4o, which sees the image. Its vocabulary is
-# the toy's (data/make_toy.py: every domain's lesions and distractor findings, the 8 location strings, the modalities).
-TOY_LESIONS = ("nodule", "tumor cluster", "exudate", "hemorrhage", "effusion", "pneumothorax", "necrosis", "fibrosis",
-               "drusen")
-TOY_LOCATIONS = ("left upper lung", "left lower lung", "right upper lung", "right lower lung", "upper left",
-                 "upper right", "lower left", "lower right")
-TOY_MODALITIES = ("chest x-ray", "histopathology", "fundus photograph", "mri")
-TOY_NEGATIONS = ("no", "not", "without", "none", "neither", "nor")
-
-
-def toy_mentions(text: str, negations: bool = True) -> tuple[set, set, set]:
-    """(lesions, locations, modalities) that a text names, by the toy hallucination rule (data/toy/README.md (b),
-    tests/test_toy.py report_mentions): sentences split at '.', ';', '?'; with `negations`, a sentence holding a
-    negation word names nothing; whole-word matches of the toy's vocabulary."""
-    found = (set(), set(), set())
-    for sentence in re.split(r"[.;?]", text):
-        s = " " + re.sub(r"[^a-z0-9 ]+", " ", sentence.lower().replace("x-ray", "xray")) + " "
-        if negations and any(f" {w} " in s for w in TOY_NEGATIONS):
-            continue
-        for bag, words in zip(found, (TOY_LESIONS, TOY_LOCATIONS, TOY_MODALITIES)):
-            bag |= {w for w in words if f" {w.replace('x-ray', 'xray')} " in s}
-    return found
-
-
-def toy_truth(question: str, findings: list[dict], modality: str) -> str | None:
-    """The image's answer to a self-asked yes/no question about the toy's facts, or None (not a yes/no question, or
-    one the facts do not settle). A location question ("Is the nodule in the left upper lung?") is yes iff a finding
-    lies there; then "normal"; a lesion name (presence); a modality."""
-    q = question.strip().lower()
-    if not re.match(r"(is|are|does|do|was|were|has|have|can)\b", q):
-        return None
-    lesions, locations, modalities = toy_mentions(q, negations=False)
-    if locations:
-        named = lesions or {f["name"] for f in findings}  # "the lesion" (ophthalmology) names any finding
-        return "yes" if any(f["location"] in locations and f["name"] in named for f in findings) else "no"
-    if re.search(r"\bnormal\b", q):
-        return "no" if findings else "yes"
-    if lesions:
-        return "yes" if lesions & {f["name"] for f in findings} else "no"
-    if modalities:
-        return "yes" if modality.lower() in modalities else "no"
-    return None
-
-
-def toy_answer_score(question: str, answer: str, findings: list[dict], modality: str) -> int | None:
-    """10 when one answer states what the question asks about, as the image's facts have it; 0 when it contradicts the
-    image (the wrong yes/no; or it names a lesion, location or modality the image does not have, or names no lesion
-    of an abnormal image when asked for the abnormality or a description) or does not answer (no yes/no, a garbled
-    sample). A non-answer scores as low as a wrong answer: at 3 of 10 (our first version) the tiny model's stage 2
-    learnt to evade -- "What abnormality is seen?" -> "chest x-ray", which never contradicts the image (test seeds 1
-    and 2: abnormality accuracy 60 -> 0). None: the facts do not settle the question."""
-    truth = toy_truth(question, findings, modality)
-    if truth is not None:
-        said = lm.yes_no(answer)
-        return 10 if said == truth else 0
-    q = question.lower()
-    asks = ("modality" if "modality" in q else "abnormality" if "abnormal" in q or "finding" in q else
-            "where" if q.startswith("where") else "describe" if "describe" in q else None)
-    if asks is None:
-        return None
-    lesions, locations, modalities = toy_mentions(answer)
-    names, places = {f["name"] for f in findings}, {f["location"] for f in findings}
-    if lesions - names or locations - places or modalities - {modality.lower()}:
-        return 0  # a hallucinated finding, a wrong side / quadrant, a wrong modality
-    if findings and asks in ("abnormality", "describe") and not lesions & names:
-        return 0  # a missed lesion ("none", or a normal report, for an abnormal image)
-    says_normal = re.search(r"\b(no|none|not|normal|clear|healthy|preserved)\b", answer.lower()) is not None
-    stated = {"modality": bool(modalities), "where": bool(locations),
-              "abnormality": bool(lesions) if findings else says_normal,
-              # a description of a normal image that names no finding is faithful (toy rule (b)) if it is one
-              "describe": bool(lesions and locations) if findings else len(answer.split()) >= 6}[asks]
-    return 10 if stated else 0
-
-
-def toy_judge(question: str, answer1: str, answer2: str, facts: dict) -> str:
-    """The offline toy judge as a judge reply ("s1 s2" on the first line, as the released parser reads it): each
-    answer scored by toy_answer_score against the record's findings and modality; an empty reply (counted as "no
-    reference answer") when the facts do not settle the question."""
-    s = [toy_answer_score(question, a, facts["findings"], facts["modality"]) for a in (answer1, answer2)]
-    if None in s:
-        return ""
-    return f"{s[0]} {s[1]}\ntoy judge: scored against the image's findings {[f['name'] + ' ' + f['location'] for f in facts['findings']]}"
-
-
 def preference_pair(question: str, answers: tuple[str, str], reply: str, ties: str, stats: dict):
     """(chosen, rejected, scores) from the judge's reply, or None (the reason counted in stats): unparsable reply ->
     skipped (released); equal scores -> answer 2 is chosen (released: `if s1 > s2` else answer 2) or skipped with
@@ -636,8 +551,10 @@ def judge_replies(args: Args, items: list[tuple], rank: int, world: int, device)
     temperature 0.2 (eval_gpt4v_review.py)."""
     if args.judge == "reference":
         return [reference_judge(q, a1, a2, refs) for _, q, a1, a2, refs, _ in items]
-    if args.judge == "toy":
-        return [toy_judge(q, a1, a2, facts) if facts else "" for _, q, a1, a2, _, facts in items]
+    if args.judge == "toy":  # the toy's stand-in for GPT-4o (data/toy_oracles.py: reads the toy record's findings)
+        from data.toy_oracles import toy_judge_reply
+
+        return [toy_judge_reply(q, a1, a2, facts) if facts else "" for _, q, a1, a2, _, facts in items]
     judge, tokenizer = lm.load(args.judge, dtype=args.dtype, device=device)
     jobs = [{"turns": [("user", judge_content(q, a1, a2))], "images": [im]} for im, q, a1, a2, _, _ in items]
     return lm.generate_sharded(judge, tokenizer, jobs, args.gen_batch_size, rank, world, "judge",

@@ -1,10 +1,11 @@
 """data/toy_oracles.py -- offline stand-ins, for the toy only, of the external models that recipes call: the
 paper's GPT-4V that rewrites captions (huatuo_vision.py --reformat-model tiny), MMedPO's hallucination judge and
-clinical-relevance scorers (mmedpo.py --judge toy --scorers toy), and the toy's hallucination rule that scores
-generated reports (data/toy/README.md (b), (c); tests/test_toy.py checks it on the toy). Each one "sees" a toy image by
-looking up the toy record of that image (data/toy/*.json: its true findings and modality, what such a model reads
-off the picture) and gets exactly the inputs the real model gets. They live with the toy data, not in the recipes:
-a real run passes a model path instead, and the recipe reads like its paper.
+clinical-relevance scorers (mmedpo.py --judge toy --scorers toy), STLLaVA-Med's GPT-4o judge (stllava_med.py
+--judge toy), and the toy's hallucination rule that scores generated reports (data/toy/README.md (b), (c);
+tests/test_toy.py checks it on the toy files). Each one "sees" a toy image by looking up the toy record of that
+image (data/toy/*.json: its true findings and modality, what such a model reads off the picture) and gets the
+inputs the real model gets. They live with the toy data, not in the recipes: a real run passes a model path
+instead, and the recipe reads like its paper.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ TOY_LESIONS = ("nodule", "tumor cluster", "exudate", "hemorrhage", "effusion", "
 TOY_LOCATIONS = ("left upper lung", "left lower lung", "right upper lung", "right lower lung", "upper left",
                  "upper right", "lower left", "lower right")
 TOY_NEGATIONS = ("no", "not", "without", "none", "neither", "nor")
+TOY_MODALITIES = ("chest x-ray", "histopathology", "fundus photograph", "mri")
 # clinical relevance (0-1, the released scores' scale) of each kind of rejected answer: a re-wording says what the
 # ground truth says (harmless, 0); a wrong yes/no, side, missed or invented lesion is a clinically wrong statement
 # (1). "unknown" (a sampled answer that differs but names nothing the rule reads) sits in between.
@@ -32,16 +34,25 @@ TOY_RELEVANCE = {"wording": 0.0, "wrong_yes_no": 1.0, "wrong_location": 1.0, "mi
                  "hallucinated_finding": 1.0, "unknown": 0.5}
 
 
-def toy_mentions(text: str) -> tuple[set, set]:
-    """(lesion names, location phrases) named in the text's positive sentences (split at . ; ?; a sentence with a
-    negation word names nothing), whole words: the README's hallucination-rule parser."""
-    lesions, locations = set(), set()
+def _named(text: str, words, negations: bool = True) -> set:
+    """The words of `words` that the text names in its positive sentences (split at . ; ?; with `negations`, a
+    sentence holding a negation word names nothing), whole words, case-insensitive: the README's rule (b)."""
+    found = set()
     for sentence in re.split(r"[.;?]", text):
-        s = " " + re.sub(r"[^a-z0-9 ]+", " ", sentence.lower()) + " "
-        if not any(f" {w} " in s for w in TOY_NEGATIONS):
-            lesions |= {w for w in TOY_LESIONS if f" {w} " in s}
-            locations |= {w for w in TOY_LOCATIONS if f" {w} " in s}
-    return lesions, locations
+        s = " " + re.sub(r"[^a-z0-9 ]+", " ", sentence.lower().replace("x-ray", "xray")) + " "
+        if not (negations and any(f" {w} " in s for w in TOY_NEGATIONS)):
+            found |= {w for w in words if f" {w.replace('x-ray', 'xray')} " in s}
+    return found
+
+
+def toy_mentions(text: str, negations: bool = True) -> tuple[set, set]:
+    """(lesion names, location phrases) named in the text: the README's hallucination-rule parser."""
+    return _named(text, TOY_LESIONS, negations), _named(text, TOY_LOCATIONS, negations)
+
+
+def toy_modalities(text: str, negations: bool = True) -> set:
+    """The toy modalities the text names (same rule)."""
+    return _named(text, TOY_MODALITIES, negations)
 
 
 def toy_hallucinated(text: str, findings: list[dict]) -> bool:
@@ -98,6 +109,66 @@ class ToyJudge:
         kind = toy_kind(gt, rejected, findings)
         return {"score": TOY_RELEVANCE[kind], "rounds": 1, "agreed": True, "history": [TOY_RELEVANCE[kind]],
                 "toy_kind": kind}
+
+
+def toy_truth(question: str, findings: list[dict], modality: str) -> str | None:
+    """The image's answer to a self-asked yes/no question about the toy's facts, or None (not a yes/no question, or
+    one the facts do not settle). A location question ("Is the nodule in the left upper lung?") is yes iff a finding
+    lies there; then "normal"; a lesion name (presence); a modality."""
+    q = question.strip().lower()
+    if not re.match(r"(is|are|does|do|was|were|has|have|can)\b", q):
+        return None
+    (lesions, locations), modalities = toy_mentions(q, negations=False), toy_modalities(q, negations=False)
+    if locations:
+        named = lesions or {f["name"] for f in findings}  # "the lesion" (ophthalmology) names any finding
+        return "yes" if any(f["location"] in locations and f["name"] in named for f in findings) else "no"
+    if re.search(r"\bnormal\b", q):
+        return "no" if findings else "yes"
+    if lesions:
+        return "yes" if lesions & {f["name"] for f in findings} else "no"
+    if modalities:
+        return "yes" if modality.lower() in modalities else "no"
+    return None
+
+
+def toy_answer_score(question: str, answer: str, findings: list[dict], modality: str) -> int | None:
+    """10 when one answer states what the question asks about, as the image's facts have it; 0 when it contradicts the
+    image (the wrong yes/no; or it names a lesion, location or modality the image does not have, or names no lesion
+    of an abnormal image when asked for the abnormality or a description) or does not answer (no yes/no, a garbled
+    sample). A non-answer scores as low as a wrong answer: at 3 of 10 (our first version) the tiny model's stage 2
+    learnt to evade -- "What abnormality is seen?" -> "chest x-ray", which never contradicts the image (test seeds 1
+    and 2: abnormality accuracy 60 -> 0). None: the facts do not settle the question."""
+    truth = toy_truth(question, findings, modality)
+    if truth is not None:
+        said = lm.yes_no(answer)
+        return 10 if said == truth else 0
+    q = question.lower()
+    asks = ("modality" if "modality" in q else "abnormality" if "abnormal" in q or "finding" in q else
+            "where" if q.startswith("where") else "describe" if "describe" in q else None)
+    if asks is None:
+        return None
+    (lesions, locations), modalities = toy_mentions(answer), toy_modalities(answer)
+    names, places = {f["name"] for f in findings}, {f["location"] for f in findings}
+    if lesions - names or locations - places or modalities - {modality.lower()}:
+        return 0  # a hallucinated finding, a wrong side / quadrant, a wrong modality
+    if findings and asks in ("abnormality", "describe") and not lesions & names:
+        return 0  # a missed lesion ("none", or a normal report, for an abnormal image)
+    says_normal = re.search(r"\b(no|none|not|normal|clear|healthy|preserved)\b", answer.lower()) is not None
+    stated = {"modality": bool(modalities), "where": bool(locations),
+              "abnormality": bool(lesions) if findings else says_normal,
+              # a description of a normal image that names no finding is faithful (toy rule (b)) if it is one
+              "describe": bool(lesions and locations) if findings else len(answer.split()) >= 6}[asks]
+    return 10 if stated else 0
+
+
+def toy_judge_reply(question: str, answer1: str, answer2: str, facts: dict) -> str:
+    """STLLaVA-Med's judge (stllava_med.py --judge toy; the paper's GPT-4o sees the image) as a judge reply: "s1 s2"
+    on the first line, as the released parser reads it, each answer scored by toy_answer_score against the record's
+    findings and modality; an empty reply (counted as "no reference answer") when the facts do not settle it."""
+    s = [toy_answer_score(question, a, facts["findings"], facts["modality"]) for a in (answer1, answer2)]
+    if None in s:
+        return ""
+    return f"{s[0]} {s[1]}\ntoy judge: scored against the image's findings {[f['name'] + ' ' + f['location'] for f in facts['findings']]}"
 
 
 def article(noun: str) -> str:

@@ -376,22 +376,19 @@ def test_toy_judge_prefers_the_image_grounded_answer():
     """The toy's stand-in for GPT-4o reads only the texts and the record's findings and modality. On the held-out
     pairs of data/toy/prefs_val.json (built by make_toy.py, never by this file) it prefers the chosen, image-grounded
     answer of every clinically serious pair (wrong yes/no, side, missed lesion, hallucinated finding) and scores
-    (nearly) every wording-only pair a tie; a judge that ignores the findings cannot. Its parser is the toy
-    hallucination rule's (tests/test_toy.py report_mentions) on every val and test report. As the default of the toy
-    run: pref-split images with their facts, and ties skipped."""
-    import test_toy
+    (nearly) every wording-only pair a tie; a judge that ignores the findings cannot. (Its parser is the toy
+    hallucination rule's, data/toy_oracles.py.) As the default of the toy run: pref-split images with their facts,
+    and ties skipped."""
+    from data.toy_oracles import toy_judge_reply
     records = {r["image"]: r for _, r in lm.read_records(TOY / "val.json")}
-    for _, r in lm.read_records(TOY / "test.json") + list(records.items()):
-        lesions, locations, _ = st.toy_mentions(r["report"])
-        assert (lesions, locations) == test_toy.report_mentions(r["report"]), r["report"]
     verdict = {}
     for _, pair in lm.read_records(TOY / "prefs_val.json"):
         q = pair["conversations"][0]["value"].replace("<image>\n", "")
         chosen, rejected = pair["conversations"][-1]["value"], pair["rejected_conversations"][-1]["value"]
         facts = {"findings": pair["toy_findings"], "modality": records[pair["image"]]["modality"]}
-        s1, s2 = st.parse_scores(st.toy_judge(q, chosen, rejected, facts))
+        s1, s2 = st.parse_scores(toy_judge_reply(q, chosen, rejected, facts))
         # the released rule: answer 1 is chosen when it scores higher; swap the order, same verdict
-        assert st.parse_scores(st.toy_judge(q, rejected, chosen, facts)) == (s2, s1)
+        assert st.parse_scores(toy_judge_reply(q, rejected, chosen, facts)) == (s2, s1)
         verdict.setdefault(pair["toy_serious"], []).append("chosen" if s1 > s2 else "tie" if s1 == s2 else "rejected")
     assert len(verdict[True]) > 200 and set(verdict[True]) == {"chosen"}
     assert verdict[False].count("tie") / len(verdict[False]) > 0.9
@@ -400,12 +397,12 @@ def test_toy_judge_prefers_the_image_grounded_answer():
     normal = {"findings": [], "modality": "chest x-ray"}
     for q, a, b in [("Is this image normal?", "no", "yes"), ("Is there a nodule in this image?", "yes", "no"),
                     ("Is the nodule located in the left upper lung?", "yes", "no"), ("What abnormality is seen?", "nodule", "none")]:
-        assert st.parse_scores(st.toy_judge(q, a, b, nodule)) == (10, 0) and st.parse_scores(st.toy_judge(q, a, b, normal)) == (0, 10)
-    assert st.parse_scores(st.toy_judge("Is this a chest x-ray?", "yes", "no", normal)) == (10, 0)
-    assert st.parse_scores(st.toy_judge("Where is the nodule located?", "left upper lung", "right upper lung", nodule)) == (10, 0)
-    assert st.parse_scores(st.toy_judge("Is this image normal?", "yes", "the chest", nodule)) == (0, 0)  # no answer = wrong
-    assert st.parse_scores(st.toy_judge("What abnormality is seen?", "chest x-ray", "none", nodule)) == (0, 0)  # no evasion
-    assert st.toy_judge("What colour is the sky?", "blue", "red", nodule) == ""  # not settled by the facts: no reply
+        assert st.parse_scores(toy_judge_reply(q, a, b, nodule)) == (10, 0) and st.parse_scores(toy_judge_reply(q, a, b, normal)) == (0, 10)
+    assert st.parse_scores(toy_judge_reply("Is this a chest x-ray?", "yes", "no", normal)) == (10, 0)
+    assert st.parse_scores(toy_judge_reply("Where is the nodule located?", "left upper lung", "right upper lung", nodule)) == (10, 0)
+    assert st.parse_scores(toy_judge_reply("Is this image normal?", "yes", "the chest", nodule)) == (0, 0)  # no answer = wrong
+    assert st.parse_scores(toy_judge_reply("What abnormality is seen?", "chest x-ray", "none", nodule)) == (0, 0)  # no evasion
+    assert toy_judge_reply("What colour is the sky?", "blue", "red", nodule) == ""  # not settled by the facts: no reply
     args = st.resolve_defaults(st.Args())
     rows, folder = st.image_sources(args)
     assert (args.judge, args.ties, Path(args.prefs_images).name, len(rows)) == ("toy", "skip", "pref.json", 120)
