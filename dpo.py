@@ -463,32 +463,8 @@ def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model setup: policy (LoRA or full), reference, FSDP2 sharding
+# Model setup: FSDP2 sharding (the policy and its reference: lm.policy_and_reference)
 # ----------------------------------------------------------------------------------------------------------
-
-
-def build_models(args: Args, model, device):
-    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
-    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
-    import copy
-
-    model.requires_grad_(False)
-    ref_model = None
-    if args.full_finetune:
-        ref_model = copy.deepcopy(model).eval()
-        model.language_model.requires_grad_(True)
-    else:
-        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
-    if args.tune_projector:
-        model.projector.requires_grad_(True)
-        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
-            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model, ref_model
 
 
 def shard(model, device, activation_checkpointing: bool = False, compile: bool = False):
@@ -749,24 +725,6 @@ def to_device(batch, device):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def image_features_for(model, ref_model, pixel_values, device):
-    """Encode each distinct image once; the projected features serve the policy and, when the tower and projector
-    are frozen, the reference too. A trained projector has a frozen copy for the reference (ref_model, or its
-    .projector); a ViT with LoRA (STLLaVA-Med) runs a second tower pass with the adapters off. Returns (policy
-    features, reference features)."""
-    if pixel_values is None:
-        return None, None
-    vis = model.vision_features(pixel_values.to(device))
-    policy = model.projector(vis)
-    vit_lora = any(p.requires_grad for p in model.vision_tower.parameters())
-    if ref_model is None and not vit_lora:
-        return policy, policy.detach()
-    with torch.no_grad(), lm.adapters_off(model):
-        ref_vis = model.vision_features(pixel_values.to(device)) if vit_lora else vis
-        ref_proj = model.projector if ref_model is None else getattr(ref_model, "projector", ref_model)
-        return policy, ref_proj(ref_vis)
-
-
 def reference_logps(model, ref_model, batch, ref_feats):
     with torch.no_grad():
         if ref_model is not None and hasattr(ref_model, "language_model"):  # full fine-tuning: frozen copy
@@ -786,7 +744,7 @@ def pair_logps(args, model, ref_model, data, tokenizer, device, rank, world, pol
         chunk = mine[s * args.micro_batch_size:(s + 1) * args.micro_batch_size]
         real, chunk, B = len(chunk), chunk or [0], max(1, len(chunk))
         batch = to_device(collate_pairs(data, chunk, tokenizer.pad_token_id, args.prefix_sharing), device)
-        feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
+        feats, ref_feats = lm.image_features(model, ref_model, batch["pixel_values"], device)
         pol = sequence_logps(model, batch, feats)[0] if policy else torch.zeros(2 * B, device=device)
         ref = torch.zeros_like(pol) if args.reference_free else reference_logps(model, ref_model, batch, ref_feats)[0]
         table[chunk[:real]] = torch.stack([pol[:B], pol[B:], ref[:B], ref[B:]], 1)[:real].float().cpu()
@@ -813,7 +771,7 @@ def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, 
 def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=None) -> dict:
     """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
     batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id, args.prefix_sharing), device)
-    feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
+    feats, ref_feats = lm.image_features(model, ref_model, batch["pixel_values"], device)
     logps, counts = sequence_logps(model, batch, feats)
     B = len(idx)
     if args.reference_free:
@@ -940,7 +898,8 @@ def main(argv=None):
                                sft.pixel, device, rank, world, out, log)
             base = str(out / "base_llava_hf")
         torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
-        model, ref_model = build_models(args, model, device)
+        model, ref_model = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                                   args.lora_dropout, args.tune_projector)
     torch.manual_seed(args.seed + rank)  # dropout differs per rank (CleanRL's "CRUCIAL" seed offset)
     shard(model, device, args.activation_checkpointing, args.compile)
     if not args.eval_only and ref_model is not None and hasattr(ref_model, "language_model"):

@@ -732,6 +732,50 @@ class adapters_off:
             m._disable_adapters = False
 
 
+def policy_and_reference(model: LlavaMed, full_finetune: bool, lora_r: int, lora_alpha: int, lora_dropout: float,
+                         tune_projector: bool):
+    """A preference policy (trainable parameters in fp32) and its reference: the adapters switched off (LoRA on
+    every linear layer of the LM's decoder, LORA_TARGETS; the returned reference is None) or a frozen copy (full
+    fine-tuning). A trained projector keeps a frozen copy for the reference (adapters-off would use the trained one)."""
+    import copy
+
+    model.requires_grad_(False)
+    ref_model = None
+    if full_finetune:
+        ref_model = copy.deepcopy(model).eval()
+        model.language_model.requires_grad_(True)
+    else:
+        add_lora(model, lora_r, lora_alpha, lora_dropout)
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n)
+    if tune_projector:
+        model.projector.requires_grad_(True)
+        if ref_model is None:
+            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return model, ref_model
+
+
+def image_features(model: LlavaMed, ref_model, pixel_values, device):
+    """(policy features, reference features) of each distinct image, encoded once: the projected features serve the
+    policy and, when the tower and projector are frozen, the reference too. A trained projector has a frozen copy
+    for the reference (ref_model, or its .projector); a ViT with LoRA (STLLaVA-Med) runs a second tower pass with
+    the adapters off."""
+    if pixel_values is None:
+        return None, None
+    vis = model.vision_features(pixel_values.to(device))
+    policy = model.projector(vis)
+    vit_lora = any(p.requires_grad for p in model.vision_tower.parameters())
+    if ref_model is None and not vit_lora:
+        return policy, policy.detach()
+    with torch.no_grad(), adapters_off(model):
+        ref_vis = model.vision_features(pixel_values.to(device)) if vit_lora else vis
+        ref_proj = model.projector if ref_model is None else getattr(ref_model, "projector", ref_model)
+        return policy, ref_proj(ref_vis)
+
+
 def full_state_dict(model) -> dict:
     """Every parameter and buffer as a whole CPU tensor. FSDP2 shards are gathered (a collective: every rank calls)."""
     return {n: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu() for n, t in model.state_dict().items()}

@@ -716,31 +716,6 @@ def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> t
     return sums, counts
 
 
-# Copied from dpo.py: build_models
-def build_models(args: Args, model, device):
-    """Policy (trainable parameters in fp32) and the reference: adapters off (LoRA, ref_model None) or a frozen
-    copy (full fine-tuning). LoRA goes on every linear layer of the LM's decoder (lm.LORA_TARGETS)."""
-    import copy
-
-    model.requires_grad_(False)
-    ref_model = None
-    if args.full_finetune:
-        ref_model = copy.deepcopy(model).eval()
-        model.language_model.requires_grad_(True)
-    else:
-        lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
-        for n, p in model.named_parameters():
-            p.requires_grad_("lora_" in n)
-    if args.tune_projector:
-        model.projector.requires_grad_(True)
-        if ref_model is None:  # adapters-off would otherwise use the *trained* projector as the reference's
-            ref_model = copy.deepcopy(model.projector).requires_grad_(False)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    return model, ref_model
-
-
 # Copied from dpo.py: shard
 def shard(model, device, activation_checkpointing: bool = False, compile: bool = False):
     """FSDP2: one unit per decoder layer, one for the vision tower, one for the projector, and the root
@@ -999,25 +974,6 @@ def to_device(batch, device):
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-# Copied from dpo.py: image_features_for
-def image_features_for(model, ref_model, pixel_values, device):
-    """Encode each distinct image once; the projected features serve the policy and, when the tower and projector
-    are frozen, the reference too. A trained projector has a frozen copy for the reference (ref_model, or its
-    .projector); a ViT with LoRA (STLLaVA-Med) runs a second tower pass with the adapters off. Returns (policy
-    features, reference features)."""
-    if pixel_values is None:
-        return None, None
-    vis = model.vision_features(pixel_values.to(device))
-    policy = model.projector(vis)
-    vit_lora = any(p.requires_grad for p in model.vision_tower.parameters())
-    if ref_model is None and not vit_lora:
-        return policy, policy.detach()
-    with torch.no_grad(), lm.adapters_off(model):
-        ref_vis = model.vision_features(pixel_values.to(device)) if vit_lora else vis
-        ref_proj = model.projector if ref_model is None else getattr(ref_model, "projector", ref_model)
-        return policy, ref_proj(ref_vis)
-
-
 # Copied from dpo.py: reference_logps
 def reference_logps(model, ref_model, batch, ref_feats):
     with torch.no_grad():
@@ -1031,7 +987,7 @@ def reference_logps(model, ref_model, batch, ref_feats):
 def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=None) -> dict:
     """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
     batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id, args.prefix_sharing), device)
-    feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
+    feats, ref_feats = lm.image_features(model, ref_model, batch["pixel_values"], device)
     logps, counts = sequence_logps(model, batch, feats)
     B = len(idx)
     if args.reference_free:
@@ -1459,7 +1415,8 @@ def main(argv=None):
         base = str(folder / "model")
     if not args.eval_only:
         torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
-        model, ref_model = build_models(args, model, device)
+        model, ref_model = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                                   args.lora_dropout, args.tune_projector)
     torch.manual_seed(args.seed + rank)  # dropout differs per rank
     shard(model.requires_grad_(False) if args.eval_only else model, device, args.activation_checkpointing)
     if ref_model is not None and hasattr(ref_model, "language_model"):

@@ -1164,25 +1164,6 @@ def sft_step(model, tokenizer, data: SQData, idx: list[int], epoch: int, device)
     return {"loss": loss, "n": n_tokens, "tokens": batch["attention_mask"].sum().float()}
 
 
-# Copied from dpo.py: image_features_for
-def image_features_for(model, ref_model, pixel_values, device):
-    """Encode each distinct image once; the projected features serve the policy and, when the tower and projector
-    are frozen, the reference too. A trained projector has a frozen copy for the reference (ref_model, or its
-    .projector); a ViT with LoRA (STLLaVA-Med) runs a second tower pass with the adapters off. Returns (policy
-    features, reference features)."""
-    if pixel_values is None:
-        return None, None
-    vis = model.vision_features(pixel_values.to(device))
-    policy = model.projector(vis)
-    vit_lora = any(p.requires_grad for p in model.vision_tower.parameters())
-    if ref_model is None and not vit_lora:
-        return policy, policy.detach()
-    with torch.no_grad(), lm.adapters_off(model):
-        ref_vis = model.vision_features(pixel_values.to(device)) if vit_lora else vis
-        ref_proj = model.projector if ref_model is None else getattr(ref_model, "projector", ref_model)
-        return policy, ref_proj(ref_vis)
-
-
 # Copied from dpo.py: reference_logps
 def reference_logps(model, ref_model, batch, ref_feats):
     with torch.no_grad():
@@ -1196,7 +1177,7 @@ def reference_logps(model, ref_model, batch, ref_feats):
 def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=None) -> dict:
     """One micro-batch of pairs: the summed DPO loss (the loop averages it over the global batch) and statistics."""
     batch = to_device(collate_pairs(data, idx, tokenizer.pad_token_id, args.prefix_sharing), device)
-    feats, ref_feats = image_features_for(model, ref_model, batch["pixel_values"], device)
+    feats, ref_feats = lm.image_features(model, ref_model, batch["pixel_values"], device)
     logps, counts = sequence_logps(model, batch, feats)
     B = len(idx)
     if args.reference_free:

@@ -157,7 +157,7 @@ def test_each_image_encoded_once_per_step(tiny_pairs):
     calls = []
     h = model.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
-        feats, ref_feats = dpo.image_features_for(model, None, batch["pixel_values"], torch.device("cpu"))
+        feats, ref_feats = lm.image_features(model, None, batch["pixel_values"], torch.device("cpu"))
         dpo.sequence_logps(model, batch, feats)
         with torch.no_grad():
             dpo.sequence_logps(model, batch, ref_feats)

@@ -252,7 +252,8 @@ def test_cross_modality_pairs_teach_reading_the_image_on_held_out_images():
         torch.manual_seed(0)
         model, _ = lm.load("tiny", seed=0)
         args = mr.Args(lora_r=8, lora_alpha=16, lora_dropout=0.0, beta=0.5, lr=3e-3)
-        model, ref = mr.build_models(args, model, "cpu")
+        model, ref = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                             args.lora_dropout, args.tune_projector)
         data = mr.PairData(train_recs, TOY, TOK, model.config, 512, False, allow_outside=True)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         for step in range(steps):

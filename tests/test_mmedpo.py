@@ -147,7 +147,8 @@ def test_default_lora_has_no_dropout_in_dpo(tmp_path):
     during DPO, LoRA's 0.05 included: by default two training-mode forwards of the policy are identical."""
     for args, same in ((mmedpo.Args(), True), (mmedpo.Args(lora_dropout=0.05), False)):  # the flag still turns it on
         model, tok = lm.load("tiny")
-        policy, _ = mmedpo.build_models(args, model, torch.device("cpu"))
+        policy, _ = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                            args.lora_dropout, args.tune_projector)
         with torch.no_grad():
             for n, p in policy.named_parameters():
                 if "lora_B" in n:
@@ -503,7 +504,8 @@ def test_relevance_weights_shift_the_held_out_preference_to_serious_pairs():
     cpu, gaps = torch.device("cpu"), {}
     for arm in ("dpo", "mmedpo"):
         torch.manual_seed(0)
-        policy, ref = mmedpo.build_models(args, copy.deepcopy(model), cpu)
+        policy, ref = lm.policy_and_reference(copy.deepcopy(model), args.full_finetune, args.lora_r, args.lora_alpha,
+                                              args.lora_dropout, args.tune_projector)
         opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
         for step in range(6):
             out = mmedpo.mmedpo_step(args, policy, ref, train, weights[arm], list(range(8 * step, 8 * step + 8)), tok, cpu)

@@ -4,7 +4,7 @@
 
 - A LLaVA-Med v1.5-shaped model (Mistral-7B with GQA, CLIP ViT-L/14-336, mlp2x_gelu, LoRA r=128 on every LM linear
   layer), built from the checkpoint's own config.json fields by llava_med's loader code on the meta device (no
-  memory, no arithmetic), runs dpo.py's step -- collate_pairs -> image_features_for -> sequence_logps ->
+  memory, no arithmetic), runs dpo.py's step -- collate_pairs -> lm.image_features -> sequence_logps ->
   reference_logps (adapters off) -> dpo_loss -> backward -- end to end, prefix-shared and not, in seconds.
 - tests/benchmarks/memory_estimate.py's per-rank memory formula agrees with the measured peak of live tensors at a
   small shape (the script validates a second shape too).
@@ -104,7 +104,8 @@ def meta_7b():
     args = dpo.Args(lora_r=128, lora_alpha=256, batch_size=3, micro_batch_size=3)  # dpo.py's (and MMedPO's) LoRA
     with torch.device("meta"):
         model = lm.LlavaMed(cfg).freeze_vision()
-        model, ref = dpo.build_models(args, model, torch.device("meta"))
+        model, ref = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                             args.lora_dropout, args.tune_projector)
     return cfg, args, model, ref
 
 

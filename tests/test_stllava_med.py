@@ -295,7 +295,7 @@ def test_stage2_trains_the_projector_against_the_frozen_stage1_model():
     model.eval()
     batch = st.collate_pairs(data, [0, 1, 2], tok.pad_token_id)
     with torch.no_grad():
-        feats, ref_feats = st.image_features_for(model, ref_projector, batch["pixel_values"], CPU)
+        feats, ref_feats = lm.image_features(model, ref_projector, batch["pixel_values"], CPU)
         ref, _ = st.reference_logps(model, None, batch, ref_feats)
         want, _ = st.sequence_logps(stage1, batch, stage1.encode_images(batch["pixel_values"]))
         policy, _ = st.sequence_logps(model, batch, feats)

@@ -116,7 +116,8 @@ def main():
     model.freeze_vision()
     args = dpo.Args(lora_r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, batch_size=a.pairs * world,
                     micro_batch_size=a.pairs, prefix_sharing=not a.no_prefix_sharing)
-    model, ref = dpo.build_models(args, model, device)
+    model, ref = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                         args.lora_dropout, args.tune_projector)
     n_lora = sum(q.numel() for n, q in model.named_parameters() if "lora_" in n)
     dpo.shard(model, device, ac, a.compile)
     model.train()

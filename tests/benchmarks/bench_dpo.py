@@ -135,7 +135,8 @@ def build(a, seed: int = 0):
 def ours_side(model, tok, data, args, idx, share: bool):
     args = dataclasses.replace(args, prefix_sharing=share)
     model = copy.deepcopy(model)
-    model, ref = dpo.build_models(args, model, torch.device("cpu"))
+    model, ref = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                         args.lora_dropout, args.tune_projector)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)  # as dpo.py
 
@@ -148,7 +149,7 @@ def ours_side(model, tok, data, args, idx, share: bool):
 
     def sft_step():  # the same 2N sequences as 2N causal rows, summed answer NLL, same forward code
         batch = dpo.collate_pairs(data, idx, tok.pad_token_id, share_prefix=False)
-        feats, _ = dpo.image_features_for(model, None, batch["pixel_values"], "cpu")
+        feats, _ = lm.image_features(model, None, batch["pixel_values"], "cpu")
         sums, counts = dpo.sequence_logps(model, batch, feats)
         loss = -sums.sum() / counts.sum()
         loss.backward()
@@ -158,7 +159,7 @@ def ours_side(model, tok, data, args, idx, share: bool):
 
     with torch.no_grad():
         batch = dpo.collate_pairs(data, idx, tok.pad_token_id, share)
-        _, rf = dpo.image_features_for(model, ref, batch["pixel_values"], "cpu")
+        _, rf = lm.image_features(model, ref, batch["pixel_values"], "cpu")
         ref_logps, _ = dpo.reference_logps(model, ref, batch, rf)
     table = torch.zeros(max(idx) + 1, 2)
     table[idx, 0], table[idx, 1] = ref_logps[:len(idx)], ref_logps[len(idx):]

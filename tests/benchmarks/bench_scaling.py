@@ -57,7 +57,8 @@ def main():
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     base, tok = lm.load("tiny")
     args = dpo.Args(batch_size=a.pairs, micro_batch_size=a.pairs, lora_dropout=0.0)
-    model, ref = dpo.build_models(args, copy.deepcopy(base), torch.device("cpu"))
+    model, ref = lm.policy_and_reference(copy.deepcopy(base), args.full_finetune, args.lora_r, args.lora_alpha,
+                                         args.lora_dropout, args.tune_projector)
     model.train()
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-5)
     idx = list(range(a.pairs))

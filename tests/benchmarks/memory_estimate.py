@@ -8,7 +8,7 @@ peaks: which configurations of the headline command fit on 80 GB / 141 GB cards.
 
 What is counted, per rank (W ranks; FSDP2 shards every parameter along dim 0, padded to a multiple of W):
   frozen weights       base LM + ViT + projector, sharded (bf16 with --dtype auto on GPU; fp32 on CPU)
-  LoRA weights         fp32, sharded (dpo.build_models keeps trained parameters in fp32)
+  LoRA weights         fp32, sharded (lm.policy_and_reference keeps trained parameters in fp32)
   gradients            of the LoRA weights, fp32, sharded (FSDP2 reduce-scatters in fp32)
   AdamW states         exp_avg + exp_avg_sq, fp32, sharded
   gathered units       the root unit (embeddings, lm_head, final norm) stays gathered through forward and backward,
@@ -102,7 +102,8 @@ def lora_model(cfg: lm.LlavaMedConfig, r: int, device="meta"):
     args = dpo.Args(lora_r=r, lora_alpha=2 * r)
     with torch.device(device):
         model = lm.LlavaMed(cfg).freeze_vision()
-        model, _ = dpo.build_models(args, model, torch.device(device))
+        model, _ = lm.policy_and_reference(model, args.full_finetune, args.lora_r, args.lora_alpha,
+                                           args.lora_dropout, args.tune_projector)
     return model
 
 
