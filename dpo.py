@@ -42,7 +42,6 @@ import inspect
 import json
 import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -203,47 +202,6 @@ def jsonl_logger(path: Path, rank: int):
 # Data prep: preference pairs -> token ids, labels and images
 # ----------------------------------------------------------------------------------------------------------
 
-WRONG_ANSWERS = {  # toy data: a wrong answer of the same kind for each gold answer (rejected side of a pair)
-    "yes": "no", "no": "yes",
-}
-TOY_REPORT_QUESTION = "Describe the image."  # the toy records' report turn (data/make_toy.py REPORT_QUESTION)
-
-
-def toy_preference_pairs(records: list[tuple[str, dict]], seed: int) -> list[dict]:
-    """Derive DPO pairs from toy records: for every question, chosen = the gold answer, rejected = a wrong answer of
-    the same kind (yes<->no, another location / modality / finding of the same split), and for the report turn,
-    chosen = the record's report, rejected = the report of another image with other findings. Their chosen sides are
-    the warm start's SFT data (the toy train split: its language prior and noisy reports included, as written)."""
-    rng = random.Random(seed)
-    pool = {}  # question kind -> all gold answers seen for it
-    for _, rec in records:
-        for qa in rec["qa"]:
-            pool.setdefault(_question_kind(qa), set()).add(qa["answer"])
-    reports = [(json.dumps(rec.get("findings"), sort_keys=True), rec["report"]) for _, rec in records if rec.get("report")]
-    pairs = []
-    for where, rec in records:
-        turns = [(qa["question"], qa["answer"], qa["answer_type"], qa) for qa in rec["qa"]]
-        if rec.get("report"):
-            turns.append((TOY_REPORT_QUESTION, rec["report"], "REPORT", None))
-        for k, (question, gold, answer_type, qa) in enumerate(turns):
-            if qa is None:  # a report of an image whose findings differ
-                mine = json.dumps(rec.get("findings"), sort_keys=True)
-                wrong = rng.choice([r for f, r in reports if f != mine] or ["No abnormality is seen."])
-            else:
-                wrong = WRONG_ANSWERS.get(gold) or rng.choice(sorted(pool[_question_kind(qa)] - {gold} or {"none"}))
-            human = {"from": "human", "value": "<image>\n" + question}
-            pairs.append({"id": f"{rec['id']}_q{k}", "image": rec["image"], "answer_type": answer_type,
-                          "conversations": [human, {"from": "gpt", "value": gold}],
-                          "rejected_conversations": [human, {"from": "gpt", "value": wrong}]})
-    return pairs
-
-
-def _question_kind(qa: dict) -> str:
-    """The toy's own question kind (data/make_toy.py writes it), else the question's words without articles."""
-    q = qa["question"]
-    return qa.get("kind") or " ".join(w for w in q.lower().split() if w.isalpha() and w not in ("a", "an", "the"))[:24]
-
-
 def load_preferences(args: Args, split: str = "train", skipped: dict | None = None):
     """[(where, record)] and the image folder. A toy-format folder (data/toy): split "train" / "val" reads its
     prefs_{split}.json (MMed-RAG / MMedPO release format, written by data/make_toy.py: pairs on images that are not
@@ -257,6 +215,8 @@ def load_preferences(args: Args, split: str = "train", skipped: dict | None = No
         if split != "sft" and prefs.exists():
             return lm.read_records(prefs, skipped), folder
         source = path / ("train.json" if split == "sft" else f"{split}.json")
+        from data.toy_readers import toy_preference_pairs  # toy-only code lives with the toy
+
         pairs = toy_preference_pairs(lm.read_records(source), seed=0)
         return [(f"{source} pair {p['id']}", p) for p in pairs], folder
     return lm.read_records(path, skipped), Path(args.image_folder or path.parent)

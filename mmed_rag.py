@@ -123,7 +123,7 @@ class Args:
     sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 200 for tiny (v1 toy: 600; 200 + 80 keep the default run near the 5-minute goal), else 0
     sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 80 for tiny (v1 toy: 200), else 0
     sft_lr: float = 1e-3  # learning rate of that warm start
-    warm_balance_prior: bool = True  # toy: warm start on the closed questions whose wording does not give the answer away (see prior_balanced)
+    warm_balance_prior: bool = True  # toy: warm start on the closed questions whose wording does not give the answer away (data/toy_readers.py prior_balanced)
     warm_reference: Literal["own", "retrieved"] = "own"  # warm start 2's references: own = the image's own train report first, then the retrieved ones (see warm_start_rag); retrieved = only retrieved
     # generation from the model before RAG-PT (fields above `pt_data` key the tuned gamma, above `stages` the pairs)
     gamma_tune: Literal["accuracy", "f1"] = "accuracy"  # accuracy: by validation VQA accuracy (spec A5); f1: retrieve.py's pick
@@ -295,42 +295,9 @@ def read_items(path, tasks=("vqa", "report")) -> list[dict]:
     return items
 
 
-def toy_splits(folder: Path, val_fraction: float, pt_fraction: float):
-    """The toy's files (data/toy/README.md): kb.json is the retrievers' training set and knowledge base, train.json
-    the warm start, ragpt.json the RAG-PT source, val.json the gamma sweep. kb.json holds near-miss twins of every
-    ragpt / val / test image (its lesion on the other side, no lesion, a lesion added, or the same finding), so the
-    retrieved reports are wrong for 2 of 3 twins of an abnormal query: the interference RAG-PT is meant to undo. The
-    twins' own images are not the queries', so the sets stay disjoint as RULE requires. Returns {name: ids}, the
-    first val_fraction / pt_fraction of each domain's val / ragpt images in file order."""
-    first = lambda recs, f: {r["id"] for d in dict.fromkeys(x["domain"] for x in recs)  # noqa: E731
-                             for r in [x for x in recs if x["domain"] == d][:max(1, round(f * sum(x["domain"] == d for x in recs)))]}
-    read = lambda name: [rec for _, rec in lm.read_records(folder / name)]  # noqa: E731
-    return {"kb": {r["id"] for r in read("kb.json")}, "warm": {r["id"] for r in read("train.json")},
-            "pt": first(read("ragpt.json"), pt_fraction), "val": first(read("val.json"), val_fraction)}
-
-
-def prior_balanced(items: list[dict]) -> list[dict]:
-    """Toy only: train.json's closed questions carry a language prior (data/toy/README.md (a): the wording gives the
-    answer for 90 % of them), so a warm start on all of them answers by the wording (measured: 600 + 200 steps gave
-    50.0 % on val with and without retrieval, the same answer on the noise image: nothing for RAG-PT to compare).
-    Keep every counter-prior question (answer != `prior_answer`) and, per (domain, kind, answer), as many pro-prior
-    ones (first in file order), so the wording predicts nothing; reports and items without `prior_answer` stay."""
-    keep, quota = [], Counter()
-    for it in items:
-        if it.get("prior_answer") and it["answer"] != it["prior_answer"]:
-            quota[(it["domain"], it["kind"], it["answer"])] += 1
-    for it in items:
-        if not it.get("prior_answer") or it["answer"] != it["prior_answer"]:
-            keep.append(it)
-        elif quota[(it["domain"], it["kind"], it["answer"])] > 0:
-            quota[(it["domain"], it["kind"], it["answer"])] -= 1
-            keep.append(it)
-    return keep
-
-
 def read_splits(args: Args, tasks) -> dict:
     """{"folder", "warm", "pt", "val", "test"}: the image folder and the warm-start, RAG-PT, validation and test
-    items, each with its resolved "path" (test items name it as their image). The toy folder's files are toy_splits';
+    items, each with its resolved "path" (test items name it as their image). The toy folder's files are data/toy_readers.py toy_splits';
     other data come as --pt-data / --val-data / --test-data, with the knowledge base in --retriever. --eval-only reads
     the test items only."""
     data = Path(args.data)
@@ -341,6 +308,8 @@ def read_splits(args: Args, tasks) -> dict:
                          "and --test-data")
     s = {"folder": folder, "warm": [], "pt": [], "val": []}
     if toy and not args.eval_only:
+        from data.toy_readers import prior_balanced, toy_splits  # toy-only code lives with the toy
+
         ids = toy_splits(data, args.val_fraction, args.pt_fraction)
         owner = lambda it: it["id"].rsplit("_", 1)[0]  # noqa: E731  (record id of an item)
         s["warm"] = read_items(data / "train.json", tasks)
@@ -1297,6 +1266,8 @@ def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
         keyed_folder(rdir, cache_key(args, "model"), rank)
         if not (rdir / "results.json").exists():  # written last: the retriever is complete
             data = Path(args.data)
+            from data.toy_readers import toy_splits
+
             ids = toy_splits(data, args.val_fraction, args.pt_fraction)
             rargs = retrieve.Args(data=str(data), out=str(rdir), epochs=args.retriever_epochs, k_max=args.k_max,
                                   rule=args.rule, code_threshold=args.code_threshold, seed=args.seed, resume=args.resume,

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 import faults
 import llava_med as lm
 import mmed_rag as mr
+from data.toy_readers import toy_splits
 import retrieve
 from conftest import ROOT
 
@@ -418,6 +419,7 @@ LAUNCH = r"""
 import sys
 sys.path.insert(0, sys.argv.pop(1))
 import mmed_rag as mr
+from data.toy_readers import toy_splits
 real = mr.answer_jobs
 
 
@@ -457,7 +459,7 @@ def test_complete_pipeline_on_two_ranks_and_eval_only_on_its_export(tmp_path):
     assert phases == (["router"] * 300 + [p for d in ("radiology", "pathology", "ophthalmology")
                                           for p in [f"retriever_{d}"] * 6 + ["recall"]] + ["warm_plain"] * 2
                       + ["warm_rag"] * 2 + ["eval_before", "rag_pt"] + ["stage1"] * 2 + ["stage2"] * 2 + ["eval_after"])
-    pt = [it for it in mr.read_items(TOY / "ragpt.json", ("vqa",)) if it["id"].rsplit("_", 1)[0] in mr.toy_splits(TOY, 0.05, 0.05)["pt"]]
+    pt = [it for it in mr.read_items(TOY / "ragpt.json", ("vqa",)) if it["id"].rsplit("_", 1)[0] in toy_splits(TOY, 0.05, 0.05)["pt"]]
     yes = sum(it["answer"] == "yes" for it in pt)
     sizes = res["rag_pt_sizes"]["total"]
     assert sizes["candidates"] == len(pt) == 9 and (sizes["cm"], sizes["oa1"], sizes["oa2"]) == (yes, yes, len(pt) - yes)
