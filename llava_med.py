@@ -1385,16 +1385,17 @@ def report_tokens(text: str) -> list[str]:
     return re.findall(r"\w+", text.lower())
 
 
-def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4) -> list[float]:
+def corpus_bleu(hypotheses: list[str], references: list[str], max_n: int = 4, tokens=report_tokens) -> list[float]:
     """[BLEU-1, ..., BLEU-max_n] in % over the corpus (Papineni et al. 2002): clipped n-gram counts summed over
     all sentences, geometric mean of the first n precisions, brevity penalty exp(1 - r/c) when the summed
     hypothesis length c is below the summed reference length r. No smoothing, as pycocoevalcap: a corpus with
     no matching n-gram scores 0 for that order and above. Equals sacrebleu's BLEU(tokenize="none",
-    smooth_method="none", max_ngram_order=n) on report_tokens-joined text (tested)."""
+    smooth_method="none", max_ngram_order=n) on report_tokens-joined text (tested); `tokens` splits a text
+    (MedRegA's BLEU-1 passes its own)."""
     correct, total = [0] * max_n, [0] * max_n
     hyp_len = ref_len = 0
     for hyp, ref in zip(hypotheses, references, strict=True):
-        h, r = report_tokens(hyp), report_tokens(ref)
+        h, r = tokens(hyp), tokens(ref)
         hyp_len, ref_len = hyp_len + len(h), ref_len + len(r)
         for n in range(1, max_n + 1):
             hc = Counter(tuple(h[i:i + n]) for i in range(len(h) - n + 1))

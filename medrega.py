@@ -1126,21 +1126,6 @@ def token_prf(pred: str, ref: str, tokens=text_tokens) -> tuple[float, float, fl
     return prec, rec, (2 * prec * rec / (prec + rec) if prec + rec else 0.0)
 
 
-def corpus_bleu1(preds: list[str], refs: list[str], tokens=text_tokens) -> float:
-    """Corpus BLEU-1 with brevity penalty (one reference each; torchmetrics BLEUScore(n_gram=1) over the list, as
-    the released evaluator calls it): clipped unigram matches / predicted unigrams x min(1, exp(1 - ref_len / pred_len))."""
-    from collections import Counter
-    match = total = ref_len = 0
-    for p, r in zip(preds, refs):
-        pc, rc = Counter(tokens(p)), Counter(tokens(r))
-        match += sum(min(c, rc[w]) for w, c in pc.items())
-        total += sum(pc.values())
-        ref_len += sum(rc.values())
-    if total == 0 or match == 0:
-        return 0.0
-    return (match / total) * min(1.0, math.exp(1 - ref_len / total))
-
-
 def score_r2t(rows: list[dict], scoring: str = "default") -> dict:
     """Region-to-Text: boxes and tags removed from the prediction; mean token recall, accuracy = recall >= 0.75, F1,
     corpus BLEU-1. scoring "medrega" = the released R2TEvaluator: lower-cased, only one-line '[[..]]' cut from the
@@ -1150,10 +1135,10 @@ def score_r2t(rows: list[dict], scoring: str = "default") -> dict:
         return {"n": 0}
     if scoring == "medrega":
         preds, refs = [re.sub(r"\[\[.*?\]\]", "", r["prediction"].lower()) for r in rows], [r["answer"].lower() for r in rows]
-        bleu = sum(corpus_bleu1([p], [g], str.split) for p, g in zip(preds, refs)) / len(rows)
+        bleu = sum(lm.corpus_bleu([p], [g], 1, str.split)[0] for p, g in zip(preds, refs)) / len(rows) / 100
     else:
         preds, refs = [strip_regions(r["prediction"]) for r in rows], [strip_regions(r["answer"]) for r in rows]
-        bleu = corpus_bleu1(preds, refs)
+        bleu = lm.corpus_bleu(preds, refs, 1, text_tokens)[0] / 100  # corpus BLEU-1 with brevity penalty, 0-1
     prf = [token_prf(p, g, str.split if scoring == "medrega" else text_tokens) for p, g in zip(preds, refs)]
     return {"n": len(rows), "accuracy": sum(x[1] >= 0.75 for x in prf) / len(rows),
             "recall": sum(x[1] for x in prf) / len(rows), "f1": sum(x[2] for x in prf) / len(rows), "bleu1": bleu}

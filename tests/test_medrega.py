@@ -358,7 +358,7 @@ def test_region_to_text_scores_and_bleu1_against_sacrebleu():
     sacrebleu = pytest.importorskip("sacrebleu")
     preds = ["the left kidney is here", "liver liver liver", "右肾 上极", "a spleen"]
     refs = ["left kidney", "liver", "右肾上极见结节", "the spleen and the liver are normal"]
-    ours = mr.corpus_bleu1(preds, refs)
+    ours = mr.score_r2t([{"prediction": p, "answer": g} for p, g in zip(preds, refs)])["bleu1"]
     joined = lambda xs: [" ".join(mr.text_tokens(x)) for x in xs]  # noqa: E731
     ref = sacrebleu.metrics.BLEU(max_ngram_order=1, tokenize="none").corpus_score(joined(preds), [joined(refs)]).score
     assert ours * 100 == pytest.approx(ref, abs=1e-6)
