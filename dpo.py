@@ -214,11 +214,9 @@ def load_preferences(args: Args, split: str = "train", skipped: dict | None = No
         prefs = path / f"prefs_{split}.json"
         if split != "sft" and prefs.exists():
             return lm.read_records(prefs, skipped), folder
-        source = path / ("train.json" if split == "sft" else f"{split}.json")
-        from data.toy_readers import toy_preference_pairs  # toy-only code lives with the toy
+        from data.toy_readers import toy_pair_records  # toy-only code lives with the toy
 
-        pairs = toy_preference_pairs(lm.read_records(source), seed=0)
-        return [(f"{source} pair {p['id']}", p) for p in pairs], folder
+        return toy_pair_records(path / ("train.json" if split == "sft" else f"{split}.json")), folder
     return lm.read_records(path, skipped), Path(args.image_folder or path.parent)
 
 

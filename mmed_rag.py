@@ -120,9 +120,11 @@ class Args:
     tasks: str = "vqa,report"  # which tasks build pairs and get evaluated (closed yes/no VQA, report generation)
     oracle_domain: bool = False  # use each record's "domain" instead of the router (oracle routing; the paper routes)
     gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says; the warm start's prompts use retrieve.py's)
-    sft_warmup_steps: int = -1  # warm start 1: SFT on plain prompts (learn to read images); -1 = 200 for tiny (v1 toy: 600; 200 + 80 keep the default run near the 5-minute goal), else 0
-    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format); -1 = 80 for tiny (v1 toy: 200), else 0
-    sft_lr: float = 1e-3  # learning rate of that warm start
+    sft_base_steps: int = -1  # warm start 0, the stand-in for the SFT checkpoint (LLaVA-Med v1.5) a real run starts from: dpo.py's warm start, SFT on the toy train split's questions and reports; -1 = 1000 for tiny (the tiny model then reads the image in part: val closed 73.3 without retrieval; without it 200-600 steps of warm start 1 read neither image nor references, README), else 0
+    warm_start_seed: int = 0  # seed of the tiny model's init and of warm start 0: one fixed model, as dpo.py's (-1 = --seed); --seed varies the rest
+    sft_warmup_steps: int = -1  # warm start 1: SFT on plain A6 prompts (after warm start 0: learn this file's prompts); -1 = 100 for tiny, else 0
+    sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format, trust the references); -1 = 200 for tiny, else 0
+    sft_lr: float = 1e-3  # learning rate of the warm starts
     warm_balance_prior: bool = True  # toy: warm start on the closed questions whose wording does not give the answer away (data/toy_readers.py prior_balanced)
     warm_reference: Literal["own", "retrieved"] = "own"  # warm start 2's references: own = the image's own train report first, then the retrieved ones (see warm_start_rag); retrieved = only retrieved
     # generation from the model before RAG-PT (fields above `pt_data` key the tuned gamma, above `stages` the pairs)
@@ -158,6 +160,7 @@ class Args:
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel (sdpa: flash/mem-efficient on GPU)
     dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     skip_bad_samples: bool = False  # count and skip bad pairs (and knowledge-base images among the others) instead of stopping
     allow_images_outside_folder: bool = False  # accept absolute / '..' image paths
@@ -685,6 +688,20 @@ def sequence_logps(model, batch: dict, image_features: torch.Tensor | None) -> t
     return sums, counts
 
 
+# Copied from dpo.py: sft_loss_sum
+def sft_loss_sum(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token cross-entropy over the supervised (answer) tokens, and their count. The training loop divides
+    the sum by the count of the whole global batch (all ranks, all micro-batches), so every answer token weighs the
+    same whatever the split (a per-micro-batch mean, as LLaVA's trainer takes, over-weights short answers)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = targets != lm.IGNORE_INDEX
+    logits = model(batch["input_ids"], pixel_values=batch["pixel_values"], attention_mask=batch["attention_mask"],
+                   logits_mask=mask).logits.float()
+    return F.cross_entropy(logits, targets[mask[:, :-1]], reduction="sum"), mask.sum().float()
+
+
 # Copied from dpo.py: shard
 def shard(model, device, activation_checkpointing: bool = False, compile: bool = False):
     """FSDP2: one unit per decoder layer, one for the vision tower, one for the projector, and the root
@@ -970,6 +987,40 @@ def dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table=Non
     return {"loss": losses.sum(), "n": torch.tensor(float(B)), "rewards_chosen": rc.sum(), "rewards_rejected": rr.sum(),
             "margin": (rc - rr).sum(), "accuracy": (rc > rr).float().sum(),
             "tokens": batch["n_tokens"]}
+
+
+# Copied from dpo.py: warm_start
+def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: int, world: int, out: Path, log):
+    """Supervised warm start before preference training, for the random tiny model (DPO needs a policy that already
+    answers): the full model with the projector (ViT frozen) on `items` ({"input_ids", "labels", "images"}),
+    --sft-warmup-steps steps of the training loop above, saved as a llava-hf checkpoint in out/base_llava_hf and
+    loaded back from there, as a real run starts DPO from its SFT checkpoint (it is also the adapter's base). It is
+    reused while its inputs (model, steps, lr, seed, the tokenised items) are the same."""
+    base, key = out / "base_llava_hf", hashlib.sha256(json.dumps(  # what the warm start depends on
+        [args.model, args.sft_warmup_steps, args.sft_lr, args.seed, items]).encode()).hexdigest()[:16]
+    if not (base / f"warm_start_{key}").exists():
+        for n, p in model.named_parameters():
+            p.requires_grad_(not n.startswith("vision_tower."))
+            p.data = p.data.float() if p.requires_grad else p.data
+        shard(model, device)
+
+        def step(idx, epoch):  # indices wrap around, so a set smaller than one batch still trains
+            idx = [i % len(items) for i in idx]
+            batch = lm.collate([items[i] for i in idx], tokenizer.pad_token_id)
+            keys = [k for i in idx for k in items[i]["images"]]
+            batch["pixel_values"] = torch.stack([pixel(k) for k in keys]) if keys else None
+            loss, n_tokens = sft_loss_sum(model, to_device(batch, device))
+            return {"loss": loss, "n": n_tokens}
+
+        micro = max(1, 16 // world)  # a global batch of 16 samples (or the nearest multiple of the ranks)
+        train(args, "sft_warmup", model, max(len(items), micro * world), step, out / f"sft_warmup_{key}", rank, world,
+              log, {"": args.sft_lr}, batch_size=micro * world, micro_batch_size=micro, max_steps=args.sft_warmup_steps)
+        lm.save_merged(model, tokenizer, base, rank)
+        if rank == 0:
+            (base / f"warm_start_{key}").write_text(json.dumps({"model": args.model, "steps": args.sft_warmup_steps}))
+        dist.barrier()
+    return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None,
+                   attn_implementation=args.attn_implementation)[0]
 
 
 # Copied from dpo.py: save_trained
@@ -1348,13 +1399,14 @@ def rag_pt_set(args: Args, s: dict, gen, gamma: float, made_from, rank: int, log
 
 def main(argv=None):
     args = parse_args(Args, argv)
-    tiny = args.model == "tiny"  # -1: the warm start of the random tiny model (200 + 80 steps), none for a checkpoint
+    tiny = args.model == "tiny"  # -1: the warm starts of the random tiny model (1000, 100 + 200 steps), none for a checkpoint
     args = dataclasses.replace(args, vqa_max_new_tokens=args.vqa_max_new_tokens if args.vqa_max_new_tokens >= 0 else 16 if tiny else 1024,
                                report_max_new_tokens=args.report_max_new_tokens if args.report_max_new_tokens >= 0 else 96 if tiny else 1024)
     if args.image:
         return answer_one(args)
-    args = dataclasses.replace(args, sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 200 * tiny,
-                               sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 80 * tiny)
+    args = dataclasses.replace(args, sft_base_steps=args.sft_base_steps if args.sft_base_steps >= 0 else 1000 * tiny,
+                               sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 100 * tiny,
+                               sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 200 * tiny)
     rank, world, device = setup_distributed(args.dist_timeout_s)
     out, master, t0 = Path(args.out), rank == 0, time.time()
     log = jsonl_logger(out / "metrics.jsonl", rank)
@@ -1374,10 +1426,20 @@ def main(argv=None):
         for it in s["warm"]:
             it["reports"] = [it["own_report"]] + it["reports"][:len(it["reports"]) - 1]
     # ---- 2. the Med-LVLM (warm-started when it is the tiny random model): policy LoRA, reference = adapters off
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
+    warm_seed = args.seed if args.warm_start_seed < 0 or not args.sft_base_steps else args.warm_start_seed
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=warm_seed,
+                               attn_implementation=args.attn_implementation)
     pixel = pixel_loader(model.config, s["folder"])
     made_from = [fingerprint(rdir), fingerprint(args.model)]  # what the caches are made from besides the Args
     base, ref_model = args.model, None
+    if not args.eval_only and args.sft_base_steps:  # warm start 0: dpo.py's, on the same data (one fixed SFT model)
+        from data.toy_readers import toy_pair_records
+
+        sft = PairData(toy_pair_records(Path(args.data) / "train.json"), s["folder"], tokenizer, model.config,
+                       args.max_length, args.skip_bad_samples)
+        model = warm_start(dataclasses.replace(args, sft_warmup_steps=args.sft_base_steps, seed=warm_seed), model,
+                           tokenizer, [{**it["chosen"], "images": it["images"]} for it in sft.items], sft.pixel, device,
+                           rank, world, out, log)
     if not args.eval_only and (args.sft_warmup_steps or args.sft_rag_steps):
         if not s["warm"]:
             raise ValueError("a warm start needs the toy's train.json (pass 0 steps for a trained model)")

@@ -1,8 +1,9 @@
 """data/toy_readers.py -- what recipes derive from the toy's files at run time, on a toy folder only (data/toy;
-data/toy/README.md describes every file): dpo.py's preference pairs derived from the toy records (its warm start's
-SFT data, and the pairs of a split without a prefs file), and mmed_rag.py's split of the toy's files into knowledge
-base, warm start, RAG-PT and validation images, with its prior-balanced warm-start set. A real run reads its own
-preference file or passes --pt-data / --val-data; the recipes keep only their papers' data prep.
+data/toy/README.md describes every file): dpo.py's preference pairs derived from the toy records (the pairs of a
+split without a prefs file, and the warm start's SFT data, which mmed_rag.py's warm start shares), and mmed_rag.py's
+split of the toy's files into knowledge base, warm start, RAG-PT and validation images, with its prior-balanced
+warm-start set. A real run reads its own preference file or passes --pt-data / --val-data; the recipes keep only
+their papers' data prep.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def toy_preference_pairs(records: list[tuple[str, dict]], seed: int) -> list[dic
                           "conversations": [human, {"from": "gpt", "value": gold}],
                           "rejected_conversations": [human, {"from": "gpt", "value": wrong}]})
     return pairs
+
+
+def toy_pair_records(source: Path) -> list[tuple[str, dict]]:
+    """[(where, pair)] of toy_preference_pairs on the records of `source` (a toy split's json), as read_records
+    gives records: dpo.py's pairs of a split without a prefs file, and the warm start's SFT data (train.json)."""
+    return [(f"{source} pair {p['id']}", p) for p in toy_preference_pairs(lm.read_records(source), seed=0)]
 
 
 def _question_kind(qa: dict) -> str:

@@ -442,22 +442,23 @@ mr.cli(mr.main)
 
 def test_complete_pipeline_on_two_ranks_and_eval_only_on_its_export(tmp_path):
     """Every stage of the default run, small, under torchrun with 2 ranks (gloo) from an empty --out: router +
-    retrievers (the copied loop, gathered InfoNCE), warm start (two phases), gamma swept by validation accuracy,
-    routing, RAG-PT pairs built from sharded generation (answers scripted, see LAUNCH), two DPO stages, evaluation
+    retrievers (the copied loop, gathered InfoNCE), warm starts (dpo.py's, then two phases), gamma swept by
+    validation accuracy, routing, RAG-PT pairs built from sharded generation (answers scripted, see LAUNCH), two DPO stages, evaluation
     before and after, adapter and llava-hf export. Then --eval-only on that export, on one rank, reading no training
     data (--data, --pt-data and --rag-pt-data name missing files), gives the run's after-RAG-PT numbers."""
     (tmp_path / "launch.py").write_text(LAUNCH)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(tmp_path / "launch.py"), str(ROOT), "--out", str(out), "--retriever-epochs", "1", "--tasks", "vqa",
-           "--sft-warmup-steps", "2", "--sft-rag-steps", "2", "--eval-limit", "4", "--micro-batch-size", "2",
-           "--batch-size", "4", "--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8", "--vqa-max-new-tokens", "4",
-           "--pt-fraction", "0.05", "--val-fraction", "0.05", "--export-merged", "--eval-batch-size", "4"]
+           "--sft-base-steps", "2", "--sft-warmup-steps", "2", "--sft-rag-steps", "2", "--eval-limit", "4",
+           "--micro-batch-size", "2", "--batch-size", "4", "--max-steps", "2", "--lora-r", "4", "--lora-alpha", "8",
+           "--vqa-max-new-tokens", "4", "--pt-fraction", "0.05", "--val-fraction", "0.05", "--export-merged",
+           "--eval-batch-size", "4"]
     faults.run(cmd)
     res = json.loads((out / "results.json").read_text())
     phases = [json.loads(line)["phase"] for line in open(out / "metrics.jsonl")]
     assert phases == (["router"] * 300 + [p for d in ("radiology", "pathology", "ophthalmology")
-                                          for p in [f"retriever_{d}"] * 6 + ["recall"]] + ["warm_plain"] * 2
+                                          for p in [f"retriever_{d}"] * 6 + ["recall"]] + ["sft_warmup"] * 2 + ["warm_plain"] * 2
                       + ["warm_rag"] * 2 + ["eval_before", "rag_pt"] + ["stage1"] * 2 + ["stage2"] * 2 + ["eval_after"])
     pt = [it for it in mr.read_items(TOY / "ragpt.json", ("vqa",)) if it["id"].rsplit("_", 1)[0] in toy_splits(TOY, 0.05, 0.05)["pt"]]
     yes = sum(it["answer"] == "yes" for it in pt)
@@ -549,9 +550,9 @@ def pt_json(tmp_path_factory):
 
 def fast(retriever, pt_json, epochs):
     """Stage 1 = 1 step per epoch (4 pairs, batch 4), stage 2 = 2; no warm start, one test item per task."""
-    return ["--retriever", str(retriever[0]), "--rag-pt-data", str(pt_json), "--sft-warmup-steps", "0",
-            "--sft-rag-steps", "0", "--gamma", "0.01", "--eval-limit", "1", "--vqa-max-new-tokens", "2",
-            "--report-max-new-tokens", "2", "--lora-r", "4", "--lora-alpha", "8", "--micro-batch-size", "2",
+    return ["--retriever", str(retriever[0]), "--rag-pt-data", str(pt_json), "--sft-base-steps", "0",
+            "--sft-warmup-steps", "0", "--sft-rag-steps", "0", "--gamma", "0.01", "--eval-limit", "1",
+            "--vqa-max-new-tokens", "2", "--report-max-new-tokens", "2", "--lora-r", "4", "--lora-alpha", "8", "--micro-batch-size", "2",
             "--batch-size", "4", "--eval-batch-size", "4", "--epochs", str(epochs)]
 
 
