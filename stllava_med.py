@@ -1,7 +1,7 @@
 """stllava_med.py -- STLLaVA-Med (Sun et al., EMNLP 2024, arXiv 2406.19973): self-training a medical VLM with visual
 self-questioning and self-generated preferences.
 
-    # embedded default: tiny random LLaVA with the cluster projector, toy data, CPU, a few minutes:
+    # embedded default: tiny random LLaVA with the cluster projector, toy data, CPU, ~17 minutes on 2 cores (stage 1 ~10):
     # stage 1 (self-questioning SFT on data/toy/train.json), self-generated preferences on the toy's pref images
     # (the toy judge: the records' findings), stage 2 (DPO), evaluation on the toy test split
     python stllava_med.py
@@ -96,7 +96,7 @@ class Args:
     sft_lr: float = -1  # LLM learning rate; -1 = 2e-4 (spec), or 1e-3 for --model tiny
     projector_lr: float = -1  # cluster projector learning rate; -1 = 2e-5 (mm_projector_lr), or 1e-3 for --model tiny
     vit_lr: float = 5e-5  # ViT LoRA learning rate (vision_tower_lr)
-    sft_epochs: float = 3  # passes over the stage-1 conversations (sqllava_med.sh: 3)
+    sft_epochs: float = -1  # passes over the stage-1 conversations; -1 = 3 (sqllava_med.sh), or 12 for --model tiny (936 steps: at 3 (234 steps) the tiny model answers every closed val question by its wording (50.0 %) and stage 2 has no image reading to build on; at 12 it reads some (56.9 % val closed, abnormality 88.5 %), the only setting of notes18 where stage 2 gains)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
     micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     # optimisation (both stages)
@@ -107,14 +107,14 @@ class Args:
     # preference generation
     prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = the stage-1 records (their answers serve the reference judge), or for --sft-data toy the toy's pref split (data/toy/pref.json: 120 clean images never seen in stage 1, as the paper's 10k PMC images are not its SFT images)
     prefs_limit: int = -1  # first N images; -1 = all, or 120 for --model tiny
-    n_questions: int = -1  # self-generated questions per image; -1 = 5 (visual_sq.py n_shot), or 10 for --model tiny (120 toy images give 163 pairs, 5 give 71-126)
+    n_questions: int = -1  # self-generated questions per image; -1 = 5 (visual_sq.py n_shot), or 20 for --model tiny (120 toy images, seed-0 12-epoch stage 1: 10 give 159 pairs, 94 closed; 20 give 319, 202 closed; see dpo_lr)
     describe_prompt: str = "auto"  # the first turn of self-questioning (greedy answer); auto = the released "Can you describe the image in detail?", or for --sft-data toy the toy's own "Describe the image." (the tiny model answers the released wording "yes")
     describe_max_new_tokens: int = -1  # -1 = 1024 (released), or 32 for --model tiny
     q_temperature: float = -1  # question sampling temperature; -1 = 1.2 (visual_sq.py), or 0.7 for --model tiny (at 1.2 the tiny model's samples are word salad: 98 strictly preferred pairs of 600 questions vs 131 at 0.7, seed-0 stage 1)
     q_top_k: int = 300  # question sampling top-k (visual_sq.py)
     q_top_p: float = 0.95  # question sampling top-p (visual_sq.py)
     q_max_new_tokens: int = -1  # -1 = 300 (released), or 24 for --model tiny
-    a_temperature: float = -1  # answer sampling temperature; -1 = 1.2 (model_collectA.py), or 0.7 for --model tiny (at 1.2 most closed answers hold no yes/no)
+    a_temperature: float = 1.2  # answer sampling temperature (model_collectA.py; also for --model tiny: with its 12-epoch stage 1, 0.7 gives two identical answers to 1051 of 1200 questions, 68 pairs, 1.2 159 pairs, 94 of them closed)
     a_top_k: int = 100  # answer sampling top-k (model_collectA.py)
     a_top_p: float = 0.95  # answer sampling top-p (model_collectA.py)
     a_max_new_tokens: int = -1  # -1 = 1024 (released), or 16 for --model tiny
@@ -128,7 +128,7 @@ class Args:
     # stage 2: DPO
     dpo_data: str = ""  # STLLaVA-Med DPO json to train on ("" = the pairs of the prefs stage)
     dpo_system: Literal["auto", "llava_v1", "v1", "v1_sq"] = "auto"  # system prompt of the DPO pairs: auto = v1 (dpo_finetune.sh --version v1), v1_sq for --model tiny
-    dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-4 for --model tiny (val sweep, seed-0 stage 1, closed accuracy 50.0 / open recall 74.0 before: this 47.6 / 71.1; projector and ViT at 1e-3 51.4 / 71.1, but with 5 questions and 3 epochs 50.7 / 44.0, and open recall 11.5 on one test seed; lr 5e-4 beta 0.1 50.0 with every closed answer 'yes'; no setting moved closed accuracy beyond noise)
+    dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-4 for --model tiny (val sweep on the seed-0 12-epoch stage 1, 56.9 % val closed before, beta 0.5, 5 epochs: 20 questions at 2e-4 61.5, at 1e-4 57.6; 10 questions at 1e-4 60.4, 2e-4 59.0, 5e-4 53.5, 2e-4 for 10 epochs 54.2; more DPO drops the wording prior faster than it adds image reading; on a 3-epoch stage 1 no setting moved closed accuracy beyond noise: notes18)
     dpo_vit_lr: float = 2e-5  # ViT LoRA learning rate in stage 2 (vision_tower_lr; also for --model tiny: 1e-3 wrecked its open answers, see dpo_lr)
     dpo_projector_lr: float = 2e-5  # projector learning rate in stage 2 (dpo_finetune.sh --mm_projector_lr; also for --model tiny, see dpo_vit_lr)
     dpo_freeze_projector: bool = False  # keep the projector frozen in DPO (the release trains it, see add_adapters)
@@ -139,7 +139,7 @@ class Args:
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0
     prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
-    dpo_epochs: float = -1  # -1 = 1 (spec), or 5 for --model tiny (50 steps on the toy's pairs; see dpo_lr)
+    dpo_epochs: float = -1  # -1 = 1 (spec), or 5 for --model tiny (95 steps on the toy's ~320 pairs; see dpo_lr)
     dpo_batch_size: int = 16  # pairs per optimizer step over all ranks
     dpo_micro_batch_size: int = 8  # pairs per forward on one rank
     # run and output
@@ -246,17 +246,17 @@ def resolve_defaults(args: Args) -> Args:
     tiny = args.model == "tiny"
     pick = lambda value, spec, toy: value if value != -1 else (toy if tiny else spec)
     args.sft_lr = pick(args.sft_lr, 2e-4, 1e-3)
+    args.sft_epochs = pick(args.sft_epochs, 3.0, 12.0)
     args.projector_lr = pick(args.projector_lr, 2e-5, 1e-3)
     args.prefs_limit = pick(args.prefs_limit, 0, 120)
     args.describe_max_new_tokens = pick(args.describe_max_new_tokens, 1024, 32)
     args.q_max_new_tokens = pick(args.q_max_new_tokens, 300, 24)
     args.a_max_new_tokens = pick(args.a_max_new_tokens, 1024, 16)
-    args.n_questions = pick(args.n_questions, 5, 10)
+    args.n_questions = pick(args.n_questions, 5, 20)
     args.dpo_lr = pick(args.dpo_lr, 5e-6, 2e-4)
     args.beta = pick(args.beta, 0.1, 0.5)
     args.dpo_epochs = pick(args.dpo_epochs, 1.0, 5.0)
     args.q_temperature = pick(args.q_temperature, 1.2, 0.7)
-    args.a_temperature = pick(args.a_temperature, 1.2, 0.7)
     if args.describe_prompt == "auto":
         args.describe_prompt = "Describe the image." if args.sft_data == "toy" else "Can you describe the image in detail?"
     if args.judge == "auto":
