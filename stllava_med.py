@@ -96,7 +96,7 @@ class Args:
     sft_lr: float = -1  # LLM learning rate; -1 = 2e-4 (spec), or 1e-3 for --model tiny
     projector_lr: float = -1  # cluster projector learning rate; -1 = 2e-5 (mm_projector_lr), or 1e-3 for --model tiny
     vit_lr: float = 5e-5  # ViT LoRA learning rate (vision_tower_lr)
-    sft_epochs: float = -1  # passes over the stage-1 conversations; -1 = 3 (sqllava_med.sh), or 12 for --model tiny (936 steps: at 3 (234 steps) the tiny model answers every closed val question by its wording (50.0 %) and stage 2 has no image reading to build on; at 12 it reads some (56.9 % val closed, abnormality 88.5 %), the only setting of notes18 where stage 2 gains)
+    sft_epochs: float = -1  # passes over the stage-1 conversations; -1 = 3 (sqllava_med.sh), or 12 for --model tiny (936 steps: at 3 (234 steps) the tiny model answers every closed val question by its wording (50.0 %) and stage 2 has no image reading to build on; at 12 it reads some (56.9 % val closed, abnormality 88.5 %), the only stage-1 setting of README's val runs where stage 2 gains)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
     micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     # optimisation (both stages)
@@ -128,7 +128,7 @@ class Args:
     # stage 2: DPO
     dpo_data: str = ""  # STLLaVA-Med DPO json to train on ("" = the pairs of the prefs stage)
     dpo_system: Literal["auto", "llava_v1", "v1", "v1_sq"] = "auto"  # system prompt of the DPO pairs: auto = v1 (dpo_finetune.sh --version v1), v1_sq for --model tiny
-    dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-4 for --model tiny (val sweep on the seed-0 12-epoch stage 1, 56.9 % val closed before, beta 0.5, 5 epochs: 20 questions at 2e-4 61.5, at 1e-4 57.6; 10 questions at 1e-4 60.4, 2e-4 59.0, 5e-4 53.5, 2e-4 for 10 epochs 54.2; more DPO drops the wording prior faster than it adds image reading; on a 3-epoch stage 1 no setting moved closed accuracy beyond noise: notes18)
+    dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-4 for --model tiny (val sweep on the seed-0 12-epoch stage 1, 56.9 % val closed before, beta 0.5, 5 epochs: 20 questions at 2e-4 61.5, at 1e-4 57.6; 10 questions at 1e-4 60.4, 2e-4 59.0, 5e-4 53.5, 2e-4 for 10 epochs 54.2; more DPO drops the wording prior faster than it adds image reading; on a 3-epoch stage 1 no setting moved closed accuracy beyond noise: README, STLLaVA-Med toy results)
     dpo_vit_lr: float = 2e-5  # ViT LoRA learning rate in stage 2 (vision_tower_lr; also for --model tiny: 1e-3 wrecked its open answers, see dpo_lr)
     dpo_projector_lr: float = 2e-5  # projector learning rate in stage 2 (dpo_finetune.sh --mm_projector_lr; also for --model tiny, see dpo_vit_lr)
     dpo_freeze_projector: bool = False  # keep the projector frozen in DPO (the release trains it, see add_adapters)
