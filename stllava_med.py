@@ -1,7 +1,7 @@
 """stllava_med.py -- STLLaVA-Med (Sun et al., EMNLP 2024, arXiv 2406.19973): self-training a medical VLM with visual
 self-questioning and self-generated preferences.
 
-    # embedded default: tiny random LLaVA with the cluster projector, toy data, CPU, ~17 minutes on 2 cores (stage 1 ~10):
+    # embedded default: tiny random LLaVA with the cluster projector, toy data, CPU, 12-13 minutes on 2 cores (stage 1 ~10):
     # stage 1 (self-questioning SFT on data/toy/train.json), self-generated preferences on the toy's pref images
     # (the toy judge: the records' findings), stage 2 (DPO), evaluation on the toy test split
     python stllava_med.py
