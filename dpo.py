@@ -1,6 +1,6 @@
 """dpo.py -- Direct Preference Optimization for LLaVA-style medical VLMs (the reference preference recipe).
 
-    # embedded default: tiny random LLaVA, toy preference pairs derived from data/toy, CPU, a few minutes
+    # embedded default: tiny random LLaVA, toy preference pairs, CPU, 10-15 min (most of it the 1000-step warm start)
     python dpo.py
     # the same on 2 CPU processes (gloo) or 8 GPUs (nccl, bf16): same global batch, same result
     torchrun --nproc-per-node=2 dpo.py
