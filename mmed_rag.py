@@ -301,9 +301,9 @@ def read_items(path, tasks=("vqa", "report")) -> list[dict]:
 
 def read_splits(args: Args, tasks) -> dict:
     """{"folder", "warm", "pt", "val", "test"}: the image folder and the warm-start, RAG-PT, validation and test
-    items, each with its resolved "path" (test items name it as their image). The toy folder's files are data/toy_readers.py toy_splits';
-    other data come as --pt-data / --val-data / --test-data, with the knowledge base in --retriever. --eval-only reads
-    the test items only."""
+    items, each with its resolved "path" (test items name it as their image). The toy folder's files are split by
+    data/toy_readers.py toy_splits; other data come as --pt-data / --val-data / --test-data, with the knowledge base
+    in --retriever. --eval-only reads the test items only."""
     data = Path(args.data)
     toy = data.is_dir() and (data / "train.json").exists()
     folder = Path(args.image_folder or (data if toy else data.parent))
@@ -1049,8 +1049,8 @@ def warm_start_rag(args: Args, model, tokenizer, warm_items: list[dict], pixel, 
     two phases, each with a fresh optimizer: --sft-warmup-steps on plain prompts of the warm-start items (toy:
     train.json, prior-balanced: this file's prompts), then --sft-rag-steps on plain + RAG prompts (learn the A6
     format). Without warm start 0, 200-600 plain steps here left the random model reading neither the image nor the
-    references (README: MMed-RAG on the toy). With --warm-reference own the first reference is the image's own train report
-    (25 % of them name a lesion the image lacks or the wrong side, README (b)): the warm start learns that the top
+    references (README: MMed-RAG on the toy). With --warm-reference own the first reference is the image's own train
+    report (25 % of them name a lesion the image lacks or the wrong side, README (b)): the warm start learns that the top
     reference is usually right, as a model tuned with RAG on its own retriever's data does -- the trust RAG-PT is
     there to temper when the references are near misses (the KB twins at RAG-PT and test time).
     Each answer weighs the same, its mean token loss (a one-token yes/no as much as a 35-token report), over global
