@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -137,10 +138,15 @@ def load_image(path) -> Image.Image:
         raise DataError(f"{path}: cannot open image ({type(e).__name__}: {e})") from None
 
 
+@functools.lru_cache(maxsize=64)
+def _resolved(cwd: str, folder: str) -> Path:  # one realpath per image folder, not per image (thousands per run)
+    return (Path(cwd) / folder).resolve()
+
+
 def resolve_image(folder, rel: str, where: str = "", allow_outside: bool = False) -> Path:
     """folder / rel, refusing absolute paths and '..' that leave the image folder (a data file must not make the
     trainer read /etc/passwd) unless allow_outside is set."""
-    folder = Path(folder).resolve()
+    folder = _resolved(os.getcwd(), str(folder))
     path = (folder / rel).resolve()
     if not allow_outside and folder not in path.parents:
         raise DataError(f"{where}: image path {rel!r} leaves the image folder {folder} "
@@ -349,13 +355,18 @@ def render_chat(template: str, turns, eos: str = "</s>", add_generation_prompt: 
     return "".join(s for s, _ in _segments(template, turns, eos, add_generation_prompt, system))
 
 
+@functools.lru_cache(maxsize=8)
+def _newline_ids(tokenizer) -> list[int]:  # the '\n' probe of encode_segment, once per tokenizer
+    return tokenizer.encode("\n", add_special_tokens=False)
+
+
 def encode_segment(tokenizer, text: str, first: bool) -> list[int]:
     """Token ids of one segment. Sentencepiece tokenizers (Llama/Mistral) prepend a '▁' to every call; for a
     segment that continues a sequence we tokenise '\\n' + text and drop the tokens of '\\n', so the pieces
     concatenate to the same text. Byte-level BPE (Qwen2, tiny) needs no trick but is unaffected by it."""
     if first:
         return tokenizer.encode(text, add_special_tokens=False)
-    probe = tokenizer.encode("\n", add_special_tokens=False)
+    probe = _newline_ids(tokenizer)
     ids = tokenizer.encode("\n" + text, add_special_tokens=False)
     if ids[:len(probe)] != probe:  # the newline merged with the text: fall back to plain encoding
         return tokenizer.encode(text, add_special_tokens=False)

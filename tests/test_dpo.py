@@ -289,10 +289,12 @@ def _final_weights(out_dir):
     return load_file(str(ckpt / "trainable.safetensors"))
 
 
-def test_torchrun_two_ranks_equal_one_rank_with_accumulation(tmp_path):
-    """2 ranks x 1 micro-batch == 1 rank x 2 micro-batches: same global batch of 8 pairs. Tolerance 1e-5 on the
-    loss and 1e-5 on every LoRA weight after 2 steps (reduction order differs; fp32)."""
-    one, two = tmp_path / "one", tmp_path / "two"
+def test_two_ranks_and_precomputed_reference_equal_one_rank_live(tmp_path):
+    """One reference run (1 rank, 2 micro-batches of 4, live reference model), 2 steps, against: (a) torchrun 2
+    ranks x 1 micro-batch, the same global batch of 8 pairs: tolerance 1e-5 on the loss and on every LoRA weight
+    (reduction order differs; fp32); (b) --precompute-ref (cached table) + --activation-checkpointing: the same
+    losses. One reference run for both saves a run of the suite."""
+    one, two, pre = tmp_path / "one", tmp_path / "two", tmp_path / "pre"
     faults._in_process(dpo, ["--max-steps", "2", "--out", str(one)] + FAST)
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "dpo.py",
           "--max-steps", "2", "--out", str(two)] + FAST)
@@ -301,6 +303,10 @@ def test_torchrun_two_ranks_equal_one_rank_with_accumulation(tmp_path):
     assert a.keys() == b.keys() and any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+    faults._in_process(dpo, ["--max-steps", "2", "--out", str(pre), "--precompute-ref", "--activation-checkpointing"]
+                       + FAST)
+    assert list(pre.glob("ref_logps_*.safetensors"))
+    torch.testing.assert_close(torch.tensor(_losses(one)), torch.tensor(_losses(pre)), atol=1e-5, rtol=0)
 
 
 def test_kill_and_resume_gives_the_same_weights(tmp_path):
@@ -362,16 +368,6 @@ def test_adapter_and_merged_export_load_in_transformers(tmp_path):
         c = plain.eval()(input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert (a - c).abs().max() > 1e-4  # the adapter is not a no-op
-
-
-def test_precomputed_reference_and_activation_checkpointing_match_live_reference(tmp_path):
-    """--precompute-ref (cached table) + --activation-checkpointing give the same losses as the live reference."""
-    live, pre = tmp_path / "live", tmp_path / "pre"
-    faults._in_process(dpo, ["--max-steps", "2", "--out", str(live)] + FAST)
-    faults._in_process(dpo, ["--max-steps", "2", "--out", str(pre), "--precompute-ref",
-                             "--activation-checkpointing"] + FAST)
-    assert list(pre.glob("ref_logps_*.safetensors"))
-    torch.testing.assert_close(torch.tensor(_losses(live)), torch.tensor(_losses(pre)), atol=1e-5, rtol=0)
 
 
 def test_full_finetune_runs(tmp_path):

@@ -317,7 +317,7 @@ def test_complete_pipeline_torchrun_two_ranks_equals_one_rank(tmp_path):
     same multiple-choice answers (lm.generate_sharded's batches do not depend on the number of ranks)."""
     args = ["--epochs1", "0.08", "--epochs2", "0.08", "--batch-size", "8", "--micro-batch-size", "4",
             "--eval-limit", "12", "--eval-batch-size", "4", "--reformat-max-new-tokens", "8"]
-    _run([sys.executable, "huatuo_vision.py", "--out", str(tmp_path / "one")] + args)
+    faults._in_process(hv, ["--out", str(tmp_path / "one")] + args)  # one rank in this process: no second python start
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "huatuo_vision.py",
           "--out", str(tmp_path / "two")] + args)
     res = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]

@@ -520,7 +520,7 @@ def test_complete_pipeline_torchrun_two_ranks_equals_one_rank(tmp_path):
     args = ["--tasks", "t2r,grounded,vqa", "--regional-cot", "--epochs", "0.015", "--batch-size", "8",
             "--micro-batch-size", "4", "--position-weight", "2", "--augment", "yes", "--eval-limit", "4",
             "--eval-batch-size", "2", "--eval-max-new-tokens", "24"]
-    _run([sys.executable, "medrega.py", "--out", str(tmp_path / "one")] + args)
+    faults._in_process(mr, ["--out", str(tmp_path / "one")] + args)  # one rank in this process: no second python start
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "medrega.py",
           "--out", str(tmp_path / "two")] + args)
     res = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two")]

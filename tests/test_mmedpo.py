@@ -574,7 +574,7 @@ def test_complete_pipeline_on_two_ranks_equals_one_rank(tmp_path):
     per fixed batch) and trains to the same weights; a rerun reuses the pairs and resumes both arms."""
     one, two = tmp_path / "one", tmp_path / "two"
     out_two = _run(TORCHRUN + ["--out", str(two), "--sft-warmup-steps", "5"] + SMALL)
-    _run([sys.executable, "mmedpo.py", "--out", str(one), "--no-eval", "--sft-warmup-steps", "5"] + SMALL)
+    faults._in_process(mmedpo, ["--out", str(one), "--no-eval", "--sft-warmup-steps", "5"] + SMALL)  # one rank, here
     prefs = json.loads((two / "prefs" / "mmedpo_dpo_weighted.json").read_text())
     assert prefs == json.loads((one / "prefs" / "mmedpo_dpo_weighted.json").read_text())
     text = [r for r in prefs if r["subset"] == "text"]

@@ -485,9 +485,9 @@ def test_complete_pipeline_on_two_ranks_from_an_empty_out(small, tmp_path):
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "stllava_med.py",
           "--out", str(two), "--dpo-batch-size", "2", "--dpo-micro-batch-size", "1", "--dpo-epochs", "1",
           "--eval-limit", "4", "--eval-max-new-tokens", "4"] + sft_args(small, 60) + gen)
-    _run([sys.executable, "stllava_med.py", "--stages", "sft", "--out", str(one)] + sft_args(small, 2) + gen)
-    _run([sys.executable, "stllava_med.py", "--stages", "prefs", "--model", str(two / "stage1_model"), "--answer-system",
-          "v1_sq", "--sft-data", str(small / "sq.json"), "--image-folder", str(TOY), "--out", str(again)] + gen)
+    faults._in_process(st, ["--stages", "sft", "--out", str(one)] + sft_args(small, 2) + gen)  # one rank, here
+    faults._in_process(st, ["--stages", "prefs", "--model", str(two / "stage1_model"), "--answer-system", "v1_sq",
+                            "--sft-data", str(small / "sq.json"), "--image-folder", str(TOY), "--out", str(again)] + gen)
     rows = [json.loads(line) for line in open(two / "metrics.jsonl")]
     phases = [r["phase"] for r in rows]
     n_dpo = phases.count("dpo")
