@@ -568,11 +568,15 @@ class PairData:
 
     def pixel(self, key: str) -> torch.Tensor:
         cfg = self.cfg
-        image = lm.load_image(lm.resolve_image(self.image_folder, key.removeprefix("noise:"), key, self.allow_outside))
+        path = lm.resolve_image(self.image_folder, key.removeprefix("noise:"), key, self.allow_outside)
+        image = lm.load_image(path)
         if key.startswith("noise:"):  # MMed-RAG's generate_gaussian_noise: N(0, 1) of the image's shape, clipped to
-            rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))  # [0, 1], 8-bit
+            # [0, 1], 8-bit; one fixed draw per source image (the release draws anew), seeded by the image's path
+            # inside the image folder, so that a checkout elsewhere draws the same noise
+            name = os.path.relpath(path, Path(self.image_folder).resolve())
+            rng = np.random.default_rng(int(hashlib.sha256(f"noise:{name}".encode()).hexdigest()[:8], 16))
             image = Image.fromarray((np.clip(rng.normal(0, 1, (image.height, image.width, 3)), 0, 1) * 255).astype(np.uint8))
-        return lm.image_tensor(cfg, image)  # (one fixed noise image per source, seeded; the release draws anew)
+        return lm.image_tensor(cfg, image)
 
 
 # Copied from dpo.py: collate_pairs

@@ -304,6 +304,13 @@ def test_noise_image_is_the_released_one(tmp_path):
     assert data.items[0]["rejected_images"] == [key] and torch.equal(data.pixel(key), ours)  # DPO sees those pixels
     assert torch.equal(pixel(key), ours) and not torch.equal(pixel("noise:other.png")[:, :8, :8], ours[:, :8, :8])
     assert torch.equal(pixel("wide.png"), lm.image_tensor(TINY_CFG, src))  # a plain key is the image
+    # the test items name their image by its absolute path: the draw is seeded by the path inside the image folder,
+    # so the same file in a checkout elsewhere (and by a relative key) gets the same noise
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    (moved / "wide.png").write_bytes(src.read_bytes())
+    assert torch.equal(pixel("noise:" + str(src)), ours)
+    assert torch.equal(mr.pixel_loader(TINY_CFG, moved)("noise:" + str(moved / "wide.png")), ours)
 
 
 def test_auroc_and_vqa_metrics():
