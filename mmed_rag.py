@@ -107,7 +107,7 @@ class Args:
     image_folder: str = ""  # image paths are relative to this ("" = the data file's folder)
     val_fraction: float = 1.0  # toy: share of each domain's val.json images (first in file order) for the gamma sweep
     pt_fraction: float = 1.0  # toy: share of each domain's ragpt.json images (first in file order) for RAG-PT
-    seed: int = 0  # same seed + same data = same run (retrievers, warm start, LoRA initialisation, shuffles)
+    seed: int = 0  # same seed + same data = same run; the seed of the DPO stages (LoRA init, pair order, dropout), and with --warm-start-seed -1 of all before them
     retriever: str = ""  # a retrieve.py --out folder ("" = train one into OUT/retriever from the toy split)
     retriever_epochs: int = 30  # retrieve.py --epochs when training it here
     k_max: int = 3  # candidates before the adaptive cut (not found in the paper; spec A5: 5 or 10; 3 keeps toy prompts short)
@@ -121,8 +121,8 @@ class Args:
     tasks: str = "vqa,report"  # which tasks build pairs and get evaluated (closed yes/no VQA, report generation)
     oracle_domain: bool = False  # use each record's "domain" instead of the router (oracle routing; the paper routes)
     gamma: float = -1.0  # paper rule threshold (-1 = tuned as --gamma-tune says; the warm start's prompts use retrieve.py's)
-    sft_base_steps: int = -1  # warm start 0, the stand-in for the SFT checkpoint (LLaVA-Med v1.5) a real run starts from: dpo.py's warm start, SFT on the toy train split's questions and reports; -1 = 1000 for tiny (the tiny model then reads the image in part and RAG-PT has something to re-weight: val RAG-PT - RAG +5.9 / +2.5 / +6.6 at seeds 0 1 2; without it 200-600 steps of warm start 1 read neither image nor references, README), else 0
-    warm_start_seed: int = 0  # seed of the tiny model's init and of warm start 0: one fixed model, as dpo.py's (-1 = --seed); --seed varies the rest
+    sft_base_steps: int = -1  # warm start 0, the stand-in for the SFT checkpoint (LLaVA-Med v1.5) a real run starts from: dpo.py's warm start, SFT on the toy train split's questions and reports; -1 = 1000 for tiny (the tiny model then reads the image in part and RAG-PT has something to re-weight: val RAG-PT - RAG +4.5 / +4.2 / +2.4 at seeds 0 1 2; without it 200-600 steps of warm start 1 read neither image nor references, README), else 0
+    warm_start_seed: int = 0  # seed of all that comes before RAG-PT's DPO -- the tiny model's init, its warm starts, the retriever trained here, gamma and the RAG-PT pairs built from them: one fixed starting system, as LLaVA-Med v1.5 and the released retriever are, and as dpo.py's warm start (-1, or --sft-base-steps 0: --seed); --seed varies the DPO stages (LoRA init, pair order, dropout)
     sft_warmup_steps: int = -1  # warm start 1: SFT on plain A6 prompts (after warm start 0: learn this file's prompts); -1 = 100 for tiny (one val setting, with 200 below; the v2 toy's earlier 200 + 80 without warm start 0 gave a constant "no"), else 0
     sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format, trust the references); -1 = 200 for tiny, else 0
     sft_lr: float = 1e-3  # learning rate of the warm starts
@@ -138,7 +138,7 @@ class Args:
     cm_image: Literal["noise", "unrelated", "both"] = "noise"  # D_cm rejected image: noise (released: pure Gaussian noise), an unrelated image, or both
     report_correct_rouge: float = 40.0  # a generated report counts as correct at ROUGE-L >= this (judge not released)
     rag_pt_data: str = ""  # train on this preference json (e.g. a released MMed-RAG file) instead of building one
-    # RAG-PT training: DPO (released: beta 0.1, lr 1e-7, 3 epochs, batch 4 on LLaVA-Med 7B)
+    # RAG-PT training: DPO (released: beta 0.1, lr 1e-7, 3 epochs, batch 4 on LLaVA-Med 7B; fields above `on_nonfinite` key the stage checkpoints)
     stages: Literal["two", "merged"] = "two"  # two: D_cm, then D_oa from the stage-1 adapter (released); merged: all in one stage
     full_finetune: bool = False  # train the whole language model instead of LoRA (reference = frozen copy)
     lora_r: int = 16  # LoRA rank (toy default, dpo.py's val sweep: r 128 is full rank on the 128-wide tiny model; released: 128)
@@ -150,7 +150,7 @@ class Args:
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0
     prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
-    lr: float = 1e-3  # peak learning rate (toy default, dpo.py's val sweep; v1 toy's 1e-5 moved no answer; released: 1e-7 on LLaVA-Med 7B)
+    lr: float = 5e-4  # peak learning rate (toy default, val sweep on the fixed starting system, RAG-PT - RAG at seeds 0 1 2: 1e-3 (dpo.py's) +5.9 / -37.2 / -10.1, the policy drifts into report text on closed questions; 3e-4 +3.5 / +3.5 / +2.4; 5e-4 +4.5 / +4.2 / +2.4; 7e-4 +5.2 / +4.9 / +1.0; README; v1 toy's 1e-5 moved no answer; released: 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # projector learning rate with --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks (a smaller subset: the largest batch it fills)
     micro_batch_size: int = 8  # pairs per forward on one rank; also the warm start's global batch is 16 answers
@@ -1099,7 +1099,8 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
                   rank: int, world: int, log) -> dict:
     """DPO per stage (released train_dpo_2stages.py: stage 1 on D_cm, then stage 2 on D_oa from the stage-1 adapter,
     a fresh optimizer and schedule, the reference still the base; or one merged stage), checkpoints in OUT/<stage>
-    bound to the pair set's key. A subset smaller than the global batch trains with the largest batch it fills
+    bound to the pair set's key and every Args field above `on_nonfinite` (--seed, the DPO values: a run with other
+    ones trains afresh instead of resuming them). A subset smaller than the global batch trains with the largest batch it fills
     (printed); one smaller than a micro-batch per rank is reported and skipped, never a silent zero loss."""
     plan = [("stage1", ("cm",)), ("stage2", ("oa1", "oa2", "oa"))] if args.stages == "two" else \
         [("merged", ("cm", "oa1", "oa2", "oa"))]
@@ -1117,9 +1118,10 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
             done[name] = {"steps": 0, "pairs": len(data)}
             continue
         step = lambda idx, epoch, data=data: dpo_step(args, model, ref_model, data, idx, tokenizer, device)  # noqa: E731
+        ckpt = keyed_folder(out / name, cache_key(args, "on_nonfinite", key), rank)
         done[name] = {"pairs": len(data), "skipped_records": data.skipped, **train(
-            args, name, model, len(data), step, keyed_folder(out / name, key, rank), rank, world, log,
-            {"projector.": args.projector_lr, "": args.lr}, bs, args.micro_batch_size, args.epochs, args.max_steps)}
+            args, name, model, len(data), step, ckpt, rank, world, log, {"projector.": args.projector_lr, "": args.lr},
+            bs, args.micro_batch_size, args.epochs, args.max_steps)}
     return done
 
 
@@ -1420,9 +1422,11 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=1))
         print(f"mmed_rag.py: {world} rank(s) on {device.type}; args in {out / 'args.json'}")
-    torch.manual_seed(args.seed)
+    warm_seed = args.seed if args.warm_start_seed < 0 or not args.sft_base_steps else args.warm_start_seed
+    pre = dataclasses.replace(args, seed=warm_seed)  # the Args of what comes before the DPO stages (see warm_start_seed)
+    torch.manual_seed(warm_seed)
     s = read_splits(args, tuple(t for t in args.tasks.split(",") if t))  # ---- knowledge base / RAG-PT / val / test
-    rag, rdir = retrieval_system(args, out, rank, world, device, log)  # ---- 1. router + a retriever and index per domain
+    rag, rdir = retrieval_system(pre, out, rank, world, device, log)  # ---- 1. router + a retriever and index per domain
     for what, name in (("pt", "RAG-PT"), ("val", "validation"), ("test", "test")):
         s[what] = rag.drop_kb_images(s[what], name, args.skip_bad_samples)
     gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma  # retrieve.py's (F1) pick: the warm start's prompts
@@ -1432,7 +1436,6 @@ def main(argv=None):
         for it in s["warm"]:
             it["reports"] = [it["own_report"]] + it["reports"][:len(it["reports"]) - 1]
     # ---- 2. the Med-LVLM (warm-started when it is the tiny random model): policy LoRA, reference = adapters off
-    warm_seed = args.seed if args.warm_start_seed < 0 or not args.sft_base_steps else args.warm_start_seed
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=warm_seed,
                                attn_implementation=args.attn_implementation)
     pixel = pixel_loader(model.config, s["folder"])
@@ -1443,14 +1446,14 @@ def main(argv=None):
 
         sft = PairData(toy_pair_records(Path(args.data) / "train.json"), s["folder"], tokenizer, model.config,
                        args.max_length, args.skip_bad_samples)
-        model = warm_start(dataclasses.replace(args, sft_warmup_steps=args.sft_base_steps, seed=warm_seed), model,
+        model = warm_start(dataclasses.replace(pre, sft_warmup_steps=args.sft_base_steps), model,
                            tokenizer, [{**it["chosen"], "images": it["images"]} for it in sft.items], sft.pixel, device,
                            rank, world, out, log)
     if not args.eval_only and (args.sft_warmup_steps or args.sft_rag_steps):
         if not s["warm"]:
             raise ValueError("a warm start needs the toy's train.json (pass 0 steps for a trained model)")
-        folder = keyed_folder(out / "warm_start", cache_key(args, "gamma_tune", made_from), rank)
-        model = warm_start_rag(args, model, tokenizer, s["warm"], pixel, device, rank, world, folder, log)
+        folder = keyed_folder(out / "warm_start", cache_key(pre, "gamma_tune", made_from), rank)
+        model = warm_start_rag(pre, model, tokenizer, s["warm"], pixel, device, rank, world, folder, log)
         base = str(folder / "model")
     if not args.eval_only:
         torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank, whatever ran before
@@ -1462,12 +1465,12 @@ def main(argv=None):
         shard(ref_model, device)
     gen = lambda jobs, desc: answer_jobs(args, model, tokenizer, jobs, pixel, rank, world, desc)  # noqa: E731
     # ---- 3. gamma by validation accuracy, retrieval for RAG-PT and test; 4. evaluation before RAG-PT (LoRA B = 0)
-    results = {"retrieval": retrieval_for_rag_pt_and_test(args, rag, s, gamma, gen, made_from, rank, misrouted)}
+    results = {"retrieval": retrieval_for_rag_pt_and_test(pre, rag, s, gamma, gen, made_from, rank, misrouted)}
     first = "eval" if args.eval_only else "before"
     results[first] = evaluate(args, model, tokenizer, s["test"], pixel, rank, world, "eval " + first)
     log({"phase": "eval_" + first, **{k: v for k, v in results[first].items() if k != "predictions"}})
     if not args.eval_only:  # ---- 5. RAG-PT pairs from the model before tuning; 6. DPO; 7. evaluation after RAG-PT
-        pairs, key, results["rag_pt_sizes"] = rag_pt_set(args, s, gen, results["retrieval"]["gamma"], made_from, rank, log)
+        pairs, key, results["rag_pt_sizes"] = rag_pt_set(pre, s, gen, results["retrieval"]["gamma"], made_from, rank, log)
         results["dpo"] = rag_pt_stages(args, model, ref_model, pairs, key, s["folder"], tokenizer, device, rank, world, log)
         save_trained(args, model, tokenizer, out, rank, base)
         results["after"] = evaluate(args, model, tokenizer, s["test"], pixel, rank, world, "eval after")

@@ -569,6 +569,23 @@ def test_kill_and_resume_gives_the_same_weights(retriever, pt_json, tmp_path):
     assert res["dpo"]["stage1"]["steps"] == 3 and res["dpo"]["stage2"]["steps"] == 6  # then stage 2 trained too
 
 
+def test_another_seed_or_dpo_value_trains_the_stages_afresh(retriever, pt_json, tmp_path):
+    """--seed no longer changes the starting system (--warm-start-seed fixes it), so a stage's checkpoints are bound
+    to --seed and the DPO values as well as to the pairs: in the same --out, the same command resumes the finished
+    stages (nothing trains), another --seed (or DPO value) trains them again instead of reporting the first run's
+    model."""
+    out = tmp_path / "run"
+    stage_rows = lambda: sum('"phase": "stage1"' in line for line in open(out / "metrics.jsonl"))  # noqa: E731
+    adapter = lambda: (out / "adapter" / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    faults._in_process(mr, fast(retriever, pt_json, 1) + ["--out", str(out)])
+    trained, first = stage_rows(), adapter()
+    faults._in_process(mr, fast(retriever, pt_json, 1) + ["--out", str(out)])
+    assert stage_rows() == trained > 0 and adapter() == first  # resumed
+    faults._in_process(mr, fast(retriever, pt_json, 1) + ["--out", str(out), "--seed", "1"])
+    assert stage_rows() == 2 * trained and adapter() != first  # trained afresh: another LoRA init
+    assert len(list(tmp_path.glob("run/stage1.*"))) == 1  # the first run's checkpoints, moved aside, not resumed
+
+
 def test_nonfinite_step_stops_or_is_skipped(retriever, pt_json, monkeypatch, tmp_path):
     faults.check_nonfinite(mr, fast(retriever, pt_json, 3), "stage1", tmp_path, monkeypatch, call=2)
 
