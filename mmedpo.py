@@ -864,10 +864,14 @@ def training_data(args: Args, model, tokenizer, arms: list[str], device, rank: i
         for s in all_samples:  # single-turn conversations (question, ground truth)
             turns = lm.place_image_markers([("user", s["question"]), ("assistant", s["answer"])], 1, s["where"])
             items.append({**lm.tokenize_conversation(tokenizer, turns, cfg.template, cfg.num_image_tokens,
-                                                     cfg.image_token_id, args.max_length, s["where"]), "images": [s["path"]]})
+                                                     cfg.image_token_id, args.max_length, s["where"]), "images": [s["image"]]})
         warm_seed = args.seed if args.warm_start_seed < 0 else args.warm_start_seed  # one fixed SFT model
+        # items name their image inside the image folder, so warm_start's key (it hashes them) does not depend on
+        # where the checkout lies
+        outside = args.allow_images_outside_folder
+        pixel = lambda key: lm.image_tensor(cfg, lm.resolve_image(image_folder, key, key, outside))  # noqa: E731
         model = warm_start(dataclasses.replace(args, sft_warmup_steps=warm, seed=warm_seed), model, tokenizer, items,
-                           lambda key: lm.image_tensor(cfg, key), device, rank, world, out, log)
+                           pixel, device, rank, world, out, log)
         base = str(out / "base_llava_hf")
     if is_prefs:
         records, stats = raw, {"read": str(gt_file)}

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from collections import defaultdict
@@ -620,6 +621,19 @@ def test_toy_default_pipeline(tmp_path):
     assert all(r["image"].startswith("images/pref_") and not any(k.startswith("toy_") for k in r) for r in prefs)
     assert {r["weighted_score"] for r in prefs if r["subset"] == "text"} == {0.0, 1.0}
     assert set(res) == {"base", "mmedpo"} and 0 <= res["mmedpo"]["report"]["toy_hallucination_rate"] <= 1
+
+
+def test_warm_start_is_reused_from_the_same_data_elsewhere(tmp_path):
+    """The warm start's key names each image by its path inside the image folder, so the same data in another
+    folder (a checkout elsewhere) reuses it instead of training it again (it named the resolved absolute path)."""
+    shutil.copytree(TOY, tmp_path / "toy")
+    out = tmp_path / "run"
+    warm_rows = lambda: sum('"phase": "sft_warmup"' in line for line in open(out / "metrics.jsonl"))  # noqa: E731
+    run = FAST + ["--sft-warmup-steps", "2", "--max-steps", "1", "--out", str(out)]
+    faults._in_process(mmedpo, run)
+    assert warm_rows() == 2
+    faults._in_process(mmedpo, run + ["--data", str(tmp_path / "toy")])
+    assert warm_rows() == 2
 
 
 def test_pair_cache_key_and_eval_only(tmp_path, capsys):
