@@ -803,17 +803,6 @@ def evaluate_pairs(args, model, ref_model, data: PairData, tokenizer, device, ra
     return {"pair_accuracy": float((margin > 0).float().mean()), "pair_margin": float(margin.mean()), "pairs": len(data)}
 
 
-def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
-    """LoRA: a PEFT adapter in out/adapter on `base` (the model it was trained from). Full fine-tuning, or
-    --export-merged: the merged model as a llava-hf checkpoint in out/llava_hf (transformers, vLLM). Whole tensors
-    are gathered on every rank; rank 0 writes."""
-    state = lm.full_state_dict(model)
-    if rank == 0 and not args.full_finetune:
-        lm.save_peft_adapter(model, state, out / "adapter", base, ("projector.",) if args.tune_projector else ())
-    if rank == 0 and (args.export_merged or args.full_finetune):
-        lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / "llava_hf")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
@@ -880,7 +869,7 @@ def main(argv=None):
                                    lambda idx, epoch: dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table),
                                    out / "dpo", rank, world, log, {"projector.": args.projector_lr, "": args.lr},
                                    args.batch_size, args.micro_batch_size, args.epochs, args.max_steps)
-        save_trained(args, model, tokenizer, out, rank, base)
+        lm.save_trained(model, tokenizer, out, rank, base, args.full_finetune, args.export_merged, args.tune_projector)
         results["summary"]["skipped_records_train"] = data.skipped
         if heldout is not None:
             results["heldout_pairs"] = evaluate_pairs(args, model, ref_model, heldout, tokenizer, device, rank, world)

@@ -1230,6 +1230,19 @@ def save_merged(model: LlavaMed, tokenizer, out_dir, rank: int = 0, layout: str 
     return merged
 
 
+def save_trained(model: LlavaMed, tokenizer, out, rank: int, base: str, full_finetune: bool = False,
+                 export_merged: bool = False, tune_projector: bool = False):
+    """What a preference run leaves in `out`: LoRA -> a PEFT adapter in out/adapter on `base` (the model it was
+    trained from; the projector too when it was trained); full fine-tuning, or export_merged -> the merged model as a
+    llava-hf checkpoint in out/llava_hf (transformers, vLLM). Whole tensors are gathered on every rank (every rank
+    calls); rank 0 writes."""
+    state = full_state_dict(model)
+    if rank == 0 and not full_finetune:
+        save_peft_adapter(model, state, Path(out) / "adapter", base, ("projector.",) if tune_projector else ())
+    if rank == 0 and (export_merged or full_finetune):
+        save_llava_hf(merge_lora(model, state), tokenizer, Path(out) / "llava_hf")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 8. Evaluation shared by the recipes: Med-VQA test sets (LLaVA-Med test.json, VQA-RAD, SLAKE), LLaVA-Med's
 #    released scorer (v1.0.0 llava/eval: normalize_word, calculate_f1score, run_eval(_batch).py) exactly, and

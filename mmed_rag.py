@@ -1028,19 +1028,6 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
                    attn_implementation=args.attn_implementation)[0]
 
 
-# Copied from dpo.py: save_trained
-def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
-    """LoRA: a PEFT adapter in out/adapter on `base` (the model it was trained from). Full fine-tuning, or
-    --export-merged: the merged model as a llava-hf checkpoint in out/llava_hf (transformers, vLLM). Whole tensors
-    are gathered on every rank; rank 0 writes."""
-    state = lm.full_state_dict(model)
-    if rank == 0 and not args.full_finetune:
-        lm.save_peft_adapter(model, state, out / "adapter", base, ("projector.",) if args.tune_projector else ())
-    if rank == 0 and (args.export_merged or args.full_finetune):
-        lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / "llava_hf")
-
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The warm start (tiny random model only) and the RAG-PT stages, each phase one call of the loop above
 # ----------------------------------------------------------------------------------------------------------
@@ -1472,7 +1459,7 @@ def main(argv=None):
     if not args.eval_only:  # ---- 5. RAG-PT pairs from the model before tuning; 6. DPO; 7. evaluation after RAG-PT
         pairs, key, results["rag_pt_sizes"] = rag_pt_set(pre, s, gen, results["retrieval"]["gamma"], made_from, rank, log)
         results["dpo"] = rag_pt_stages(args, model, ref_model, pairs, key, s["folder"], tokenizer, device, rank, world, log)
-        save_trained(args, model, tokenizer, out, rank, base)
+        lm.save_trained(model, tokenizer, out, rank, base, args.full_finetune, args.export_merged, args.tune_projector)
         results["after"] = evaluate(args, model, tokenizer, s["test"], pixel, rank, world, "eval after")
         log({"phase": "eval_after", **{k: v for k, v in results["after"].items() if k != "predictions"}})
     results["table"] = format_table(results[first], results.get("after"))

@@ -1552,18 +1552,6 @@ def results_table(results: dict) -> str:
     return "\n".join([head] + rows)
 
 
-# Copied from dpo.py: save_trained
-def save_trained(args, model, tokenizer, out: Path, rank: int, base: str):
-    """LoRA: a PEFT adapter in out/adapter on `base` (the model it was trained from). Full fine-tuning, or
-    --export-merged: the merged model as a llava-hf checkpoint in out/llava_hf (transformers, vLLM). Whole tensors
-    are gathered on every rank; rank 0 writes."""
-    state = lm.full_state_dict(model)
-    if rank == 0 and not args.full_finetune:
-        lm.save_peft_adapter(model, state, out / "adapter", base, ("projector.",) if args.tune_projector else ())
-    if rank == 0 and (args.export_merged or args.full_finetune):
-        lm.save_llava_hf(lm.merge_lora(model, state), tokenizer, out / "llava_hf")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------------------
@@ -1627,7 +1615,8 @@ def main(argv=None):
             summary[arm] = train(args, arm, policy, len(data), step, out / arm, rank, world, log,
                                  {"projector.": args.projector_lr, "": args.lr}, args.batch_size, args.micro_batch_size,
                                  args.epochs, args.max_steps)
-            save_trained(args, policy, tokenizer, out / arm, rank, base)
+            lm.save_trained(policy, tokenizer, out / arm, rank, base, args.full_finetune, args.export_merged,
+                              args.tune_projector)
             if vqa_rows or report_rows:
                 results[arm] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, arm)
                 log({"phase": "eval", "model": arm, **results[arm]})
