@@ -1087,8 +1087,9 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
     """DPO per stage (released train_dpo_2stages.py: stage 1 on D_cm, then stage 2 on D_oa from the stage-1 adapter,
     a fresh optimizer and schedule, the reference still the base; or one merged stage), checkpoints in OUT/<stage>
     bound to the pair set's key and every Args field above `on_nonfinite` (--seed, the DPO values: a run with other
-    ones trains afresh instead of resuming them). A subset smaller than the global batch trains with the largest batch it fills
-    (printed); one smaller than a micro-batch per rank is reported and skipped, never a silent zero loss."""
+    ones trains afresh instead of resuming them). A subset smaller than the global batch trains with the largest
+    batch it fills (printed); one smaller than a micro-batch per rank is reported and skipped, never a silent zero
+    loss."""
     plan = [("stage1", ("cm",)), ("stage2", ("oa1", "oa2", "oa"))] if args.stages == "two" else \
         [("merged", ("cm", "oa1", "oa2", "oa"))]
     out, unit, done = Path(args.out), args.micro_batch_size * world, {}
