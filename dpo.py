@@ -93,13 +93,14 @@ class Args:
     lr: float = 1e-3  # peak learning rate (toy default, val sweep 1e-4..3e-3; MMed-RAG/MMedPO use 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # learning rate of the projector when --tune-projector (mm_projector_lr)
     batch_size: int = 16  # pairs per optimizer step over all ranks (global; does not depend on the number of ranks)
-    micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
     epochs: int = 2  # passes over the preference pairs (toy: 2 x 56 steps of prefs_train.json; MMed-RAG / MMedPO: 3)
     max_steps: int = -1  # stop after this many optimizer steps (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # how the steps run (the fields above key each phase's checkpoints: another value trains afresh; these do not)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
     prefix_sharing: bool = True  # one row per pair whose answers share images and prompt (exact; Wang & Hegde 2024)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel (sdpa: flash/mem-efficient on GPU)
@@ -293,6 +294,12 @@ class PairData:
             rng = np.random.default_rng(int(hashlib.sha256(f"noise:{name}".encode()).hexdigest()[:8], 16))
             image = Image.fromarray((np.clip(rng.normal(0, 1, (image.height, image.width, 3)), 0, 1) * 255).astype(np.uint8))
         return lm.image_tensor(cfg, image)
+
+
+def data_content(data: PairData) -> list:
+    """What the tokenised pairs are (a cache key's content): their token ids and image names."""
+    return [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["images"], it["rejected_images"])
+            for it in data.items]
 
 
 def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: bool = True) -> dict:
@@ -590,7 +597,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
 
 
 def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
-          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1,
+          content=(), before=None) -> dict:
     """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
     batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
     (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
@@ -601,7 +609,11 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
     update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
-    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
+    values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
+    Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
     if batch_size % (micro_batch_size * world):
         raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
@@ -618,12 +630,25 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                                   betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
+    run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
+    made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
+    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+        resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
+        dist.barrier()  # every rank has read the checkpoints: now they can move
+        if master:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out / "checkpoints", aside)
+            why = "were made with other arguments" if args.resume else "are not resumed (--no-resume)"
+            print(f"{name}: the checkpoints in {out} {why}: moved to {aside}", file=sys.stderr)
+        dist.barrier()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"{name}: resumed from {resume_from} (step {step})")
+    elif before is not None:
+        before()
     trainable = list(params.values())
     bar = tqdm(total=total, initial=step, desc=name, disable=not master)
     t0, tokens = time.time(), 0.0
@@ -672,9 +697,10 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         bar.update(1)
         bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key},
+                            rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key}, rank)
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
@@ -718,8 +744,7 @@ def pair_logps(args, model, ref_model, data, tokenizer, device, rank, world, pol
 def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, world, out: Path) -> torch.Tensor:
     """Reference log-probs [N, 2] of every pair, computed once before training and cached on disk under a key of
     the data/model Args and the tokenised pairs (TRL's precompute_ref_log_probs, which TRL refuses for images)."""
-    key = cache_key(args, "full_finetune", [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["images"],
-                                             it["rejected_images"]) for it in data.items])
+    key = cache_key(args, "full_finetune", data_content(data))
     cache = out / f"ref_logps_{key}.safetensors"
     if cache.exists():
         return load_file(str(cache))["ref"]
@@ -855,31 +880,32 @@ def main(argv=None):
     shard(model, device, args.activation_checkpointing, args.compile)
     if not args.eval_only and ref_model is not None and hasattr(ref_model, "language_model"):
         shard(ref_model, device)
-    fresh = args.eval_only or latest_checkpoint(out / "dpo") is None
-    if eval_rows and (args.eval_before and fresh):  # LoRA B starts at 0: the policy is the base model
-        key = "eval" if args.eval_only else "before"
-        results[key], _ = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
-                                       rank, world, args.closed_scoring, "eval " + key)
+
+    def evaluate(key: str):
+        results[key], preds = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size, args.eval_max_new_tokens,
+                                           rank, world, args.closed_scoring, "eval " + key)
         log({"phase": "eval_" + key, **results[key]})
+        if master and key != "before":
+            (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
+
+    if eval_rows and args.eval_only:
+        evaluate("eval")
     if not args.eval_only:  # ---- DPO
         ref_table = None
         if args.precompute_ref and not args.reference_free:
             ref_table = precompute_reference(args, model, ref_model, data, tokenizer, device, rank, world, out)
-        results["summary"] = train(args, "dpo", model, len(data),
-                                   lambda idx, epoch: dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table),
-                                   out / "dpo", rank, world, log, {"projector.": args.projector_lr, "": args.lr},
-                                   args.batch_size, args.micro_batch_size, args.epochs, args.max_steps)
+        step = lambda idx, epoch: dpo_step(args, model, ref_model, data, idx, tokenizer, device, ref_table)  # noqa: E731
+        before = (lambda: evaluate("before")) if eval_rows and args.eval_before else None  # LoRA B = 0: the base model
+        results["summary"] = train(args, "dpo", model, len(data), step, out / "dpo", rank, world, log,
+                                   {"projector.": args.projector_lr, "": args.lr}, args.batch_size,
+                                   args.micro_batch_size, args.epochs, args.max_steps, data_content(data), before)
         lm.save_trained(model, tokenizer, out, rank, base, args.full_finetune, args.export_merged, args.tune_projector)
         results["summary"]["skipped_records_train"] = data.skipped
         if heldout is not None:
             results["heldout_pairs"] = evaluate_pairs(args, model, ref_model, heldout, tokenizer, device, rank, world)
             log({"phase": "heldout_pairs", **results["heldout_pairs"]})
         if eval_rows:
-            results["after"], preds = evaluate_vqa(model, tokenizer, eval_rows, args.eval_batch_size,
-                                                   args.eval_max_new_tokens, rank, world, args.closed_scoring, "eval after")
-            log({"phase": "eval_after", **results["after"]})
-            if master:
-                (out / "predictions.json").write_text(json.dumps(preds, indent=1, ensure_ascii=False))
+            evaluate("after")
     if master:
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(json.dumps(results, indent=1))

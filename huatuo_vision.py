@@ -102,11 +102,12 @@ class Args:
     epochs1: float = -1  # stage 1 epochs (fractional allowed); -1 = 1 (paper), or 2 for --model tiny (a random LM: the projector alone moves little)
     epochs2: float = -1  # stage 2 epochs; -1 = 1 (paper), or 72 for --model tiny (864 steps on the built records; 72 > 36 on val_mc; <= 5 min)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
-    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     warmup_ratio: float = 0.03  # linear warmup, then cosine to 0
     weight_decay: float = 0.0  # AdamW weight decay (LLaVA-1.5: 0)
     grad_clip: float = 1.0  # max gradient norm (0 = off)
+    # how the steps run (the fields above key each phase's checkpoints: another value trains afresh; these do not)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     activation_checkpointing: bool = False  # recompute decoder layers in backward
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel (sdpa: flash/mem-efficient on GPU)
     compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
@@ -719,7 +720,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
 
 # Copied from dpo.py: train
 def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
-          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1,
+          content=(), before=None) -> dict:
     """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
     batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
     (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
@@ -730,7 +732,11 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
     update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
-    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
+    values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
+    Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
     if batch_size % (micro_batch_size * world):
         raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
@@ -747,12 +753,25 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                                   betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
+    run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
+    made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
+    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+        resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
+        dist.barrier()  # every rank has read the checkpoints: now they can move
+        if master:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out / "checkpoints", aside)
+            why = "were made with other arguments" if args.resume else "are not resumed (--no-resume)"
+            print(f"{name}: the checkpoints in {out} {why}: moved to {aside}", file=sys.stderr)
+        dist.barrier()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"{name}: resumed from {resume_from} (step {step})")
+    elif before is not None:
+        before()
     trainable = list(params.values())
     bar = tqdm(total=total, initial=step, desc=name, disable=not master)
     t0, tokens = time.time(), 0.0
@@ -801,9 +820,10 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         bar.update(1)
         bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key},
+                            rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key}, rank)
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
@@ -820,16 +840,17 @@ def sft_step(model, data: SFTData, idx: list[int], tokenizer, device) -> dict:
     return {"loss": loss, "n": n_tokens, "tokens": batch["attention_mask"].sum().float()}
 
 
-def train_stage(args: Args, stage: int, model, records, tokenizer, device, rank: int, world: int, log) -> dict:
+def train_stage(args: Args, stage: int, model, records, tokenizer, device, rank: int, world: int, log,
+                before=None) -> dict:
     """One SFT stage through the copied training loop, checkpoints in out/stage{1,2}. Each stage shuffles its data
-    with its own seed (seed + stage)."""
+    with its own seed (seed + stage); before() runs when it starts afresh (the loop's)."""
     data = SFTData(records, tokenizer, model.config, args.max_length, args.skip_bad_samples)
     if rank == 0:
         print(f"stage {stage}: {len(data)} samples" + (f", skipped {data.skipped}" if data.skipped else ""))
     lr, epochs = (args.lr1, args.epochs1) if stage == 1 else (args.lr2, args.epochs2)
     summary = train(dataclasses.replace(args, seed=args.seed + stage), f"stage{stage}", model, len(data),
                     lambda idx, epoch: sft_step(model, data, idx, tokenizer, device), Path(args.out) / f"stage{stage}",
-                    rank, world, log, {"": lr}, args.batch_size, args.micro_batch_size, epochs)
+                    rank, world, log, {"": lr}, args.batch_size, args.micro_batch_size, epochs, before=before)
     return {**summary, "samples": len(data), "skipped_records": data.skipped}
 
 
@@ -973,18 +994,19 @@ def main(argv=None):
 
     # ---- 2. the two stages. Each stage shards its own copy of the weights: FSDP2 fixes which parameters need
     # gradients when it wraps the model, so the stage-2 trainables cannot be switched on inside the stage-1 shards.
-    fresh = not train_stages or latest_checkpoint(out / f"stage{train_stages[0]}") is None
     for k, stage in enumerate(train_stages or [None]):
         if stage == 2 and args.lora:
             torch.manual_seed(args.seed)  # the same LoRA initialisation on every rank
             lm.add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout)
         set_trainable(model, stage, args.lora)
         shard(model, device, args.activation_checkpointing, args.compile)
-        if k == 0 and eval_rows and (args.eval_before and fresh or stage is None):
-            evaluate("before")
         if stage is None:  # evaluation only
+            if eval_rows:
+                evaluate("before")
             break
-        results[f"stage{stage}"] = train_stage(args, stage, model, records[stage], tokenizer, device, rank, world, log)
+        before = (lambda: evaluate("before")) if k == 0 and eval_rows and args.eval_before else None  # not on resume
+        results[f"stage{stage}"] = train_stage(args, stage, model, records[stage], tokenizer, device, rank, world, log,
+                                               before)
         if eval_rows:
             evaluate(f"after_stage{stage}")
         # the stage's weights (LoRA merged), unsharded, in the loading dtype: the next stage's start and the export

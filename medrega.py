@@ -110,13 +110,14 @@ class Args:
     lr: float = -1  # peak learning rate; -1 = 1e-5 (released), or 1e-3 for --model tiny (random weights)
     epochs: float = -1  # passes over the training samples; -1 = 1 (released), or 40 for --model tiny
     batch_size: int = 16  # samples per optimizer step over all ranks (released: 128)
-    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine to 0 (released: 3 %)
     weight_decay: float = 0.05  # AdamW weight decay (released: 0.05)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
-    activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     seed: int = 0  # same seed + same data = same run (bit-identical on CPU)
+    # how the steps run (the fields above key each phase's checkpoints: another value trains afresh; these do not)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
+    activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # output
     out: str = "runs/medrega"  # sft/checkpoints, metrics.jsonl, predictions.json, results.json, llava_hf/ export
@@ -833,7 +834,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
 
 # Copied from dpo.py: train
 def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
-          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1,
+          content=(), before=None) -> dict:
     """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
     batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
     (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
@@ -844,7 +846,11 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
     update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
-    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
+    values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
+    Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
     if batch_size % (micro_batch_size * world):
         raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
@@ -861,12 +867,25 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                                   betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
+    run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
+    made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
+    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+        resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
+        dist.barrier()  # every rank has read the checkpoints: now they can move
+        if master:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out / "checkpoints", aside)
+            why = "were made with other arguments" if args.resume else "are not resumed (--no-resume)"
+            print(f"{name}: the checkpoints in {out} {why}: moved to {aside}", file=sys.stderr)
+        dist.barrier()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"{name}: resumed from {resume_from} (step {step})")
+    elif before is not None:
+        before()
     trainable = list(params.values())
     bar = tqdm(total=total, initial=step, desc=name, disable=not master)
     t0, tokens = time.time(), 0.0
@@ -915,9 +934,10 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         bar.update(1)
         bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key},
+                            rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key}, rank)
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
@@ -1333,22 +1353,26 @@ def main(argv=None):
     torch.manual_seed(args.seed + rank)  # dropout differs per rank (CleanRL's "CRUCIAL" seed offset)
     shard(model, device, args.activation_checkpointing)
     results, preds = {}, {}
-    if rows and (args.eval_only or args.eval_before and latest_checkpoint(out / "sft") is None):
-        key = "eval" if args.eval_only else "before"
-        results[key], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval " + key, cot)
+
+    def evaluate_as(key: str):  # the latest evaluation's predictions feed the box baselines below
+        results[key], found = evaluate(model, tokenizer, rows, args, rank, world, "eval " + key, cot)
+        preds.update(found)
         log({"phase": "eval_" + key, **results[key]})
         if master:
             print(f"{key}:", json.dumps(results[key], ensure_ascii=False))
+
+    if rows and args.eval_only:
+        evaluate_as("eval")
     if not args.eval_only:  # ---- SFT, evaluation, export
         weights = position_token_weights(tokenizer, args.position_weight)
         results["summary"] = train(args, "sft", model, len(data),
                                    lambda idx, epoch: region_sft_step(model, data, idx, epoch, weights, device),
                                    out / "sft", rank, world, log, {"": args.lr}, args.batch_size,
-                                   args.micro_batch_size, args.epochs)
+                                   args.micro_batch_size, args.epochs,
+                                   before=(lambda: evaluate_as("before")) if rows and args.eval_before else None)
         results["summary"].update(train_samples=len(data), skipped=data.skipped)
         if rows:
-            results["after"], preds = evaluate(model, tokenizer, rows, args, rank, world, "eval after", cot)
-            log({"phase": "eval_after", **results["after"]})
+            evaluate_as("after")
         export_llava_hf(model, tokenizer, out, rank)
     if preds.get("t2r"):
         results.update(box_baselines(train_samples, preds["t2r"], args))

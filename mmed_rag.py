@@ -153,13 +153,14 @@ class Args:
     lr: float = 5e-4  # peak learning rate (toy default, val sweep on the fixed starting system, RAG-PT - RAG at seeds 0 1 2: 1e-3 (dpo.py's) +5.9 / -37.2 / -10.1, the policy drifts into report text on closed questions; 3e-4 +3.5 / +3.5 / +2.4; 5e-4 +4.5 / +4.2 / +2.4; 7e-4 +5.2 / +4.9 / +1.0; README; v1 toy's 1e-5 moved no answer; released: 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # projector learning rate with --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks (a smaller subset: the largest batch it fills)
-    micro_batch_size: int = 8  # pairs per forward on one rank; also the warm start's global batch is 16 answers
     epochs: int = 4  # passes over each stage's pairs (toy default: ~100 pairs a stage = 6 steps an epoch; released: 3)
     max_steps: int = -1  # per stage (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine (every phase, the warm start too)
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # how the steps run (the fields above key each phase's checkpoints: another value trains afresh; these do not)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    micro_batch_size: int = 8  # pairs per forward on one rank; also the warm start's global batch is 16 answers
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"  # transformers attention kernel (sdpa: flash/mem-efficient on GPU)
     dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
@@ -872,7 +873,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
 
 # Copied from dpo.py: train
 def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
-          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1,
+          content=(), before=None) -> dict:
     """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
     batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
     (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
@@ -883,7 +885,11 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
     update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
-    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
+    values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
+    Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
     if batch_size % (micro_batch_size * world):
         raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
@@ -900,12 +906,25 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                                   betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
+    run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
+    made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
+    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+        resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
+        dist.barrier()  # every rank has read the checkpoints: now they can move
+        if master:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out / "checkpoints", aside)
+            why = "were made with other arguments" if args.resume else "are not resumed (--no-resume)"
+            print(f"{name}: the checkpoints in {out} {why}: moved to {aside}", file=sys.stderr)
+        dist.barrier()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"{name}: resumed from {resume_from} (step {step})")
+    elif before is not None:
+        before()
     trainable = list(params.values())
     bar = tqdm(total=total, initial=step, desc=name, disable=not master)
     t0, tokens = time.time(), 0.0
@@ -954,9 +973,10 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         bar.update(1)
         bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key},
+                            rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key}, rank)
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
@@ -1086,8 +1106,7 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
                   rank: int, world: int, log) -> dict:
     """DPO per stage (released train_dpo_2stages.py: stage 1 on D_cm, then stage 2 on D_oa from the stage-1 adapter,
     a fresh optimizer and schedule, the reference still the base; or one merged stage), checkpoints in OUT/<stage>
-    bound to the pair set's key and every Args field above `on_nonfinite` (--seed, the DPO values: a run with other
-    ones trains afresh instead of resuming them). A subset smaller than the global batch trains with the largest
+    bound to the pair set's key and the Args (the loop's: another --seed or DPO value trains afresh). A subset smaller than the global batch trains with the largest
     batch it fills (printed); one smaller than a micro-batch per rank is reported and skipped, never a silent zero
     loss."""
     plan = [("stage1", ("cm",)), ("stage2", ("oa1", "oa2", "oa"))] if args.stages == "two" else \
@@ -1106,10 +1125,9 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
             done[name] = {"steps": 0, "pairs": len(data)}
             continue
         step = lambda idx, epoch, data=data: dpo_step(args, model, ref_model, data, idx, tokenizer, device)  # noqa: E731
-        ckpt = keyed_folder(out / name, cache_key(args, "on_nonfinite", key), rank)
         done[name] = {"pairs": len(data), "skipped_records": data.skipped, **train(
-            args, name, model, len(data), step, ckpt, rank, world, log, {"projector.": args.projector_lr, "": args.lr},
-            bs, args.micro_batch_size, args.epochs, args.max_steps)}
+            args, name, model, len(data), step, out / name, rank, world, log, {"projector.": args.projector_lr, "": args.lr},
+            bs, args.micro_batch_size, args.epochs, args.max_steps, key)}
     return done
 
 

@@ -147,13 +147,14 @@ class Args:
     lr: float = 1e-3  # peak learning rate (toy default, dpo.py's val sweep; 1e-5 moved no greedy answer; the paper: 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # learning rate of the projector when --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks (global; does not depend on the number of ranks)
-    micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
     epochs: int = 1  # passes over the preference pairs (toy: 66 steps; at beta 0.5 3 epochs drift both arms below the warm start on val, 63.2 / 63.9 vs 66.3; paper: 3)
     max_steps: int = -1  # stop after this many optimizer steps (-1 = epochs decide)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # how the steps run (the fields above key each phase's checkpoints: another value trains afresh; these do not)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    micro_batch_size: int = 8  # pairs per forward on one rank; accumulation = batch / (micro * ranks)
     prefix_sharing: bool = True  # one row per text pair: its two answers share image and prompt (exact; Wang & Hegde 2024)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     compile: bool = False  # torch.compile each decoder layer (GPU: faster steps after a one-off compile)
@@ -1324,7 +1325,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
 
 # Copied from dpo.py: train
 def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
-          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1,
+          content=(), before=None) -> dict:
     """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
     batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
     (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
@@ -1335,7 +1337,11 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
     update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
-    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
+    values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
+    Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
     if batch_size % (micro_batch_size * world):
         raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
@@ -1352,12 +1358,25 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                                   betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
+    run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
+    made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
+    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+        resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
+        dist.barrier()  # every rank has read the checkpoints: now they can move
+        if master:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out / "checkpoints", aside)
+            why = "were made with other arguments" if args.resume else "are not resumed (--no-resume)"
+            print(f"{name}: the checkpoints in {out} {why}: moved to {aside}", file=sys.stderr)
+        dist.barrier()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"{name}: resumed from {resume_from} (step {step})")
+    elif before is not None:
+        before()
     trainable = list(params.values())
     bar = tqdm(total=total, initial=step, desc=name, disable=not master)
     t0, tokens = time.time(), 0.0
@@ -1406,9 +1425,10 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         bar.update(1)
         bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key},
+                            rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key}, rank)
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
@@ -1608,13 +1628,16 @@ def main(argv=None):
             shard(policy, device, args.activation_checkpointing, args.compile)
             if ref_model is not None and hasattr(ref_model, "language_model"):
                 shard(ref_model, device)
-            if n == 0 and (vqa_rows or report_rows) and latest_checkpoint(out / arm) is None:  # LoRA B = 0: the base
+            def before(policy=policy):  # LoRA B = 0: the base model, evaluated once (by the first arm)
                 results["base"] = evaluate_all(args, policy, tokenizer, vqa_rows, report_rows, rank, world, "base")
                 log({"phase": "eval", "model": "base", **results["base"]})
+
             step = lambda idx, epoch, w=weights[arm]: mmedpo_step(args, policy, ref_model, data, w, idx, tokenizer, device)
+            content = [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["subset"], it["score"]) for it in data.items]
             summary[arm] = train(args, arm, policy, len(data), step, out / arm, rank, world, log,
                                  {"projector.": args.projector_lr, "": args.lr}, args.batch_size, args.micro_batch_size,
-                                 args.epochs, args.max_steps)
+                                 args.epochs, args.max_steps, content,
+                                 before if n == 0 and (vqa_rows or report_rows) else None)
             lm.save_trained(policy, tokenizer, out / arm, rank, base, args.full_finetune, args.export_merged,
                               args.tune_projector)
             if vqa_rows or report_rows:

@@ -72,6 +72,7 @@ class Args:
     test_data: str = ""  # pairs for Recall@k and router accuracy ("" = test.json of a toy folder)
     image_folder: str = ""  # image paths are relative to this ("" = the data file's folder)
     val_fraction: float = 0.15  # last fraction of each domain's training pairs held out to tune gamma (not in the KB)
+    seed: int = 0  # same seed + same data = same retrievers
     # towers
     encoder: str = "tiny"  # "tiny" (random CLIP, offline), a CLIPModel folder, or "IMAGE_DIR+TEXT_DIR" (two HF encoders)
     embed_dim: int = 256  # shared embedding size of the projections for an IMAGE+TEXT pair ("tiny"/CLIP: its own)
@@ -83,6 +84,7 @@ class Args:
     weight_decay: float = 1e-2  # AdamW weight decay (paper 1e-2)
     warmup_ratio: float = 0.1  # linear warmup fraction, then cosine decay to 0
     grad_clip: float = 1.0  # max gradient norm (0 = off)
+    # how the steps run (the fields above key each phase's checkpoints: another value trains afresh; these do not)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     # domain router
     probe_steps: int = 300  # full-batch AdamW steps of the linear probe
@@ -97,7 +99,6 @@ class Args:
     gammas: str = "0.002,0.005,0.01,0.02,0.05,0.1,0.2"  # the gamma sweep on the validation split ((cos+1)/2 ratios are small)
     code_threshold: float = 1.5  # released retrieve_topk_per_image threshold (its commented default)
     # run
-    seed: int = 0  # same seed + same data = same retrievers
     dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
     out: str = "runs/retrieve"  # retrievers, indexes, router, checkpoints, metrics
     save_every: int = 0  # checkpoint every N optimizer steps of a phase (0 = only at its end)
@@ -596,7 +597,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
 
 # Copied from dpo.py: train
 def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
-          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1,
+          content=(), before=None) -> dict:
     """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
     batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
     (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
@@ -607,7 +609,11 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
     update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
-    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
+    values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
+    Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
     if batch_size % (micro_batch_size * world):
         raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
@@ -624,12 +630,25 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                                   betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
+    run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
+    made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
+    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+        resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
+        dist.barrier()  # every rank has read the checkpoints: now they can move
+        if master:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out / "checkpoints", aside)
+            why = "were made with other arguments" if args.resume else "are not resumed (--no-resume)"
+            print(f"{name}: the checkpoints in {out} {why}: moved to {aside}", file=sys.stderr)
+        dist.barrier()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"{name}: resumed from {resume_from} (step {step})")
+    elif before is not None:
+        before()
     trainable = list(params.values())
     bar = tqdm(total=total, initial=step, desc=name, disable=not master)
     t0, tokens = time.time(), 0.0
@@ -678,9 +697,10 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         bar.update(1)
         bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key},
+                            rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key}, rank)
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 

@@ -98,12 +98,13 @@ class Args:
     vit_lr: float = 5e-5  # ViT LoRA learning rate (vision_tower_lr)
     sft_epochs: float = -1  # passes over the stage-1 conversations; -1 = 3 (sqllava_med.sh), or 12 for --model tiny (936 steps: at 3 (234 steps) the tiny model answers every closed val question by its wording (50.0 %) and stage 2 has no image reading to build on; at 12 it reads some (56.9 % val closed, abnormality 88.5 %), the only stage-1 setting of README's val runs where stage 2 gains)
     batch_size: int = 16  # samples per optimizer step over all ranks (global)
-    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     # optimisation (both stages)
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0 (both scripts)
     weight_decay: float = 0.0  # AdamW weight decay (both scripts: 0)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
+    # how the steps run (stage 1's checkpoints are keyed on the fields above, stage 2's on all above --out: another value trains afresh)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
+    micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     # preference generation
     prefs_images: str = ""  # records json/jsonl (image + optional conversations) or a folder of images; "" = the stage-1 records (their answers serve the reference judge), or for --sft-data toy the toy's pref split (data/toy/pref.json: 120 clean images never seen in stage 1, as the paper's 10k PMC images are not its SFT images)
     prefs_limit: int = -1  # first N images; -1 = all, or 120 for --model tiny
@@ -1062,7 +1063,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
 
 # Copied from dpo.py: train
 def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, world: int, log,
-          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1) -> dict:
+          lr_groups: dict, batch_size: int, micro_batch_size: int, epochs: float = 1, max_steps: int = -1,
+          content=(), before=None) -> dict:
     """The training loop of every recipe, on a model already sharded with shard(). Each optimizer step takes a global
     batch of `batch_size` item indices (a seeded shuffle, the same on every rank), deals it out in micro-batches
     (accumulation = batch / (micro x ranks)) and calls step_fn(indices, epoch) for each: it runs the forward and
@@ -1073,7 +1075,11 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     A non-finite loss or gradient (same verdict on every rank) stops the run, or with --on-nonfinite skip drops the
     update (counted). Logs the per-unit means of every statistic to metrics.jsonl, shows a tqdm bar on rank 0,
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
-    checkpoint. Returns {"steps", "nonfinite_skipped"}."""
+    checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
+    values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
+    Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
     if batch_size % (micro_batch_size * world):
         raise ValueError(f"{name}: batch size {batch_size} must be a multiple of micro-batch x ranks "
@@ -1090,12 +1096,25 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
                                   betas=(0.9, 0.999), fused=True)
     scheduler = cosine_schedule(optimizer, total, args.warmup_ratio)
     step, nonfinite = 0, 0
+    run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
+    made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
+    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+        resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
+        dist.barrier()  # every rank has read the checkpoints: now they can move
+        if master:
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(out / "checkpoints", aside)
+            why = "were made with other arguments" if args.resume else "are not resumed (--no-resume)"
+            print(f"{name}: the checkpoints in {out} {why}: moved to {aside}", file=sys.stderr)
+        dist.barrier()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, rank)
         step, nonfinite = state["step"], state.get("nonfinite_skipped", 0)
         if master:
             print(f"{name}: resumed from {resume_from} (step {step})")
+    elif before is not None:
+        before()
     trainable = list(params.values())
     bar = tqdm(total=total, initial=step, desc=name, disable=not master)
     t0, tokens = time.time(), 0.0
@@ -1144,9 +1163,10 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         bar.update(1)
         bar.set_postfix({key: f"{row[key]:.4f}" for key in ("loss", "accuracy", "margin") if key in row})
         if args.save_every and step % args.save_every == 0 and step < total:
-            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+            save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key},
+                            rank)
     bar.close()
-    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite}, rank)
+    save_checkpoint(out, step, model, optimizer, scheduler, {"nonfinite_skipped": nonfinite, "key": run_key}, rank)
     return {"steps": step, "nonfinite_skipped": nonfinite}
 
 
@@ -1250,12 +1270,11 @@ def main(argv=None):
         add_adapters(args, model, stage=1)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         shard(model, device, args.activation_checkpointing)
-        if eval_rows and args.eval_before and latest_checkpoint(out / "stage1") is None:
-            evaluate("base")
         results["train"]["stage1"] = train(
             args, "stage1", model, len(data), lambda idx, epoch: sft_step(model, tokenizer, data, idx, epoch, device),
             out / "stage1", rank, world, log, {"projector.": args.projector_lr, "vision_tower.": args.vit_lr, "": args.sft_lr},
-            args.batch_size, args.micro_batch_size, args.sft_epochs)
+            args.batch_size, args.micro_batch_size, args.sft_epochs,
+            before=(lambda: evaluate("base")) if eval_rows and args.eval_before else None)
         if eval_rows:
             evaluate("sft")
         # the stage-1 model, unsharded: the preference generator, DPO's start and its reference
@@ -1277,12 +1296,12 @@ def main(argv=None):
         ref_projector = add_adapters(args, model, stage=2)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         shard(model, device, args.activation_checkpointing)
-        if eval_rows and args.eval_before and "sft" not in stages and latest_checkpoint(out / "dpo") is None:
-            evaluate("sft")  # the policy before DPO is the stage-1 model (LoRA B = 0)
-        results["train"]["dpo"] = train(
+        results["train"]["dpo"] = train(  # keyed on the preference and DPO fields too (Args above --out)
             args, "dpo", model, len(data), lambda idx, epoch: dpo_step(args, model, ref_projector, data, idx, tokenizer, device),
             out / "dpo", rank, world, log, {"projector.": args.dpo_projector_lr, "vision_tower.": args.dpo_vit_lr, "": args.dpo_lr},
-            args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs)
+            args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs, cache_key(args, "out"),
+            # the policy before DPO is the stage-1 model (LoRA B = 0)
+            (lambda: evaluate("sft")) if eval_rows and args.eval_before and "sft" not in stages else None)
         if eval_rows:
             evaluate("dpo")
         lm.save_merged(model, tokenizer, out / "stage2_model", rank, "original")

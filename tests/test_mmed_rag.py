@@ -512,8 +512,8 @@ def one_rank(monkeypatch):
 
 def test_caches_are_keyed_on_the_args_that_change_them(tmp_path, one_rank):
     """The RAG-PT pairs are rebuilt when --template changes (and when the retriever's or the model's files do), reused
-    when only a training argument does; each cache's key covers the Args above its field; a stage's checkpoint
-    folder made from another pair set is moved aside instead of resumed."""
+    when only a training argument does; each cache's key covers the Args above its field; a keyed folder (retriever,
+    warm start) made from other inputs is moved aside instead of reused."""
     items, answers = scripted_items()
     calls, log = [], lambda row: None
     gen = lambda jobs, desc: scripted_model(items, answers, calls)(jobs)  # noqa: E731
@@ -583,7 +583,7 @@ def test_another_seed_or_dpo_value_trains_the_stages_afresh(retriever, pt_json, 
     assert stage_rows() == trained > 0 and adapter() == first  # resumed
     faults._in_process(mr, fast(retriever, pt_json, 1) + ["--out", str(out), "--seed", "1"])
     assert stage_rows() == 2 * trained and adapter() != first  # trained afresh: another LoRA init
-    assert len(list(tmp_path.glob("run/stage1.*"))) == 1  # the first run's checkpoints, moved aside, not resumed
+    assert len(list(tmp_path.glob("run/stage1/checkpoints.*"))) == 1  # the first run's, moved aside, not resumed
 
 
 def test_nonfinite_step_stops_or_is_skipped(retriever, pt_json, monkeypatch, tmp_path):

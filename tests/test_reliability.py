@@ -144,3 +144,20 @@ def test_same_seed_same_loss_curve(tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 3
     wa, wb = (load_file(str(dpo.latest_checkpoint(tmp_path / d / "dpo") / "trainable.safetensors")) for d in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys):
+    """In the same --out: the same command resumes the finished phase (nothing trains, no "before" evaluation);
+    another --lr (an Args field above --on-nonfinite) moves its checkpoints aside and trains afresh from step 0, with
+    the "before" evaluation; a micro-batch change (below it) still resumes."""
+    out = tmp_path / "run"
+    args = ["--max-steps", "2", "--eval-limit", "2"] + FAST[:-1] + ["--out", str(out)]
+    first = faults._in_process(dpo, args)
+    assert "before" in first and len(faults.phase_rows(out, "dpo")) == 2
+    again = faults._in_process(dpo, args + ["--micro-batch-size", "2"])
+    assert "before" not in again and len(faults.phase_rows(out, "dpo")) == 2 and "dpo: resumed from" in capsys.readouterr().out
+    other = faults._in_process(dpo, args + ["--lr", "5e-4"])
+    assert "before" in other and [r["step"] for r in faults.phase_rows(out, "dpo")] == [1, 2, 1, 2]
+    aside = list((out / "dpo").glob("checkpoints.*"))
+    assert len(aside) == 1 and json.loads((dpo.latest_checkpoint(out / "dpo") / "state.json").read_text())["key"] != \
+        aside[0].name.split(".")[1]
