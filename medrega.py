@@ -154,6 +154,16 @@ def parse_args(cls, argv=None):
     return cls(**vars(p.parse_args(argv)))
 
 
+# Copied from dpo.py: cache_key
+def cache_key(args, before: str, *content) -> str:
+    """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
+    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    names = [f.name for f in dataclasses.fields(args)]
+    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 # Copied from dpo.py: cli
 def cli(main):
     """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the

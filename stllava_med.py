@@ -1299,9 +1299,9 @@ def main(argv=None):
         results["train"]["dpo"] = train(  # keyed on the preference and DPO fields too (Args above --out)
             args, "dpo", model, len(data), lambda idx, epoch: dpo_step(args, model, ref_projector, data, idx, tokenizer, device),
             out / "dpo", rank, world, log, {"projector.": args.dpo_projector_lr, "vision_tower.": args.dpo_vit_lr, "": args.dpo_lr},
-            args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs, cache_key(args, "out"),
+            args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs, content=cache_key(args, "out"),
             # the policy before DPO is the stage-1 model (LoRA B = 0)
-            (lambda: evaluate("sft")) if eval_rows and args.eval_before and "sft" not in stages else None)
+            before=(lambda: evaluate("sft")) if eval_rows and args.eval_before and "sft" not in stages else None)
         if eval_rows:
             evaluate("dpo")
         lm.save_merged(model, tokenizer, out / "stage2_model", rank, "original")
