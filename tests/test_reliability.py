@@ -147,17 +147,19 @@ def test_same_seed_same_loss_curve(tmp_path):
 
 
 def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys):
-    """In the same --out: the same command resumes the finished phase (nothing trains, no "before" evaluation);
-    another --lr (an Args field above --on-nonfinite) moves its checkpoints aside and trains afresh from step 0, with
-    the "before" evaluation; a micro-batch change (below it) still resumes."""
+    """In the same --out: the same command resumes the finished phase (nothing trains, no "before" evaluation); a
+    micro-batch change (below --on-nonfinite) still resumes; another --grad-clip (above it) moves DPO's checkpoints
+    aside and trains afresh from step 0, with the "before" evaluation, on a new warm start (its key has the clip)."""
     out = tmp_path / "run"
     args = ["--max-steps", "2", "--eval-limit", "2"] + FAST[:-1] + ["--out", str(out)]
-    first = faults._in_process(dpo, args)
+    marker = lambda: [p.name for p in (out / "base_llava_hf").glob("warm_start_*")]  # noqa: E731
+    first, warm = faults._in_process(dpo, args), marker()
     assert "before" in first and len(faults.phase_rows(out, "dpo")) == 2
     again = faults._in_process(dpo, args + ["--micro-batch-size", "2"])
     assert "before" not in again and len(faults.phase_rows(out, "dpo")) == 2 and "dpo: resumed from" in capsys.readouterr().out
-    other = faults._in_process(dpo, args + ["--lr", "5e-4"])
+    other = faults._in_process(dpo, args + ["--grad-clip", "0.5"])
     assert "before" in other and [r["step"] for r in faults.phase_rows(out, "dpo")] == [1, 2, 1, 2]
+    assert len(faults.phase_rows(out, "sft_warmup")) == 10 and marker() != warm  # the warm start was retrained
     aside = list((out / "dpo").glob("checkpoints.*"))
     assert len(aside) == 1 and json.loads((dpo.latest_checkpoint(out / "dpo") / "state.json").read_text())["key"] != \
         aside[0].name.split(".")[1]
