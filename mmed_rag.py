@@ -1108,9 +1108,9 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
                   rank: int, world: int, log) -> dict:
     """DPO per stage (released train_dpo_2stages.py: stage 1 on D_cm, then stage 2 on D_oa from the stage-1 adapter,
     a fresh optimizer and schedule, the reference still the base; or one merged stage), checkpoints in OUT/<stage>
-    bound to the pair set's key and the Args (the loop's: another --seed or DPO value trains afresh). A subset smaller than the global batch trains with the largest
-    batch it fills (printed); one smaller than a micro-batch per rank is reported and skipped, never a silent zero
-    loss."""
+    bound to the pair set's key and the Args (the loop's: another --seed or DPO value trains afresh). A subset
+    smaller than the global batch trains with the largest batch it fills (printed); one smaller than a micro-batch
+    per rank is reported and skipped, never a silent zero loss."""
     plan = [("stage1", ("cm",)), ("stage2", ("oa1", "oa2", "oa"))] if args.stages == "two" else \
         [("merged", ("cm", "oa1", "oa2", "oa"))]
     out, unit, done = Path(args.out), args.micro_batch_size * world, {}
@@ -1128,8 +1128,8 @@ def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, fol
             continue
         step = lambda idx, epoch, data=data: dpo_step(args, model, ref_model, data, idx, tokenizer, device)  # noqa: E731
         done[name] = {"pairs": len(data), "skipped_records": data.skipped, **train(
-            args, name, model, len(data), step, out / name, rank, world, log, {"projector.": args.projector_lr, "": args.lr},
-            bs, args.micro_batch_size, args.epochs, args.max_steps, key)}
+            args, name, model, len(data), step, out / name, rank, world, log,
+            {"projector.": args.projector_lr, "": args.lr}, bs, args.micro_batch_size, args.epochs, args.max_steps, key)}
     return done
 
 

@@ -1635,7 +1635,8 @@ def main(argv=None):
                 log({"phase": "eval", "model": "base", **results["base"]})
 
             step = lambda idx, epoch, w=weights[arm]: mmedpo_step(args, policy, ref_model, data, w, idx, tokenizer, device)
-            content = [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["subset"], it["score"]) for it in data.items]
+            content = [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["subset"], it["score"])
+                       for it in data.items]  # what the pairs are (keys the arm's checkpoints)
             summary[arm] = train(args, arm, policy, len(data), step, out / arm, rank, world, log,
                                  {"projector.": args.projector_lr, "": args.lr}, args.batch_size, args.micro_batch_size,
                                  args.epochs, args.max_steps, content,

@@ -102,7 +102,7 @@ class Args:
     warmup_ratio: float = 0.03  # linear warmup fraction, then cosine decay to 0 (both scripts)
     weight_decay: float = 0.0  # AdamW weight decay (both scripts: 0)
     grad_clip: float = 1.0  # max global gradient norm (0 = off)
-    # how the steps run (stage 1's checkpoints are keyed on the fields above, stage 2's on all above --out: another value trains afresh)
+    # how the steps run (stage 1's checkpoints are keyed on the fields above, stage 2's on all above --out)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     micro_batch_size: int = 8  # samples per forward on one rank; accumulation = batch / (micro * ranks)
     # preference generation

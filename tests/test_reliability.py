@@ -156,7 +156,8 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
     first, warm = faults._in_process(dpo, args), marker()
     assert "before" in first and len(faults.phase_rows(out, "dpo")) == 2
     again = faults._in_process(dpo, args + ["--micro-batch-size", "2"])
-    assert "before" not in again and len(faults.phase_rows(out, "dpo")) == 2 and "dpo: resumed from" in capsys.readouterr().out
+    assert "before" not in again and len(faults.phase_rows(out, "dpo")) == 2
+    assert "dpo: resumed from" in capsys.readouterr().out
     other = faults._in_process(dpo, args + ["--grad-clip", "0.5"])
     assert "before" in other and [r["step"] for r in faults.phase_rows(out, "dpo")] == [1, 2, 1, 2]
     assert len(faults.phase_rows(out, "sft_warmup")) == 10 and marker() != warm  # the warm start was retrained
