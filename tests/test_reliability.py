@@ -164,3 +164,36 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
     aside = list((out / "dpo").glob("checkpoints.*"))
     assert len(aside) == 1 and json.loads((dpo.latest_checkpoint(out / "dpo") / "state.json").read_text())["key"] != \
         aside[0].name.split(".")[1]
+
+
+@pytest.mark.parametrize("recipe", ["dpo", "mmedpo", "mmed_rag", "stllava_med", "huatuo_vision", "medrega", "retrieve"])
+def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, monkeypatch):
+    """Each file's copy of the loop with that file's Args: a rerun resumes, also with another --dist-timeout-s (how
+    the steps run); another --seed or --weight-decay (above --on-nonfinite in every Args) moves the checkpoints aside."""
+    import dataclasses
+    import importlib
+
+    from torch.distributed.fsdp import fully_shard
+
+    module = importlib.import_module(recipe)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    module.setup_distributed()
+    try:
+        def run(args):
+            torch.manual_seed(0)
+            model, x = fully_shard(torch.nn.Linear(4, 1)), torch.randn(8, 4)
+            step = lambda idx, epoch: {"loss": model(x[idx]).pow(2).sum(), "n": torch.tensor(float(len(idx)))}  # noqa: E731
+            return module.train(args, "phase", model, 8, step, tmp_path, 0, 1, lambda row: None, {"": 1e-2}, 4, 4,
+                                max_steps=2)
+
+        args = module.Args()
+        run(args)
+        for same in (args, dataclasses.replace(args, dist_timeout_s=99)):
+            run(same)
+            assert not list(tmp_path.glob("checkpoints.*"))  # resumed
+        for n, other in enumerate((dataclasses.replace(args, seed=1), dataclasses.replace(args, seed=1, weight_decay=0.5))):
+            run(other)
+            assert len(list(tmp_path.glob("checkpoints.*"))) == n + 1, f"{recipe}: {other} resumed another run"
+    finally:
+        dist.destroy_process_group()
