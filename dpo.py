@@ -296,10 +296,14 @@ class PairData:
         return lm.image_tensor(cfg, image)
 
 
-def data_content(data: PairData) -> list:
-    """What the tokenised pairs are (a cache key's content): their token ids and image names."""
-    return [(it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["images"], it["rejected_images"])
-            for it in data.items]
+def data_content(data: PairData) -> str:
+    """What the tokenised pairs are (a cache key's content): a digest of their token ids and image names, built pair
+    by pair (one json string of 100k pairs would take gigabytes)."""
+    h = hashlib.sha256()
+    for it in data.items:
+        h.update(json.dumps([it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["images"],
+                             it["rejected_images"]]).encode())
+    return h.hexdigest()
 
 
 def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: bool = True) -> dict:
