@@ -109,7 +109,7 @@ class Args:
     # output
     out: str = "runs/dpo"  # checkpoints, metrics.jsonl, adapter/, eval json
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
-    resume: bool = True  # continue from the newest complete checkpoint in --out
+    resume: bool = True  # continue from the newest complete checkpoint in --out made with the same arguments (others are moved aside)
     export_merged: bool = False  # also write the merged model as a llava-hf checkpoint (vLLM / transformers)
     # evaluation
     eval: bool = True  # evaluate at the end (VQA generation + held-out pair rewards)

@@ -115,7 +115,7 @@ class Args:
     # output
     out: str = "runs/huatuo_vision"  # built data, checkpoints (out/stage1, out/stage2), metrics.jsonl, llava_hf/, results
     save_every: int = 0  # checkpoint every N steps within a stage (0 = at the end of the stage)
-    resume: bool = True  # continue a stage from its newest complete checkpoint
+    resume: bool = True  # continue a stage from its newest complete checkpoint made with the same arguments (others are moved aside)
     # evaluation
     eval_only: bool = False  # only evaluate --model on --eval-data (= --stages eval: nothing is built or trained)
     eval_data: str = "data/toy/test_mc.json"  # HuatuoGPT eval json, or VQA-RAD / SLAKE (closed questions as [yes, no])

@@ -122,7 +122,7 @@ class Args:
     # output
     out: str = "runs/medrega"  # sft/checkpoints, metrics.jsonl, predictions.json, results.json, llava_hf/ export
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
-    resume: bool = True  # continue from the newest complete checkpoint in --out
+    resume: bool = True  # continue from the newest complete checkpoint in --out made with the same arguments (others are moved aside)
     # evaluation
     eval: bool = True  # evaluate Text-to-Region, Region-to-Text and VQA at the end
     eval_only: bool = False  # only evaluate --model on --eval-data (no training data is read, nothing is trained)

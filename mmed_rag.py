@@ -169,7 +169,7 @@ class Args:
     # output
     out: str = "runs/mmed_rag"  # everything this run writes
     save_every: int = 0  # checkpoint every N optimizer steps of a phase (0 = only at its end)
-    resume: bool = True  # continue each phase from its newest complete checkpoint (caches are reused while their key holds)
+    resume: bool = True  # continue each phase from its newest complete checkpoint made with the same arguments (others are moved aside; caches are reused while their key holds)
     export_merged: bool = False  # also write the merged model as a llava-hf checkpoint (OUT/llava_hf)
     # evaluation
     eval_only: bool = False  # only evaluate --model with --retriever on the test set (no training data is read)

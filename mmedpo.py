@@ -162,7 +162,7 @@ class Args:
     # output
     out: str = "runs/mmedpo"  # prefs/, base_llava_hf/, <arm>/checkpoints, <arm>/adapter, metrics.jsonl, results.json
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
-    resume: bool = True  # reuse built pairs and continue each arm from its newest complete checkpoint
+    resume: bool = True  # reuse built pairs and continue each arm from its newest complete checkpoint made with the same arguments (others are moved aside)
     export_merged: bool = False  # also write each arm's merged model as a llava-hf checkpoint
     # evaluation
     eval: bool = True  # evaluate base (before training) and every trained arm

@@ -102,7 +102,7 @@ class Args:
     dist_timeout_s: int = 1800  # a collective waiting longer than this fails instead of hanging
     out: str = "runs/retrieve"  # retrievers, indexes, router, checkpoints, metrics
     save_every: int = 0  # checkpoint every N optimizer steps of a phase (0 = only at its end)
-    resume: bool = True  # continue each phase (router, each retriever) from its newest complete checkpoint in --out
+    resume: bool = True  # continue each phase (router, each retriever) from its newest complete checkpoint in --out made with the same arguments (others are moved aside)
 
 
 # Copied from dpo.py: parse_args

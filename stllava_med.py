@@ -147,7 +147,7 @@ class Args:
     stages: str = "sft,prefs,dpo,eval"  # comma list: sft (stage 1), prefs (preference data), dpo (stage 2), eval
     out: str = "runs/stllava_med"  # checkpoints (out/stage1, out/dpo), metrics.jsonl, stage models, pairs, predictions
     save_every: int = 0  # checkpoint every N steps within a stage (0 = at the end of the stage)
-    resume: bool = True  # continue a stage from its newest complete checkpoint
+    resume: bool = True  # continue a stage from its newest complete checkpoint made with the same arguments (others are moved aside)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # evaluation
