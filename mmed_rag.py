@@ -170,6 +170,7 @@ class Args:
     out: str = "runs/mmed_rag"  # everything this run writes
     save_every: int = 0  # checkpoint every N optimizer steps of a phase (0 = only at its end)
     resume: bool = True  # continue each phase from its newest complete checkpoint made with the same arguments (others are moved aside; caches are reused while their key holds)
+    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (the data or model moved; you vouch they are the same)
     export_merged: bool = False  # also write the merged model as a llava-hf checkpoint (OUT/llava_hf)
     # evaluation
     eval_only: bool = False  # only evaluate --model with --retriever on the test set (no training data is read)
@@ -887,7 +888,8 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     checkpoints to out/checkpoints every --save-every steps and at the end, and resumes from the newest complete
     checkpoint made with the same key: the Args fields above --on-nonfinite (data, model, method and optimisation
     values), this phase's own values and `content` (what the caller's data is made of). A checkpoint made with another
-    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, never continued.
+    key (another --lr or --seed in the same --out) is moved aside to out/checkpoints.<its key>, kept, not continued
+    (unless --resume-any).
     before(), when given, runs once when the phase starts from step 0 (not on resume): the "before" evaluation.
     Returns {"steps", "nonfinite_skipped"}."""
     master = rank == 0
@@ -909,7 +911,8 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
     run_key = cache_key(args, "on_nonfinite", name, n_items, lr_groups, batch_size, epochs, max_steps, content)
     resume_from = latest_checkpoint(out) if args.resume else None
     made_with = json.loads((resume_from / "state.json").read_text()).get("key") if resume_from else None
-    if (out / "checkpoints").exists() and (made_with != run_key if resume_from else not args.resume):
+    other = made_with != run_key and not args.resume_any  # --resume-any: the user vouches for a moved data / model
+    if (out / "checkpoints").exists() and (other if resume_from else not args.resume):
         resume_from, aside = None, out / f"checkpoints.{made_with or 'old'}"
         dist.barrier()  # every rank has read the checkpoints: now they can move
         if master:

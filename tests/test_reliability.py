@@ -169,7 +169,8 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
 @pytest.mark.parametrize("recipe", ["dpo", "mmedpo", "mmed_rag", "stllava_med", "huatuo_vision", "medrega", "retrieve"])
 def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, monkeypatch):
     """Each file's copy of the loop with that file's Args: a rerun resumes, also with another --dist-timeout-s (how
-    the steps run); another --seed or --weight-decay (above --on-nonfinite in every Args) moves the checkpoints aside."""
+    the steps run); another --seed or --weight-decay (above --on-nonfinite in every Args) moves the checkpoints aside,
+    unless --resume-any."""
     import dataclasses
     import importlib
 
@@ -195,5 +196,7 @@ def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, mon
         for n, other in enumerate((dataclasses.replace(args, seed=1), dataclasses.replace(args, seed=1, weight_decay=0.5))):
             run(other)
             assert len(list(tmp_path.glob("checkpoints.*"))) == n + 1, f"{recipe}: {other} resumed another run"
+        run(dataclasses.replace(args, seed=2, resume_any=True))  # the user vouches: continued, not moved aside
+        assert len(list(tmp_path.glob("checkpoints.*"))) == 2
     finally:
         dist.destroy_process_group()
