@@ -170,7 +170,7 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
 def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, monkeypatch):
     """Each file's copy of the loop with that file's Args: a rerun resumes, also with another --dist-timeout-s (how
     the steps run); another --seed or --weight-decay (above --on-nonfinite in every Args) moves the checkpoints aside,
-    unless --resume-any."""
+    unless --resume-any; --no-resume moves them aside too."""
     import dataclasses
     import importlib
 
@@ -198,5 +198,7 @@ def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, mon
             assert len(list(tmp_path.glob("checkpoints.*"))) == n + 1, f"{recipe}: {other} resumed another run"
         run(dataclasses.replace(args, seed=2, resume_any=True))  # the user vouches: continued, not moved aside
         assert len(list(tmp_path.glob("checkpoints.*"))) == 2
+        run(dataclasses.replace(args, seed=2, resume=False))  # --no-resume: kept aside, trained afresh
+        assert len(list(tmp_path.glob("checkpoints.*"))) == 3
     finally:
         dist.destroy_process_group()
