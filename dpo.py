@@ -110,7 +110,7 @@ class Args:
     out: str = "runs/dpo"  # checkpoints, metrics.jsonl, adapter/, eval json
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
     resume: bool = True  # continue from the newest complete checkpoint in --out made with the same arguments (others are moved aside)
-    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (the data or model moved; you vouch they are the same)
+    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (e.g. data copied without its file times; you vouch it is the same)
     export_merged: bool = False  # also write the merged model as a llava-hf checkpoint (vLLM / transformers)
     # evaluation
     eval: bool = True  # evaluate at the end (VQA generation + held-out pair rewards)
@@ -144,10 +144,11 @@ def parse_args(cls, argv=None):
 
 def cache_key(args, before: str, *content) -> str:
     """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
-    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    field declared before the field `before` (Args lists what changes such content first), a path by its content
+    (lm.fingerprint: a moved data set keeps the key, a file edited in place changes it), and `content` (e.g. the
     tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
     names = [f.name for f in dataclasses.fields(args)]
-    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
     return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -789,7 +790,7 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
     reused while its inputs (model, dtype, steps, lr, seed, the loop's warmup / weight decay / clipping, the tokenised
     items, whose images are named inside the image folder) are the same."""
     base, key = out / "base_llava_hf", hashlib.sha256(json.dumps(  # what the warm start depends on
-        [args.model, args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed, args.warmup_ratio, args.weight_decay,
+        [lm.fingerprint(args.model), args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed, args.warmup_ratio, args.weight_decay,
          args.grad_clip, items]).encode()).hexdigest()[:16]
     if not (base / f"warm_start_{key}").exists():
         for n, p in model.named_parameters():

@@ -116,7 +116,7 @@ class Args:
     out: str = "runs/huatuo_vision"  # built data, checkpoints (out/stage1, out/stage2), metrics.jsonl, llava_hf/, results
     save_every: int = 0  # checkpoint every N steps within a stage (0 = at the end of the stage)
     resume: bool = True  # continue a stage from its newest complete checkpoint made with the same arguments (others are moved aside)
-    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (the data or model moved; you vouch they are the same)
+    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (e.g. data copied without its file times; you vouch it is the same)
     # evaluation
     eval_only: bool = False  # only evaluate --model on --eval-data (= --stages eval: nothing is built or trained)
     eval_data: str = "data/toy/test_mc.json"  # HuatuoGPT eval json, or VQA-RAD / SLAKE (closed questions as [yes, no])
@@ -149,10 +149,11 @@ def parse_args(cls, argv=None):
 # Copied from dpo.py: cache_key
 def cache_key(args, before: str, *content) -> str:
     """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
-    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    field declared before the field `before` (Args lists what changes such content first), a path by its content
+    (lm.fingerprint: a moved data set keeps the key, a file edited in place changes it), and `content` (e.g. the
     tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
     names = [f.name for f in dataclasses.fields(args)]
-    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
     return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -402,10 +403,11 @@ def build_pubmedvision(sources, folder: Path, generate_fn, seed: int, stats: dic
 def build_stage(args: Args, model, tokenizer, device, rank: int, world: int, out: Path) -> tuple[dict, dict]:
     """Filters and reformatting (every rank filters the same records; lm.generate_sharded shares the generations
     out and gathers them, so the records do not depend on the number of ranks). Cached: out/pubmedvision_*.json are
-    reused when pubmedvision_build.json holds the key of every Args field above `stages` and the source file."""
+    reused when pubmedvision_build.json holds the key of every Args field above `stages` (the source and lexicon files
+    by their content, cache_key)."""
     records = lm.read_records(args.source)
     lexicon = load_lexicon(args.lexicon)
-    key = cache_key(args, "stages", file_sha256(Path(args.source)), lexicon)
+    key = cache_key(args, "stages")
     meta, names = out / "pubmedvision_build.json", ("alignment", "instruction", "raw")
     if meta.is_file() and json.loads(meta.read_text()).get("key") == key:  # written last: its files are complete
         return ({n: json.loads((out / f"pubmedvision_{n}.json").read_text()) for n in names},

@@ -123,7 +123,7 @@ class Args:
     out: str = "runs/medrega"  # sft/checkpoints, metrics.jsonl, predictions.json, results.json, llava_hf/ export
     save_every: int = 0  # checkpoint every N optimizer steps (0 = only at the end)
     resume: bool = True  # continue from the newest complete checkpoint in --out made with the same arguments (others are moved aside)
-    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (the data or model moved; you vouch they are the same)
+    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (e.g. data copied without its file times; you vouch it is the same)
     # evaluation
     eval: bool = True  # evaluate Text-to-Region, Region-to-Text and VQA at the end
     eval_only: bool = False  # only evaluate --model on --eval-data (no training data is read, nothing is trained)
@@ -158,10 +158,11 @@ def parse_args(cls, argv=None):
 # Copied from dpo.py: cache_key
 def cache_key(args, before: str, *content) -> str:
     """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
-    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    field declared before the field `before` (Args lists what changes such content first), a path by its content
+    (lm.fingerprint: a moved data set keeps the key, a file edited in place changes it), and `content` (e.g. the
     tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
     names = [f.name for f in dataclasses.fields(args)]
-    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
     return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

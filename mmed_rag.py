@@ -170,7 +170,7 @@ class Args:
     out: str = "runs/mmed_rag"  # everything this run writes
     save_every: int = 0  # checkpoint every N optimizer steps of a phase (0 = only at its end)
     resume: bool = True  # continue each phase from its newest complete checkpoint made with the same arguments (others are moved aside; caches are reused while their key holds)
-    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (the data or model moved; you vouch they are the same)
+    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (e.g. data copied without its file times; you vouch it is the same)
     export_merged: bool = False  # also write the merged model as a llava-hf checkpoint (OUT/llava_hf)
     # evaluation
     eval_only: bool = False  # only evaluate --model with --retriever on the test set (no training data is read)
@@ -204,10 +204,11 @@ def parse_args(cls, argv=None):
 # Copied from dpo.py: cache_key
 def cache_key(args, before: str, *content) -> str:
     """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
-    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    field declared before the field `before` (Args lists what changes such content first), a path by its content
+    (lm.fingerprint: a moved data set keeps the key, a file edited in place changes it), and `content` (e.g. the
     tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
     names = [f.name for f in dataclasses.fields(args)]
-    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
     return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -337,16 +338,6 @@ def read_splits(args: Args, tasks) -> dict:
     return s
 
 
-def fingerprint(path) -> list:
-    """What a cache made from a model or retriever folder is keyed on besides the Args: (file, size, mtime) of every
-    file in it, checkpoint folders aside; a name that is no folder ("tiny") stands for itself."""
-    p = Path(path)
-    if not p.is_dir():
-        return [str(path)]
-    return sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*")
-                  if f.is_file() and "checkpoints" not in f.parts)
-
-
 def keyed_folder(folder: Path, key: str, rank: int) -> Path:
     """`folder` (a cache, or a phase's checkpoints) bound to `key`, the cache key of what it is made from. One made
     from other inputs (another key in its cache_key file, or none) is moved aside to <folder>.<that key>, kept but
@@ -359,7 +350,7 @@ def keyed_folder(folder: Path, key: str, rank: int) -> Path:
             os.replace(folder, aside)
             print(f"{folder} was made from other inputs: moved to {aside}", file=sys.stderr)
         folder.mkdir(parents=True)
-        stamp.write_text(key)  # written once: the folder's files (and so fingerprint) do not change on reuse
+        stamp.write_text(key)  # written once: the folder's files do not change on reuse
     dist.barrier()
     return folder
 
@@ -1026,7 +1017,7 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
     reused while its inputs (model, dtype, steps, lr, seed, the loop's warmup / weight decay / clipping, the tokenised
     items, whose images are named inside the image folder) are the same."""
     base, key = out / "base_llava_hf", hashlib.sha256(json.dumps(  # what the warm start depends on
-        [args.model, args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed, args.warmup_ratio, args.weight_decay,
+        [lm.fingerprint(args.model), args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed, args.warmup_ratio, args.weight_decay,
          args.grad_clip, items]).encode()).hexdigest()[:16]
     if not (base / f"warm_start_{key}").exists():
         for n, p in model.named_parameters():
@@ -1328,7 +1319,7 @@ def answer_one(args: Args) -> dict:
 
 
 def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
-    """(retrieve.DomainRAG, its folder): --retriever, or OUT/retriever, trained here on the toy's kb.json
+    """The retrieve.DomainRAG of --retriever, or of OUT/retriever, trained here on the toy's kb.json
     by retrieve.build_all (its phases resume from their checkpoints) and reused while its key holds (every Args
     field above `model`)."""
     rdir = Path(args.retriever or out / "retriever")
@@ -1351,10 +1342,10 @@ def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
             dist.barrier()
     if not (rdir / "rag_config.json").exists():
         raise lm.ModelError(f"{rdir}: no retrieve.py output (rag_config.json); --retriever names one")
-    return retrieve.DomainRAG.load(rdir), rdir
+    return retrieve.DomainRAG.load(rdir)
 
 
-def retrieval_for_rag_pt_and_test(args: Args, rag, s: dict, gamma: float, gen, made_from, rank: int, misrouted: dict):
+def retrieval_for_rag_pt_and_test(args: Args, rag, s: dict, gamma: float, gen, rank: int, misrouted: dict):
     """Spec A5: gamma by the validation VQA accuracy of the model before RAG-PT (cached in OUT/gamma_<key>.json:
     every Args field above `pt_data`, the retriever, the model), unless --gamma, --gamma-tune f1 or --eval-only fix
     it; then the RAG-PT items (the top --pt-k) and the test items get their reports. Writes retrieved_test.jsonl as
@@ -1364,7 +1355,7 @@ def retrieval_for_rag_pt_and_test(args: Args, rag, s: dict, gamma: float, gen, m
     sweep, tune = None, args.gamma < 0 and args.gamma_tune == "accuracy" and not args.eval_only
     if tune and s["val"] and "vqa" in args.tasks.split(","):
         misrouted["val"] = attach(s["val"], gamma, fixed_k=args.k_max)
-        (gamma, sweep), reused = cached_json(Path(args.out) / f"gamma_{cache_key(args, 'pt_data', made_from)}.json", rank,
+        (gamma, sweep), reused = cached_json(Path(args.out) / f"gamma_{cache_key(args, 'pt_data')}.json", rank,
                                              lambda: tune_gamma(rag.config.get("gammas", [gamma]), s["val"],
                                                                 lambda jobs: gen(jobs, "gamma sweep")))
         if rank == 0:
@@ -1386,7 +1377,7 @@ def retrieval_for_rag_pt_and_test(args: Args, rag, s: dict, gamma: float, gen, m
             "misrouted": misrouted}
 
 
-def rag_pt_set(args: Args, s: dict, gen, gamma: float, made_from, rank: int, log) -> tuple[list[dict], str, dict]:
+def rag_pt_set(args: Args, s: dict, gen, gamma: float, rank: int, log) -> tuple[list[dict], str, dict]:
     """(pairs, the key their stages' checkpoints are bound to, sizes per task): --rag-pt-data (released files mark
     cross-modality pairs with rejected_noised / rejected_image only; key: its sha256), or rag_pt_pairs from the model
     before tuning, cached in OUT/rag_pt_<key>.json (every Args field above `stages`, the retriever, the model, the
@@ -1401,7 +1392,7 @@ def rag_pt_set(args: Args, s: dict, gen, gamma: float, made_from, rank: int, log
         sizes = {x: sum(p["subset"] == x for p in pairs) for x in subsets}
         sizes.update(candidates=0, skipped_empty=0, skipped_truncated=0)
     else:
-        key = cache_key(args, "stages", made_from, gamma)
+        key = cache_key(args, "stages", gamma)
         (pairs, sizes), reused = cached_json(out / f"rag_pt_{key}.json", rank, lambda: rag_pt_pairs(
             s["pt"], lambda jobs: gen(jobs, "RAG-PT"), args.cm_image, args.report_correct_rouge, args.seed))
         if rank == 0:
@@ -1437,7 +1428,7 @@ def main(argv=None):
     pre = dataclasses.replace(args, seed=warm_seed)  # the Args of what comes before the DPO stages (see warm_start_seed)
     torch.manual_seed(warm_seed)
     s = read_splits(args, tuple(t for t in args.tasks.split(",") if t))  # ---- knowledge base / RAG-PT / val / test
-    rag, rdir = retrieval_system(pre, out, rank, world, device, log)  # ---- 1. router + a retriever and index per domain
+    rag = retrieval_system(pre, out, rank, world, device, log)  # ---- 1. router + a retriever and index per domain
     for what, name in (("pt", "RAG-PT"), ("val", "validation"), ("test", "test")):
         s[what] = rag.drop_kb_images(s[what], name, args.skip_bad_samples)
     gamma = rag.config["gamma"] if args.gamma < 0 else args.gamma  # retrieve.py's (F1) pick: the warm start's prompts
@@ -1450,7 +1441,6 @@ def main(argv=None):
     model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=warm_seed,
                                attn_implementation=args.attn_implementation)
     pixel = pixel_loader(model.config, s["folder"])
-    made_from = [fingerprint(rdir), fingerprint(args.model)]  # what the caches are made from besides the Args
     base, ref_model = args.model, None
     if not args.eval_only and args.sft_base_steps:  # warm start 0: dpo.py's, on the same data (one fixed SFT model)
         from data.toy_readers import toy_pair_records
@@ -1463,7 +1453,7 @@ def main(argv=None):
     if not args.eval_only and (args.sft_warmup_steps or args.sft_rag_steps):
         if not s["warm"]:
             raise ValueError("a warm start needs the toy's train.json (pass 0 steps for a trained model)")
-        folder = keyed_folder(out / "warm_start", cache_key(pre, "gamma_tune", made_from), rank)
+        folder = keyed_folder(out / "warm_start", cache_key(pre, "gamma_tune"), rank)
         model = warm_start_rag(pre, model, tokenizer, s["warm"], pixel, device, rank, world, folder, log)
         base = str(folder / "model")
     if not args.eval_only:
@@ -1476,12 +1466,12 @@ def main(argv=None):
         shard(ref_model, device)
     gen = lambda jobs, desc: answer_jobs(args, model, tokenizer, jobs, pixel, rank, world, desc)  # noqa: E731
     # ---- 3. gamma by validation accuracy, retrieval for RAG-PT and test; 4. evaluation before RAG-PT (LoRA B = 0)
-    results = {"retrieval": retrieval_for_rag_pt_and_test(pre, rag, s, gamma, gen, made_from, rank, misrouted)}
+    results = {"retrieval": retrieval_for_rag_pt_and_test(pre, rag, s, gamma, gen, rank, misrouted)}
     first = "eval" if args.eval_only else "before"
     results[first] = evaluate(args, model, tokenizer, s["test"], pixel, rank, world, "eval " + first)
     log({"phase": "eval_" + first, **{k: v for k, v in results[first].items() if k != "predictions"}})
     if not args.eval_only:  # ---- 5. RAG-PT pairs from the model before tuning; 6. DPO; 7. evaluation after RAG-PT
-        pairs, key, results["rag_pt_sizes"] = rag_pt_set(pre, s, gen, results["retrieval"]["gamma"], made_from, rank, log)
+        pairs, key, results["rag_pt_sizes"] = rag_pt_set(pre, s, gen, results["retrieval"]["gamma"], rank, log)
         results["dpo"] = rag_pt_stages(args, model, ref_model, pairs, key, s["folder"], tokenizer, device, rank, world, log)
         lm.save_trained(model, tokenizer, out, rank, base, args.full_finetune, args.export_merged, args.tune_projector)
         results["after"] = evaluate(args, model, tokenizer, s["test"], pixel, rank, world, "eval after")

@@ -125,8 +125,7 @@ class Args:
     judge_max_new_tokens: int = 64  # judge reply length cap (the scores are on its first line)
     ties: Literal["auto", "answer2", "skip"] = "auto"  # equal scores: chosen is answer 2 (the released rule), or skip the pair; auto = skip with the toy judge (its ties are exact: both answers equally right or wrong, no preference to learn), else answer2
     gen_batch_size: int = 16  # prompts per generate call on one rank (batch b samples with seed + b)
-    prefs_out: str = ""  # the pairs as an STLLaVA-Med DPO json ("" = <out>/stllava_med_dpo.json); fields above key the pair cache
-    # stage 2: DPO
+    # stage 2: DPO (the fields above key the pair cache)
     dpo_data: str = ""  # STLLaVA-Med DPO json to train on ("" = the pairs of the prefs stage)
     dpo_system: Literal["auto", "llava_v1", "v1", "v1_sq"] = "auto"  # system prompt of the DPO pairs: auto = v1 (dpo_finetune.sh --version v1), v1_sq for --model tiny
     dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-4 for --model tiny (val sweep on the seed-0 12-epoch stage 1, 56.9 % val closed before, beta 0.5, 5 epochs: 20 questions at 2e-4 61.5, at 1e-4 57.6; 10 questions at 1e-4 60.4, 2e-4 59.0, 5e-4 53.5, 2e-4 for 10 epochs 54.2; more DPO drops the wording prior faster than it adds image reading; on a 3-epoch stage 1 no setting moved closed accuracy beyond noise: README, STLLaVA-Med toy results)
@@ -146,9 +145,10 @@ class Args:
     # run and output
     stages: str = "sft,prefs,dpo,eval"  # comma list: sft (stage 1), prefs (preference data), dpo (stage 2), eval
     out: str = "runs/stllava_med"  # checkpoints (out/stage1, out/dpo), metrics.jsonl, stage models, pairs, predictions
+    prefs_out: str = ""  # the pairs as an STLLaVA-Med DPO json ("" = <out>/stllava_med_dpo.json)
     save_every: int = 0  # checkpoint every N steps within a stage (0 = at the end of the stage)
     resume: bool = True  # continue a stage from its newest complete checkpoint made with the same arguments (others are moved aside)
-    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (the data or model moved; you vouch they are the same)
+    resume_any: bool = False  # with --resume, continue the newest checkpoint even if other arguments made it (e.g. data copied without its file times; you vouch it is the same)
     activation_checkpointing: bool = False  # recompute decoder layers in backward (memory for time)
     dist_timeout_s: int = 1800  # a collective waiting longer than this (e.g. on a dead rank) fails instead of hanging
     # evaluation
@@ -184,10 +184,11 @@ def parse_args(cls, argv=None):
 # Copied from dpo.py: cache_key
 def cache_key(args, before: str, *content) -> str:
     """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
-    field declared before the field `before` (Args lists what changes such content first) and `content` (e.g. the
+    field declared before the field `before` (Args lists what changes such content first), a path by its content
+    (lm.fingerprint: a moved data set keeps the key, a file edited in place changes it), and `content` (e.g. the
     tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
     names = [f.name for f in dataclasses.fields(args)]
-    fields = {n: getattr(args, n) for n in names[:names.index(before)]}
+    fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
     return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -600,13 +601,11 @@ def generate_preferences(args: Args, model, tokenizer, rows: list[dict], folder:
 
 def preference_pairs(args: Args, model, tokenizer, rank: int, world: int, from_stage1: bool):
     """(pairs, stats, image folder, the cache file if it was reused): from out/prefs_<key>.json (key: every Args field
-    above prefs_out, the image rows, and what made the model: this run's stage 1, or --model's files as they are now)
+    above dpo_data, --model by its files (cache_key), the image rows, and whether this run's stage 1 made the model)
     or generated and cached. Rank 0 reads the cache and sends it to the others, and the pairs stay in memory for
     stage 2: no rank reads a file that another one is still writing (issue 15, bug 7)."""
     rows, folder = image_sources(args)
-    files = [] if from_stage1 or args.model == "tiny" else sorted(p for p in Path(args.model).iterdir() if p.is_file())
-    made_by = "stage 1" if from_stage1 else [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    cache = Path(args.out) / f"prefs_{cache_key(args, 'prefs_out', made_by, rows)}.json"
+    cache = Path(args.out) / f"prefs_{cache_key(args, 'dpo_data', from_stage1, rows)}.json"
     found = [json.loads(cache.read_text()) if rank == 0 and cache.exists() else None]
     dist.broadcast_object_list(found, src=0)
     if found[0] is not None:

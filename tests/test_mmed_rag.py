@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -511,24 +512,30 @@ def one_rank(monkeypatch):
 
 
 def test_caches_are_keyed_on_the_args_that_change_them(tmp_path, one_rank):
-    """The RAG-PT pairs are rebuilt when --template changes (and when the retriever's or the model's files do), reused
-    when only a training argument does; each cache's key covers the Args above its field; a keyed folder (retriever,
-    warm start) made from other inputs is moved aside instead of reused."""
+    """The RAG-PT pairs are rebuilt when --template changes (and when the retriever's files do), reused when only a
+    training argument does or the retriever folder moved; each cache's key covers the Args above its field; a keyed
+    folder (retriever, warm start) made from other inputs is moved aside instead of reused."""
     items, answers = scripted_items()
     calls, log = [], lambda row: None
     gen = lambda jobs, desc: scripted_model(items, answers, calls)(jobs)  # noqa: E731
-    args, made = mr.Args(out=str(tmp_path)), [["retriever files"], ["tiny"]]
-    pairs, key, sizes = mr.rag_pt_set(args, {"pt": items}, gen, 0.01, made, 0, log)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "rag_config.json").write_text("{}")
+    args = mr.Args(out=str(tmp_path), retriever=str(tmp_path / "r"))
+    pairs, key, sizes = mr.rag_pt_set(args, {"pt": items}, gen, 0.01, 0, log)
     assert len(calls) == 15 and sizes["total"]["cm"] == 2 and json.loads((tmp_path / "rag_pt.json").read_text()) == pairs
-    assert mr.rag_pt_set(dataclasses.replace(args, lr=1.0, epochs=9), {"pt": items}, gen, 0.01, made, 0, log)[:2] == \
+    assert mr.rag_pt_set(dataclasses.replace(args, lr=1.0, epochs=9), {"pt": items}, gen, 0.01, 0, log)[:2] == \
         (pairs, key) and len(calls) == 15  # reused: nothing generated
+    shutil.copytree(tmp_path / "r", tmp_path / "moved")  # copy2 keeps the file times, as cp -a / rsync -a do
+    assert mr.rag_pt_set(dataclasses.replace(args, retriever=str(tmp_path / "moved")), {"pt": items}, gen, 0.01, 0,
+                         log)[1] == key and len(calls) == 15  # the same retriever elsewhere: reused
     template = dataclasses.replace(args, template="vicuna_v1")
-    _, key2, _ = mr.rag_pt_set(template, {"pt": items}, gen, 0.01, made, 0, log)
+    _, key2, _ = mr.rag_pt_set(template, {"pt": items}, gen, 0.01, 0, log)
     assert len(calls) == 30 and key2 != key  # rebuilt
-    _, key3, _ = mr.rag_pt_set(args, {"pt": items}, gen, 0.01, [["retrained"], ["tiny"]], 0, log)
+    (tmp_path / "r" / "rag_config.json").write_text('{"retrained": 1}')
+    _, key3, _ = mr.rag_pt_set(args, {"pt": items}, gen, 0.01, 0, log)
     assert len(calls) == 45 and key3 not in (key, key2)
     assert sorted(p.name for p in tmp_path.glob("rag_pt_*.json")) == sorted(f"rag_pt_{k}.json" for k in (key, key2, key3))
-    k = lambda a, field: mr.cache_key(a, field, made)  # noqa: E731
+    k = lambda a, field: mr.cache_key(a, field)  # noqa: E731
     assert k(template, "model") == k(args, "model")  # the retriever does not depend on the chat template
     assert all(k(template, f) != k(args, f) for f in ("gamma_tune", "pt_data", "stages"))  # warm start, gamma, pairs
     assert k(dataclasses.replace(args, retriever_epochs=3), "model") != k(args, "model")

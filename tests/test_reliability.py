@@ -3,6 +3,7 @@ steps, a rank that dies or stalls, SIGKILL in the middle of writing a checkpoint
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -170,7 +171,7 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
 def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, monkeypatch):
     """Each file's copy of the loop with that file's Args: a rerun resumes, also with another --dist-timeout-s (how
     the steps run); another --seed or --weight-decay (above --on-nonfinite in every Args) moves the checkpoints aside,
-    unless --resume-any; --no-resume moves them aside too."""
+    unless --resume-any; --no-resume moves them aside too; a moved data folder resumes, an edited one does not."""
     import dataclasses
     import importlib
 
@@ -200,5 +201,17 @@ def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, mon
         assert len(list(tmp_path.glob("checkpoints.*"))) == 2
         run(dataclasses.replace(args, seed=2, resume=False))  # --no-resume: kept aside, trained afresh
         assert len(list(tmp_path.glob("checkpoints.*"))) == 3
+        # paths count by their content (lm.fingerprint): a moved data folder resumes, a file edited in place does not
+        field = next(f for f in ("data", "sft_data", "source") if hasattr(args, f))
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / "train.json").write_text("[]")
+        run(dataclasses.replace(args, **{field: str(tmp_path / "data")}))
+        assert len(list(tmp_path.glob("checkpoints.*"))) == 4
+        shutil.copytree(tmp_path / "data", tmp_path / "moved")  # copy2 keeps the file times, as cp -a / rsync -a do
+        run(dataclasses.replace(args, **{field: str(tmp_path / "moved")}))
+        assert len(list(tmp_path.glob("checkpoints.*"))) == 4, f"{recipe}: a moved data folder did not resume"
+        (tmp_path / "moved" / "train.json").write_text('[{"id": 1}]')
+        run(dataclasses.replace(args, **{field: str(tmp_path / "moved")}))
+        assert len(list(tmp_path.glob("checkpoints.*"))) == 5, f"{recipe}: an edited data file resumed"
     finally:
         dist.destroy_process_group()

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -420,8 +421,8 @@ PREFS = ["--stages", "prefs", "--prefs-limit", "2", "--n-questions", "2", "--gen
 
 
 def test_preference_cache_is_keyed_on_the_args_that_change_the_pairs(tmp_path):
-    """The pairs are cached under a key of every Args field above prefs_out (and the image rows): a rerun reuses them,
-    a stage-2 flag does not change the key, --template does (the pairs are rebuilt)."""
+    """The pairs are cached under a key of every Args field above dpo_data (and the image rows): a rerun reuses them,
+    a stage-2 flag does not change the key, --template does (the pairs are rebuilt); --model counts by its files."""
     out = ["--out", str(tmp_path)]
     prefs = lambda: [r for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if r["phase"] == "prefs"]
     faults._in_process(st, PREFS + out)
@@ -439,7 +440,9 @@ def test_preference_cache_is_keyed_on_the_args_that_change_the_pairs(tmp_path):
     weights = tmp_path / "m" / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     faults._in_process(st, folder)
-    assert [r["cached"] for r in prefs()][3:] == [False, True, False]
+    shutil.copytree(tmp_path / "m", tmp_path / "moved")  # copy2 keeps the file times, as cp -a / rsync -a do
+    faults._in_process(st, PREFS + out + ["--model", str(tmp_path / "moved")])
+    assert [r["cached"] for r in prefs()][3:] == [False, True, False, True]  # a moved model keeps its pairs
 
 
 # ---------------------------------------------------------------- the script
