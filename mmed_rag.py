@@ -206,10 +206,14 @@ def cache_key(args, before: str, *content) -> str:
     """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
     field declared before the field `before` (Args lists what changes such content first), a path by its content
     (lm.fingerprint: a moved data set keeps the key, a file edited in place changes it), and `content` (e.g. the
-    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere. Under
+    torch.distributed a collective: every rank calls it and gets rank 0's key."""
     names = [f.name for f in dataclasses.fields(args)]
     fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
-    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = [hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]]
+    if dist.is_initialized():  # rank 0's: each node's copy of the data may have its own file times
+        dist.broadcast_object_list(key, src=0)
+    return key[0]
 
 
 # Copied from dpo.py: cli
@@ -1017,7 +1021,7 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
     reused while its inputs (model, dtype, steps, lr, seed, the loop's warmup / weight decay / clipping, the tokenised
     items, whose images are named inside the image folder) are the same."""
     base, key = out / "base_llava_hf", hashlib.sha256(json.dumps(  # what the warm start depends on
-        [lm.fingerprint(args.model), args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed, args.warmup_ratio, args.weight_decay,
+        [args.model, args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed, args.warmup_ratio, args.weight_decay,
          args.grad_clip, items]).encode()).hexdigest()[:16]
     if not (base / f"warm_start_{key}").exists():
         for n, p in model.named_parameters():

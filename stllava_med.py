@@ -186,10 +186,14 @@ def cache_key(args, before: str, *content) -> str:
     """The key of a cache built from the run's inputs (reference log-probs, preference pairs, indexes): every Args
     field declared before the field `before` (Args lists what changes such content first), a path by its content
     (lm.fingerprint: a moved data set keeps the key, a file edited in place changes it), and `content` (e.g. the
-    tokenised data), so a field added to those groups is part of the key without being listed anywhere."""
+    tokenised data), so a field added to those groups is part of the key without being listed anywhere. Under
+    torch.distributed a collective: every rank calls it and gets rank 0's key."""
     names = [f.name for f in dataclasses.fields(args)]
     fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
-    return hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = [hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]]
+    if dist.is_initialized():  # rank 0's: each node's copy of the data may have its own file times
+        dist.broadcast_object_list(key, src=0)
+    return key[0]
 
 
 # Copied from dpo.py: cli

@@ -167,6 +167,41 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
         aside[0].name.split(".")[1]
 
 
+RANK_KEYS = """
+import dataclasses, json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+import dpo
+dpo.setup_distributed(60)
+data = Path(sys.argv[1]) / f"node{dist.get_rank()}"  # each node's own copy of the data, with its own file times
+data.mkdir()
+(data / "train.json").write_text("[]")
+os.utime(data / "train.json", ns=(10**9 * (1 + dist.get_rank()),) * 2)
+keys = [None, None]
+dist.all_gather_object(keys, dpo.cache_key(dataclasses.replace(dpo.Args(), data=str(data)), "on_nonfinite"))
+print(json.dumps(keys))
+dist.destroy_process_group()
+"""
+
+
+def test_every_rank_gets_rank_0s_key(tmp_path):
+    """A key differs per rank when each node's copy of the data has its own file times; cache_key hands every rank
+    rank 0's, so all take the same resume / rebuild branch (different ones would deadlock at the next barrier)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_KEYS, str(tmp_path)], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(faults.ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT)))
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[0][1][-2000:] + outs[1][1][-2000:]
+    keys = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert keys[0] == keys[1]
+    assert lm.fingerprint(str(tmp_path / "node0")) != lm.fingerprint(str(tmp_path / "node1"))  # without the broadcast
+
+
 @pytest.mark.parametrize("recipe", ["dpo", "mmedpo", "mmed_rag", "stllava_med", "huatuo_vision", "medrega", "retrieve"])
 def test_every_recipe_keys_its_checkpoints_on_its_own_args(recipe, tmp_path, monkeypatch):
     """Each file's copy of the loop with that file's Args: a rerun resumes, also with another --dist-timeout-s (how
