@@ -154,7 +154,7 @@ def cache_key(args, before: str, *content) -> str:
     tokenised data), so a field added to those groups is part of the key without being listed anywhere. Under
     torch.distributed a collective: every rank calls it and gets rank 0's key."""
     names = [f.name for f in dataclasses.fields(args)]
-    fields = {n: lm.fingerprint(getattr(args, n)) for n in names[:names.index(before)]}
+    fields = {n: lm.fingerprint(getattr(args, n), args.out) for n in names[:names.index(before)]}
     key = [hashlib.sha256(json.dumps([fields, content], sort_keys=True, default=str).encode()).hexdigest()[:16]]
     if dist.is_initialized():  # rank 0's: each node's copy of the data may have its own file times
         dist.broadcast_object_list(key, src=0)

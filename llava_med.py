@@ -299,12 +299,13 @@ def place_image_markers(turns: list[tuple[str, str]], n_images: int, where: str 
     return cleaned
 
 
-def fingerprint(value):
+def fingerprint(value, out=None):
     """What a path argument stands for in a cache key (the recipes' cache_key): its content, not its name, so a data
     set or model that moved (mv, cp -a, rsync -a: a cluster job's scratch copy) keeps its caches and checkpoints, and a
     file changed under the same name rebuilds them. A file: its sha256 (over 64 MiB: its size and modification time);
-    a folder: the name, size and modification time of every file under it (checkpoint folders aside); a comma list
-    of paths: each. Any other value ("tiny", "", "auto") stands for itself."""
+    a folder: the name, size and modification time of every file under it (checkpoint folders aside, and `out`, the
+    run's own output folder, should it lie inside); a comma list of paths: each. Any other value ("tiny", "", "auto")
+    stands for itself."""
     paths = [Path(v) for v in value.split(",")] if isinstance(value, str) and value else []
     if not paths or not all(p.exists() for p in paths):
         return value
@@ -313,10 +314,13 @@ def fingerprint(value):
         if p.is_file() and p.stat().st_size <= 64 << 20:
             h.update(p.read_bytes())
             continue
+        inside = out and Path(out).resolve().is_relative_to(p.resolve()) and Path(out).resolve().relative_to(p.resolve())
         for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
-            if f.is_file() and not any(part.startswith("checkpoints") for part in f.relative_to(p).parts):
+            rel = f.relative_to(p)
+            if (f.is_file() and not any(part.startswith("checkpoints") for part in rel.parts)
+                    and not (inside and inside.parts and rel.parts[:len(inside.parts)] == inside.parts)):
                 st = f.stat()
-                h.update(f"{f.relative_to(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return "content " + h.hexdigest()[:16]
 
 

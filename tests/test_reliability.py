@@ -167,6 +167,28 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
         aside[0].name.split(".")[1]
 
 
+def test_a_path_counts_by_its_content(tmp_path):
+    """lm.fingerprint: a moved copy (file times kept) is the same, an edited file is not; the run's own --out inside a
+    data folder and checkpoint folders do not count; names that are no path stand for themselves."""
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "train.json").write_text("[]")
+    (data / "images" / "a.png").write_bytes(b"png")
+    key = lm.fingerprint(str(data), str(data / "run"))
+    for what in ("run/metrics.jsonl", "checkpoints/step_1/state.json"):  # written by the run itself
+        (data / what).parent.mkdir(parents=True, exist_ok=True)
+        (data / what).write_text("{}")
+    assert lm.fingerprint(str(data), str(data / "run")) == key
+    shutil.copytree(data, tmp_path / "moved")
+    assert lm.fingerprint(str(tmp_path / "moved"), str(tmp_path / "moved" / "run")) == key
+    assert lm.fingerprint(str(data / "train.json")) == lm.fingerprint(str(tmp_path / "moved" / "train.json"))
+    (tmp_path / "moved" / "images" / "a.png").write_bytes(b"png2")
+    assert lm.fingerprint(str(tmp_path / "moved"), str(tmp_path / "moved" / "run")) != key
+    assert lm.fingerprint(f"{data / 'train.json'},{data}") not in (lm.fingerprint(str(data)), f"{data / 'train.json'},{data}")
+    assert [lm.fingerprint(v) for v in ("tiny", "", "auto", 3, str(tmp_path / "absent"))] == \
+        ["tiny", "", "auto", 3, str(tmp_path / "absent")]
+
+
 RANK_KEYS = """
 import dataclasses, json, os, sys
 from pathlib import Path
