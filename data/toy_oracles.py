@@ -239,12 +239,13 @@ class ToyReformatter:
         return "Which finding is present in this image?", (f"It shows {said}." if fs else "No abnormality is present.")
 
     def reply(self, images: list, prompt: str) -> str:
-        key = json.dumps([self.seed, images, prompt]).encode()
-        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
         missing = [p for p in images if str(Path(p).resolve()) not in self.seen]
         if missing:
             raise lm.DataError(f"{missing[0]}: the toy reformatter (--reformat-model tiny) sees only the images of "
                                f"data/toy; pass --reformat-model PATH (a VLM) for other images")
+        names = [self.seen[str(Path(p).resolve())]["image"] for p in images]  # the toy's names, not where it lies
+        key = json.dumps([self.seed, names, prompt]).encode()
+        rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
         m = re.search(r"<reference>(.*)</reference>", prompt, flags=re.S)
         context = m.group(1) if m else ""
         m = re.search(r"Scenario: (.*?)\n<reference>", prompt, flags=re.S)
