@@ -314,11 +314,12 @@ def fingerprint(value, out=None):
         if p.is_file() and p.stat().st_size <= 64 << 20:
             h.update(p.read_bytes())
             continue
-        inside = out and Path(out).resolve().is_relative_to(p.resolve()) and Path(out).resolve().relative_to(p.resolve())
+        o, here = Path(out or p).resolve(), p.resolve()
+        inside = o.relative_to(here).parts if o.is_relative_to(here) else ()  # () also when out is p itself
         for f in sorted(p.rglob("*")) if p.is_dir() else [p]:
             rel = f.relative_to(p)
             if (f.is_file() and not any(part.startswith("checkpoints") for part in rel.parts)
-                    and not (inside and inside.parts and rel.parts[:len(inside.parts)] == inside.parts)):
+                    and not (inside and rel.parts[:len(inside)] == inside)):
                 st = f.stat()
                 h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return "content " + h.hexdigest()[:16]
