@@ -626,15 +626,6 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-# Copied from dpo.py: file_sha256
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # Copied from dpo.py: save_checkpoint
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict, rank: int):
     """out/checkpoints/step_XXXXXXX/: trainable.safetensors, optimizer.safetensors, rng_rank{r}.safetensors,
@@ -663,7 +654,7 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     if rank == 0:
         save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
         save_file({n: t.contiguous() for n, t in optim.items()}, str(tmp / "optimizer.safetensors"))
-        files = {f.name: file_sha256(f) for f in sorted(tmp.iterdir())}
+        files = {f.name: lm.file_sha256(f) for f in sorted(tmp.iterdir())}
         state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
                  "files": files, **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -681,7 +672,7 @@ def latest_checkpoint(out: Path):
     for p in sorted((out / "checkpoints").glob("step_*"), reverse=True):
         try:
             files = json.loads((p / "state.json").read_text())["files"]
-            bad = [name for name, sha in files.items() if file_sha256(p / name) != sha]
+            bad = [name for name, sha in files.items() if lm.file_sha256(p / name) != sha]
         except (OSError, ValueError, KeyError) as e:
             bad = [f"state.json ({type(e).__name__})"]
         if not bad:

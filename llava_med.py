@@ -299,6 +299,15 @@ def place_image_markers(turns: list[tuple[str, str]], n_images: int, where: str 
     return cleaned
 
 
+def file_sha256(path) -> str:
+    """A file's sha256, read in 1 MiB blocks (checkpoint checksums, cache keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def fingerprint(value, out=None):
     """What a path argument stands for in a cache key (the recipes' cache_key): its content, not its name, so a data
     set or model that moved (mv, cp -a, rsync -a: a cluster job's scratch copy) keeps its caches and checkpoints, and a
@@ -312,7 +321,7 @@ def fingerprint(value, out=None):
     h = hashlib.sha256()
     for p in paths:
         if p.is_file() and p.stat().st_size <= 64 << 20:
-            h.update(p.read_bytes())
+            h.update(file_sha256(p).encode())
             continue
         o, here = Path(out or p).resolve(), p.resolve()
         inside = o.relative_to(here).parts if o.is_relative_to(here) else ()  # () also when out is p itself

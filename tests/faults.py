@@ -7,6 +7,8 @@ import contextlib
 import importlib
 import io
 import json
+import multiprocessing
+import multiprocessing.forkserver
 import os
 import signal
 import socket
@@ -23,6 +25,39 @@ from safetensors.torch import load_file
 from conftest import ROOT
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
+_SERVER = []  # the forkserver context, once started
+
+
+def start(script: str, args: list[str], env: dict | None = None, stderr: Path | None = None):
+    """Start `python <script> <args>` (cwd ROOT, environment `env`, stdout dropped, stderr to a file) as a process of
+    its own, to be killed or stopped: forked from a server process that imported torch, transformers and llava_med
+    once, so each start skips the ~8 s of imports a fresh python spends (the fault suite starts ~25 of them on 2
+    cores); everything else is the fresh run's. Returns the multiprocessing Process (.pid, .is_alive(), .exitcode)."""
+    if not _SERVER:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "transformers", "llava_med"])
+        saved = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved]))  # the server imports llava_med
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+        _SERVER.append(ctx)
+    p = _SERVER[0].Process(target=_run_script, args=(script, args, dict(env or ENV), str(stderr or os.devnull)))
+    p.start()
+    return p
+
+
+def _run_script(script, args, env, stderr):
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(ROOT)
+    with open(os.devnull, "w") as null, open(stderr, "w") as err:
+        os.dup2(null.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+    sys.argv = [script] + args
+    module = importlib.import_module(Path(script).stem)
+    module.cli(module.main)
 
 
 def run(cmd, ok=True, timeout=600):
@@ -51,16 +86,15 @@ def check_kill_and_resume(script: str, args: list[str], phase: str, tmp_path, ki
     """SIGKILL the run once <phase> has written checkpoint `kill_at` (args must checkpoint every step or so), resume
     it: the weights and the last loss equal an uninterrupted run's exactly."""
     full, killed = tmp_path / "full", tmp_path / "killed"
-    cmd, module = [sys.executable, script] + args, importlib.import_module(Path(script).stem)
+    module = importlib.import_module(Path(script).stem)
     _in_process(module, args + ["--out", str(full)])  # the uninterrupted run and the resume run in this process
-    p = subprocess.Popen(cmd + ["--out", str(killed)], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+    p = start(script, args + ["--out", str(killed)])
     deadline = time.time() + 400
     while not (killed / phase / "checkpoints" / f"step_{kill_at:07d}" / "state.json").exists():
-        assert p.poll() is None and time.time() < deadline, f"{script} ended before {phase} checkpoint {kill_at}"
+        assert p.is_alive() and time.time() < deadline, f"{script} ended before {phase} checkpoint {kill_at}"
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    p.kill()
+    p.join()
     _in_process(module, args + ["--out", str(killed)])  # resumes from the newest complete checkpoint
     a, b = weights(full / phase), weights(killed / phase)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f"{script}: resumed weights differ"
@@ -117,23 +151,23 @@ def check_dead_rank(script: str, args: list[str], phase: str, tmp_path, fault: s
     for rank in (0, 1):
         env = dict(ENV, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, script] + args + ["--dist-timeout-s", "10", "--out",
-                                                                          str(tmp_path)],
-                                      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        procs.append(start(script, args + ["--dist-timeout-s", "10", "--out", str(tmp_path)], env,
+                           tmp_path.parent / f"{tmp_path.name}_rank{rank}.err"))
     survivor, victim = procs
     deadline = time.time() + 400
     metrics = tmp_path / "metrics.jsonl"
     while not metrics.exists() or f'"phase": "{phase}"' not in metrics.read_text():
-        assert time.time() < deadline and survivor.poll() is None, f"{script}: {phase} did not start"
+        assert time.time() < deadline and survivor.is_alive(), f"{script}: {phase} did not start"
         time.sleep(0.2)
-    victim.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    os.kill(victim.pid, signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
     t0 = time.time()
     try:
-        _, err = survivor.communicate(timeout=120)
+        survivor.join(timeout=120)
     finally:
         victim.kill()
-        victim.wait()
-    assert survivor.returncode == 1, err[-2000:]
+        victim.join()
+    err = (tmp_path.parent / f"{tmp_path.name}_rank0.err").read_text()
+    assert survivor.exitcode == 1, err[-2000:]
     assert "another rank died or stalled" in err and "Traceback" not in err
     assert time.time() - t0 < 90
 

@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -313,13 +312,13 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     cmd = [sys.executable, "dpo.py", "--max-steps", "6", "--save-every", "2", "--lora-dropout", "0.05"] + FAST[:2] + FAST[4:]
     faults._in_process(dpo, cmd[2:] + ["--out", str(full)])  # the uninterrupted and the resumed run: this process
-    p = subprocess.Popen(cmd + ["--out", str(killed)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = faults.start("dpo.py", cmd[2:] + ["--out", str(killed)])
     deadline = time.time() + 240
     while not (killed / "dpo" / "checkpoints" / "step_0000002" / "state.json").exists():
-        assert p.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
+        assert p.is_alive() and time.time() < deadline, "run ended before its first checkpoint"
         time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
+    p.kill()
+    p.join()
     assert not (killed / "dpo" / "checkpoints" / "step_0000006").exists()
     # damage the newest checkpoint if the kill left one after step 2: resume must detect it and use an older one
     newest = dpo.latest_checkpoint(killed / "dpo")

@@ -4,7 +4,6 @@ steps, a rank that dies or stalls, SIGKILL in the middle of writing a checkpoint
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -113,13 +112,13 @@ def test_sigkill_while_writing_a_checkpoint(tmp_path):
     faults._in_process(dpo, cmd[2:] + ["--out", str(tmp_path / "full")])  # uninterrupted and resumed: this process
     for attempt in range(5):
         out = tmp_path / f"killed{attempt}"
-        p = subprocess.Popen(cmd + ["--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        p = faults.start("dpo.py", cmd[2:] + ["--out", str(out)])
         ck, hit = out / "dpo" / "checkpoints", None
-        while p.poll() is None:
+        while p.is_alive():
             tmp = [d for d in ck.glob(".tmp_step_*")] if ck.exists() else []
             if tmp and int(tmp[0].name[-7:]) >= 2:
-                p.send_signal(signal.SIGKILL)
-                p.wait()
+                p.kill()
+                p.join()
                 hit = tmp[0]
                 break
         if hit is not None and hit.exists():  # really killed mid-save (not just after the rename)
