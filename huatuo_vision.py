@@ -89,7 +89,7 @@ class Args:
     stages: str = "build,1,2,eval"  # comma list of: build (PubMedVision records), 1 (alignment), 2 (instruction), eval
     pubmedvision_data: Literal["built", "raw"] = "built"  # what the filtered captions add to the stages: built = Alignment-VQA (1) and Instruction-VQA (2); raw = the paper's native-caption baseline, (describe-question, caption) in both
     # training
-    train_data: str = ""  # extra LLaVA-format json/jsonl files for both stages, comma-separated ("" = none: the built records only; "toy" = the toy stand-ins of LLaVA-558K / LLaVA-mix, toy_sft_records)
+    train_data: str = ""  # extra LLaVA-format json/jsonl files for both stages, comma-separated ("" = none: the built records only; "toy" = the toy stand-ins of LLaVA-558K / LLaVA-mix, data/toy_readers.py toy_sft_records)
     image_folder: str = ""  # images of --train-data ("" = each file's folder)
     max_length: int = 512  # tokens per sample, image tokens included (a 6-image sample needs 6 x 576 on LLaVA-1.5)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
@@ -448,23 +448,6 @@ def build_stage(args: Args, model, tokenizer, device, rank: int, world: int, out
     return built, summary
 
 
-def toy_sft_records(path: Path) -> tuple[list[dict], list[dict]]:
-    """The toy stand-ins for LLaVA-558K (captions) and LLaVA-mix (conversations + multiple choice, whose letter
-    format LLaVA-1.5's mix also teaches via A-OKVQA), in the LLaVA conversation format."""
-    records = [r for _, r in lm.read_records(path)]
-    align, instruct = [], []
-    for r in records:
-        align.append({"id": r["id"] + "_cap", "image": r["image"], "conversations": [
-            {"from": "human", "value": "<image>\n" + ALIGNMENT_QUESTIONS[len(align) % len(ALIGNMENT_QUESTIONS)]},
-            {"from": "gpt", "value": r["report"]}]})
-        instruct.append({"id": r["id"], "image": r["image"], "conversations": r["conversations"]})
-        for k, mc in enumerate(r.get("mc", [])):
-            instruct.append({"id": f"{r['id']}_mc{k}", "image": r["image"], "conversations": [
-                {"from": "human", "value": "<image>\n" + mc_prompt(mc["question"], mc["options"])},
-                {"from": "gpt", "value": mc["answer_label"]}]})
-    return align, instruct
-
-
 def stage_records(args: Args, built: dict) -> dict:
     """{stage: [(where, record, image folder)]}: the --train-data files (or the toy stand-ins) + the built records
     (or, with --pubmedvision-data raw, the filtered captions as they are)."""
@@ -475,7 +458,9 @@ def stage_records(args: Args, built: dict) -> dict:
                  for w, r in lm.read_records(f)]
         recs = {1: extra, 2: list(extra)}
     else:
-        align, instruct = toy_sft_records(lm.REPO / "data" / "toy" / "train.json")
+        from data.toy_readers import toy_sft_records  # toy-only code lives with the toy
+
+        align, instruct = toy_sft_records(lm.REPO / "data" / "toy" / "train.json", ALIGNMENT_QUESTIONS, mc_prompt)
         recs = {1: [(f"toy captions[{i}]", r, lm.REPO / "data" / "toy") for i, r in enumerate(align)],
                 2: [(f"toy instructions[{i}]", r, lm.REPO / "data" / "toy") for i, r in enumerate(instruct)]}
     if args.pubmedvision_data == "raw":  # the native-caption baseline: the same caption pairs in both stages

@@ -364,25 +364,10 @@ def tokenize_sq(tokenizer, segments, num_image_tokens: int, image_token_id: int,
 TOY_TRAIN = lm.REPO / "data" / "toy" / "train.json"
 
 
-def toy_sq_records(path: Path, seed: int, rounds_per_conversation: int = 2) -> list[tuple[str, dict]]:
-    """The toy stand-in for LLaVA-Med's 60k conversations: per image, its QA rounds and a describe round in a seeded
-    random order, cut into conversations of `rounds_per_conversation` rounds. (The toy conversations hold every round
-    in one fixed order: the tiny model then learns that the first question is a yes/no one, and answers later ones
-    from the earlier answers and the report instead of from the image.)"""
-    out = []
-    for k, (where, rec) in enumerate(lm.read_records(path)):
-        rounds = [(qa["question"], qa["answer"]) for qa in rec["qa"]] + [("Describe the image.", rec["report"])]
-        random.Random(f"{seed}-{k}").shuffle(rounds)
-        for c in range(0, len(rounds), rounds_per_conversation):
-            conv = [t for q, a in rounds[c:c + rounds_per_conversation]
-                    for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-            conv[0] = {"from": "human", "value": lm.IMAGE_MARKER + "\n" + conv[0]["value"]}
-            out.append((f"{where} rounds {c}-{c + len(conv) // 2 - 1}", {**rec, "conversations": conv}))
-    return out
-
-
 def sft_records(args: Args) -> tuple[list[tuple[str, dict]], Path]:
     if args.sft_data == "toy":
+        from data.toy_readers import toy_sq_records  # toy-only code lives with the toy
+
         return toy_sq_records(TOY_TRAIN, args.seed), TOY_TRAIN.parent
     path = Path(args.sft_data)
     return lm.read_records(path), Path(args.image_folder or path.parent)

@@ -2,7 +2,8 @@
 data/toy/README.md describes every file): dpo.py's preference pairs derived from the toy records (the pairs of a
 split without a prefs file, and the warm start's SFT data, which mmed_rag.py's warm start shares), and mmed_rag.py's
 split of the toy's files into knowledge base, warm start, RAG-PT and validation images, with its prior-balanced
-warm-start set. A real run reads its own preference file or passes --pt-data / --val-data; the recipes keep only
+warm-start set; stllava_med.py's stage-1 conversations and huatuo_vision.py's stand-ins for its SFT sets. A real run
+reads its own preference file or passes --pt-data / --val-data / --sft-data / --train-data; the recipes keep only
 their papers' data prep.
 """
 
@@ -103,3 +104,43 @@ def prior_balanced(items: list[dict]) -> list[dict]:
             quota[(it["domain"], it["kind"], it["answer"])] -= 1
             keep.append(it)
     return keep
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stllava_med.py and huatuo_vision.py: the toy records as stage-1 / SFT conversations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def toy_sq_records(path: Path, seed: int, rounds_per_conversation: int = 2) -> list[tuple[str, dict]]:
+    """The toy stand-in for LLaVA-Med's 60k conversations: per image, its QA rounds and a describe round in a seeded
+    random order, cut into conversations of `rounds_per_conversation` rounds. (The toy conversations hold every round
+    in one fixed order: the tiny model then learns that the first question is a yes/no one, and answers later ones
+    from the earlier answers and the report instead of from the image.)"""
+    out = []
+    for k, (where, rec) in enumerate(lm.read_records(path)):
+        rounds = [(qa["question"], qa["answer"]) for qa in rec["qa"]] + [("Describe the image.", rec["report"])]
+        random.Random(f"{seed}-{k}").shuffle(rounds)
+        for c in range(0, len(rounds), rounds_per_conversation):
+            conv = [t for q, a in rounds[c:c + rounds_per_conversation]
+                    for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+            conv[0] = {"from": "human", "value": lm.IMAGE_MARKER + "\n" + conv[0]["value"]}
+            out.append((f"{where} rounds {c}-{c + len(conv) // 2 - 1}", {**rec, "conversations": conv}))
+    return out
+
+
+def toy_sft_records(path: Path, questions: list[str], mc_prompt) -> tuple[list[dict], list[dict]]:
+    """The toy stand-ins for LLaVA-558K (captions) and LLaVA-mix (conversations + multiple choice, whose letter
+    format LLaVA-1.5's mix also teaches via A-OKVQA), in the LLaVA conversation format: captions asked by the
+    method's describe-questions in turn, multiple choice in its mc_prompt format."""
+    records = [r for _, r in lm.read_records(path)]
+    align, instruct = [], []
+    for r in records:
+        align.append({"id": r["id"] + "_cap", "image": r["image"], "conversations": [
+            {"from": "human", "value": "<image>\n" + questions[len(align) % len(questions)]},
+            {"from": "gpt", "value": r["report"]}]})
+        instruct.append({"id": r["id"], "image": r["image"], "conversations": r["conversations"]})
+        for k, mc in enumerate(r.get("mc", [])):
+            instruct.append({"id": f"{r['id']}_mc{k}", "image": r["image"], "conversations": [
+                {"from": "human", "value": "<image>\n" + mc_prompt(mc["question"], mc["options"])},
+                {"from": "gpt", "value": mc["answer_label"]}]})
+    return align, instruct

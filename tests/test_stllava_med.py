@@ -24,6 +24,7 @@ import faults
 import llava_med as lm
 import stllava_med as st
 from conftest import ROOT
+from data import toy_readers
 
 TOY = ROOT / "data" / "toy"
 FIX = ROOT / "tests" / "fixtures"
@@ -104,8 +105,8 @@ def test_vuser_draws_are_seeded_and_skip_the_image_turn():
     assert 0.45 < rate < 0.55
     assert st.draw_vuser_turns(12, 0.0, random.Random(0)) == set()
     assert st.draw_vuser_turns(12, 1.0, random.Random(0)) == {2, 4, 6, 8, 10}
-    toy = st.toy_sq_records(TOY / "train.json", seed=0)
-    assert toy == st.toy_sq_records(TOY / "train.json", seed=0)
+    toy = toy_readers.toy_sq_records(TOY / "train.json", seed=0)
+    assert toy == toy_readers.toy_sq_records(TOY / "train.json", seed=0)
     source = lm.read_records(TOY / "train.json")
     assert sum(len(r["conversations"]) for _, r in toy) == sum(2 * len(r["qa"]) + 2 for _, r in source)  # every round once
     assert all(len(r["conversations"]) in (2, 4) for _, r in toy)  # at most two rounds per conversation
