@@ -213,8 +213,8 @@ def read_pairs(path, image_folder: str = "") -> list[dict]:
         image = lm.resolve_image(folder, lm.record_images(rec, where)[0], where, True)
         if not image.exists():  # now, not when the first batch that holds it is embedded
             raise lm.DataError(f"{where}: image not found: {image}")
-        pairs.append({"id": rec.get("id", where), "image": str(image),
-                      "report": report.strip(), "domain": rec["domain"]})
+        pairs.append({"id": rec.get("id", where), "image": str(image), "report": report.strip(),
+                      "domain": rec["domain"], "finding": finding_key(rec)})
     return pairs
 
 
@@ -888,9 +888,25 @@ def choose_k(scores, rule: str, k_max: int, gamma: float = 0.1, threshold: float
 
 
 def relevance_key(report: str) -> str:
-    """Two reports count as the same finding when they agree after numbers are masked (toy reports differ only in
-    the lesion size; on real data this is an exact-duplicate match)."""
+    """A report's text with numbers masked: two reports that agree on it count as the same finding (on real data an
+    exact-duplicate match, such as the many identical normal chest reports)."""
     return re.sub(r"\d+(\.\d+)?", "#", " ".join(report.lower().split()))
+
+
+def finding_key(rec: dict):
+    """A record's structured findings as (name, location) pairs, none for a normal image, when it carries them (the
+    toy's records); else None. The toy's reports word one finding in several ways, so their text rarely agrees."""
+    if not isinstance(rec.get("findings"), list):
+        return None
+    return sorted([f.get("name", ""), f.get("location", "")] for f in rec["findings"])
+
+
+def same_finding(query: dict, entry: dict) -> bool:
+    """Whether a knowledge-base entry reports the query's finding (the relevance behind the gamma sweep's F1): by
+    their structured findings when both carry them, else by relevance_key of the reports."""
+    if query.get("finding") is not None and entry.get("finding") is not None:
+        return query["finding"] == entry["finding"]
+    return relevance_key(query["report"]) == relevance_key(entry["report"])
 
 
 def sweep_gamma(gammas: list[float], score_rows: list[np.ndarray], relevant: list[np.ndarray], k_max: int,
@@ -1087,11 +1103,13 @@ class DomainRAG:
                 rows = [j for j in ids[row] if j >= 0]
                 reports = [index.reports[j] for j in rows]
                 scores = list(positive_similarity(cos[row][:len(reports)]))
+                sources = [index.sources[j] for j in rows]
                 if exclude:
                     keep = [n for n, j in enumerate(rows) if not exclude[i] or index.sources[j] != exclude[i]][:k_max]
-                    reports, scores = [reports[n] for n in keep], [scores[n] for n in keep]
+                    reports, scores, sources = ([x[n] for n in keep] for x in (reports, scores, sources))
                 k = choose_k(scores, rule, k_max, gamma, c.get("code_threshold", 1.5))
-                out[i] = {"domain": d, "reports": reports[:k], "scores": scores, "k": k, "candidates": reports}
+                out[i] = {"domain": d, "reports": reports[:k], "scores": scores, "k": k, "candidates": reports,
+                          "sources": sources}
         return out
 
 
@@ -1152,7 +1170,9 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
         rag = DomainRAG.load(out)
         got = rag.retrieve([p["image"] for p in val], k_max=args.k_max, rule="fixed", domains=[p["domain"] for p in val])
         rows = [np.asarray(g["scores"]) for g in got]
-        rel = [np.array([relevance_key(r) == relevance_key(p["report"]) for r in g["candidates"]]) for g, p in zip(got, val)]
+        entries = {p["image"]: p for p in kb}  # a candidate's knowledge-base entry, by its image (index.sources)
+        rel = [np.array([same_finding(p, entries.get(src, {"report": r, "finding": None}))
+                         for r, src in zip(g["candidates"], g["sources"])]) for g, p in zip(got, val)]
         gamma, table = sweep_gamma(gammas, rows, rel, args.k_max)
         results["gamma_sweep"], results["gamma"] = table, gamma
         if master:

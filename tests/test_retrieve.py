@@ -60,6 +60,14 @@ def test_positive_similarity_and_gamma_sweep():
     best, table = R.sweep_gamma([0.01, 2.0], rows, None, 3, score_fn=lambda g, ks: -sum(ks))  # no relevance labels
     assert best == 0.01 and set(table[0]) == {"gamma", "mean_k", "score"}
     assert R.relevance_key("Nodule, 13 pixels.") == R.relevance_key("nodule,  9 pixels.")
+    # the toy's findings decide where both entries carry them (its reports word one finding in several ways)
+    toy = R.read_pairs(ROOT / "data" / "toy" / "val.json")[0]
+    twin = {"report": "A faint round nodule is seen.", "finding": R.finding_key({"findings": [
+        {"name": "nodule", "location": "left upper lung", "box": [0, 0, 1, 1]}]})}
+    assert toy["finding"] == [["nodule", "left upper lung"]] and R.same_finding(toy, twin)
+    assert not R.same_finding(toy, {**twin, "finding": [["nodule", "right upper lung"]]})
+    assert not R.same_finding(toy, {**twin, "finding": []})  # a normal image
+    assert R.same_finding({"report": "No acute process.", "finding": None}, {"report": "no acute  process.", "finding": []})
 
 
 # ---------------------------------------------------------------- index
@@ -148,8 +156,9 @@ def test_two_ranks_gathered_loss_equals_one_rank_full_batch(tmp_path):
 
 
 def test_toy_run_router_recall_index(tmp_path):
-    train = R.read_pairs(ROOT / "data" / "toy" / "train.json")  # 48 pairs per domain keep the run short
-    sub = [p for d in ("radiology", "pathology", "ophthalmology") for p in [q for q in train if q["domain"] == d][:48]]
+    train = json.loads((ROOT / "data" / "toy" / "train.json").read_text())  # 48 records per domain keep the run short
+    sub = [{**r, "image": str(ROOT / "data" / "toy" / r["image"])} for d in ("radiology", "pathology", "ophthalmology")
+           for r in [q for q in train if q["domain"] == d][:48]]
     (tmp_path / "train.json").write_text(json.dumps(sub))
     out = tmp_path / "r"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -165,6 +174,7 @@ def test_toy_run_router_recall_index(tmp_path):
     after = np.mean([v for d in res["domains"] for v in res["recall_after"][d].values()])
     assert after > before + 10, (res["recall_before"], res["recall_after"])
     cfg = json.loads((out / "rag_config.json").read_text())
+    assert max(r["f1"] for r in res["gamma_sweep"]) > 0.3  # relevant candidates are seen (text-equal reports: none)
     assert cfg["gamma"] in [r["gamma"] for r in res["gamma_sweep"]]
     assert cfg["gammas"] == [r["gamma"] for r in res["gamma_sweep"]]  # the grid mmed_rag.py re-scores by accuracy
     rag = R.DomainRAG.load(out)  # router + towers + indexes from disk
