@@ -1170,7 +1170,7 @@ def build_all(args: Args, kb: list[dict], val: list[dict], test: list[dict], ran
         rag = DomainRAG.load(out)
         got = rag.retrieve([p["image"] for p in val], k_max=args.k_max, rule="fixed", domains=[p["domain"] for p in val])
         rows = [np.asarray(g["scores"]) for g in got]
-        entries = {p["image"]: p for p in kb}  # a candidate's knowledge-base entry, by its image (index.sources)
+        entries = {p["image"]: p for p in kb}  # a candidate's KB entry by its image (an entry not found: by text)
         rel = [np.array([same_finding(p, entries.get(src, {"report": r, "finding": None}))
                          for r, src in zip(g["candidates"], g["sources"])]) for g, p in zip(got, val)]
         gamma, table = sweep_gamma(gammas, rows, rel, args.k_max)
