@@ -53,6 +53,7 @@ SIZE = 64
 SPLITS = {"train": 120, "pref": 40, "val": 32, "test": 32, "ragpt": 16}
 CLEAN = ("pref", "val", "test", "ragpt")  # phrasing independent of the answer, reports faithful to the image
 KB_QUERIES = ("val", "test", "ragpt")  # splits whose images get knowledge-base twins
+KB_NO_MATCH = 0.5  # share of query images (per split, domain, normal / abnormal) whose `same` twin is withheld
 PRIOR = 0.9  # train: share of closed questions whose phrasing is the one correlated with their answer
 HALLUCINATED_SHARE = 0.25  # train: share of normal images whose report names a lesion and a location
 WRONG_SIDE_SHARE = 0.25  # train: share of abnormal images whose report names the mirrored location
@@ -734,6 +735,28 @@ def build_kb(queries, toy_dir):
     return kb
 
 
+def withhold_matches(kb, queries, toy_dir):
+    """A knowledge base rarely holds the query's own case: for KB_NO_MATCH of the query images (a fixed draw per
+    split, domain and normal / abnormal) the `same` twin is removed from kb.json (and its image deleted), so every
+    KB report of that image's twins is a serious near miss and copying the nearest one is wrong. The twins are drawn
+    before, so the other twins (and the tokenizer, which reads every drawn twin) do not depend on the draw."""
+    kb_ids, drop = {r["id"]: r for r in kb}, set()
+    for si, split in enumerate(KB_QUERIES):
+        for di, D in enumerate(DOMAINS):
+            for ab in (True, False):
+                group = [q for q in queries if q["id"].split("_")[1] == split and q["domain"] == D["domain"]
+                         and q["abnormal"] == ab]
+                rng = np.random.default_rng([SEED, 97, si, di, int(ab)])
+                for j in rng.permutation(len(group))[:round(KB_NO_MATCH * len(group))]:
+                    q = group[int(j)]
+                    same = [t for t in q["kb_twins"] if kb_ids[t]["near_miss"] == "same"]
+                    drop.update(same)
+                    q["kb_twins"] = [t for t in q["kb_twins"] if t not in same]
+    for rid in drop:
+        os.remove(os.path.join(toy_dir, kb_ids[rid]["image"]))
+    return [r for r in kb if r["id"] not in drop]
+
+
 # ----------------------------------------------------------------------------- preference pairs (c)
 def wording_variant(D, trng, rec):
     """Another faithful report of the same image (other templates), different from the record's."""
@@ -951,7 +974,8 @@ def main(argv=None):
         splits[s] = build_split(s, n, toy_dir, seen)
         if s == "train":  # clean-split reports must not repeat a train report word for word
             seen = {r["report"] for r in splits[s]} | {r.get("report_clean", "") for r in splits[s]}
-    kb = build_kb([r for s in KB_QUERIES for r in splits[s]], toy_dir)
+    drawn = build_kb([r for s in KB_QUERIES for r in splits[s]], toy_dir)
+    kb = withhold_matches(drawn, [r for s in KB_QUERIES for r in splits[s]], toy_dir)
     for s, recs in splits.items():
         dump([{k: v for k, v in r.items() if k != "details"} for r in recs], os.path.join(toy_dir, f"{s}.json"))
         if s in ("train", "val", "test"):
@@ -967,7 +991,7 @@ def main(argv=None):
     dump(captions, os.path.join(toy_dir, "captions.json"))
     extra = [p["rejected_conversations"][1]["value"] for ps in prefs.values() for p in ps]
     extra += [c["caption"] for c in captions] + [c["context"] for c in captions]
-    hf = build_tokenizer(tokenizer_corpus([r for recs in splits.values() for r in recs] + kb, extra), tok_dir)
+    hf = build_tokenizer(tokenizer_corpus([r for recs in splits.values() for r in recs] + drawn, extra), tok_dir)
 
     for s, recs in splits.items():  # summary
         closed = [q["answer"] for r in recs for q in r["qa"] if q["answer_type"] == "CLOSED"]

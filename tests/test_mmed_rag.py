@@ -466,7 +466,7 @@ def test_complete_pipeline_on_two_ranks_and_eval_only_on_its_export(tmp_path):
     res = json.loads((out / "results.json").read_text())
     phases = [json.loads(line)["phase"] for line in open(out / "metrics.jsonl")]
     assert phases == (["router"] * 300 + [p for d in ("radiology", "pathology", "ophthalmology")
-                                          for p in [f"retriever_{d}"] * 6 + ["recall"]] + ["sft_warmup"] * 2 + ["warm_plain"] * 2
+                                          for p in [f"retriever_{d}"] * 5 + ["recall"]] + ["sft_warmup"] * 2 + ["warm_plain"] * 2
                       + ["warm_rag"] * 2 + ["eval_before", "rag_pt"] + ["stage1"] * 2 + ["stage2"] * 2 + ["eval_after"])
     pt = [it for it in mr.read_items(TOY / "ragpt.json", ("vqa",)) if it["id"].rsplit("_", 1)[0] in toy_splits(TOY, 0.05, 0.05)["pt"]]
     yes = sum(it["answer"] == "yes" for it in pt)
