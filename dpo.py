@@ -506,24 +506,17 @@ def my_micro_batches(batch: list[int], micro: int, rank: int, world: int) -> lis
     return chunks[rank::world]
 
 
-def full_tensor(t):
-    """The whole tensor from an FSDP2 shard (a collective: every rank must call it) or a plain tensor."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: dict, rank: int):
     """out/checkpoints/step_XXXXXXX/: trainable.safetensors, optimizer.safetensors, rng_rank{r}.safetensors,
-    state.json (written last). Built under a temporary name and renamed, so a crash never leaves a half checkpoint."""
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = dict(model.named_parameters())
-    weights = {n: full_tensor(params[n].detach()).cpu() for n in names}
-    for n, t in weights.items():
-        if not torch.isfinite(t).all():
-            raise FloatingPointError(f"refusing to checkpoint non-finite weights ({n})")
-    optim = {}
-    for n in names:
-        for k, v in optimizer.state.get(params[n], {}).items():
-            optim[f"{n}::{k}"] = full_tensor(v).cpu().reshape(-1) if v.dim() == 0 else full_tensor(v).cpu()
+    state.json (written last). Built under a temporary name and renamed, so a crash never leaves a half checkpoint.
+    The trained weights and their optimizer state come whole from torch's state-dict API, gathered to rank 0's CPU
+    (as torchtune saves an FSDP2 model); frozen weights are not saved."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))  # other ranks get {}
+    if not all(torch.isfinite(t).all() for t in weights.values()):
+        raise FloatingPointError(f"refusing to checkpoint non-finite weights (step {step})")
     final = out / "checkpoints" / f"step_{step:07d}"
     tmp = out / "checkpoints" / f".tmp_step_{step:07d}"
     if rank == 0:
@@ -536,11 +529,12 @@ def save_checkpoint(out: Path, step: int, model, optimizer, scheduler, extra: di
     save_file(rng, str(tmp / f"rng_rank{rank}.safetensors"))
     dist.barrier()
     if rank == 0:
-        save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "trainable.safetensors"))
-        save_file({n: t.contiguous() for n, t in optim.items()}, str(tmp / "optimizer.safetensors"))
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        save_file({f"{n}::{k}": v for n, s in optim["state"].items() for k, v in s.items()},
+                  str(tmp / "optimizer.safetensors"))
         files = {f.name: lm.file_sha256(f) for f in sorted(tmp.iterdir())}
-        state = {"step": step, "scheduler": scheduler.state_dict(), "world_size": dist.get_world_size(),
-                 "files": files, **extra}
+        state = {"step": step, "scheduler": scheduler.state_dict(), "param_groups": optim["param_groups"],
+                 "world_size": dist.get_world_size(), "files": files, **extra}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             shutil.rmtree(final)
@@ -565,30 +559,17 @@ def latest_checkpoint(out: Path):
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int) -> dict:
-    """Restore what save_checkpoint wrote into the (sharded) model and optimizer; returns state.json."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """Restore what save_checkpoint wrote into the (sharded) model, optimizer, schedule and RNG; returns state.json."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = json.loads((path / "state.json").read_text())
-    weights, optim = load_file(str(path / "trainable.safetensors")), load_file(str(path / "optimizer.safetensors"))
-    params = dict(model.named_parameters())
-
-    def place(full, like):
-        if isinstance(like, DTensor):
-            return distribute_tensor(full.to(like.dtype), like.device_mesh, like.placements)
-        return full.to(device=like.device, dtype=like.dtype)
-
-    with torch.no_grad():
-        for n, t in weights.items():
-            p = params[n]
-            (p.to_local() if isinstance(p, DTensor) else p).copy_(
-                (place(t, p).to_local() if isinstance(p, DTensor) else place(t, p)))
-    for key, t in optim.items():
+    optim = {"state": {}, "param_groups": state["param_groups"]}
+    for key, t in load_file(str(path / "optimizer.safetensors")).items():
         n, k = key.split("::")
-        p = params[n]
-        optimizer.state[p][k] = t.reshape(()).clone() if k == "step" else place(t, p)
+        optim["state"].setdefault(n, {})[k] = t
+    set_state_dict(model, optimizer, model_state_dict=load_file(str(path / "trainable.safetensors")),
+                   optim_state_dict=optim, options=StateDictOptions(full_state_dict=True, strict=False))
     scheduler.load_state_dict(state["scheduler"])
-    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):  # LambdaLR restores its counter, not the lr
-        group["lr"] = lr
     rng_file = path / f"rng_rank{rank}.safetensors"
     if rng_file.exists():
         rng = load_file(str(rng_file))
@@ -675,7 +656,8 @@ def train(args, name: str, model, n_items: int, step_fn, out: Path, rank: int, w
         for p in trainable:  # gradient of the global-batch mean: the sum over all ranks' units / n
             if p.grad is not None:
                 p.grad.mul_(world / n)
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf")))
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
         step += 1
         row = {"phase": name, "step": step, "epoch": epoch, **{key: v / n for key, v in sums.items()},
                "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
