@@ -240,23 +240,11 @@ class PairData:
 
     def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool,
                  allow_outside: bool = False, skipped: dict | None = None, system: str | None = None):
-        self.image_folder, self.cfg, self.items, self.system = image_folder, cfg, [], system  # system prompt (None: the template's)
-        self.skipped, self.examples = dict(skipped or {}), []  # reason -> count; the first messages, for the log
+        self.image_folder, self.cfg, self.system = image_folder, cfg, system  # system prompt (None: the template's)
         self.allow_outside, self._opened = allow_outside, set()
-        for where, rec in records:
-            try:
-                self.items.append(self._tokenize(where, rec, tokenizer, max_length))
-            except lm.DataError as e:
-                if not skip_bad:
-                    e.skippable = True  # cli() then suggests --skip-bad-samples
-                    raise
-                msg = str(e)[len(where) + 2:] if str(e).startswith(where) else str(e)
-                reason = re.sub(r"\S*/\S*|\S+\.(png|jpe?g|gif|bmp|tiff?)\b", "<path>", msg).split(" (")[0][:70]
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-                if len(self.examples) < 5:
-                    self.examples.append(str(e))
-        if not self.items:
-            raise lm.DataError(f"no usable preference pair (skipped: {self.skipped})")
+        self.items, self.skipped, self.examples = lm.keep_good(  # skipped: reason -> count; examples: for the log
+            records, lambda where, rec: self._tokenize(where, rec, tokenizer, max_length), skip_bad, "preference pair",
+            skipped)
 
     def _tokenize(self, where, rec, tokenizer, max_length):
         images = lm.record_images(rec, where)
@@ -272,17 +260,8 @@ class PairData:
                                                         self.system)
         c, r = tok(chosen_turns, len(images)), tok(rejected_turns, len(rejected_images))
         for p in images + rejected_images:
-            if p.startswith("noise:"):
-                continue
-            path = lm.resolve_image(self.image_folder, p, where, self.allow_outside)
-            if not path.exists():
-                raise lm.DataError(f"{where}: image not found: {path}")
-            if path not in self._opened:  # fail now (or count the skip) rather than mid-training
-                try:
-                    lm.load_image(path)
-                except lm.DataError as e:
-                    raise lm.DataError(f"{where}: {e}") from None
-                self._opened.add(path)
+            if not p.startswith("noise:"):
+                lm.checked_image(self.image_folder, p, where, self.allow_outside, self._opened)
         return {"id": rec.get("id", where), "chosen": c, "rejected": r, "images": images,
                 "rejected_images": rejected_images, "answer_type": rec.get("answer_type")}
 

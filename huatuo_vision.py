@@ -484,26 +484,17 @@ class SFTData:
     or are counted with skip_bad."""
 
     def __init__(self, records, tokenizer, cfg, max_length: int, skip_bad: bool):
-        self.cfg, self.items, self.skipped = cfg, [], {}
-        for where, rec, folder in records:
-            try:
-                images = lm.record_images(rec, where)
-                paths = [lm.resolve_image(folder, p, where, allow_outside=Path(p).is_absolute()) for p in images]
-                turns = lm.place_image_markers(lm.record_turns(rec, where), len(images), where)
-                s = lm.tokenize_conversation(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id,
-                                             max_length, where)
-                for p in paths:
-                    if not p.exists():
-                        raise lm.DataError(f"{where}: image not found: {p}")
-                self.items.append({**s, "images": paths})
-            except lm.DataError as e:
-                if not skip_bad:
-                    e.skippable = True  # cli() then suggests --skip-bad-samples
-                    raise
-                reason = str(e)[len(where) + 2:].split(" (")[0][:60] if str(e).startswith(where) else str(e)[:60]
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if not self.items:
-            raise lm.DataError(f"no usable training record (skipped: {self.skipped})")
+        self.cfg = cfg
+
+        def tokenized(where, rec, folder):  # images: existence only (opened when a batch loads; see lm.checked_image)
+            images = lm.record_images(rec, where)
+            paths = [lm.checked_image(folder, p, where, allow_outside=Path(p).is_absolute()) for p in images]
+            turns = lm.place_image_markers(lm.record_turns(rec, where), len(images), where)
+            s = lm.tokenize_conversation(tokenizer, turns, cfg.template, cfg.num_image_tokens, cfg.image_token_id,
+                                         max_length, where)
+            return {**s, "images": paths}
+
+        self.items, self.skipped, _ = lm.keep_good(records, tokenized, skip_bad, "training record")
 
     def __len__(self):
         return len(self.items)

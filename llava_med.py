@@ -299,6 +299,45 @@ def place_image_markers(turns: list[tuple[str, str]], n_images: int, where: str 
     return cleaned
 
 
+def checked_image(folder, rel: str, where: str = "", allow_outside: bool = False, opened: set | None = None) -> Path:
+    """A record's image path (resolve_image), which must exist and, given a set `opened`, open (load_image) -- checked
+    while the data is prepared, each path once, so a bad file fails (or is skipped) before training, not at hour 30.
+    Without `opened` only existence is checked (an SFT set of a million images would take hours to open up front;
+    a bad one then fails, named, when its batch loads)."""
+    path = resolve_image(folder, rel, where, allow_outside)
+    if not path.exists():
+        raise DataError(f"{where}: image not found: {path}")
+    if opened is not None and path not in opened:
+        try:
+            load_image(path)
+        except DataError as e:
+            raise DataError(f"{where}: {e}") from None
+        opened.add(path)
+    return path
+
+
+def keep_good(items, make, skip_bad: bool, what: str = "record", skipped: dict | None = None):
+    """(kept, skipped, examples): make(*item) for each item, whose first field names it ("file:line"). A DataError
+    stops the run (cli() prints it and, marked skippable, suggests --skip-bad-samples) or, with skip_bad, is counted
+    per reason (paths masked) in `skipped`, with the first 5 messages kept for the log. Nothing kept is an error."""
+    kept, skipped, examples = [], dict(skipped or {}), []
+    for item in items:
+        try:
+            kept.append(make(*item))
+        except DataError as e:
+            if not skip_bad:
+                e.skippable = True
+                raise
+            msg = str(e)[len(item[0]) + 2:] if str(e).startswith(item[0]) else str(e)
+            reason = re.sub(r"\S*/\S*|\S+\.(png|jpe?g|gif|bmp|tiff?)\b", "<path>", msg).split(" (")[0][:70]
+            skipped[reason] = skipped.get(reason, 0) + 1
+            if len(examples) < 5:
+                examples.append(str(e))
+    if not kept:
+        raise DataError(f"no usable {what} (skipped: {skipped})")
+    return kept, skipped, examples
+
+
 def file_sha256(path) -> str:
     """A file's sha256, read in 1 MiB blocks (checkpoint checksums, cache keys)."""
     h = hashlib.sha256()

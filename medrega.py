@@ -609,22 +609,13 @@ class RegionSFTData:
                  seed: int, base_prompt: bool = True):
         self.tokenizer, self.cfg, self.max_length, self.base_prompt = tokenizer, cfg, max_length, base_prompt
         self.augment, self.scale_min, self.seed = augment, scale_min, seed
-        self.items, self.skipped = [], {}
-        for s in samples:
-            try:
-                p = Path(s["image"])
-                if not p.exists():
-                    raise lm.DataError(f"{s['where']}: image not found: {p}")
-                self.tokenize(prompt_turns(s, base_prompt=base_prompt), s["where"])
-                self.items.append(s)
-            except lm.DataError as e:
-                if not skip_bad:
-                    e.skippable = True  # cli() then suggests --skip-bad-samples
-                    raise
-                reason = str(e)[len(s["where"]) + 2:].split(" (")[0][:60] if str(e).startswith(s["where"]) else str(e)[:60]
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if not self.items:
-            raise lm.DataError(f"no usable training sample (skipped: {self.skipped})")
+        self.items, self.skipped, _ = lm.keep_good(((s["where"], s) for s in samples), self._checked, skip_bad,
+                                                   "training sample")
+
+    def _checked(self, where, s):  # the image: existence only (opened when its batch loads; see lm.checked_image)
+        lm.checked_image(Path(s["image"]).parent, Path(s["image"]).name, where, allow_outside=True)
+        self.tokenize(prompt_turns(s, base_prompt=self.base_prompt), where)
+        return s
 
     def __len__(self):
         return len(self.items)

@@ -210,9 +210,7 @@ def read_pairs(path, image_folder: str = "") -> list[dict]:
             report = lm.record_turns(rec, where)[-1][1]
         if not report or not rec.get("image") or not rec.get("domain"):
             raise lm.DataError(f"{where}: a retrieval pair needs image, report and domain")
-        image = lm.resolve_image(folder, lm.record_images(rec, where)[0], where, True)
-        if not image.exists():  # now, not when the first batch that holds it is embedded
-            raise lm.DataError(f"{where}: image not found: {image}")
+        image = lm.checked_image(folder, lm.record_images(rec, where)[0], where, True)  # now, not when it is embedded
         pairs.append({"id": rec.get("id", where), "image": str(image), "report": report.strip(),
                       "domain": rec["domain"], "finding": finding_key(rec)})
     return pairs

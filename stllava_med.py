@@ -60,9 +60,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -379,28 +381,16 @@ class SQData:
 
     def __init__(self, records, folder: Path, tokenizer, cfg, args: Args):
         self.tokenizer, self.cfg, self.args = tokenizer, cfg, args
-        self.items, self.skipped, opened = [], {}, set()
-        for where, rec in records:
-            try:
-                images = [lm.resolve_image(folder, p, where) for p in lm.record_images(rec, where)]
-                turns = lm.place_image_markers(lm.record_turns(rec, where), len(images), where)
-                for p in images:
-                    if p not in opened:
-                        try:
-                            lm.load_image(p)
-                        except lm.DataError as e:
-                            raise lm.DataError(f"{where}: {e}") from None
-                        opened.add(p)
-                item = {"where": where, "turns": turns, "images": images}
-                self.tokenized(item, set())  # the no-VUSER rendering must fit (the first answer is always a target)
-                self.items.append(item)
-            except lm.DataError as e:
-                if not args.skip_bad_samples:
-                    raise
-                reason = str(e)[len(where) + 2:].split(" (")[0][:60] if str(e).startswith(where) else str(e)[:60]
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if not self.items:
-            raise lm.DataError(f"no usable stage-1 record (skipped: {self.skipped})")
+        opened = set()
+
+        def checked(where, rec):
+            images = [lm.checked_image(folder, p, where, opened=opened) for p in lm.record_images(rec, where)]
+            item = {"where": where, "turns": lm.place_image_markers(lm.record_turns(rec, where), len(images), where),
+                    "images": images}
+            self.tokenized(item, set())  # the no-VUSER rendering must fit (the first answer is always a target)
+            return item
+
+        self.items, self.skipped, _ = lm.keep_good(records, checked, args.skip_bad_samples, "stage-1 record")
 
     def __len__(self):
         return len(self.items)
@@ -626,23 +616,11 @@ class PairData:
 
     def __init__(self, records, image_folder: Path, tokenizer, cfg: lm.LlavaMedConfig, max_length: int, skip_bad: bool,
                  allow_outside: bool = False, skipped: dict | None = None, system: str | None = None):
-        self.image_folder, self.cfg, self.items, self.system = image_folder, cfg, [], system  # system prompt (None: the template's)
-        self.skipped, self.examples = dict(skipped or {}), []  # reason -> count; the first messages, for the log
+        self.image_folder, self.cfg, self.system = image_folder, cfg, system  # system prompt (None: the template's)
         self.allow_outside, self._opened = allow_outside, set()
-        for where, rec in records:
-            try:
-                self.items.append(self._tokenize(where, rec, tokenizer, max_length))
-            except lm.DataError as e:
-                if not skip_bad:
-                    e.skippable = True  # cli() then suggests --skip-bad-samples
-                    raise
-                msg = str(e)[len(where) + 2:] if str(e).startswith(where) else str(e)
-                reason = re.sub(r"\S*/\S*|\S+\.(png|jpe?g|gif|bmp|tiff?)\b", "<path>", msg).split(" (")[0][:70]
-                self.skipped[reason] = self.skipped.get(reason, 0) + 1
-                if len(self.examples) < 5:
-                    self.examples.append(str(e))
-        if not self.items:
-            raise lm.DataError(f"no usable preference pair (skipped: {self.skipped})")
+        self.items, self.skipped, self.examples = lm.keep_good(  # skipped: reason -> count; examples: for the log
+            records, lambda where, rec: self._tokenize(where, rec, tokenizer, max_length), skip_bad, "preference pair",
+            skipped)
 
     def _tokenize(self, where, rec, tokenizer, max_length):
         images = lm.record_images(rec, where)
@@ -658,17 +636,8 @@ class PairData:
                                                         self.system)
         c, r = tok(chosen_turns, len(images)), tok(rejected_turns, len(rejected_images))
         for p in images + rejected_images:
-            if p.startswith("noise:"):
-                continue
-            path = lm.resolve_image(self.image_folder, p, where, self.allow_outside)
-            if not path.exists():
-                raise lm.DataError(f"{where}: image not found: {path}")
-            if path not in self._opened:  # fail now (or count the skip) rather than mid-training
-                try:
-                    lm.load_image(path)
-                except lm.DataError as e:
-                    raise lm.DataError(f"{where}: {e}") from None
-                self._opened.add(path)
+            if not p.startswith("noise:"):
+                lm.checked_image(self.image_folder, p, where, self.allow_outside, self._opened)
         return {"id": rec.get("id", where), "chosen": c, "rejected": r, "images": images,
                 "rejected_images": rejected_images, "answer_type": rec.get("answer_type")}
 

@@ -13,7 +13,9 @@ the recipes drifted apart.
 """
 
 import ast
+import builtins
 import re
+import symtable
 import sys
 from pathlib import Path
 
@@ -70,7 +72,7 @@ def check_copies(root: Path) -> tuple[list[str], int]:
                 first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
                 problems.append(f"{path.name}:{lineno + 1 + first}: copy of {m['src']}:{name} drifted "
                                 f"(first difference at line {first + 1} of the block)")
-    problems += check_names_and_order(root)
+    problems += check_names_and_order(root) + check_copies_resolve(root)
     return problems, checked
 
 
@@ -95,6 +97,30 @@ def check_names_and_order(root: Path) -> list[str]:
             if ranks[k] < ranks[k - 1]:
                 problems.append(f"{path.name}: copy of {marked[k]!r} sits after {marked[k - 1]!r}; keep dpo.py's order")
                 break
+    return problems
+
+
+def check_copies_resolve(root: Path) -> list[str]:
+    """A copy runs in its own module: every global name a marked copy uses must be bound in that file too (an import
+    that dpo.py has and the copying file lacks breaks only the lines that use it, e.g. a rarely taken branch)."""
+    problems = []
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        marked = {MARK.match(line)["name"] for line in text.splitlines() if MARK.match(line)}
+        if not marked:
+            continue
+        top = symtable.symtable(text, path.name, "exec")
+        bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()} | set(dir(builtins))
+
+        def used(table):  # names the scope (and those inside it) reads from the module
+            names = {s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()}
+            return names.union(*(used(child) for child in table.get_children()))
+
+        for table in top.get_children():
+            if table.get_name() in marked:
+                for name in sorted(used(table) - bound):
+                    problems.append(f"{path.name}: the copy of {table.get_name()!r} uses {name!r}, which {path.name} "
+                                    f"does not import or define")
     return problems
 
 
@@ -126,6 +152,9 @@ def test_checker_catches_a_drifted_copy(tmp_path):
     (tmp_path / "good.py").write_text("# Copied from dpo.py: Keep\nclass Keep:\n    a = 1\n\n\n"
                                       "# Copied from dpo.py: helper\n@staticmethod\ndef helper(x):\n    return x + 1\n")
     assert "keep dpo.py's order" in check_copies(tmp_path)[0][0]
+    (tmp_path / "dpo.py").write_text("import os\n\n\ndef where():\n    return os.getcwd()\n")
+    (tmp_path / "good.py").write_text("# Copied from dpo.py: where\ndef where():\n    return os.getcwd()\n")
+    assert "uses 'os', which good.py does not import" in check_copies(tmp_path)[0][-1]
 
 
 def fix_copies(root: Path) -> int:

@@ -57,6 +57,21 @@ def test_bad_input_is_named_or_counted(tiny, name, message):
     assert len(data) == 1 and sum(data.skipped.values()) == 1  # the good first record stays
 
 
+@pytest.mark.parametrize("name", ["dpo", "mmed_rag", "mmedpo", "stllava_med"])
+def test_every_copy_of_pair_data_reads_a_noise_pair(tiny, name):
+    """MMed-RAG's released cross-modality pairs (rejected_noised) through each file's copy of PairData: the copy runs
+    in its own module (stllava_med.py lacked numpy and PIL, so its copy raised NameError on the noise image) and
+    gives dpo.py's pixels, a fixed noise draw unlike the image."""
+    import importlib
+
+    model, tok = tiny
+    rec = dict(json.loads((FIX / "missing_image.jsonl").read_text().splitlines()[0]), rejected_noised=True)
+    data = [importlib.import_module(m).PairData([("x:1", rec)], FIX, tok, model.config, 512, False) for m in (name, "dpo")]
+    image, noise = data[0].items[0]["images"][0], data[0].items[0]["rejected_images"][0]
+    assert noise == "noise:" + image
+    assert torch.equal(data[0].pixel(noise), data[1].pixel(noise)) and not torch.equal(data[0].pixel(noise), data[0].pixel(image))
+
+
 def test_good_fixtures_and_whole_file_errors(tiny):
     model, tok = tiny
     data = dpo.PairData(lm.read_records(FIX / "good.jsonl"), FIX, tok, model.config, 512, skip_bad=False)
