@@ -373,6 +373,26 @@ def fingerprint(value, out=None):
     return "content " + h.hexdigest()[:16]
 
 
+def cached_json(path: Path, rank: int, make):
+    """(make(), False), or (what an earlier run stored at `path`, True); `path` names the cache key of what make()
+    builds (the recipes' cache_key). Rank 0 reads the cache and sends it to the other ranks, so every rank takes the
+    same branch (make() may run collectives) and none reads a file that another one is still writing; a new value is
+    written by rank 0 under a temporary name, then renamed: never a half cache."""
+    import torch.distributed as dist
+
+    found = [json.loads(path.read_text()) if rank == 0 and path.exists() else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(found, src=0)
+    if found[0] is not None:
+        return found[0], True
+    value = make()
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".tmp").write_text(json.dumps(value, ensure_ascii=False))
+        os.replace(path.with_suffix(".tmp"), path)
+    return value, False
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. Chat templates. Each renders a conversation into (text, is_answer) segments; the text is the exact
 #    string of the original code (spec 2.2, 3.3, 4.1, 5.2; tested), the flags say what is trained.

@@ -359,20 +359,6 @@ def keyed_folder(folder: Path, key: str, rank: int) -> Path:
     return folder
 
 
-def cached_json(path: Path, rank: int, make):
-    """(make(), False), or (what an earlier run stored at `path`, True); `path` names the cache key. Rank 0 decides
-    and writes (atomically), so every rank takes the same branch (make() runs collectives)."""
-    found = [path.exists()]
-    dist.broadcast_object_list(found, src=0)
-    if found[0]:
-        return json.loads(path.read_text()), True
-    value = make()
-    if rank == 0:
-        path.with_suffix(".tmp").write_text(json.dumps(value, ensure_ascii=False))
-        os.replace(path.with_suffix(".tmp"), path)
-    return value, False
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Prompts (spec A6, exact strings of the released data / RULE eval code; pathology wording inferred)
 # ----------------------------------------------------------------------------------------------------------
@@ -1310,7 +1296,7 @@ def retrieval_for_rag_pt_and_test(args: Args, rag, s: dict, gamma: float, gen, r
     sweep, tune = None, args.gamma < 0 and args.gamma_tune == "accuracy" and not args.eval_only
     if tune and s["val"] and "vqa" in args.tasks.split(","):
         misrouted["val"] = attach(s["val"], gamma, fixed_k=args.k_max)
-        (gamma, sweep), reused = cached_json(Path(args.out) / f"gamma_{cache_key(args, 'pt_data')}.json", rank,
+        (gamma, sweep), reused = lm.cached_json(Path(args.out) / f"gamma_{cache_key(args, 'pt_data')}.json", rank,
                                              lambda: tune_gamma(rag.config.get("gammas", [gamma]), s["val"],
                                                                 lambda jobs: gen(jobs, "gamma sweep")))
         if rank == 0:
@@ -1348,7 +1334,7 @@ def rag_pt_set(args: Args, s: dict, gen, gamma: float, rank: int, log) -> tuple[
         sizes.update(candidates=0, skipped_empty=0, skipped_truncated=0)
     else:
         key = cache_key(args, "stages", gamma)
-        (pairs, sizes), reused = cached_json(out / f"rag_pt_{key}.json", rank, lambda: rag_pt_pairs(
+        (pairs, sizes), reused = lm.cached_json(out / f"rag_pt_{key}.json", rank, lambda: rag_pt_pairs(
             s["pt"], lambda jobs: gen(jobs, "RAG-PT"), args.cm_image, args.report_correct_rouge, args.seed))
         if rank == 0:
             (out / "rag_pt.json").write_text(json.dumps(pairs, indent=1, ensure_ascii=False))

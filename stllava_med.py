@@ -581,19 +581,13 @@ def generate_preferences(args: Args, model, tokenizer, rows: list[dict], folder:
 def preference_pairs(args: Args, model, tokenizer, rank: int, world: int, from_stage1: bool):
     """(pairs, stats, image folder, the cache file if it was reused): from out/prefs_<key>.json (key: every Args field
     above dpo_data, --model by its files (cache_key), the image rows, and whether this run's stage 1 made the model)
-    or generated and cached. Rank 0 reads the cache and sends it to the others, and the pairs stay in memory for
-    stage 2: no rank reads a file that another one is still writing (issue 15, bug 7)."""
+    or generated and cached (lm.cached_json: no rank reads a file another one is still writing, issue 15 bug 7);
+    the pairs stay in memory for stage 2."""
     rows, folder = image_sources(args)
     cache = Path(args.out) / f"prefs_{cache_key(args, 'dpo_data', from_stage1, rows)}.json"
-    found = [json.loads(cache.read_text()) if rank == 0 and cache.exists() else None]
-    dist.broadcast_object_list(found, src=0)
-    if found[0] is not None:
-        return found[0]["pairs"], found[0]["stats"], folder, cache
-    pairs, stats = generate_preferences(args, model, tokenizer, rows, folder, rank, world)
-    if rank == 0:  # written under a temporary name, then renamed: never a half cache
-        cache.with_suffix(".tmp").write_text(json.dumps({"pairs": pairs, "stats": stats}, ensure_ascii=False))
-        os.replace(cache.with_suffix(".tmp"), cache)
-    return pairs, stats, folder, None
+    built, reused = lm.cached_json(cache, rank, lambda: dict(zip(("pairs", "stats"), generate_preferences(
+        args, model, tokenizer, rows, folder, rank, world))))
+    return built["pairs"], built["stats"], folder, cache if reused else None
 
 
 # ----------------------------------------------------------------------------------------------------------
