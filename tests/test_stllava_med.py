@@ -409,7 +409,7 @@ def test_toy_judge_prefers_the_image_grounded_answer():
     rows, folder = st.image_sources(args)
     assert (args.judge, args.ties, Path(args.prefs_images).name, len(rows)) == ("toy", "skip", "pref.json", 120)
     # the toy run's stage 1 is long enough to read some of the image (12 epochs) and asks 20 questions per image
-    assert (args.sft_epochs, args.n_questions, args.a_temperature) == (12, 20, 1.2)
+    assert (args.sft_epochs, args.n_questions, args.a_temperature, args.dpo_lr) == (12, 20, 1.2, 2e-5)  # val-chosen
     assert all(r["facts"]["modality"] for r in rows) and folder == TOY
     real = st.resolve_defaults(st.Args(model="/ckpt/x", sft_data="/data/x.json"))
     assert (real.judge, real.ties, real.q_temperature, real.describe_prompt) == (

@@ -5,8 +5,11 @@ on data/toy) at several seeds, reads each run's results.json and metrics.jsonl, 
     runs/learning_signal/<method>.png           that metric per arm (bars, seed std) and the training curve
     runs/learning_signal/learning_signal.json   every number, with the wall time of each run
 
-    python tests/benchmarks/learning_signal.py                       # all methods, seeds 0 1 2 (~1.5 h on 2 cores)
-    python tests/benchmarks/learning_signal.py --methods dpo --seeds 0 1 2 --jobs 1
+    python tests/benchmarks/learning_signal.py                       # all methods, seeds 0 1 2 (~1.7 h, one run at a time)
+    python tests/benchmarks/learning_signal.py --methods dpo --seeds 0 1 2 --threads 1
+
+A run whose results.json is in --out is read, not repeated: two invocations with other --methods and the same --out
+use both cores (--threads 1 each, ~55 min for all), and a last one over every method writes the whole table.
 
 A method "shows its effect" when its target arm beats its baseline arm by more than 3 points AND by more than twice
 the seed-to-seed standard deviation of the difference (issue 17's bar); the table says which do. matplotlib is a
