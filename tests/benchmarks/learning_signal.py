@@ -168,6 +168,17 @@ def plot(method: str, runs: list[dict], summary: dict, path: Path):
     plt.close(fig)
 
 
+def build_line(threads: int) -> str:
+    """The torch build and CPU the runs ran on: another build (kernels, CPU capability) trains other tiny models from
+    the same seeds (README, Learning signal on the toy)."""
+    import platform
+
+    import torch
+
+    return (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{platform.machine()}, {os.cpu_count()} cores, {threads} thread(s) per run")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated: " + ", ".join(METHODS))
@@ -184,9 +195,9 @@ def main():
         everything[method] = {"summary": summary[method], "runs": runs}
         plot(method, runs, summary[method], out / f"{method}.png")
         print(table({method: summary[method]}).splitlines()[-1], flush=True)
-    md = table(summary)
+    md = table(summary) + "\n\n" + build_line(args.threads)  # the numbers hold for this build only
     (out / "learning_signal.md").write_text(md + "\n")
-    (out / "learning_signal.json").write_text(json.dumps(everything, indent=1))
+    (out / "learning_signal.json").write_text(json.dumps({"build": build_line(args.threads), **everything}, indent=1))
     print(md)
 
 
