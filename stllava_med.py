@@ -130,7 +130,7 @@ class Args:
     # stage 2: DPO (the fields above key the pair cache)
     dpo_data: str = ""  # STLLaVA-Med DPO json to train on ("" = the pairs of the prefs stage)
     dpo_system: Literal["auto", "llava_v1", "v1", "v1_sq"] = "auto"  # system prompt of the DPO pairs: auto = v1 (dpo_finetune.sh --version v1), v1_sq for --model tiny
-    dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-5 for --model tiny (val sweep, seed-0 12-epoch stage 1 at 63.9 % val closed, beta 0.5, 5 epochs, torch 2.13.0+cpu AVX512: 2e-5 64.9, 5e-5 60.4, 1e-4 55.9, 2e-4 54.2; on the earlier install, stage 1 at 56.9, 2e-4 gave 61.5 and was the default; more DPO drops the wording prior faster than it adds image reading: README, STLLaVA-Med toy results)
+    dpo_lr: float = -1  # LLM LoRA learning rate in stage 2; -1 = 5e-6 (dpo_finetune.sh), or 2e-5 for --model tiny (val sweep, seed-0 12-epoch stage 1 at 63.9 % val closed, beta 0.5, 5 epochs, torch 2.13.0+cpu AVX512: 2e-5 64.9 (10 epochs 60.4), 3e-5 62.5, 5e-5 60.4, 1e-4 55.9, 2e-4 54.2; on the earlier install, stage 1 at 56.9, 2e-4 gave 61.5 and was the default; more DPO drops the wording prior faster than it adds image reading: README, STLLaVA-Med toy results)
     dpo_vit_lr: float = 2e-5  # ViT LoRA learning rate in stage 2 (vision_tower_lr; also for --model tiny: 1e-3 wrecked its open answers, see dpo_lr)
     dpo_projector_lr: float = 2e-5  # projector learning rate in stage 2 (dpo_finetune.sh --mm_projector_lr; also for --model tiny, see dpo_vit_lr)
     dpo_freeze_projector: bool = False  # keep the projector frozen in DPO (the release trains it, see add_adapters)
