@@ -744,11 +744,15 @@ def warm_start(args, model, tokenizer, items: list[dict], pixel, device, rank: i
     answers): the full model with the projector (ViT frozen) on `items` ({"input_ids", "labels", "images"}),
     --sft-warmup-steps steps of the training loop above, saved as a llava-hf checkpoint in out/base_llava_hf and
     loaded back from there, as a real run starts DPO from its SFT checkpoint (it is also the adapter's base). It is
-    reused while its inputs (model, dtype, steps, lr, seed, the loop's warmup / weight decay / clipping, the tokenised
-    items, whose images are named inside the image folder) are the same."""
-    base, key = out / "base_llava_hf", hashlib.sha256(json.dumps(  # what the warm start depends on
-        [args.model, args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed, args.warmup_ratio, args.weight_decay,
-         args.grad_clip, items]).encode()).hexdigest()[:16]
+    reused while its inputs (model by its content, dtype, steps, lr, seed, the loop's warmup / weight decay /
+    clipping, the tokenised items, whose images are named inside the image folder) are the same: fewer than
+    cache_key's fields, since the data path stands for more than these items (a toy folder's other splits)."""
+    base, key = out / "base_llava_hf", [hashlib.sha256(json.dumps(  # what the warm start depends on
+        [lm.fingerprint(args.model, args.out), args.dtype, args.sft_warmup_steps, args.sft_lr, args.seed,
+         args.warmup_ratio, args.weight_decay, args.grad_clip, items]).encode()).hexdigest()[:16]]
+    if dist.is_initialized():  # rank 0's, as in cache_key: each node's copy of the model may have its own file times
+        dist.broadcast_object_list(key, src=0)
+    key = key[0]
     if not (base / f"warm_start_{key}").exists():
         for n, p in model.named_parameters():
             p.requires_grad_(not n.startswith("vision_tower."))

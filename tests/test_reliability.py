@@ -181,6 +181,24 @@ def test_a_checkpoint_is_continued_only_by_the_run_that_made_it(tmp_path, capsys
         aside[0].name.split(".")[1]
 
 
+def test_the_warm_start_is_keyed_on_the_model_s_content(tmp_path):
+    """A warm start from a checkpoint folder is reused while the folder holds the same files, also under another
+    name, and retrained when other weights are written there (it keyed on the folder's name before)."""
+    lm.save_llava_hf(*lm.load("tiny", seed=1), tmp_path / "ckpt")
+    out = tmp_path / "run"
+    args = ["--sft-warmup-steps", "2", "--max-steps", "1", "--batch-size", "8", "--micro-batch-size", "4", "--no-eval",
+            "--out", str(out)]
+    marker = lambda: sorted(p.name for p in (out / "base_llava_hf").glob("warm_start_*"))  # noqa: E731
+    faults._in_process(dpo, args + ["--model", str(tmp_path / "ckpt")])
+    first = marker()
+    shutil.copytree(tmp_path / "ckpt", tmp_path / "moved")  # copytree keeps the file times (copy2)
+    faults._in_process(dpo, args + ["--model", str(tmp_path / "moved")])
+    assert marker() == first and len(faults.phase_rows(out, "sft_warmup")) == 2  # reused
+    lm.save_llava_hf(*lm.load("tiny", seed=2), tmp_path / "moved")  # other weights under the same name
+    faults._in_process(dpo, args + ["--model", str(tmp_path / "moved")])
+    assert marker() != first and len(faults.phase_rows(out, "sft_warmup")) == 4  # trained again
+
+
 def test_a_path_counts_by_its_content(tmp_path):
     """lm.fingerprint: a moved copy (file times kept) is the same, an edited file is not; the run's own --out inside a
     data folder and checkpoint folders do not count; names that are no path stand for themselves."""
