@@ -215,8 +215,11 @@ def cache_key(args, before: str, *content) -> str:
 # Copied from dpo.py: cli
 def cli(main):
     """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
-    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
-    script = Path(sys.argv[0]).name
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch.
+    Under torchrun a rank then leaves by os._exit, past the interpreter's teardown, in which gloo's worker threads can
+    still free their work objects and abort a finished run (SIGABRT, "terminate called without an active exception",
+    seen twice in this suite's 2-rank runs; pytorch/pytorch#179291): everything is written and the group destroyed."""
+    script, code = Path(sys.argv[0]).name, 0
     try:
         main()
     except lm.DataError as e:
@@ -224,13 +227,19 @@ def cli(main):
         hint = getattr(e, "skippable", False) and "--skip-bad-samples" not in sys.argv
         print(f"{script}: {kind}: {e}" + ("\n(--skip-bad-samples counts and skips such records)" if hint else ""),
               file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except (dist.DistError, RuntimeError) as e:
         if not dist.is_initialized() or not any(s in str(e) for s in ("Connection", "gloo", "NCCL", "Timeout", "timed out")):
             raise
         print(f"{script} rank {os.environ.get('RANK')}: a distributed collective failed -- another rank died or stalled "
               f"past --dist-timeout-s ({type(e).__name__}: {str(e)[:300]})", file=sys.stderr)
-        sys.exit(1)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "RANK" in os.environ:  # a torchrun rank
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 # Copied from dpo.py: setup_distributed
