@@ -217,7 +217,6 @@ def test_crop_keeps_boxes_on_their_pixels():
         sizes.add((w, h))
         (_, boxes), = mr.parse_regions(new_turns[1][1])
         x1, y1, x2, y2 = mr.decode_box(boxes[0], w, h)
-        import numpy as np
         ys, xs = np.nonzero(np.asarray(out)[..., 0] > 128)
         truth = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert max(abs(a - b) for a, b in zip([x1, y1, x2, y2], truth)) <= max(w, h) / 999 + 1e-6, (seed, out.size)

@@ -24,7 +24,6 @@ import faults
 import llava_med as lm
 import mmed_rag as mr
 from data.toy_readers import toy_splits
-import retrieve
 from conftest import ROOT
 
 HYPS = ["The heart size is normal. No pleural effusion or pneumothorax.",

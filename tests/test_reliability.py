@@ -2,12 +2,10 @@
 steps, a rank that dies or stalls, SIGKILL in the middle of writing a checkpoint, determinism."""
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch

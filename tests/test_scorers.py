@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-import dpo
 import llava_med as lm
 import huatuo_vision as hv
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import sys
 from dataclasses import dataclass
 from types import SimpleNamespace
 
