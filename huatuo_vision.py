@@ -164,10 +164,7 @@ def cache_key(args, before: str, *content) -> str:
 # Copied from dpo.py: cli
 def cli(main):
     """Run main() as a script. A bad data file or record, or a model folder that cannot be read: one line naming the
-    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch.
-    Under torchrun a rank then leaves by os._exit, past the interpreter's teardown, in which gloo's worker threads can
-    still free their work objects and abort a finished run (SIGABRT, "terminate called without an active exception",
-    seen twice in this suite's 2-rank runs; pytorch/pytorch#179291): everything is written and the group destroyed."""
+    file, exit 2. A dead or stalled peer rank (a failed collective): one line, exit 1. Never a traceback through torch."""
     script, code = Path(sys.argv[0]).name, 0
     try:
         main()
@@ -185,8 +182,8 @@ def cli(main):
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    if "RANK" in os.environ:  # a torchrun rank
-        os._exit(code)
+    if "RANK" in os.environ:  # a torchrun rank skips the interpreter's teardown, where gloo's threads can still abort
+        os._exit(code)  # a finished run (SIGABRT, pytorch/pytorch#179291); everything is written by now
     if code:
         sys.exit(code)
 
