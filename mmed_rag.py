@@ -126,6 +126,9 @@ class Args:
     sft_warmup_steps: int = -1  # warm start 1: SFT on plain A6 prompts (after warm start 0: learn this file's prompts); -1 = 100 for tiny (one val setting, with 200 below; the v2 toy's earlier 200 + 80 without warm start 0 gave a constant "no"), else 0
     sft_rag_steps: int = -1  # warm start 2: SFT on plain + RAG prompts (learn the A6 format, trust the references); -1 = 200 for tiny, else 0
     sft_lr: float = 1e-3  # learning rate of the warm starts
+    warmup_ratio: float = 0.03  # linear warmup fraction, then cosine (every phase: the warm starts and the DPO stages)
+    weight_decay: float = 0.0  # AdamW weight decay (every phase)
+    grad_clip: float = 1.0  # max global gradient norm (0 = off; every phase)
     warm_balance_prior: bool = True  # toy: warm start on the closed questions whose wording does not give the answer away (data/toy_readers.py prior_balanced)
     warm_reference: Literal["own", "retrieved"] = "own"  # warm start 2's references: own = the image's own train report first, then the retrieved ones (see warm_start_rag); retrieved = only retrieved
     # generation from the model before RAG-PT (fields above `pt_data` key the tuned gamma, above `stages` the pairs)
@@ -149,15 +152,12 @@ class Args:
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid = DPO; ipo = Azar et al. 2023, length-normalised
     label_smoothing: float = 0.0  # cDPO: assumed fraction of flipped preference labels (sigmoid only)
     reference_free: bool = False  # reference log-probs = 0
-    prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py)
+    prefix_sharing: bool = True  # one row per pair whose answers share image and prompt (exact; dpo.py); off with flash_attention_2 (its kernel takes no [T, T] mask)
     lr: float = 2e-4  # peak learning rate (toy default, val sweep on the fixed starting system, RAG-PT - RAG, mean of seeds 0 1 2: 1e-4 +0.8, 2e-4 +1.7, 3e-4 +1.6, 5e-4 +0.9, 7e-4 -0.3, 2e-4 for 8 epochs +1.5; README; dpo.py's 1e-3 drove the policy into report text on closed questions; v1 toy's 1e-5 moved no answer; released: 1e-7 on LLaVA-Med 7B)
     projector_lr: float = 2e-5  # projector learning rate with --tune-projector
     batch_size: int = 16  # pairs per optimizer step over all ranks (a smaller subset: the largest batch it fills)
     epochs: int = 4  # passes over each stage's pairs (toy default: ~100 pairs a stage = 6 steps an epoch; released: 3)
     max_steps: int = -1  # per stage (-1 = epochs decide)
-    warmup_ratio: float = 0.03  # linear warmup fraction, then cosine (every phase, the warm start too)
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float = 1.0  # max global gradient norm (0 = off)
     # how the steps run (the fields above key each phase's checkpoints: another value trains afresh; these do not)
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/inf loss or gradient (any rank): stop the run, or skip the update (counted)
     micro_batch_size: int = 8  # pairs per forward on one rank; also the warm start's global batch is 16 answers
@@ -318,12 +318,14 @@ def read_splits(args: Args, tasks) -> dict:
     data/toy_readers.py toy_splits; other data come as --pt-data / --val-data / --test-data, with the knowledge base
     in --retriever. --eval-only reads the test items only."""
     data = Path(args.data)
-    toy = data.is_dir() and (data / "train.json").exists()
-    folder = Path(args.image_folder or (data if toy else data.parent))
+    own = args.pt_data or (args.rag_pt_data and args.test_data)  # the user's own data (not a toy run's extra file)
+    toy = data.is_dir() and (data / "train.json").exists() and not own
     if not toy and (not args.test_data or not args.retriever or not (args.pt_data or args.rag_pt_data or args.eval_only)):
         raise ValueError("outside the toy folder pass --retriever (a retrieve.py --out), --pt-data (or --rag-pt-data) "
                          "and --test-data")
-    s = {"folder": folder, "warm": [], "pt": [], "val": []}
+    # image paths are relative to --image-folder, else to the toy folder, else to the folder of the file naming them
+    folder_of = lambda f: Path(args.image_folder or (data if toy and not f else Path(f).parent))  # noqa: E731
+    s = {"folder": folder_of("" if toy else args.rag_pt_data or args.pt_data), "warm": [], "pt": [], "val": []}
     if toy and not args.eval_only:
         from data.toy_readers import prior_balanced, toy_splits  # toy-only code lives with the toy
 
@@ -331,17 +333,18 @@ def read_splits(args: Args, tasks) -> dict:
         owner = lambda it: it["id"].rsplit("_", 1)[0]  # noqa: E731  (record id of an item)
         s["warm"] = read_items(data / "train.json", tasks)
         s["warm"] = prior_balanced(s["warm"]) if args.warm_balance_prior else s["warm"]
-        s["pt"] = [it for it in read_items(args.pt_data or data / "ragpt.json", tasks) if owner(it) in ids["pt"]]
-        s["val"] = [it for it in read_items(args.val_data or data / "val.json", ("vqa",)) if owner(it) in ids["val"]]
+        s["pt"] = [it for it in read_items(data / "ragpt.json", tasks) if owner(it) in ids["pt"]]
+        s["val"] = [it for it in read_items(data / "val.json", ("vqa",)) if owner(it) in ids["val"]]
     elif not args.eval_only:
         s["pt"] = read_items(args.pt_data, tasks) if args.pt_data else []
-        s["val"] = read_items(args.val_data, ("vqa",)) if args.val_data else []
-    for it in s["warm"] + s["pt"] + s["val"]:
-        it["path"] = str(lm.resolve_image(folder, it["image"], it["id"], args.allow_images_outside_folder))
-    test_folder = folder if toy or args.image_folder else Path(args.test_data).parent
+    if args.val_data and not args.eval_only:
+        s["val"] = read_items(args.val_data, ("vqa",))
+    for what, f in (("warm", ""), ("pt", args.pt_data), ("val", args.val_data)):
+        for it in s[what]:
+            it["path"] = str(lm.resolve_image(folder_of(f), it["image"], it["id"], args.allow_images_outside_folder))
     s["test"] = read_items(args.test_data or data / "test.json", tasks)
     for it in s["test"]:
-        it["path"] = str(lm.resolve_image(test_folder, it["image"], it["id"], args.allow_images_outside_folder))
+        it["path"] = str(lm.resolve_image(folder_of(args.test_data), it["image"], it["id"], args.allow_images_outside_folder))
         it["image"] = it["path"]
     if args.eval_limit:
         s["test"] = [it for t in tasks for it in [x for x in s["test"] if x["task"] == t][:args.eval_limit]]
@@ -1046,7 +1049,8 @@ def warm_start_rag(args: Args, model, tokenizer, warm_items: list[dict], pixel, 
                       {"": args.sft_lr}, micro * world, micro, max_steps=steps)
         lm.save_merged(model, tokenizer, base, rank)
         dist.barrier()
-    return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None)[0]
+    return lm.load(str(base), dtype=args.dtype, device=device, template=args.template or None,
+                   attn_implementation=args.attn_implementation)[0]
 
 
 def rag_pt_stages(args: Args, model, ref_model, pairs: list[dict], key: str, folder: Path, tokenizer, device,
@@ -1252,7 +1256,8 @@ def answer_one(args: Args) -> dict:
     task = "vqa" if args.question else "report"
     prompt = rag_prompt(task, got["domain"], got["reports"], args.question)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed)
+    model, tokenizer = lm.load(args.model, dtype=args.dtype, device=device, template=args.template or None, seed=args.seed,
+                               attn_implementation=args.attn_implementation)
     cap = args.vqa_max_new_tokens if task == "vqa" else args.report_max_new_tokens
     answer = lm.ask(model.eval(), tokenizer, [lm.load_image(args.image)], prompt, max_new_tokens=cap)
     print(f"domain: {got['domain']} (router)\nretrieved reports (rule {args.rule}, gamma {gamma}: {got['k']} of "
@@ -1285,9 +1290,9 @@ def retrieval_system(args: Args, out: Path, rank: int, world: int, device, log):
                                   rule=args.rule, code_threshold=args.code_threshold, seed=args.seed, resume=args.resume,
                                   save_every=args.save_every, on_nonfinite=args.on_nonfinite,
                                   dist_timeout_s=args.dist_timeout_s)
-            res = retrieve.build_all(rargs, retrieve.read_pairs(data / "kb.json"),
-                                     [p for p in retrieve.read_pairs(data / "val.json") if p["id"] in ids["val"]],
-                                     retrieve.read_pairs(data / "test.json"), rank, world, device, log)
+            read = lambda name: retrieve.read_pairs(data / name, args.image_folder)  # noqa: E731  (as read_splits)
+            res = retrieve.build_all(rargs, read("kb.json"), [p for p in read("val.json") if p["id"] in ids["val"]],
+                                     read("test.json"), rank, world, device, log)
             if rank == 0:
                 (rdir / "results.json").write_text(json.dumps(res, indent=1))
             dist.barrier()
@@ -1365,7 +1370,8 @@ def main(argv=None):
                                report_max_new_tokens=args.report_max_new_tokens if args.report_max_new_tokens >= 0 else 96 if tiny else 1024)
     if args.image:
         return answer_one(args)
-    args = dataclasses.replace(args, sft_base_steps=args.sft_base_steps if args.sft_base_steps >= 0 else 1000 * tiny,
+    args = dataclasses.replace(args, prefix_sharing=args.prefix_sharing and args.attn_implementation != "flash_attention_2",
+                               sft_base_steps=args.sft_base_steps if args.sft_base_steps >= 0 else 1000 * tiny,
                                sft_warmup_steps=args.sft_warmup_steps if args.sft_warmup_steps >= 0 else 100 * tiny,
                                sft_rag_steps=args.sft_rag_steps if args.sft_rag_steps >= 0 else 200 * tiny)
     rank, world, device = setup_distributed(args.dist_timeout_s)

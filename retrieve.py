@@ -50,6 +50,7 @@ import shutil
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -394,9 +395,10 @@ def build_towers(encoder: str, embed_dim: int = 256, seed: int = 0) -> Towers:
 
 
 def _width(cfg) -> int:
-    for key in ("projection_dim", "hidden_size"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
+    """The width of what Retriever._image / _text pool: the encoder's hidden size (a CLIP tower's projection_dim is
+    the width of a projection AutoModel does not load)."""
+    if isinstance(getattr(cfg, "hidden_size", None), int):
+        return cfg.hidden_size
     sizes = getattr(cfg, "hidden_sizes", None)  # ResNet / ConvNeXt: the last stage's channels
     if sizes:
         return sizes[-1]
@@ -795,10 +797,7 @@ class ReportIndex:
         else:
             raise ValueError(f"unknown index kind {kind!r} (flat, ivf, hnsw)")
         index.add(x)
-        if use_gpu and kind != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            cls._gpu_res = faiss.StandardGpuResources()  # kept alive with the class; HNSW has no GPU version
-            index = faiss.index_cpu_to_gpu(cls._gpu_res, 0, index)
-        return cls(index, list(reports), kind, sources)
+        return cls(_on_gpu(faiss, index, kind, use_gpu), list(reports), kind, sources)
 
     def search(self, queries: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
         """(cosines [n, k], report ids [n, k]) for L2-normalised queries, in batches (bounded memory)."""
@@ -826,10 +825,21 @@ class ReportIndex:
         faiss = import_faiss()
         meta = json.loads((Path(folder) / "reports.json").read_text())
         index = faiss.read_index(str(Path(folder) / "index.faiss"))
-        if use_gpu and meta["kind"] != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            cls._gpu_res = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(cls._gpu_res, 0, index)
-        return cls(index, meta["reports"], meta["kind"], meta.get("sources"))
+        return cls(_on_gpu(faiss, index, meta["kind"], use_gpu), meta["reports"], meta["kind"], meta.get("sources"))
+
+
+_GPU_RESOURCES = {}  # device -> faiss.StandardGpuResources: one per device (each reserves scratch memory), kept alive
+
+
+def _on_gpu(faiss, index, kind: str, use_gpu: bool):
+    """The index on this process's GPU (torch's current device: LOCAL_RANK under torchrun, so 8 ranks do not all
+    fill GPU 0) with faiss-gpu; as it is on CPU, with faiss-cpu, or for HNSW (no GPU version)."""
+    if not (use_gpu and kind != "hnsw" and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0):
+        return index
+    device = torch.cuda.current_device() if torch.cuda.is_available() else 0
+    if device not in _GPU_RESOURCES:
+        _GPU_RESOURCES[device] = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(_GPU_RESOURCES[device], device, index)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1031,16 +1041,16 @@ class DomainRAG:
     def attach(self, items: list[dict], k_max: int, rule: str, gamma: float, threshold: float, fixed_k: int = 0,
                exclude_own: set | None = None, oracle: bool = False) -> int:
         """mmed_rag.py's items {"id", "path", "domain" (None: unknown)}: route each image (with oracle: take the
-        record's domain), retrieve, cut by the rule (or keep fixed_k). Sets each item's "domain" (the routed one,
-        which the prompt names), "reports" and "scores" (of all k_max candidates). Returns how many images the
-        router sent elsewhere than their record's domain."""
+        record's domain), retrieve, cut by the rule (or keep fixed_k, which may exceed k_max). Sets each item's
+        "domain" (the routed one, which the prompt names), "reports" and "scores" (of all candidates). Returns how
+        many images the router sent elsewhere than their record's domain."""
         paths = sorted({it["path"] for it in items})
         known = {it["path"]: it["domain"] for it in items}
         if oracle and not all(known.values()):
             raise lm.DataError(f"--oracle-domain: {next(it['id'] for it in items if not it['domain'])} has no domain")
         exclude = [p if p in exclude_own else "" for p in paths] if exclude_own else None
         self.config["code_threshold"] = threshold
-        got = self.retrieve(paths, k_max=k_max, rule="fixed" if fixed_k else rule, gamma=gamma,
+        got = self.retrieve(paths, k_max=max(k_max, fixed_k), rule="fixed" if fixed_k else rule, gamma=gamma,
                             domains=[known[p] for p in paths] if oracle else None, exclude=exclude)
         by_path = dict(zip(paths, got))
         for it in items:
@@ -1081,7 +1091,8 @@ class DomainRAG:
         for d in dict.fromkeys(domains):
             idx = [i for i, x in enumerate(domains) if x == d]
             q = embed_images(self.towers[d], [paths[i] for i in idx])
-            extra = 1 if exclude else 0
+            own = Counter(self.indexes[d].sources)  # an excluded image's entries (several reports of one image)
+            extra = max((own[exclude[i]] for i in idx if exclude[i]), default=0) if exclude else 0
             cos, ids = self.indexes[d].search(q, k_max + extra)
             for row, i in enumerate(idx):
                 index = self.indexes[d]

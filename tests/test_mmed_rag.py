@@ -390,6 +390,9 @@ def test_routing_by_default_oracle_by_flag(retriever):
     assert rag.attach(oracle, 3, "fixed", 0.1, 1.5, oracle=True) == 0
     assert oracle[0]["domain"] == "pathology" and set(oracle[0]["reports"]) <= set(rag.indexes["pathology"].reports)
     assert len(oracle[0]["scores"]) == 3
+    wide = item()
+    rag.attach(wide, 3, "paper", 0.1, 1.5, fixed_k=5, oracle=True)  # --pt-k above --k-max: that many, not k_max
+    assert len(wide[0]["reports"]) == 5
     with pytest.raises(lm.DataError, match="oracle-domain"):
         rag.attach([{"id": "y", "path": img, "domain": None}], 3, "fixed", 0.1, 1.5, oracle=True)
 
@@ -537,6 +540,8 @@ def test_caches_are_keyed_on_the_args_that_change_them(tmp_path, one_rank):
     k = lambda a, field: mr.cache_key(a, field)  # noqa: E731
     assert k(template, "model") == k(args, "model")  # the retriever does not depend on the chat template
     assert all(k(template, f) != k(args, f) for f in ("gamma_tune", "pt_data", "stages"))  # warm start, gamma, pairs
+    for field, value in (("warmup_ratio", 0.2), ("weight_decay", 0.1), ("grad_clip", 0.5)):  # the warm starts train
+        assert all(k(dataclasses.replace(args, **{field: value}), f) != k(args, f) for f in ("gamma_tune", "pt_data", "stages"))
     assert k(dataclasses.replace(args, retriever_epochs=3), "model") != k(args, "model")
     assert k(dataclasses.replace(args, cm_image="both"), "pt_data") == k(args, "pt_data")  # gamma: not the pair options
     assert k(dataclasses.replace(args, cm_image="both"), "stages") != k(args, "stages")
@@ -608,6 +613,29 @@ def test_bad_data_and_bad_model_exit_2_with_one_line(retriever, pt_json, tmp_pat
     (tmp_path / "bad.json").write_text(json.dumps(pairs))
     faults.check_bad_inputs("mmed_rag.py", fast(retriever, pt_json, 1), ["--rag-pt-data", str(tmp_path / "bad.json")],
                             tmp_path)
+
+
+def test_the_user_s_own_splits_are_read_whole_with_images_next_to_each_file(tmp_path, monkeypatch):
+    """The README's real-data command (--pt-data / --val-data / --test-data, no --data: the toy folder is the default)
+    reads those files whole, each image next to its own file; before, the toy's id filter emptied --pt-data and the
+    images were looked for in the toy folder."""
+    monkeypatch.chdir(ROOT)  # where --data's default, data/toy, exists
+    rows = [r for r in json.loads((TOY / "test_vqa.json").read_text())][:4]
+    for split in ("pt", "val", "test"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        for r in rows:
+            shutil.copy(TOY / r["image"], tmp_path / split / r["image"])
+        (tmp_path / split / f"{split}.json").write_text(json.dumps(rows))
+    args = mr.Args(retriever="r", pt_data=str(tmp_path / "pt" / "pt.json"), val_data=str(tmp_path / "val" / "val.json"),
+                   test_data=str(tmp_path / "test" / "test.json"))
+    s = mr.read_splits(args, ("vqa",))
+    assert s["warm"] == [] and all(len(s[k]) == len([r for r in rows if mr.lm.normalize_answer(
+        r["conversations"][1]["value"]) in ("yes", "no")]) > 0 for k in ("pt", "val", "test"))
+    for k in ("pt", "val", "test"):
+        assert all(it["path"].startswith(str(tmp_path / k / "images")) for it in s[k]), k
+    assert s["folder"] == tmp_path / "pt"
+    toy = mr.read_splits(mr.Args(), ("vqa",))  # the default: the toy's splits, images in the toy folder
+    assert toy["warm"] and toy["pt"] and all(it["path"].startswith(str(ROOT / "data" / "toy")) for it in toy["test"])
 
 
 def test_read_items_toy_and_llava_vqa_formats():

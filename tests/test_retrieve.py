@@ -191,6 +191,9 @@ def test_toy_run_router_recall_index(tmp_path):
     assert len(excl["candidates"]) == 5
     kept = rag.retrieve([kb["image"]], k_max=len(idx.reports), rule="fixed", exclude=[kb["image"]])[0]["candidates"]
     assert len(kept) == len(idx.reports) - 1  # exactly its own entry is gone (same-text reports of others stay)
+    idx.sources[1] = kb["image"]  # an image with two reports in the knowledge base: both go, k_max still come
+    two = rag.retrieve([kb["image"]], k_max=5, rule="fixed", exclude=[kb["image"]])[0]
+    assert len(two["candidates"]) == 5 and kb["image"] not in two["sources"]
 
 
 # ---------------------------------------------------------------- the fault suite (tests/faults.py) on the copied loop
@@ -241,3 +244,46 @@ def test_bad_data_and_bad_encoder_exit_2_with_one_line(small, tmp_path):
                                                             str(tmp_path / "m")])
     assert code == 2 and "bad model:" in err and str(tmp_path / "empty") in err
     assert "Traceback" not in err and len([line for line in err.splitlines() if "bad model:" in line]) == 1, err
+
+
+@pytest.mark.parametrize("image_kind", ["clip_vision", "resnet"])
+def test_an_image_and_a_text_encoder_pair_embeds_and_reloads(tmp_path, image_kind):
+    """--encoder IMAGE_DIR+TEXT_DIR with two transformers encoders (a CLIP vision tower, whose projection_dim is not
+    its pooled width, or a ResNet; a BERT): both towers embed into one space, and the saved retriever reloads."""
+    from transformers import (AutoTokenizer, BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, ResNetConfig,
+                              ResNetModel)
+    import llava_med as lm
+    tok = AutoTokenizer.from_pretrained(lm.TINY_TOKENIZER)
+    if image_kind == "clip_vision":
+        image = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                 num_attention_heads=2, image_size=32, patch_size=16, projection_dim=48))
+    else:
+        image = ResNetModel(ResNetConfig(embedding_size=8, hidden_sizes=[8, 24], depths=[1, 1], layer_type="basic"))
+    text = BertModel(BertConfig(vocab_size=len(tok), hidden_size=40, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2))
+    image.save_pretrained(tmp_path / "img")
+    text.save_pretrained(tmp_path / "txt")
+    tok.save_pretrained(tmp_path / "txt")
+    towers = R.build_towers(f"{tmp_path / 'img'}+{tmp_path / 'txt'}", embed_dim=16)
+    ids = towers.tokens(["a nodule in the left lung", "clear lungs"], 16)
+    img, txt, scale = towers.model(torch.rand(2, 3, 32, 32), ids["input_ids"], ids["attention_mask"])
+    assert img.shape == txt.shape == (2, 16) and torch.allclose(img.norm(dim=-1), torch.ones(2))
+    towers.save(tmp_path / "saved")
+    again = R.load_towers(tmp_path / "saved").model
+    assert torch.allclose(again(torch.ones(1, 3, 32, 32))[0], towers.model.eval()(torch.ones(1, 3, 32, 32))[0], atol=1e-6)
+
+
+def test_a_gpu_index_goes_to_this_rank_s_gpu(monkeypatch):
+    """With faiss-gpu each rank's index lives on its own GPU (torch's current device, LOCAL_RANK under torchrun), all
+    indexes of a device share one StandardGpuResources (each reserves scratch memory); HNSW and use_gpu=False stay on
+    CPU. A stand-in faiss module records the calls (no GPU here)."""
+    from types import SimpleNamespace
+    calls = []
+    fake = SimpleNamespace(StandardGpuResources=object, get_num_gpus=lambda: 8,
+                           index_cpu_to_gpu=lambda res, device, index: calls.append((res, device)) or "gpu")
+    monkeypatch.setattr(R.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(R.torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(R, "_GPU_RESOURCES", {})
+    assert R._on_gpu(fake, "cpu", "flat", True) == R._on_gpu(fake, "cpu", "ivf", True) == "gpu"
+    assert [d for _, d in calls] == [3, 3] and calls[0][0] is calls[1][0]
+    assert R._on_gpu(fake, "cpu", "hnsw", True) == R._on_gpu(fake, "cpu", "flat", False) == "cpu" and len(calls) == 2
