@@ -414,12 +414,15 @@ def build_stage(args: Args, model, tokenizer, device, rank: int, world: int, out
     """Filters and reformatting (every rank filters the same records; lm.generate_sharded shares the generations
     out and gathers them, so the records do not depend on the number of ranks). Cached: out/pubmedvision_*.json are
     reused when pubmedvision_build.json holds the key of every Args field above `stages` (the source and lexicon files
-    by their content, cache_key)."""
+    by their content, cache_key) on every rank (nodes without a shared --out all rebuild)."""
     records = lm.read_records(args.source)
     lexicon = load_lexicon(args.lexicon)
     key = cache_key(args, "stages")
     meta, names = out / "pubmedvision_build.json", ("alignment", "instruction", "raw")
-    if meta.is_file() and json.loads(meta.read_text()).get("key") == key:  # written last: its files are complete
+    have = torch.tensor(float(meta.is_file() and json.loads(meta.read_text()).get("key") == key))  # written last
+    if dist.is_initialized():  # reused only when every rank has it (the build runs collectives: all take one branch)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    if have:
         return ({n: json.loads((out / f"pubmedvision_{n}.json").read_text()) for n in names},
                 dict(json.loads(meta.read_text())["build"], cached=True))
     stats, folder = {}, Path(args.source_image_folder or Path(args.source).parent)
@@ -862,7 +865,9 @@ def match_choice(text: str, options: dict[str, str] | list[str], scoring: str = 
             return max(found, key=lambda f: f[0])[1]  # max keeps the first of equal starts, as the stable sort does
         ratios = [difflib.SequenceMatcher(None, o.lower(), low).ratio() for o in options.values()]
         return list(options)[len(ratios) - 1 - ratios[::-1].index(max(ratios))]  # the last best (released: >=)
-    for m in re.finditer(cue, text):
+    # the same pattern with the character after the letter only looked at, so that a skipped letter does not use up
+    # the cue of the next one ("E B" of four options -> B; finditer on the released pattern would miss it)
+    for m in re.finditer(cue.removesuffix(r"(\W|$)") + r"(?=\W|$)", text):
         if m.group(2).upper() in options:  # a letter that names no option ('I think') is not an answer
             return m.group(2).upper()
     found = [(low.rindex(o.lower()) + len(o), len(o), k) for k, o in options.items() if o and o.lower() in low]

@@ -889,9 +889,10 @@ def full_state_dict(model) -> dict:
 
 def merge_lora(model: LlavaMed, state: dict) -> LlavaMed:
     """A plain LlavaMed holding W + (alpha/r) * B @ A for every LoRA layer (in W's dtype), built from the whole
-    tensors in `state`; parameters are assigned, not initialised first (a 7B model is not built twice)."""
+    tensors in `state`; parameters are assigned, not initialised first (a 7B model is not built twice). It keeps the
+    model's attention kernel (its constructor writes its own into the shared config)."""
     with _params_on_meta():
-        plain = LlavaMed(model.config)
+        plain = LlavaMed(model.config, model.config.text_config._attn_implementation)
     base = {n.replace(".base_layer.", "."): t for n, t in state.items() if "lora_" not in n}
     lcfg = getattr(model, "lora_config", None)
     for n, a in state.items():

@@ -12,11 +12,13 @@ format, the training and the evaluation).
     torchrun --nproc-per-node=8 medrega.py --model /ckpt/llava-med-v1.5-mistral-7b \\
         --data /data/MedRegInstruct/train/text2region.jsonl,/data/MedRegInstruct/train/region2text.jsonl \\
         --image-folder /data/MedRegInstruct --eval-data /data/MedRegInstruct/test/text2region.jsonl \\
-        --lr 1e-5 --epochs 1 --batch-size 128 --micro-batch-size 4 --max-length 2048 --activation-checkpointing
+        --eval-image-folder /data/MedRegInstruct --lr 1e-5 --epochs 1 --batch-size 128 --micro-batch-size 4 \\
+        --max-length 2048 --activation-checkpointing
     # SLAKE boxes (imgs/*/detection.json) and bilingual questions as region + VQA tasks; LoRA instead of full
     python medrega.py --data ../shared/realdata/slake --eval-data ../shared/realdata/slake --tasks t2r,r2t,vqa --lora
     # evaluate a checkpoint only (no training data is read), e.g. the export of a run: runs/medrega/llava_hf
-    python medrega.py --eval-only --model runs/medrega/llava_hf --eval-data /data/MedRegInstruct/test/text2region.jsonl
+    python medrega.py --eval-only --model runs/medrega/llava_hf --eval-data /data/MedRegInstruct/test/text2region.jsonl \\
+        --eval-image-folder /data/MedRegInstruct
     # every flag: python medrega.py --help
 
 The method, as in the paper and the released code (spec section 5):
@@ -86,7 +88,7 @@ class Args:
     task: str = ""  # task of MedRegInstruct files: t2r, r2t, grounded, vqa, report ("" = from the file name)
     tasks: str = ""  # tasks built from toy / SLAKE records; "" = t2r for --model tiny, else t2r,r2t,grounded,vqa,report
     eval_data: str = ""  # same kinds as --data ("" = data/toy/test.json when --data is the toy folder)
-    eval_image_folder: str = ""  # images of --eval-data ("" = as for --data)
+    eval_image_folder: str = ""  # images of --eval-data ("" = each file's folder, as for --data; --image-folder is not used for it)
     max_length: int = 512  # tokens per sample, image tokens included (released: 2048)
     base_prompt: Literal["auto", "full", "none"] = "auto"  # full = MedRegA's per-task base prompts, none = the question only; auto = none for tiny (~6x shorter samples on CPU)
     skip_bad_samples: bool = False  # count and skip bad records instead of stopping at the first one
@@ -305,24 +307,27 @@ def add_region_tokens(model, tokenizer, input_init: str = "release", seed: int =
     """Add <ref> </ref> <box> </box> as single tokens and grow the LM's embeddings. New lm_head rows = the old rows' mean
     (the released internvl_chat_finetune.py sets only these); input rows: "release" = N(0, initializer_range), seeded,
     what its resize_token_embeddings (InternVL's transformers 4.37.2, _init_weights) leaves, or "mean". Normal (not
-    "special") tokens, so decoding with skip_special_tokens keeps them. Call before LoRA / sharding; returns the count."""
+    "special") tokens, so decoding with skip_special_tokens keeps them. The new ids take spare rows where the matrix
+    has them (llava-hf: 32064 rows for 32002 tokens; Qwen2), else it grows; the means are over the vocabulary's rows
+    (not the spare ones), as the release's are. Call before LoRA / sharding; returns how many tokens were added."""
     new = [t for t in REGION_TOKENS if t not in tokenizer.get_vocab()]
-    if new:
-        tokenizer.add_tokens(new, special_tokens=False)
+    if not new:
+        return 0  # a MedRegA checkpoint: its rows are trained
+    vocab = len(tokenizer)
+    tokenizer.add_tokens(new, special_tokens=False)
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids(new))
     llm = model.language_model
-    old, n = llm.get_input_embeddings().weight.shape[0], len(tokenizer)
-    if n <= old:
-        return 0
     with torch.no_grad():
-        mean_in = llm.get_input_embeddings().weight.mean(0)
-        mean_out = llm.get_output_embeddings().weight.mean(0)
-        llm.resize_token_embeddings(n, mean_resizing=False)
-        new_in = llm.get_input_embeddings().weight[old:]
-        normal = torch.randn(new_in.shape, generator=torch.Generator().manual_seed(seed)) * llm.config.initializer_range
-        new_in.copy_(mean_in.expand_as(new_in) if input_init == "mean" else normal)
-        llm.get_output_embeddings().weight[old:] = mean_out
-    model.config.text_config.vocab_size = n  # merged copies and the llava-hf export are built from this config
-    return n - old
+        mean_in = llm.get_input_embeddings().weight[:vocab].mean(0)
+        mean_out = llm.get_output_embeddings().weight[:vocab].mean(0)
+        if int(ids.max()) >= llm.get_input_embeddings().weight.shape[0]:
+            llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            model.config.text_config.vocab_size = len(tokenizer)  # merged copies and the llava-hf export use it
+        normal = torch.randn((len(ids), mean_in.shape[0]), generator=torch.Generator().manual_seed(seed))
+        llm.get_input_embeddings().weight[ids] = (mean_in.expand(len(ids), -1) if input_init == "mean" else
+                                                  (normal * llm.config.initializer_range).to(mean_in))
+        llm.get_output_embeddings().weight[ids] = mean_out
+    return len(new)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -392,7 +397,7 @@ def region_samples(sid, image, width, height, objects: dict, modality: str, wher
             for j, b in enumerate(boxes):
                 out.append(sample(f"{sid}_r2t{k}_{j}", image, width, height, "r2t", "en", r2t_question([b], modality),
                                   name, where, modality))
-    if "grounded" in tasks and reports and enc:
+    if "grounded" in tasks and reports and reports.get("en") and enc:  # no English report: no grounded sample
         names = list(enc)
         q = "Please locate the region and describe the condition of " + ", ".join(f"<ref>{n}</ref>" for n in names)
         a = ", ".join(format_region(n, enc[n]) for n in names) + ": " + reports["en"]

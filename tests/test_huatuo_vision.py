@@ -244,6 +244,7 @@ def test_built_records_are_cached_under_a_key_of_the_args(tmp_path):
     ("a nodule is seen", "A"),  # the article 'a' is not the letter A
     ("fracture of the rib", "D"), ("nodul", "A"),  # closest option by difflib
     ("The answer is no abnormality", "B"),
+    ("E B", "B"), ("I B", "B"), ("E,B", "B"),  # a letter naming no option leaves the next one its cue
 ])
 def test_match_choice(reply, expected):
     options = {"A": "nodule", "B": "no abnormality", "C": "effusion", "D": "fracture"}

@@ -619,3 +619,19 @@ def test_grey_images_pad_like_released_llava_med():
         torch.testing.assert_close(lm.preprocess_image(im, 32), expected, atol=1e-5, rtol=0)
     grey_pad = (114 / 255 - np.asarray(lm.CLIP_MEAN)) / np.asarray(lm.CLIP_STD)
     torch.testing.assert_close(ref["llava_med_gray_wide.png"][:, 0, 0].double(), torch.from_numpy(grey_pad), atol=1e-5, rtol=0)
+
+
+def test_merging_the_lora_keeps_the_weights_it_adds_and_the_attention_kernel():
+    """merge_lora's plain model computes what the adapted one does, and keeps the attention kernel it was loaded
+    with (huatuo_vision.py's stage 2 and every export are built by it): eager stays eager."""
+    model, _ = lm.load("tiny", attn_implementation="eager")
+    lm.add_lora(model, 4, 8, 0.0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    merged = lm.merge_lora(model, lm.full_state_dict(model))
+    assert merged.config.text_config._attn_implementation == "eager"
+    assert merged.language_model.config._attn_implementation == "eager"
+    torch.testing.assert_close(merged(ids).logits, model(ids).logits, atol=1e-4, rtol=1e-4)

@@ -10,6 +10,7 @@ import copy
 import itertools
 import json
 import random
+import shutil
 import subprocess
 import sys
 
@@ -110,6 +111,15 @@ def test_region_tokens_are_single_and_initialised_as_released():
     assert mr.add_region_tokens(model, tok) == 0  # idempotent
     out = model(torch.tensor([enc]))  # the grown model runs
     assert out.logits.shape == (1, len(enc), len(tok))
+    spare, tok4 = lm.load("tiny")  # a matrix with spare rows past the tokenizer (llava-hf: 32064 rows, 32002 tokens)
+    llm = spare.language_model
+    llm.resize_token_embeddings(len(tok4) + 8, mean_resizing=False)
+    with torch.no_grad():
+        llm.get_input_embeddings().weight[len(tok4):] = 5.0
+        llm.get_output_embeddings().weight[len(tok4):] = 5.0
+    assert mr.add_region_tokens(spare, tok4) == 4 and llm.get_input_embeddings().weight.shape[0] == len(tok4) + 4
+    torch.testing.assert_close(llm.get_output_embeddings().weight[ids], emb_out.mean(0).expand(4, -1))  # not 5
+    torch.testing.assert_close(llm.get_input_embeddings().weight[ids], rows)  # the same seeded draw
 
 
 # ---- tasks, prompts, readers ----------------------------------------------------------------------------------
@@ -158,6 +168,16 @@ def test_toy_samples_carry_the_finding_boxes():
         assert max(abs(a - b) for a, b in zip(mr.decode_box(boxes[0], 64, 64), f["box"])) <= 64 / 999 / 2 + 1e-9
     g = next(s for s in samples if s["task"] == "grounded" and s["lang"] == "zh")
     assert g["turns"][0][1].startswith("请定位并描述这张医学影像中的<ref>") and "</box>：" in g["turns"][1][1]
+
+
+def test_a_record_with_findings_but_no_report_gives_no_grounded_sample(tmp_path):
+    rec = next(r for r in json.loads((TOY / "train.json").read_text()) if r["findings"])
+    rec.pop("report"), rec.pop("report_zh")
+    (tmp_path / "train.json").write_text(json.dumps([rec]))
+    (tmp_path / rec["image"]).parent.mkdir(parents=True)
+    shutil.copy(TOY / rec["image"], tmp_path / rec["image"])
+    tasks = {s["task"] for s in mr.toy_samples(tmp_path / "train.json", TASKS)}
+    assert "t2r" in tasks and not tasks & {"grounded", "report"}
 
 
 def test_toy_record_with_a_bad_box_names_the_record(tmp_path):
