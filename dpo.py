@@ -717,12 +717,16 @@ def precompute_reference(args, model, ref_model, data, tokenizer, device, rank, 
     the data/model Args and the tokenised pairs (TRL's precompute_ref_log_probs, which TRL refuses for images)."""
     key = cache_key(args, "full_finetune", data_content(data))
     cache = out / f"ref_logps_{key}.safetensors"
-    if cache.exists():
+    have = torch.tensor(float(cache.exists()))
+    if dist.is_initialized():  # reused only when every rank has it: pair_logps runs collectives, all take one branch
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    if have:
         return load_file(str(cache))["ref"]
     table = pair_logps(args, model, ref_model, data, tokenizer, device, rank, world, policy=False)[:, 2:].contiguous()
-    if rank == 0:
+    if rank == 0:  # written under a temporary name, then renamed: never a half cache
         out.mkdir(parents=True, exist_ok=True)
-        save_file({"ref": table}, str(cache))
+        save_file({"ref": table}, str(cache.with_suffix(".tmp")))
+        os.replace(cache.with_suffix(".tmp"), cache)
     return table
 
 

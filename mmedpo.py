@@ -24,7 +24,8 @@
     # the released D_t as it is (its weighted_score) and D_v built from the training records: --text-data
     #   iuxray_dpo_weighted.json with --data /data/iu_xray/train.json (spec B9's offline route)
     # evaluate a checkpoint only (VQA and reports; no training data is read): every flag: python mmedpo.py --help
-    python mmedpo.py --eval-only --model /ckpt/llava-med-v1.5-mistral-7b --report-data /data/iu_xray/test.json
+    python mmedpo.py --eval-only --model /ckpt/llava-med-v1.5-mistral-7b --report-data /data/iu_xray/test.json \\
+        --report-image-folder /data/iu_xray/images
 
 The algorithm (paper Sec. 3, spec part B):
   1. D_t, text dispreference: sample the target model n times on (image, question); a judge picks the most
@@ -171,6 +172,7 @@ class Args:
     eval_data: str = ""  # VQA set (toy test_vqa.json, VQA-RAD testset.json, SLAKE test.json); "" = toy test
     eval_image_folder: str = ""  # images of --eval-data ("" = next to it)
     report_data: str = ""  # report set, LLaVA json whose last gpt turn is the report ("" = toy test.json)
+    report_image_folder: str = ""  # images of --report-data ("" = --image-folder when given, else next to it)
     eval_limit: int = 0  # first N questions / reports (0 = all)
     eval_batch_size: int = 16  # prompts per generate call on one rank
     eval_max_new_tokens: int = 16  # VQA answer cap
@@ -824,7 +826,8 @@ def preference_records(args: Args, model, tokenizer, raw, samples, out: Path, de
     prefs = out / "prefs"
     text_file = args.text_data != "build" and Path(args.text_data)
     digest = hashlib.sha256(json.dumps([r for _, r in raw], sort_keys=True).encode()).hexdigest()  # --text-data: by cache_key
-    key = cache_key(args, "rejected_image_folder", digest)
+    # + what trains the warm start that samples D_t and draws the attention maps (fields below this group)
+    key = cache_key(args, "rejected_image_folder", digest, args.warmup_ratio, args.weight_decay, args.grad_clip)
     stats_file = prefs / "curation.json"
     cached = args.resume and stats_file.exists() and json.loads(stats_file.read_text()).get("key") == key
     dist.barrier()  # every rank has decided before rank 0 may rewrite the cache
@@ -1579,7 +1582,8 @@ def main(argv=None):
     vqa_path = args.eval_data or (str(data_dir / "test_vqa.json") if data_dir.is_dir() else "")
     report_path = args.report_data or (str(data_dir / "test.json") if (data_dir / "test.json").exists() else "")
     vqa_rows = lm.read_vqa(vqa_path, args.eval_image_folder)[:args.eval_limit or None] if args.eval and vqa_path else []
-    report_rows = read_reports(report_path)[:args.eval_limit or None] if args.eval and report_path else []
+    report_rows = (read_reports(report_path, args.report_image_folder or args.image_folder)[:args.eval_limit or None]
+                   if args.eval and report_path else [])
     results, summary = {}, {"world_size": world}
     if args.eval_only:  # ---- evaluate --model as it is
         shard(model, device, args.activation_checkpointing, args.compile)

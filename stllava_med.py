@@ -657,6 +657,17 @@ class PairData:
         return lm.image_tensor(cfg, image)
 
 
+# Copied from dpo.py: data_content
+def data_content(data: PairData) -> str:
+    """What the tokenised pairs are (a cache key's content): a digest of their token ids and image names, built pair
+    by pair (one json string of 100k pairs would take gigabytes)."""
+    h = hashlib.sha256()
+    for it in data.items:
+        h.update(json.dumps([it["chosen"]["input_ids"], it["rejected"]["input_ids"], it["images"],
+                             it["rejected_images"]]).encode())
+    return h.hexdigest()
+
+
 # Copied from dpo.py: collate_pairs
 def collate_pairs(data: PairData, idx: list[int], pad_id: int, share_prefix: bool = True) -> dict:
     """One micro-batch of pairs as model inputs. Every distinct image is in `pixel_values` once and `row_images`
@@ -1228,10 +1239,10 @@ def main(argv=None):
         ref_projector = add_adapters(args, model, stage=2)
         torch.manual_seed(args.seed + rank)  # dropout differs per rank
         shard(model, device, args.activation_checkpointing)
-        results["train"]["dpo"] = train(  # keyed on the preference and DPO fields too (Args above --out)
+        results["train"]["dpo"] = train(  # keyed on Args above --out and on the pairs (another --prefs-out, an edit)
             args, "dpo", model, len(data), lambda idx, epoch: dpo_step(args, model, ref_projector, data, idx, tokenizer, device),
             out / "dpo", rank, world, log, {"projector.": args.dpo_projector_lr, "vision_tower.": args.dpo_vit_lr, "": args.dpo_lr},
-            args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs, content=cache_key(args, "out"),
+            args.dpo_batch_size, args.dpo_micro_batch_size, args.dpo_epochs, content=(cache_key(args, "out"), data_content(data)),
             # the policy before DPO is the stage-1 model (LoRA B = 0)
             before=(lambda: evaluate("sft")) if eval_rows and args.eval_before and "sft" not in stages else None)
         if eval_rows:

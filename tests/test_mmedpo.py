@@ -650,12 +650,20 @@ def test_pair_cache_key_and_eval_only(tmp_path, capsys):
     k1 = key()
     faults._in_process(mmedpo, FAST + ["--max-steps", "1", "--out", str(out), "--template", "vicuna_v1", "--beta", "0.2"])
     assert "preference pairs:" not in capsys.readouterr().out and key() == k1  # the loss does not change the pairs
+    faults._in_process(mmedpo, FAST + ["--max-steps", "1", "--out", str(out), "--template", "vicuna_v1", "--grad-clip", "0.5"])
+    assert "preference pairs:" in capsys.readouterr().out and key() != k1  # the warm start that samples them trains so
     only = faults._in_process(mmedpo, ["--eval-only", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "eval"),
                                        "--eval-data", str(TOY / "test_vqa.json"), "--report-data", str(TOY / "test.json")]
                               + evals)
     assert set(only) == {"model"} and only["model"]["vqa"] == first["base"]["vqa"]
     assert only["model"]["report_examples"] == first["base"]["report_examples"]  # the same generated reports
     assert only["model"]["report"] == first["base"]["report"] and not (tmp_path / "eval" / "prefs").exists()
+    (tmp_path / "iu").mkdir()  # IU-Xray's layout: test.json next to images/, which --report-image-folder names
+    shutil.copy(TOY / "test.json", tmp_path / "iu" / "test.json")
+    moved = faults._in_process(mmedpo, ["--eval-only", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "e2"),
+                                        "--eval-data", str(TOY / "test_vqa.json"), "--report-data",
+                                        str(tmp_path / "iu" / "test.json"), "--report-image-folder", str(TOY)] + evals)
+    assert moved["model"]["report"] == first["base"]["report"]
 
 
 def test_kill_and_resume_is_bit_identical(tmp_path):

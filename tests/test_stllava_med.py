@@ -540,6 +540,25 @@ def test_kill_and_resume_gives_the_same_weights(small, tmp_path):
         "--dpo-micro-batch-size", "2", "--dpo-epochs", "1", "--save-every", "1"], "dpo", tmp_path)
 
 
+def test_stage_2_is_keyed_on_its_pairs(small, tmp_path):
+    """--stages dpo reads the pairs a prefs run wrote (--prefs-out): other pairs under another name (or edited in place)
+    train stage 2 afresh instead of resuming the checkpoint made on the first ones."""
+    pairs = json.loads((small / "pairs.json").read_text())
+    (tmp_path / "a.json").write_text(json.dumps(pairs))
+    (tmp_path / "b.json").write_text(json.dumps([dict(p, chosen_conversations=p["reject_conversations"],
+                                                       reject_conversations=p["chosen_conversations"]) for p in pairs]))
+    run = lambda name: faults._in_process(st, sft_args(small, 1) + [  # noqa: E731
+        "--stages", "sft,dpo", "--prefs-out", str(tmp_path / name), "--dpo-batch-size", "4", "--dpo-micro-batch-size", "4",
+        "--dpo-epochs", "1", "--out", str(tmp_path / "out")])
+    rows = lambda: sum('"phase": "dpo"' in line for line in open(tmp_path / "out" / "metrics.jsonl"))  # noqa: E731
+    run("a.json")
+    trained = rows()
+    run("a.json")
+    assert rows() == trained > 0  # the same pairs: resumed, nothing trained
+    run("b.json")
+    assert rows() == 2 * trained  # other pairs: trained afresh
+
+
 def test_nonfinite_step_stops_or_is_skipped(small, monkeypatch, tmp_path):
     faults.check_nonfinite(st, sft_args(small, 3) + ["--stages", "sft"], "stage1", tmp_path, monkeypatch, call=3)
 
