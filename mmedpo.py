@@ -438,7 +438,7 @@ class ModelJudge:
                                                      "content": lab}], tokenize=True, return_dict=False)
             else:
                 full = self.tok.encode(text + "\n" + lab, add_special_tokens=True)
-            tail = full[len(head):] if full[:len(head)] == head else lm.encode_segment(self.tok, lab, first=False)
+            tail = full[len(head):] if full[:len(head)] == head else lm.encode_segment(self.tok, lab, text)
             cut = next((j for j in range(1, len(tail) + 1) if self.tok.decode(tail[:j]).strip() == lab), len(tail))
             if not cut:
                 raise ValueError(f"judge {self.name}: label {lab!r} gives no tokens")
@@ -796,7 +796,8 @@ def visual_dispreference(args: Args, model, tokenizer, samples: list[dict], pref
         region = heat > 0.5 if args.localiser == "boxes" else binarise(heat, args.region_std)
         noised = local_noise(np.asarray(im.convert("RGB")), region, args.noise, args.noise_step,
                              np.random.default_rng(_seed_of(args.seed, "noise", rel)))
-        name = re.sub(r"[^\w.-]", "_", rel.rsplit(".", 1)[0]) + f"_{args.localiser}_{args.noise}.png"
+        name = (re.sub(r"[^\w.-]", "_", rel.rsplit(".", 1)[0]) + f"_{hashlib.sha256(rel.encode()).hexdigest()[:8]}"
+                f"_{args.localiser}_{args.noise}.png")  # the hash of the path: a/b.png and a_b.png get two files
         if rank == 0:  # a grey image stays grey (L): the rejected side is preprocessed (padded) as the chosen one
             Image.fromarray(noised).convert(im.mode).save(prefs_dir / "noised" / name)
         found[rel] = {"rejected_image": "noised/" + name, "confidence": round(conf, 4), "region": float(region.mean())}
@@ -1016,7 +1017,8 @@ class ScoredPairs(PairData):
             rejected = lm.record_images({"image": rec["rejected_image"]}, where)
             item["rejected_image"] = resolve(self.folders[1], rejected, self.outside or all(map(os.path.isabs, rejected)))
         return {**super()._tokenize(where, item, tokenizer, max_length),
-                "subset": rec.get("subset") or ("visual" if rec.get("rejected_image") else "text"),
+                "subset": rec.get("subset") or ("visual" if rec.get("rejected_image") or rec.get("rejected_noised")
+                                                else "text"),  # a noised rejected image (MMed-RAG's format) is a D_v pair
                 "score": float(score) if isinstance(score, (int, float)) else 1.0}
 
 

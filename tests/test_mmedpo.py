@@ -193,6 +193,22 @@ def test_global_noise_and_the_diffusion_schedule():
     assert mmedpo.box_heatmap({"findings": []}, 8, 8) is None  # a normal image has no lesion region
 
 
+def test_noised_copies_of_images_with_alike_paths_are_two_files(tmp_path):
+    (tmp_path / "a").mkdir()
+    rec = {"findings": [{"box": [2, 2, 10, 10]}]}
+    samples = []
+    for n, (rel, grey) in enumerate([("a/b.png", 60), ("a_b.png", 200)]):  # one flat name before the path's hash
+        Image.fromarray(np.full((16, 16, 3), grey, dtype=np.uint8)).save(tmp_path / rel)
+        samples.append({"id": f"s{n}", "image": rel, "path": tmp_path / rel, "record": rec, "question": "q",
+                        "answer": "a"})
+    args = SimpleNamespace(localiser="boxes", noise="diffusion", noise_step=500, seed=0, heatmaps="", region_std=1.0)
+    records, stats = mmedpo.visual_dispreference(args, None, None, samples, tmp_path / "prefs", 0)
+    names = [r["rejected_image"] for r in records]
+    assert stats["visual_pairs"] == 2 and len(set(names)) == 2
+    for r, grey in zip(records, (60, 200)):  # each noised copy is of its own image: outside the box untouched
+        assert np.asarray(Image.open(tmp_path / "prefs" / r["rejected_image"]))[12:, 12:].mean() == grey
+
+
 def _planted_attention(model, tok, monkeypatch, attended: list[int]):
     """The LM's attention from the last prompt token put on the image tokens `attended` (row-major patch indices of
     the padded square, 4x4 for the tiny model), so a test knows where the localiser should point."""
@@ -537,6 +553,10 @@ def test_released_format_read_as_is(tmp_path):
     data = mmedpo.ScoredPairs(lm.read_records(f), TOY, TOY, tok, model.config, 512, False)
     assert [(it["subset"], it["score"]) for it in data.items] == [("text", 0.9), ("visual", 0.7)]
     assert data.items[1]["rejected_images"] == [str(noised)]
+    noised_rec = dict(recs[0], id="CXR1n", rejected_noised=1, rejected_conversations=recs[0]["conversations"])
+    f.write_text(json.dumps([noised_rec]))  # MMed-RAG's cross-modality format: the noised image is drawn, a D_v pair
+    assert [it["subset"] for it in mmedpo.ScoredPairs(lm.read_records(f), TOY, TOY, tok, model.config, 512, False).items] == ["visual"]
+    f.write_text(json.dumps(recs))
     del recs[0]["weighted_score"]
     f.write_text(json.dumps(recs))
     with pytest.raises(lm.DataError, match=r"iuxray_dpo_weighted.json\[0\] id=CXR1: no numeric 'weighted_score'"):
