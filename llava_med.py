@@ -413,6 +413,7 @@ def _segments(template: str, turns: list[tuple[str, str]], eos: str, add_generat
         q = turns[i][1]
         a = turns[i + 1][1] if i + 1 < len(turns) else None
         if template == "mistral_instruct":  # LLaVA-Med v1.5: LLAMA_2 style, empty system, sep2 "</s>"
+            q = f"<<SYS>>\n{system}\n<</SYS>>\n\n{q}" if i == 0 and system else q  # a system prompt: LLAMA_2's wrap
             segs.append((f"[INST] {q} [/INST]", False))
             if a is not None:
                 segs.append((f" {a} {eos}", True))
@@ -450,40 +451,66 @@ def render_chat(template: str, turns, eos: str = "</s>", add_generation_prompt: 
     return "".join(s for s, _ in _segments(template, turns, eos, add_generation_prompt, system))
 
 
+def chat_template_jinja(template: str) -> str:
+    """`template` as a Jinja chat template, written with every llava-hf export, so that transformers'
+    apply_chat_template and vLLM's chat API render what render_chat does (tested). Built from _segments on
+    placeholders: the strings have one home. A message's content is a string or llava-hf's list of parts (images
+    first, as "<image>\\n", then the texts); a "system" message replaces the template's system prompt."""
+    mark = {"\x01q\x01": "text(m)", "\x01s\x01": "text(ns.sys)", "\x01a\x01": "text(m)", "\x01e\x01": "eos_token"}
+    jinja = lambda pattern: "".join("{{ " + (mark.get(x) or json.dumps(x)) + " }}" for x in re.split("(\x01.\x01)", pattern) if x)
+    segs = lambda system: [t for t, _ in _segments(template, [("user", "\x01q\x01"), ("assistant", "\x01a\x01")] * 2,
+                                                   "\x01e\x01", False, system)]
+    (first, answer, later, _), with_system = segs(None), segs("\x01s\x01")[0]
+    return ("{#- llava_med.py template " + template + " -#}{%- macro text(m) -%}{%- if m['content'] is string -%}{{ m['content'] }}{%- else -%}"
+            "{%- for p in m['content'] if p['type'] == 'image' -%}{{ '<image>\\n' }}{%- endfor -%}"
+            "{%- for p in m['content'] if p['type'] == 'text' -%}{{ p['text'] }}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+            + "{{- bos_token -}}" * TEMPLATES[template][0] + "{%- set ns = namespace(sys=none) -%}"
+            "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.sys = m -%}{%- endfor -%}"
+            "{%- for m in messages if m['role'] != 'system' -%}{%- if m['role'] == 'assistant' -%}" + jinja(answer)
+            + "{%- elif not loop.first -%}" + jinja(later) + "{%- elif ns.sys is not none -%}" + jinja(with_system)
+            + "{%- else -%}" + jinja(first) + "{%- endif -%}{%- endfor -%}")
+
+
 @functools.lru_cache(maxsize=8)
 def _newline_ids(tokenizer) -> list[int]:  # the '\n' probe of encode_segment, once per tokenizer
     return tokenizer.encode("\n", add_special_tokens=False)
 
 
-def encode_segment(tokenizer, text: str, first: bool) -> list[int]:
-    """Token ids of one segment. Sentencepiece tokenizers (Llama/Mistral) prepend a '▁' to every call; for a
-    segment that continues a sequence we tokenise '\\n' + text and drop the tokens of '\\n', so the pieces
-    concatenate to the same text. Byte-level BPE (Qwen2, tiny) needs no trick but is unaffected by it."""
-    if first:
-        return tokenizer.encode(text, add_special_tokens=False)
-    probe = _newline_ids(tokenizer)
-    ids = tokenizer.encode("\n" + text, add_special_tokens=False)
-    if ids[:len(probe)] != probe:  # the newline merged with the text: fall back to plain encoding
-        return tokenizer.encode(text, add_special_tokens=False)
-    return ids[len(probe):]
+def encode_segment(tokenizer, text: str, previous: str | None) -> list[int]:
+    """Token ids of one segment (`previous`: the segment before it, None for the first), as LLaVA's
+    tokenizer_image_token makes them from the whole prompt (tested on its outputs): text after a special token --
+    `<image>`, or the EOS ending `previous` -- is a tokenizer call of its own, which a SentencePiece tokenizer
+    (Llama/Mistral) starts with '▁' whatever its `legacy` flag, as the released checkpoints were trained; text that
+    continues a segment (an answer after "[/INST]") is tokenised as '\\n' + text with the tokens of '\\n' dropped,
+    so the pieces concatenate to the same text. Byte-level BPE (Qwen2, tiny) gives the same ids either way."""
+    head, *after_images = text.split(IMAGE_MARKER)
+    encode = functools.partial(tokenizer.encode, add_special_tokens=False)
+    if previous is None or not head or (tokenizer.eos_token and previous.endswith(tokenizer.eos_token)):
+        ids = encode(head)
+    else:
+        probe = _newline_ids(tokenizer)
+        ids = encode("\n" + head)
+        ids = ids[len(probe):] if ids[:len(probe)] == probe else encode(head)  # a merged newline: plain encoding
+    for chunk in after_images:
+        ids += [tokenizer.convert_tokens_to_ids(IMAGE_MARKER)] + encode(chunk)
+    return ids
 
 
 def tokenize_conversation(tokenizer, turns, template: str, num_image_tokens: int, image_token_id: int,
-                          max_length: int | None = None, where: str = "", system=None,
-                          truncate_images: str = "error") -> dict:
+                          max_length: int | None = None, where: str = "", system=None) -> dict:
     """Conversation -> {"input_ids", "labels", "n_images"} (python lists), built segment by segment:
     prompt segments get IGNORE_INDEX, answer segments are copied; each `<image>` becomes `num_image_tokens`
-    copies of `image_token_id`. Too long: cut from the right; if the cut goes through image tokens,
-    `truncate_images="error"` raises and "drop" raises too (the caller counts and skips: an image must never
-    lose half its features). A sample with no supervised token left raises DataError (never a silent 0 loss)."""
+    copies of `image_token_id`. Too long: cut from the right; a cut through image tokens raises (the caller
+    counts and skips: an image must never lose half its features). A sample with no supervised token left raises DataError (never a silent 0 loss)."""
     add_bos, _ = TEMPLATES[template]
     eos = tokenizer.eos_token
     ids, labels = [], []
     if add_bos and tokenizer.bos_token_id is not None:
         ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
-    for k, (text, is_answer) in enumerate(_segments(template, turns, eos, False, system)):
-        seg = encode_segment(tokenizer, text, first=(k == 0))
+    segs = _segments(template, turns, eos, False, system)
+    for k, (text, is_answer) in enumerate(segs):
+        seg = encode_segment(tokenizer, text, segs[k - 1][0] if k else None)
         expanded = []
         for t in seg:
             expanded.extend([image_token_id] * num_image_tokens if t == image_token_id else [t])
@@ -506,8 +533,9 @@ def tokenize_prompt(tokenizer, turns, template: str, num_image_tokens: int, imag
     """Generation prompt ids: the conversation so far plus the assistant prefix (the last turn is the user's)."""
     add_bos, _ = TEMPLATES[template]
     ids = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
-    for k, (text, _) in enumerate(_segments(template, turns, tokenizer.eos_token, True, system)):
-        for t in encode_segment(tokenizer, text, first=(k == 0)):
+    segs = _segments(template, turns, tokenizer.eos_token, True, system)
+    for k, (text, _) in enumerate(segs):
+        for t in encode_segment(tokenizer, text, segs[k - 1][0] if k else None):
             ids.extend([image_token_id] * num_image_tokens if t == image_token_id else [t])
     return ids
 
@@ -722,7 +750,7 @@ def _sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     if 0 < top_p < 1:
         sorted_logits, idx = logits.sort(-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix whose mass reaches top_p (as HF's TopP)
         logits = logits.scatter(-1, idx, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
@@ -901,6 +929,8 @@ def merge_lora(model: LlavaMed, state: dict) -> LlavaMed:
             b, w = state[prefix + ".lora_B.default.weight"], base[prefix + ".weight"]
             base[prefix + ".weight"] = (w.float() + lcfg.lora_alpha / lcfg.r * (b.float() @ a.float())).to(w.dtype)
     plain.load_state_dict(base, strict=True, assign=True)
+    if getattr(model.config.text_config, "tie_word_embeddings", False):
+        plain.language_model.tie_weights()  # assign=True made two Parameters: one again, as load() leaves it
     return plain
 
 
@@ -908,7 +938,8 @@ def save_peft_adapter(model: LlavaMed, state: dict, out_dir, base_model: str, tr
     """A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) whose module names are those of the
     llava-hf export of the base, so `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base),
     out_dir)` loads it. Trained non-LoRA parts named by prefix (e.g. "projector.") are written beside it with
-    llava-hf names in non_lora_trainables.safetensors (LLaVA's name for them)."""
+    llava-hf names in non_lora_trainables.safetensors (LLaVA's name for them); a trained projector is also in the
+    adapter, as PEFT's modules_to_save, so that PeftModel computes what was trained."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     adapter = {}
@@ -917,15 +948,17 @@ def save_peft_adapter(model: LlavaMed, state: dict, out_dir, base_model: str, tr
             part = ".lora_A.weight" if ".lora_A." in n else ".lora_B.weight"
             hf = _rename(n.split(".lora_")[0].replace(".base_layer", "") + ".weight", TO_LLAVA_HF)
             adapter["base_model.model." + hf[: -len(".weight")] + part] = t.contiguous()
-    save_file(adapter, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    leaves = sorted({k.split(".")[-3] for k in adapter})  # q_proj, ..., fc2
+    extra = {_rename(n, TO_LLAVA_HF): t.contiguous() for n, t in state.items() if n.startswith(tuple(trained_prefixes))}
+    saved = sorted({k.split(".")[1] for k in extra if k.startswith("model.multi_modal_projector.")})
+    adapter.update({"base_model.model." + k: t for k, t in extra.items() if saved})  # PEFT's modules_to_save:
+    save_file(adapter, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})  # it swaps them in
+    leaves = sorted({k.split(".")[-3] for k in adapter if ".lora_" in k})  # q_proj, ..., fc2
     parts = [p for p, key in (("language_model", ".language_model."), ("vision_tower", ".vision_tower."))
              if any(key in k for k in adapter)]
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in model.lora_config.to_dict().items()}
-    cfg.update(base_model_name_or_path=str(base_model), peft_type="LORA", task_type=None, modules_to_save=None,
+    cfg.update(base_model_name_or_path=str(base_model), peft_type="LORA", task_type=None, modules_to_save=saved or None,
                target_modules=rf".*({'|'.join(parts)}).*\.({'|'.join(leaves)})")
     (out / "adapter_config.json").write_text(json.dumps(cfg, indent=1, default=str))
-    extra = {_rename(n, TO_LLAVA_HF): t.contiguous() for n, t in state.items() if n.startswith(tuple(trained_prefixes))}
     if extra:
         save_file(extra, str(out / "non_lora_trainables.safetensors"), metadata={"format": "pt"})
     return out
@@ -1066,6 +1099,8 @@ def _default_template(path: Path, lm_type: str, tokenizer, tower: str = "") -> s
     <|user|> chat template of its -hf copies, or a folder named like the release (cli.py's own test: 'huatuogpt')."""
     chat = str(getattr(tokenizer, "chat_template", None) or "") + "".join(
         f.read_text(errors="replace") for f in (path / "chat_template.json", path / "chat_template.jinja") if f.is_file())
+    if named := re.search(r"llava_med\.py template (\w+)", chat):  # ours (save_llava_hf's chat_template.jinja)
+        return named.group(1)
     if ("<|user|>" in chat and "<|assistant|>" in chat) or Path(tower).parts[:1] == ("vit",) \
             or "huatuogpt" in path.resolve().name.lower():
         return "huatuo"
@@ -1076,13 +1111,17 @@ def _config_from_checkpoint(path: Path, raw: dict, tokenizer) -> tuple[LlavaMedC
     """Our config from config.json (`raw`) of either layout. Returns (config, layout)."""
     mt = raw.get("model_type", "")
     if mt == "llava":  # llava-hf
+        if raw.get("projector_hidden_act", "gelu") != "gelu":  # ours is LLaVA's mlp2x_gelu (exact GELU)
+            raise ModelError(f"{path}: projector_hidden_act {raw['projector_hidden_act']!r} is not supported (gelu)")
         text = AutoConfig.for_model(**raw["text_config"])
         vision = CLIPVisionConfig(**{k: v for k, v in raw["vision_config"].items() if k != "model_type"})
         image_token_id = raw.get("image_token_index", raw.get("image_token_id", 32000))
         template = _default_template(path, text.model_type, tokenizer)
         cfg = LlavaMedConfig(text, vision, "mlp2x_gelu", raw.get("vision_feature_layer", -2),
-                             raw.get("vision_feature_select_strategy", "default"), image_token_id, template=template,
-                             max_length=min(getattr(text, "max_position_embeddings", 4096), 4096))
+                             raw.get("vision_feature_select_strategy", "default"), image_token_id,
+                             raw.get("image_aspect_ratio", "pad"), template=template,  # ours: save_llava_hf's
+                             max_length=raw.get("tokenizer_model_max_length",
+                                                min(getattr(text, "max_position_embeddings", 4096), 4096)))
         pp = path / "preprocessor_config.json"
         if pp.exists():
             p = json.loads(pp.read_text())
@@ -1215,6 +1254,8 @@ def state_dict_llava_hf(model: LlavaMed) -> tuple[dict, int]:
             w = sd[name]
             sd[name] = torch.cat([w, w.mean(0, keepdim=True).expand(new_vocab - vocab, -1)]).contiguous()
         vocab = new_vocab
+    if getattr(model.config.text_config, "tie_word_embeddings", False):  # one tensor, written once: transformers
+        sd.pop("lm_head.weight")  # re-ties it on load (its save_pretrained leaves it out too; safetensors refuses both)
     return sd, vocab
 
 
@@ -1229,8 +1270,9 @@ def save_llava_hf(model: LlavaMed, tokenizer, out_dir, max_shard_bytes: int = 5 
     sd, vocab = state_dict_llava_hf(model)
     text = cfg.text_config.to_dict()
     text["vocab_size"] = vocab
-    for k in ("_attn_implementation", "_attn_implementation_autoset", "architectures"):
+    for k in ("_attn_implementation", "_attn_implementation_autoset"):
         text.pop(k, None)
+    text["architectures"] = [type(model.language_model).__name__]  # not the original's Llava*: vLLM builds the LM by it
     vision = cfg.vision_config.to_dict()
     vision.pop("_attn_implementation", None)
     if cfg.projector_type != "mlp2x_gelu":
@@ -1242,6 +1284,8 @@ def save_llava_hf(model: LlavaMed, tokenizer, out_dir, max_shard_bytes: int = 5 
         image_seq_length=cfg.num_image_tokens, tie_word_embeddings=getattr(cfg.text_config, "tie_word_embeddings", False))
     hf_cfg.architectures = ["LlavaForConditionalGeneration"]
     hf_cfg.dtype = str(dtype).replace("torch.", "")
+    hf_cfg.image_aspect_ratio, hf_cfg.tokenizer_model_max_length = cfg.image_aspect_ratio, cfg.max_length  # LLaVA's
+    # own config names: load() reads them back (transformers keeps and ignores them), the template is in its jinja
     hf_cfg.save_pretrained(out)
     shards, cur, size = [], {}, 0
     for k in sorted(sd):
@@ -1263,6 +1307,7 @@ def save_llava_hf(model: LlavaMed, tokenizer, out_dir, max_shard_bytes: int = 5 
         (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                       "weight_map": weight_map}, indent=2))
     tokenizer.save_pretrained(out)
+    (out / "chat_template.jinja").write_text(chat_template_jinja(cfg.template))  # the processor's, and vLLM's
     size = cfg.image_size
     (out / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
@@ -1296,6 +1341,8 @@ def save_llava_original(model, tokenizer, out_dir) -> Path:
         else:
             name = k[len("language_model."):]
         sd[name] = v.detach().to("cpu").contiguous()
+    if getattr(cfg.text_config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight")  # tied: the loaders re-tie it (safetensors refuses two names of one tensor)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
     text = cfg.text_config.to_dict()
     for key in ("_attn_implementation", "_attn_implementation_autoset", "architectures", "model_type"):

@@ -352,7 +352,7 @@ def tokenize_sq(tokenizer, segments, num_image_tokens: int, image_token_id: int,
     labels = [lm.IGNORE_INDEX] * len(ids)
     for k, (text, target) in enumerate(segments):
         expanded = []
-        for t in lm.encode_segment(tokenizer, text, first=(k == 0)):
+        for t in lm.encode_segment(tokenizer, text, segments[k - 1][0] if k else None):
             expanded.extend([image_token_id] * num_image_tokens if t == image_token_id else [t])
         ids.extend(expanded)
         labels.extend(expanded if target else [lm.IGNORE_INDEX] * len(expanded))

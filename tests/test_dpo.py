@@ -350,21 +350,29 @@ def test_dpo_raises_heldout_reward_accuracy(tmp_path):
     assert any(k.startswith("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A") for k in adapter)
 
 
-def test_adapter_and_merged_export_load_in_transformers(tmp_path):
+@pytest.mark.parametrize("tune_projector", [False, True])
+def test_adapter_and_merged_export_load_in_transformers(tmp_path, tune_projector):
     """adapter/ (PEFT format, llava-hf module names) on base_llava_hf/ == the merged llava_hf/ export; both load
-    with transformers' LlavaForConditionalGeneration (what vLLM serves)."""
+    with transformers' LlavaForConditionalGeneration (what vLLM serves). A trained projector is in the adapter too
+    (PEFT's modules_to_save; before, PeftModel kept the base's projector and only the merged export had it)."""
     peft = pytest.importorskip("peft")
     out = tmp_path / "run"
     faults._in_process(dpo, ["--max-steps", "2", "--sft-warmup-steps", "5", "--lr", "1e-3", "--no-eval",
-                             "--export-merged", "--batch-size", "8", "--micro-batch-size", "8", "--out", str(out)])
+                             "--export-merged", "--batch-size", "8", "--micro-batch-size", "8", "--out", str(out)]
+                       + ["--tune-projector", "--projector-lr", "1e-2"] * tune_projector)
     base = transformers.LlavaForConditionalGeneration.from_pretrained(out / "base_llava_hf", dtype=torch.float32)
     with_adapter = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
     merged = transformers.LlavaForConditionalGeneration.from_pretrained(out / "llava_hf", dtype=torch.float32).eval()
-    ids = torch.tensor([[1, 5, 40, 41, 42, 43]])
+    cfg = merged.config
+    ids = torch.tensor([[1] + [cfg.image_token_index] * cfg.image_seq_length + [5, 40, 41, 42, 43]])
+    pix = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        a, b = with_adapter(input_ids=ids).logits, merged(input_ids=ids).logits
+        a, b = with_adapter(input_ids=ids, pixel_values=pix).logits, merged(input_ids=ids, pixel_values=pix).logits
         plain = transformers.LlavaForConditionalGeneration.from_pretrained(out / "base_llava_hf", dtype=torch.float32)
-        c = plain.eval()(input_ids=ids).logits
+        c = plain.eval()(input_ids=ids, pixel_values=pix).logits
+        proj = lambda m: m.multi_modal_projector(torch.ones(1, cfg.vision_config.hidden_size))
+        torch.testing.assert_close(proj(with_adapter.base_model.model.model), proj(merged.model), atol=1e-6, rtol=0)
+        assert ((proj(plain.model) - proj(merged.model)).abs().max() > 1e-4) == tune_projector
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
     assert (a - c).abs().max() > 1e-4  # the adapter is not a no-op
 

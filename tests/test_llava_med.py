@@ -3,6 +3,7 @@ image preprocessing, bad records. All offline, CPU, tiny configs."""
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -410,10 +411,45 @@ def test_template_strings():
         "detailed, and polite answers to the user's questions. USER: <image>\nQ1? ASSISTANT: A1.</s>USER: Q2? "
         "ASSISTANT: A2.</s>")
     assert lm.render_chat("vicuna_v1", mi[:1], add_generation_prompt=True).endswith("USER: <image>\nQ1? ASSISTANT:")
+    assert lm.render_chat("mistral_instruct", mi[:2], system="You are a radiologist.") == (  # LLaVA's LLAMA_2 style
+        "[INST] <<SYS>>\nYou are a radiologist.\n<</SYS>>\n\n<image>\nQ1? [/INST] A1. </s>")
     assert lm.render_chat("huatuo", mi[:1], add_generation_prompt=True) == "<|user|>\n<image>\nQ1?\n<|assistant|>\n"
     assert lm.render_chat("huatuo", mi[:2], eos="<|endoftext|>") == "<|user|>\n<image>\nQ1?\n<|assistant|>\nA1.<|endoftext|>"
     assert lm.render_chat("chatml", mi[:2]) == ("<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n"
                                                 "<image>\nQ1?<|im_end|><|im_start|>assistant\nA1.<|im_end|>")
+
+
+def test_sampling_keeps_the_top_k_and_the_smallest_top_p_set():
+    """top-k / top-p filtering as transformers' TopKLogitsWarper / TopPLogitsWarper: the smallest set of the most
+    probable tokens whose mass reaches top_p (four equal tokens, top_p 0.5: two of them, not three)."""
+    g = torch.Generator().manual_seed(0)
+    draw = lambda logits, **kw: {int(lm._sample_next(logits, 1.0, kw.get("top_k", 0), kw.get("top_p", 1.0), g))
+                                 for _ in range(400)}
+    assert len(draw(torch.zeros(1, 4), top_p=0.5)) == 2 and len(draw(torch.zeros(1, 4), top_p=0.51)) == 3
+    assert draw(torch.tensor([[3.0, 2.0, 1.0, 0.0]]), top_k=2) == {0, 1}
+    assert draw(torch.tensor([[9.0, 0.0, 0.0]]), top_p=0.5) == {0} and draw(torch.zeros(1, 3)) == {0, 1, 2}
+    assert int(lm._sample_next(torch.tensor([[0.0, 5.0, 1.0]]), 0.0, 0, 1.0, g)) == 1  # temperature 0: greedy
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sentencepiece_ids_are_those_llava_trained_on(legacy):
+    """tests/fixtures/llava_tokenizer_image_token.json: the ids of LLaVA's own tokenizer_image_token on prompts its
+    conversation.py renders (source in the file: upstream commit, how it was run), with a SentencePiece-style BPE
+    tokenizer (Metaspace '▁', byte fallback; vocabulary and merges in the file) as the slow legacy Llama tokenizer
+    LLaVA trained with. Ours give the same ids, single- and multi-turn, whichever `legacy` flag the tokenizer loads
+    with (legacy=False before: the '▁' after <image> and after </s> was missing)."""
+    from transformers import LlamaTokenizer
+    fx = json.loads((ROOT / "tests" / "fixtures" / "llava_tokenizer_image_token.json").read_text(encoding="utf-8"))
+    tok = LlamaTokenizer(vocab=fx["vocab"], merges=[tuple(m) for m in fx["merges"]], legacy=legacy, add_bos_token=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    img = tok.convert_tokens_to_ids("<image>")
+    assert img == fx["image_token_id"] and len(fx["cases"]) == 10
+    for c in fx["cases"]:
+        turns = [tuple(t) for t in c["turns"]]
+        assert lm.render_chat(c["template"], turns, add_generation_prompt=turns[-1][0] == "user") == c["prompt"]
+        ours = (lm.tokenize_prompt(tok, turns, c["template"], 1, img) if turns[-1][0] == "user" else
+                lm.tokenize_conversation(tok, turns, c["template"], 1, img)["input_ids"])
+        assert ours == c["input_ids"], (c["template"], len(turns), tok.convert_ids_to_tokens(ours))
 
 
 @pytest.mark.parametrize("template", sorted(lm.TEMPLATES))
@@ -619,6 +655,67 @@ def test_grey_images_pad_like_released_llava_med():
         torch.testing.assert_close(lm.preprocess_image(im, 32), expected, atol=1e-5, rtol=0)
     grey_pad = (114 / 255 - np.asarray(lm.CLIP_MEAN)) / np.asarray(lm.CLIP_STD)
     torch.testing.assert_close(ref["llava_med_gray_wide.png"][:, 0, 0].double(), torch.from_numpy(grey_pad), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("template", sorted(lm.TEMPLATES))
+def test_the_llava_hf_export_keeps_its_template_max_length_and_padding(tiny, tmp_path, template):
+    """save_llava_hf -> lm.load gives the same chat template, max length and image padding (before: a HuatuoGPT-
+    Vision-34B, a Llama LM, came back as vicuna_v1, LLaVA-Med's 2048 as 4096, "crop" as "pad"), and the export's
+    chat_template.jinja makes transformers' processor render what render_chat does (vLLM's chat API reads it too)."""
+    model, tok = lm.load("tiny", template=template)
+    model.config.image_aspect_ratio, model.config.max_length = "crop", 1234
+    lm.save_llava_hf(model, tok, tmp_path)
+    back = lm.load(str(tmp_path))[0].config
+    assert (back.template, back.max_length, back.image_aspect_ratio) == (template, 1234, "crop")
+    assert json.loads((tmp_path / "config.json").read_text())["text_config"]["architectures"] == ["MistralForCausalLM"]
+    processor = transformers.AutoProcessor.from_pretrained(tmp_path)
+    turns = [("user", "<image>\nQ1?"), ("assistant", "A1."), ("user", "Q2?")]
+    messages = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Q1?"}, {"type": "image"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A1."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Q2?"}]}]
+    bos = tok.bos_token if lm.TEMPLATES[template][0] else ""
+    assert processor.apply_chat_template(messages, tokenize=False) == bos + lm.render_chat(
+        template, turns, eos=tok.eos_token, add_generation_prompt=True, system="Be brief.")
+    assert processor.apply_chat_template(messages[1:], tokenize=False) == bos + lm.render_chat(
+        template, turns, eos=tok.eos_token, add_generation_prompt=True)
+
+
+def test_a_projector_activation_other_than_gelu_is_refused(hf_saved, tmp_path):
+    _, d = hf_saved  # a quick_gelu projector loaded as GELU changed the logits by 2e-2, silently
+    shutil.copytree(d, tmp_path / "q")
+    raw = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**raw, "projector_hidden_act": "quick_gelu"}))
+    with pytest.raises(lm.ModelError, match="projector_hidden_act 'quick_gelu' is not supported"):
+        lm.load(str(tmp_path / "q"))
+
+
+def test_tied_embeddings_save_merge_and_export(tiny, tmp_path):
+    """A tied LLM (Qwen2 0.5B/1.5B, Llama 3.2): the checkpoint transformers' save_pretrained writes (no lm_head)
+    loads tied; merge_lora keeps it tied (assign=True made two Parameters, parted by the first .to()); both savers
+    write it once (safetensors refused two names of one tensor) and transformers reads the export back exactly."""
+    _, tok = tiny
+    cfg = lm.tiny_config(tok)
+    cfg.text_config.tie_word_embeddings = True
+    torch.manual_seed(3)
+    hf = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+        vision_config=cfg.vision_config.to_dict(), text_config=cfg.text_config.to_dict(),
+        image_token_index=cfg.image_token_id, image_seq_length=cfg.num_image_tokens, tie_word_embeddings=True)).eval()
+    hf.save_pretrained(tmp_path / "a")
+    tok.save_pretrained(tmp_path / "a")
+    model, _ = lm.load(str(tmp_path / "a"))
+    tied = lambda m: m.language_model.lm_head.weight.data_ptr() == m.language_model.model.embed_tokens.weight.data_ptr()
+    lm.add_lora(model, 4, 8, 0.0)
+    merged = lm.merge_lora(model, lm.full_state_dict(model))
+    assert tied(merged.to(torch.float64)) and tied(merged.float())
+    lm.save_llava_hf(merged, tok, tmp_path / "b")
+    lm.save_llava_original(merged, tok, tmp_path / "c")
+    back = transformers.LlavaForConditionalGeneration.from_pretrained(tmp_path / "b", dtype=torch.float32).eval()
+    ids, pix = _sample_inputs(tok, merged.config)
+    with torch.no_grad():
+        want = hf(input_ids=ids, pixel_values=pix).logits
+        torch.testing.assert_close(back(input_ids=ids, pixel_values=pix).logits, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(lm.load(str(tmp_path / "c"))[0].eval()(ids, pix).logits, want, atol=1e-5, rtol=0)
 
 
 def test_merging_the_lora_keeps_the_weights_it_adds_and_the_attention_kernel():
