@@ -292,10 +292,10 @@ def place_image_markers(turns: list[tuple[str, str]], n_images: int, where: str 
     n_markers = sum(text.count(IMAGE_MARKER) for _, text in turns)
     if n_markers not in (0, n_images):
         raise DataError(f"{where}: {n_markers} '<image>' markers but {n_images} images")
-    cleaned = [(r, text.replace(IMAGE_MARKER + "\n", "").replace("\n" + IMAGE_MARKER, "").replace(IMAGE_MARKER, "").strip()
-                if r == "user" else text) for r, text in turns]
+    cleaned = [(r, text.replace(IMAGE_MARKER, "").strip() if r == "user" and IMAGE_MARKER in text else text)
+               for r, text in turns]  # as LLaVA: "A\n<image>\nB" -> "A\n\nB"; a later turn without one is kept as is
     role, text = cleaned[0]
-    cleaned[0] = (role, (IMAGE_MARKER + "\n") * n_images + text)
+    cleaned[0] = (role, (IMAGE_MARKER + "\n") * n_images + text.strip())
     return cleaned
 
 

@@ -431,6 +431,17 @@ def test_sampling_keeps_the_top_k_and_the_smallest_top_p_set():
     assert int(lm._sample_next(torch.tensor([[0.0, 5.0, 1.0]]), 0.0, 0, 1.0, g)) == 1  # temperature 0: greedy
 
 
+def test_image_markers_are_placed_as_llava_does():
+    """tests/fixtures/llava_preprocess_multimodal.json: LLaVA's preprocess_multimodal (commit in the file) on markers at
+    the start, the end, the middle ("A\\n<image>\\nB" -> "A\\n\\nB"; ours gave "A\\nB") and with spaces; later
+    turns without a marker are left as they are (ours stripped them)."""
+    fx = json.loads((ROOT / "tests" / "fixtures" / "llava_preprocess_multimodal.json").read_text(encoding="utf-8"))
+    assert len(fx["cases"]) == 5
+    for c in fx["cases"]:
+        turns = [(("user", "assistant")[i % 2], t) for i, t in enumerate(c["input"])]
+        assert [t for _, t in lm.place_image_markers(turns, 1)] == c["output"]
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_sentencepiece_ids_are_those_llava_trained_on(legacy):
     """tests/fixtures/llava_tokenizer_image_token.json: the ids of LLaVA's own tokenizer_image_token on prompts its
