@@ -807,13 +807,12 @@ def generate(model: LlavaMed, tokenizer, prompts: list[list[int]], pixel_values=
         cache, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
     results = []
     for i in range(B):
+        full = tokenizer.decode(new[i], skip_special_tokens=False)
         text = tokenizer.decode(new[i], skip_special_tokens=True)
-        for s in stop:
-            full = tokenizer.decode(new[i], skip_special_tokens=False)
-            if s in full:
-                text = full[:full.index(s)]
-                for special in tokenizer.all_special_tokens:
-                    text = text.replace(special, "")
+        if cuts := [full.index(s) for s in stop if s in full]:  # at the first stop string in the text
+            text = full[:min(cuts)]
+            for special in tokenizer.all_special_tokens:
+                text = text.replace(special, "")
         results.append(text.strip())
     return results
 

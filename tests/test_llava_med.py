@@ -419,6 +419,24 @@ def test_template_strings():
                                                 "<image>\nQ1?<|im_end|><|im_start|>assistant\nA1.<|im_end|>")
 
 
+def test_generation_is_cut_at_the_first_stop_string(tiny):
+    """Several stop strings completed by one token: the text ends before the earliest (it ended before the one
+    listed last)."""
+    model, tok = tiny
+    cfg = model.config
+    pix = lm.preprocess_image(lm.load_image(TOY / "images" / "test_radiology_0000.png"), cfg.image_size)[None]
+    for q in ("Is there a nodule?", "What is seen?", "Describe the image.", "Where is it?", "What modality?"):
+        prompt = [lm.tokenize_prompt(tok, lm.place_image_markers([("user", q)], 1), cfg.template, cfg.num_image_tokens,
+                                     cfg.image_token_id)]
+        first = lm.generate(model, tok, prompt, pix, max_new_tokens=1, stop=[])[0]
+        if len(first) >= 2 and first[0] != first[-1]:
+            break
+    else:
+        pytest.fail("no first token of two or more characters")
+    assert lm.generate(model, tok, prompt, pix, max_new_tokens=4, stop=[first[0], first[-1]])[0] == ""
+    assert lm.generate(model, tok, prompt, pix, max_new_tokens=4, stop=[first[-1]])[0] == first[:-1].strip()
+
+
 def test_sampling_keeps_the_top_k_and_the_smallest_top_p_set():
     """top-k / top-p filtering as transformers' TopKLogitsWarper / TopPLogitsWarper: the smallest set of the most
     probable tokens whose mass reaches top_p (four equal tokens, top_p 0.5: two of them, not three)."""
